@@ -1,0 +1,142 @@
+// CUDA kernels of the fused pairwise reward loss.
+// forward: one warp per pair reads both gathered rows once, reduces with shuffles and writes rewards and
+//          the per-pair loss.
+// backward: a 2-D grid of (row block, column block); each thread owns one column, writes that column of
+//           d_hidden for the block's rows and a partial of d_weight; partials are summed afterwards.
+#include "pairwise_loss.h"
+
+#include <ATen/Dispatch.h>
+#include <ATen/OpMathType.h>
+#include <ATen/cuda/CUDAContext.h>
+#include <c10/cuda/CUDAGuard.h>
+
+namespace rmfast {
+namespace {
+
+constexpr int kWarp = 32;
+constexpr int kFwdThreads = 256;
+constexpr int kBwdThreads = 256;
+constexpr int kBwdRows = 32;
+
+template <typename acc_t>
+__device__ __forceinline__ acc_t warp_sum(acc_t v) {
+#pragma unroll
+  for (int offset = kWarp / 2; offset > 0; offset /= 2) v += __shfl_down_sync(0xffffffffu, v, offset);
+  return v;
+}
+
+template <typename scalar_t, typename acc_t>
+__global__ void pairwise_fwd_kernel(const scalar_t* __restrict__ h, const acc_t* __restrict__ w,
+                                    const acc_t* __restrict__ bias, const int64_t* __restrict__ chosen,
+                                    const int64_t* __restrict__ rejected, const acc_t* __restrict__ margin,
+                                    acc_t* __restrict__ rc, acc_t* __restrict__ rr, acc_t* __restrict__ loss,
+                                    int64_t P, int64_t D, int64_t sn, int64_t sd) {
+  const int64_t pair = (static_cast<int64_t>(blockIdx.x) * blockDim.x + threadIdx.x) / kWarp;
+  const int lane = threadIdx.x % kWarp;
+  if (pair >= P) return;
+  const scalar_t* hc = h + chosen[pair] * sn;
+  const scalar_t* hr = h + rejected[pair] * sn;
+  acc_t ac = 0, ar = 0;
+  for (int64_t j = lane; j < D; j += kWarp) {
+    const acc_t wj = w[j];
+    ac += static_cast<acc_t>(hc[j * sd]) * wj;
+    ar += static_cast<acc_t>(hr[j * sd]) * wj;
+  }
+  ac = warp_sum(ac);
+  ar = warp_sum(ar);
+  if (lane == 0) {
+    const acc_t b = bias ? bias[0] : acc_t(0);
+    const acc_t c = ac + b;
+    const acc_t r = ar + b;
+    const acc_t diff = c - r - (margin ? margin[pair] : acc_t(0));
+    rc[pair] = c;
+    rr[pair] = r;
+    loss[pair] = softplus_stable<acc_t>(-diff);
+  }
+}
+
+template <typename scalar_t, typename acc_t>
+__global__ void pairwise_bwd_kernel(const scalar_t* __restrict__ h, const acc_t* __restrict__ w,
+                                    const int64_t* __restrict__ rows, const acc_t* __restrict__ coef,
+                                    scalar_t* __restrict__ dh, acc_t* __restrict__ dw_partial, int64_t M,
+                                    int64_t D, int64_t sn, int64_t sd) {
+  const int64_t j = static_cast<int64_t>(blockIdx.y) * blockDim.x + threadIdx.x;
+  if (j >= D) return;
+  const int64_t first = static_cast<int64_t>(blockIdx.x) * kBwdRows;
+  const int64_t last = min(first + kBwdRows, M);
+  const acc_t wj = w[j];
+  acc_t acc = 0;
+  for (int64_t i = first; i < last; ++i) {
+    const int64_t row = rows[i];
+    if (row < 0) continue;
+    const acc_t c = coef[i];
+    acc += c * static_cast<acc_t>(h[row * sn + j * sd]);
+    if (dh) dh[row * D + j] = static_cast<scalar_t>(c * wj);
+  }
+  dw_partial[static_cast<int64_t>(blockIdx.x) * D + j] = acc;
+}
+
+}  // namespace
+
+std::tuple<at::Tensor, at::Tensor, at::Tensor> pairwise_loss_fwd_cuda(
+    const at::Tensor& hidden, const at::Tensor& weight, const std::optional<at::Tensor>& bias,
+    const at::Tensor& chosen, const at::Tensor& rejected, const std::optional<at::Tensor>& margin) {
+  TORCH_CHECK(hidden.dim() == 2, "rmfast: hidden must be 2-D [N, D]");
+  const c10::cuda::CUDAGuard guard(hidden.device());
+  const int64_t D = hidden.size(1);
+  const int64_t P = chosen.numel();
+  at::Tensor rc = at::empty({P}, weight.options());
+  at::Tensor rr = at::empty({P}, weight.options());
+  at::Tensor loss = at::empty({P}, weight.options());
+  const at::Tensor ci = chosen.contiguous();
+  const at::Tensor ri = rejected.contiguous();
+  const at::Tensor w = weight.contiguous();
+  const at::Tensor b = bias.has_value() ? bias->contiguous() : at::Tensor();
+  const at::Tensor m = margin.has_value() ? margin->contiguous() : at::Tensor();
+  const int64_t pairs_per_block = kFwdThreads / kWarp;
+  const dim3 grid(static_cast<unsigned>((P + pairs_per_block - 1) / pairs_per_block));
+  auto stream = at::cuda::getCurrentCUDAStream();
+
+  AT_DISPATCH_FLOATING_TYPES_AND2(at::kHalf, at::kBFloat16, hidden.scalar_type(), "pairwise_loss_fwd_cuda", [&] {
+    using acc_t = at::opmath_type<scalar_t>;
+    pairwise_fwd_kernel<scalar_t, acc_t><<<grid, kFwdThreads, 0, stream>>>(
+        hidden.const_data_ptr<scalar_t>(), w.const_data_ptr<acc_t>(),
+        b.defined() ? b.const_data_ptr<acc_t>() : nullptr, ci.const_data_ptr<int64_t>(),
+        ri.const_data_ptr<int64_t>(), m.defined() ? m.const_data_ptr<acc_t>() : nullptr,
+        rc.mutable_data_ptr<acc_t>(), rr.mutable_data_ptr<acc_t>(), loss.mutable_data_ptr<acc_t>(), P, D,
+        hidden.stride(0), hidden.stride(1));
+    C10_CUDA_KERNEL_LAUNCH_CHECK();
+  });
+  return {rc, rr, loss};
+}
+
+std::tuple<at::Tensor, at::Tensor> pairwise_loss_bwd_cuda(
+    const at::Tensor& hidden, const at::Tensor& weight, const at::Tensor& rows, const at::Tensor& coef,
+    bool need_hidden_grad) {
+  TORCH_CHECK(hidden.dim() == 2, "rmfast: hidden must be 2-D [N, D]");
+  const c10::cuda::CUDAGuard guard(hidden.device());
+  const int64_t N = hidden.size(0);
+  const int64_t D = hidden.size(1);
+  const int64_t M = rows.numel();
+  at::Tensor d_hidden = need_hidden_grad ? at::zeros({N, D}, hidden.options()) : at::empty({0}, hidden.options());
+  const int64_t row_blocks = (M + kBwdRows - 1) / kBwdRows;
+  at::Tensor partial = at::empty({row_blocks, D}, weight.options());
+  const at::Tensor rows_c = rows.contiguous();
+  const at::Tensor coef_c = coef.contiguous();
+  const at::Tensor w = weight.contiguous();
+  const dim3 grid(static_cast<unsigned>(row_blocks), static_cast<unsigned>((D + kBwdThreads - 1) / kBwdThreads));
+  auto stream = at::cuda::getCurrentCUDAStream();
+
+  AT_DISPATCH_FLOATING_TYPES_AND2(at::kHalf, at::kBFloat16, hidden.scalar_type(), "pairwise_loss_bwd_cuda", [&] {
+    using acc_t = at::opmath_type<scalar_t>;
+    pairwise_bwd_kernel<scalar_t, acc_t><<<grid, kBwdThreads, 0, stream>>>(
+        hidden.const_data_ptr<scalar_t>(), w.const_data_ptr<acc_t>(), rows_c.const_data_ptr<int64_t>(),
+        coef_c.const_data_ptr<acc_t>(), need_hidden_grad ? d_hidden.mutable_data_ptr<scalar_t>() : nullptr,
+        partial.mutable_data_ptr<acc_t>(), M, D, hidden.stride(0), hidden.stride(1));
+    C10_CUDA_KERNEL_LAUNCH_CHECK();
+  });
+  at::Tensor d_weight = row_blocks == 1 ? partial.view({D}) : partial.sum(0);
+  return {d_hidden, d_weight};
+}
+
+}  // namespace rmfast

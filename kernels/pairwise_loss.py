@@ -1,0 +1,130 @@
+"""Triton kernels of the fused pairwise reward loss (the kernel-level contract of csrc/pairwise_loss.h).
+
+forward:  a program takes BLOCK_P pairs, walks the hidden size in BLOCK_D tiles, gathers both rows of each
+          pair, dots them with the value head, and writes both rewards and softplus(-(r_c - r_r - m)).
+backward: a program takes BLOCK_R gathered rows × BLOCK_D columns, writes those rows of d_hidden
+          (coef · w) and a partial d_weight (Σ coef · h); the partials are summed by the launcher.
+
+Runs on CUDA tensors, and on CPU tensors when TRITON_INTERPRET=1 was set before this module was imported.
+Any hidden size works: tiles are masked at the edges.
+"""
+
+import torch
+import triton
+import triton.language as tl
+
+
+@triton.jit
+def _pairwise_fwd_kernel(
+    H, W, B, CI, RI, M, RC, RR, LOSS,
+    P, D, stride_n, stride_d,
+    HAS_BIAS: tl.constexpr, HAS_MARGIN: tl.constexpr, ACC: tl.constexpr,
+    BLOCK_P: tl.constexpr, BLOCK_D: tl.constexpr,
+):
+    pid = tl.program_id(0)
+    offs_p = pid * BLOCK_P + tl.arange(0, BLOCK_P)
+    mask_p = offs_p < P
+    ci = tl.load(CI + offs_p, mask=mask_p, other=0)
+    ri = tl.load(RI + offs_p, mask=mask_p, other=0)
+    acc_c = tl.zeros([BLOCK_P, BLOCK_D], dtype=ACC)
+    acc_r = tl.zeros([BLOCK_P, BLOCK_D], dtype=ACC)
+    for d0 in range(0, D, BLOCK_D):
+        offs_d = d0 + tl.arange(0, BLOCK_D)
+        mask_d = offs_d < D
+        w = tl.load(W + offs_d, mask=mask_d, other=0.0)
+        mask = mask_p[:, None] & mask_d[None, :]
+        col = offs_d[None, :] * stride_d
+        hc = tl.load(H + ci[:, None] * stride_n + col, mask=mask, other=0.0).to(ACC)
+        hr = tl.load(H + ri[:, None] * stride_n + col, mask=mask, other=0.0).to(ACC)
+        acc_c += hc * w[None, :]
+        acc_r += hr * w[None, :]
+    rc = tl.sum(acc_c, axis=1)
+    rr = tl.sum(acc_r, axis=1)
+    if HAS_BIAS:
+        b = tl.load(B)
+        rc += b
+        rr += b
+    diff = rc - rr
+    if HAS_MARGIN:
+        diff -= tl.load(M + offs_p, mask=mask_p, other=0.0)
+    x = -diff
+    # softplus(x) = max(x, 0) + log(1 + exp(-|x|)); the second term carries a NaN through.
+    loss = tl.where(x > 0, x, 0.0) + tl.log(1.0 + tl.exp(-tl.abs(x)))
+    tl.store(RC + offs_p, rc, mask=mask_p)
+    tl.store(RR + offs_p, rr, mask=mask_p)
+    tl.store(LOSS + offs_p, loss, mask=mask_p)
+
+
+@triton.jit
+def _pairwise_bwd_kernel(
+    H, W, ROWS, COEF, DH, DWP,
+    M, D, stride_n, stride_d,
+    NEED_DH: tl.constexpr, ACC: tl.constexpr,
+    BLOCK_R: tl.constexpr, BLOCK_D: tl.constexpr,
+):
+    pid_r = tl.program_id(0)
+    pid_d = tl.program_id(1)
+    offs_r = pid_r * BLOCK_R + tl.arange(0, BLOCK_R)
+    mask_r = offs_r < M
+    rows = tl.load(ROWS + offs_r, mask=mask_r, other=-1)
+    coef = tl.load(COEF + offs_r, mask=mask_r, other=0.0)
+    valid = rows >= 0
+    rows = tl.where(valid, rows, 0)
+    offs_d = pid_d * BLOCK_D + tl.arange(0, BLOCK_D)
+    mask_d = offs_d < D
+    mask = valid[:, None] & mask_d[None, :]
+    h = tl.load(H + rows[:, None] * stride_n + offs_d[None, :] * stride_d, mask=mask, other=0.0).to(ACC)
+    tl.store(DWP + pid_r * D + offs_d, tl.sum(coef[:, None] * h, axis=0), mask=mask_d)
+    if NEED_DH:
+        w = tl.load(W + offs_d, mask=mask_d, other=0.0)
+        dh = coef[:, None] * w[None, :]
+        tl.store(DH + rows[:, None] * D + offs_d[None, :], dh.to(DH.dtype.element_ty), mask=mask)
+
+
+def _acc(dtype):
+    return tl.float64 if dtype == torch.float64 else tl.float32
+
+
+def _block_d(D, cap):
+    return min(cap, triton.next_power_of_2(D))
+
+
+def pairwise_loss_fwd(hidden, weight, bias, chosen, rejected, margin):
+    """hidden [N, D] any strides; weight [D] acc dtype; bias [1] or None; chosen, rejected [P] int64;
+    margin [P] acc dtype or None. Returns (chosen_rewards, rejected_rewards, loss), each [P] acc dtype."""
+    P = chosen.numel()
+    D = hidden.shape[1]
+    rc = torch.empty(P, dtype=weight.dtype, device=hidden.device)
+    rr = torch.empty_like(rc)
+    loss = torch.empty_like(rc)
+    block_p = 16
+    grid = (triton.cdiv(P, block_p),)
+    _pairwise_fwd_kernel[grid](
+        hidden, weight, bias if bias is not None else weight, chosen, rejected,
+        margin if margin is not None else weight, rc, rr, loss,
+        P, D, hidden.stride(0), hidden.stride(1),
+        HAS_BIAS=bias is not None, HAS_MARGIN=margin is not None, ACC=_acc(hidden.dtype),
+        BLOCK_P=block_p, BLOCK_D=_block_d(D, 256), num_warps=4,
+    )
+    return rc, rr, loss
+
+
+def pairwise_loss_bwd(hidden, weight, rows, coef, need_hidden_grad):
+    """hidden [N, D]; weight [D] acc; rows [M] int64 (unique, -1 = skip); coef [M] acc.
+    Returns (d_hidden [N, D] contiguous, hidden's dtype — empty when not needed; d_weight [D] acc)."""
+    N, D = hidden.shape
+    M = rows.numel()
+    d_hidden = (torch.zeros((N, D), dtype=hidden.dtype, device=hidden.device) if need_hidden_grad
+                else torch.empty(0, dtype=hidden.dtype, device=hidden.device))
+    block_r = 32
+    block_d = _block_d(D, 256)
+    row_blocks = triton.cdiv(M, block_r)
+    partial = torch.empty((row_blocks, D), dtype=weight.dtype, device=hidden.device)
+    grid = (row_blocks, triton.cdiv(D, block_d))
+    _pairwise_bwd_kernel[grid](
+        hidden, weight, rows, coef, d_hidden if need_hidden_grad else partial, partial,
+        M, D, hidden.stride(0), hidden.stride(1),
+        NEED_DH=need_hidden_grad, ACC=_acc(hidden.dtype),
+        BLOCK_R=block_r, BLOCK_D=block_d, num_warps=4,
+    )
+    return d_hidden, (partial[0] if row_blocks == 1 else partial.sum(0))

@@ -1,0 +1,22 @@
+"""Plain-torch reference of the fused loss: the oracle of the tests (it runs in float64 too) and the
+fallback backend. Differentiable by autograd; accumulates in float32, or float64 for float64 inputs."""
+
+import torch
+import torch.nn.functional as F
+
+
+def pairwise_terms(hidden2d, weight, bias, chosen, rejected, margin):
+    """hidden2d [N, D]; weight [D]; bias scalar tensor or None; chosen, rejected [P] int64;
+    margin [P] or None. Returns (r_c, r_r, loss_p), each [P] in the accumulation dtype."""
+    acc = torch.float64 if hidden2d.dtype == torch.float64 else torch.float32
+    w = weight.to(acc)
+    rc = hidden2d.index_select(0, chosen).to(acc) @ w
+    rr = hidden2d.index_select(0, rejected).to(acc) @ w
+    if bias is not None:
+        b = bias.to(acc).reshape(())
+        rc = rc + b
+        rr = rr + b
+    diff = rc - rr
+    if margin is not None:
+        diff = diff - margin.to(acc)
+    return rc, rr, F.softplus(-diff)

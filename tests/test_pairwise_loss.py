@@ -1,0 +1,248 @@
+"""The fused pairwise loss, every backend against the float64 torch reference."""
+
+import pytest
+import torch
+
+from conftest import backend_device_params
+from rmfast import backends, pairwise_reward_loss
+
+DTYPES = [torch.float32, torch.bfloat16, torch.float16]
+# Largest error allowed, relative to the largest magnitude of the float64 reference value.
+TOL = {torch.float64: 1e-10, torch.float32: 2e-5, torch.float16: 2e-3, torch.bfloat16: 2e-2}
+
+BACKEND_DEVICE = backend_device_params()
+
+
+def require(backend, device):
+    reason = backends.unavailable_reason(backend, device)
+    assert reason is None, f"backend {backend} cannot run on {device} here: {reason}"
+
+
+def make_case(N, D, P, *, dtype=torch.float32, device="cpu", seed=0, bias=True, margin="tensor", lead=None):
+    g = torch.Generator().manual_seed(seed)
+    hidden = torch.randn(N, D, generator=g)
+    weight = torch.randn(D, generator=g) / D**0.5
+    chosen = torch.randint(0, N, (P,), generator=g)
+    rejected = torch.randint(0, N, (P,), generator=g)
+    case = {
+        "hidden": hidden.reshape(*lead, D) if lead else hidden,
+        "weight": weight,
+        "chosen_index": chosen,
+        "rejected_index": rejected,
+        "bias": torch.randn((), generator=g) if bias else None,
+        "margin": torch.rand(P, generator=g) if margin == "tensor" else margin,
+    }
+    for k, v in case.items():
+        if isinstance(v, torch.Tensor):
+            v = v.to(device)
+            case[k] = v.to(dtype) if v.is_floating_point() and k != "margin" else v
+    return case
+
+
+def run(case, backend, reduction="mean", center_coef=0.0, seed=1, reference=False):
+    """Loss, rewards and gradients of hidden / weight / bias under random upstream gradients on all three
+    outputs. With reference=True, in float64 through the torch backend."""
+    leaves = {}
+    args = dict(case)
+    for k in ("hidden", "weight", "bias"):
+        v = args[k]
+        if isinstance(v, torch.Tensor):
+            v = v.detach().clone() if not reference else v.detach().to(torch.float64)
+            if k == "hidden" and not reference:
+                v = case["hidden"].detach().requires_grad_(True)
+            else:
+                v.requires_grad_(True)
+            leaves[k] = v
+            args[k] = v
+    if reference and isinstance(args["margin"], torch.Tensor):
+        args["margin"] = args["margin"].to(torch.float64)
+    out = pairwise_reward_loss(**args, reduction=reduction, center_coef=center_coef,
+                               backend="torch" if reference else backend)
+    g = torch.Generator().manual_seed(seed)
+    P = case["chosen_index"].shape[0]
+    dev = out.loss.device
+    w_loss = torch.randn(out.loss.shape, generator=g, dtype=torch.float64).to(dev)
+    w_c = 0.1 * torch.randn(P, generator=g, dtype=torch.float64).to(dev)
+    w_r = 0.1 * torch.randn(P, generator=g, dtype=torch.float64).to(dev)
+    obj = (out.loss.double() * w_loss).sum() + (out.chosen_rewards.double() * w_c).sum() \
+        + (out.rejected_rewards.double() * w_r).sum()
+    obj.backward()
+    result = {"loss": out.loss, "chosen": out.chosen_rewards, "rejected": out.rejected_rewards}
+    result.update({f"d_{k}": v.grad for k, v in leaves.items()})
+    return result
+
+
+def assert_matches(actual, expected, dtype):
+    tol = TOL[dtype]
+    assert actual.keys() == expected.keys()
+    for k, ref in expected.items():
+        got = actual[k]
+        assert got is not None, f"{k} has no gradient"
+        assert got.shape == ref.shape, f"{k}: shape {tuple(got.shape)} != {tuple(ref.shape)}"
+        got = got.detach().to(torch.float64).cpu()
+        ref = ref.detach().cpu()
+        scale = ref.abs().max().item() or 1.0
+        err = (got - ref).abs().max().item()
+        assert err <= tol * scale, f"{k}: max error {err:.3g} > {tol:g} × {scale:.3g}"
+
+
+def check(case, backend, dtype, **kw):
+    assert_matches(run(case, backend, **kw), run(case, backend, reference=True, **kw), dtype)
+
+
+@pytest.mark.parametrize("backend,device", BACKEND_DEVICE)
+@pytest.mark.parametrize("dtype", DTYPES, ids=str)
+@pytest.mark.parametrize("N,D,P", [(4, 1, 1), (16, 3, 5), (40, 129, 17), (12, 4097, 6), (5000, 8, 3000)])
+def test_matches_float64_reference(backend, device, dtype, N, D, P):
+    require(backend, device)
+    check(make_case(N, D, P, dtype=dtype, device=device), backend, dtype)
+
+
+@pytest.mark.parametrize("backend,device", BACKEND_DEVICE)
+@pytest.mark.parametrize("margin", [None, 0.5, "tensor"])
+@pytest.mark.parametrize("reduction", ["mean", "sum", "none"])
+@pytest.mark.parametrize("center_coef", [0.0, 0.01])
+@pytest.mark.parametrize("bias", [True, False])
+def test_options(backend, device, margin, reduction, center_coef, bias):
+    require(backend, device)
+    case = make_case(24, 33, 7, device=device, bias=bias, margin=margin)
+    check(case, backend, torch.float32, reduction=reduction, center_coef=center_coef)
+
+
+@pytest.mark.parametrize("backend,device", BACKEND_DEVICE)
+def test_3d_hidden_indexes_flattened_rows(backend, device):
+    require(backend, device)
+    check(make_case(4 * 9, 65, 4, lead=(4, 9), device=device), backend, torch.float32)
+
+
+@pytest.mark.parametrize("backend,device", BACKEND_DEVICE)
+def test_3d_hidden_sliced_along_sequence(backend, device):
+    require(backend, device)
+    case = make_case(4 * 9, 65, 4, lead=(4, 9), device=device)
+    case["hidden"] = case["hidden"][:, :-2]  # [4, 7, 65], not viewable as rows
+    case["chosen_index"] = case["chosen_index"] % 28
+    case["rejected_index"] = case["rejected_index"] % 28
+    check(case, backend, torch.float32)
+
+
+@pytest.mark.parametrize("backend,device", BACKEND_DEVICE)
+@pytest.mark.parametrize("layout", ["transposed", "strided_columns", "strided_rows"])
+def test_non_contiguous_hidden(backend, device, layout):
+    require(backend, device)
+    case = make_case(30, 70, 9, device=device)
+    h = case["hidden"]
+    if layout == "transposed":
+        hidden = h.t().contiguous().t()
+    elif layout == "strided_columns":
+        hidden = torch.stack([h, -h], dim=2).reshape(30, 140)[:, ::2]
+    else:
+        hidden = torch.cat([h, h], dim=1)[:, :70]
+    assert not hidden.is_contiguous() and torch.equal(hidden, h)
+    case["hidden"] = hidden
+    check(case, backend, torch.float32)
+
+
+@pytest.mark.parametrize("backend,device", BACKEND_DEVICE)
+def test_chosen_and_rejected_at_the_same_row(backend, device):
+    require(backend, device)
+    case = make_case(20, 17, 6, device=device)
+    case["rejected_index"][:3] = case["chosen_index"][:3]
+    check(case, backend, torch.float32)
+
+
+@pytest.mark.parametrize("backend,device", BACKEND_DEVICE)
+def test_row_used_by_several_pairs(backend, device):
+    require(backend, device)
+    case = make_case(10, 40, 50, device=device)  # 100 gathers over 10 rows
+    case["chosen_index"][:20] = 3
+    check(case, backend, torch.float32)
+
+
+@pytest.mark.parametrize("backend,device", BACKEND_DEVICE)
+def test_hidden_without_grad_gives_weight_grad_only(backend, device):
+    require(backend, device)
+    case = make_case(12, 20, 4, device=device)
+    weight = case["weight"].clone().requires_grad_(True)
+    out = pairwise_reward_loss(case["hidden"], weight, case["chosen_index"], case["rejected_index"],
+                               backend=backend)
+    out.loss.backward()
+    ref_w = case["weight"].clone().requires_grad_(True)
+    pairwise_reward_loss(case["hidden"], ref_w, case["chosen_index"], case["rejected_index"],
+                         backend="torch").loss.backward()
+    torch.testing.assert_close(weight.grad, ref_w.grad)
+
+
+@pytest.mark.parametrize("backend,device", BACKEND_DEVICE)
+def test_d_hidden_is_zero_outside_gathered_rows(backend, device):
+    require(backend, device)
+    case = make_case(50, 16, 5, device=device)
+    d = run(case, backend)["d_hidden"]
+    used = torch.zeros(50, dtype=torch.bool, device=d.device)
+    used[case["chosen_index"]] = True
+    used[case["rejected_index"]] = True
+    assert torch.count_nonzero(d[~used]) == 0
+    assert torch.all(d[used].abs().sum(1) > 0)
+
+
+@pytest.mark.parametrize("backend,device", BACKEND_DEVICE)
+@pytest.mark.parametrize("dtype", DTYPES, ids=str)
+def test_nan_in_a_gathered_row_gives_nan_loss(backend, device, dtype):
+    require(backend, device)
+    case = make_case(10, 32, 3, dtype=dtype, device=device)
+    case["chosen_index"] = torch.tensor([0, 1, 2], device=device)
+    case["rejected_index"] = torch.tensor([3, 4, 5], device=device)
+    case["hidden"][9, 5] = float("nan")  # not gathered: stays invisible
+    assert torch.isfinite(pairwise_reward_loss(**case, backend=backend).loss)
+    case["hidden"][4, 7] = float("nan")
+    out = pairwise_reward_loss(**case, backend=backend)
+    assert torch.isnan(out.loss)
+    assert torch.isnan(out.rejected_rewards[1]) and torch.isfinite(out.chosen_rewards).all()
+
+
+@pytest.mark.parametrize("backend,device", BACKEND_DEVICE)
+def test_large_rewards_do_not_overflow(backend, device):
+    require(backend, device)
+    case = make_case(8, 4, 2, device=device, bias=False, margin=None)
+    case["hidden"] = case["hidden"] * 1e4
+    check(case, backend, torch.float32)
+
+
+@pytest.mark.parametrize("backend,device", BACKEND_DEVICE)
+def test_float64_inputs_accumulate_in_float64(backend, device):
+    require(backend, device)
+    case = make_case(30, 50, 8, dtype=torch.float64, device=device)
+    out = run(case, backend)
+    assert out["chosen"].dtype == torch.float64
+    assert_matches(out, run(case, backend, reference=True), torch.float64)
+
+
+@pytest.mark.parametrize("backend,device", BACKEND_DEVICE)
+def test_weight_as_linear_weight(backend, device):
+    require(backend, device)
+    case = make_case(12, 20, 4, device=device)
+    head = torch.nn.Linear(20, 1, bias=False).to(device)
+    a = pairwise_reward_loss(case["hidden"], head.weight, case["chosen_index"], case["rejected_index"],
+                             backend=backend)
+    b = pairwise_reward_loss(case["hidden"], head.weight.reshape(-1), case["chosen_index"],
+                             case["rejected_index"], backend="torch")
+    torch.testing.assert_close(a.loss, b.loss)
+    a.loss.backward()
+    assert head.weight.grad.shape == (1, 20)
+
+
+@pytest.mark.parametrize("backend", ["torch", "cpu"])
+def test_gradcheck(backend):
+    require(backend, "cpu")
+    case = make_case(9, 6, 5, dtype=torch.float64)
+    hidden = case["hidden"].clone().requires_grad_(True)
+    weight = case["weight"].clone().requires_grad_(True)
+    bias = case["bias"].clone().requires_grad_(True)
+    chosen = case["chosen_index"]
+    chosen[0] = case["rejected_index"][0]
+
+    def f(h, w, b):
+        out = pairwise_reward_loss(h, w, chosen, case["rejected_index"], bias=b, margin=case["margin"],
+                                   center_coef=0.05, backend=backend)
+        return out.loss, out.chosen_rewards, out.rejected_rewards
+
+    assert torch.autograd.gradcheck(f, (hidden, weight, bias))
