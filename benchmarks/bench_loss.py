@@ -8,7 +8,7 @@ Contenders, on hidden states [2P, L, D] of P pairs (chosen rows first, right pad
   eager      index the last tokens → nn.Linear → logsigmoid
   compile    torch.compile of eager (where it compiles)
 
-Times are medians over --repeats rounds that run every contender once each, in turn. Peak memory is what a
+Times are medians over --repeats rounds that run every contender once each, in a shuffled order. Peak memory is what a
 fresh forward+backward adds on top of the inputs (CUDA: the allocator's peak; CPU: the process's peak RSS,
 reset through /proc/self/clear_refs). Writes benchmarks/results/bench_loss_<tag>.{csv,md,png}.
 
@@ -21,6 +21,7 @@ import csv
 import gc
 import os
 import platform
+import random
 import statistics
 import subprocess
 import sys
@@ -47,6 +48,22 @@ CUDA_SHAPES = CPU_SHAPES + [
     (256, 256, 8192, "bfloat16"),
     (1024, 64, 4096, "float16"),
 ]
+
+
+def pin_cpu_allocator(threshold=1 << 20):
+    """Send every CPU buffer of at least `threshold` bytes to mmap, fresh from the kernel, every time.
+
+    glibc moves its mmap threshold as buffers are freed, so the same 8 MB zeros_like costs 0.3 ms (reused
+    heap) or 2 ms (fresh pages) depending on what ran before; pinning it gives every contender, the floor
+    included, the same allocation path. Returns whether it could be pinned."""
+    try:
+        import ctypes
+
+        libc = ctypes.CDLL("libc.so.6")
+        M_TRIM_THRESHOLD, M_MMAP_THRESHOLD = -1, -3
+        return bool(libc.mallopt(M_MMAP_THRESHOLD, threshold)) and bool(libc.mallopt(M_TRIM_THRESHOLD, threshold))
+    except (OSError, AttributeError):
+        return False
 
 
 def machine_description(device):
@@ -140,8 +157,9 @@ def sync(device):
         torch.cuda.synchronize()
 
 
-def run_once(fn, hidden, device):
-    """Seconds for one forward+backward (or, for the floor, one zeros_like)."""
+def run_once(fn, hidden, device, read=False):
+    """Seconds for one forward+backward (or, for the floor, one zeros_like); with read=True, followed by
+    a full read of d_hidden, as the backbone's backward would do."""
     hidden.grad = None
     sync(device)
     t0 = time.perf_counter()
@@ -150,6 +168,8 @@ def run_once(fn, hidden, device):
     else:
         fn(hidden).backward()
         grad = hidden.grad
+    if read:
+        grad.sum()
     sync(device)
     elapsed = time.perf_counter() - t0
     del grad
@@ -197,13 +217,21 @@ def bench_shape(device, pairs, seq_len, hidden_size, dtype_name, repeats, warmup
             tol = 1e-4 if dtype == torch.float32 else 2e-2
             assert abs(got - ref) <= tol * max(1.0, abs(ref)), f"{name} loss {got} != reference {ref}"
     times = {name: [] for name in fns}
+    times_read = {name: [] for name in fns}
+    order = list(fns)
+    shuffle = random.Random(0).shuffle
     for i in range(warmup + repeats):
-        for name, fn in fns.items():
+        shuffle(order)  # no contender always follows the same one (page-fault costs depend on it)
+        for name in order:
+            fn = fns[name]
             t = run_once(fn, hidden, device)
+            t_read = run_once(fn, hidden, device, read=True)
             if i >= warmup:
                 times[name].append(t)
+                times_read[name].append(t_read)
     memory = {name: peak_extra_bytes(fn, hidden, device) for name, fn in fns.items()}
     floor = statistics.median(times["floor"])
+    floor_read = statistics.median(times_read["floor"])
     rows = []
     for name in fns:
         ts = sorted(times[name])
@@ -213,7 +241,9 @@ def bench_shape(device, pairs, seq_len, hidden_size, dtype_name, repeats, warmup
             "rows": 2 * pairs * seq_len, "hidden": hidden_size, "contender": name,
             "median_ms": round(med * 1e3, 4), "p10_ms": round(ts[len(ts) // 10] * 1e3, 4),
             "p90_ms": round(ts[(9 * len(ts)) // 10] * 1e3, 4), "x_floor": round(med / floor, 3),
-            "peak_mb": round(memory[name] / 2**20, 2), "repeats": repeats,
+            "peak_mb": round(memory[name] / 2**20, 2),
+            "read_median_ms": round(statistics.median(times_read[name]) * 1e3, 4),
+            "read_x_floor": round(statistics.median(times_read[name]) / floor_read, 3), "repeats": repeats,
         })
     return rows
 
@@ -249,11 +279,13 @@ def plot(rows, path):
 
 
 def table(rows):
-    head = ["dtype", "pairs×seq×hidden", "contender", "median ms", "× floor", "peak MB"]
+    head = ["dtype", "pairs×seq×hidden", "contender", "median ms", "× floor", "then read: ms", "× floor",
+            "peak MB"]
     lines = ["| " + " | ".join(head) + " |", "|" + "---|" * len(head)]
     for r in rows:
         lines.append(f"| {r['dtype']} | {r['pairs']}×{r['seq_len']}×{r['hidden']} | {r['contender']} | "
-                     f"{r['median_ms']:.3f} | {r['x_floor']:.3f} | {r['peak_mb']:.1f} |")
+                     f"{r['median_ms']:.3f} | {r['x_floor']:.3f} | {r['read_median_ms']:.3f} | "
+                     f"{r['read_x_floor']:.3f} | {r['peak_mb']:.1f} |")
     return "\n".join(lines)
 
 
@@ -274,6 +306,8 @@ def main(argv=None):
     if args.shapes:
         shapes = [(int(p), int(L), int(D), dt) for p, L, D, dt in (s.split(",") for s in args.shapes.split(";"))]
     machine = machine_description(args.device)
+    if args.device == "cpu" and pin_cpu_allocator():
+        machine += "; glibc mmap threshold pinned at 1 MiB"
     print(f"machine: {machine}", flush=True)
     rows = []
     for shape in shapes:
@@ -281,8 +315,9 @@ def main(argv=None):
         got = bench_shape(args.device, *shape, repeats=args.repeats, warmup=args.warmup,
                           with_compile=not args.no_compile)
         for r in got:
-            print(f"  {r['contender']:<14} {r['median_ms']:10.3f} ms  {r['x_floor']:7.3f}× floor  "
-                  f"{r['peak_mb']:9.1f} MB", flush=True)
+            print(f"  {r['contender']:<14} {r['median_ms']:10.3f} ms  {r['x_floor']:7.3f}× floor   "
+                  f"then read: {r['read_median_ms']:10.3f} ms {r['read_x_floor']:7.3f}×   {r['peak_mb']:9.1f} MB",
+                  flush=True)
         rows += got
     out = Path(args.out)
     out.mkdir(parents=True, exist_ok=True)
@@ -301,7 +336,9 @@ def main(argv=None):
         commit = ""
     report = (f"# bench_loss ({tag})\n\ncommand: `{command.strip()}`  \nmachine: {machine}  \n"
               f"commit: {commit or 'unknown'}  \nmedians over {args.repeats} rounds after {args.warmup} warm-up "
-              f"rounds; × floor = median time / median time of torch.zeros_like(hidden) in the same run.\n\n"
+              f"rounds; × floor = median time / median time of torch.zeros_like(hidden) in the same run. "
+              f"'then read' times the same work followed by a full read of d_hidden (grad.sum()), as the "
+              f"backbone's backward would do, against zeros_like followed by the same read.\n\n"
               f"{table(rows)}\n")
     (out / f"bench_loss_{tag}.md").write_text(report)
     print()

@@ -8,6 +8,10 @@
 
 #include <cmath>
 
+#ifdef __linux__
+#include <sys/mman.h>
+#endif
+
 namespace rmfast {
 namespace {
 
@@ -21,6 +25,23 @@ _Pragma("omp simd reduction(+ : acc)")
     for (int64_t j = 0; j < D; ++j) acc += static_cast<acc_t>(row[j * stride_d]) * w[j];
   }
   return acc;
+}
+
+// A zero [N, D] tensor. Large ones come straight from anonymous mmap, whose pages the kernel hands out
+// already zeroed on first touch (as calloc does): the backward then pays only for the rows it writes,
+// instead of faulting in and memsetting the whole buffer as at::zeros would.
+at::Tensor zeros_2d(int64_t N, int64_t D, const at::TensorOptions& options) {
+#ifdef __linux__
+  constexpr size_t kMmapBytes = size_t(1) << 20;
+  const size_t bytes = static_cast<size_t>(N) * static_cast<size_t>(D) * options.dtype().itemsize();
+  if (bytes >= kMmapBytes) {
+    void* data = mmap(nullptr, bytes, PROT_READ | PROT_WRITE, MAP_PRIVATE | MAP_ANONYMOUS, -1, 0);
+    if (data != MAP_FAILED) {
+      return at::from_blob(data, {N, D}, [bytes](void* p) { munmap(p, bytes); }, options);
+    }
+  }
+#endif
+  return at::zeros({N, D}, options);
 }
 
 }  // namespace
@@ -78,8 +99,8 @@ std::tuple<at::Tensor, at::Tensor> pairwise_loss_bwd_cpu(
   const int64_t N = hidden.size(0);
   const int64_t D = hidden.size(1);
   const int64_t M = rows.numel();
-  // The dense zero fill is the unavoidable floor of any backward; only the gathered rows are written.
-  at::Tensor d_hidden = need_hidden_grad ? at::zeros({N, D}, hidden.options()) : at::empty({0}, hidden.options());
+  // d_hidden is dense but zero outside the gathered rows: only those are written.
+  at::Tensor d_hidden = need_hidden_grad ? zeros_2d(N, D, hidden.options()) : at::empty({0}, hidden.options());
   at::Tensor d_weight = at::empty({D}, weight.options());
   const at::Tensor rows_c = rows.contiguous();
   const at::Tensor coef_c = coef.contiguous();

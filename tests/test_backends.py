@@ -127,3 +127,12 @@ def test_jit_build_takes_over_when_the_compiled_module_is_absent(tmp_path):
     out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, env=env, timeout=900)
     assert out.returncode == 0, out.stderr[-3000:]
     assert out.stdout.split() == ["jit", "cpu"]
+
+
+def test_demo_learns_the_preference():
+    out = subprocess.run([sys.executable, str(ROOT / "examples" / "fused_loss_demo.py"), "--steps", "30"],
+                         capture_output=True, text=True, timeout=300)
+    assert out.returncode == 0, out.stdout[-2000:] + out.stderr[-2000:]
+    final = out.stdout.strip().splitlines()[-1]
+    accuracy = float(final.rsplit("→", 1)[1].strip().rstrip("%"))
+    assert accuracy >= 95.0, final

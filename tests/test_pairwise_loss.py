@@ -173,11 +173,12 @@ def test_hidden_without_grad_gives_weight_grad_only(backend, device):
 
 
 @pytest.mark.parametrize("backend,device", BACKEND_DEVICE)
-def test_d_hidden_is_zero_outside_gathered_rows(backend, device):
+@pytest.mark.parametrize("N,D", [(50, 16), (2048, 160)], ids=["small", "over-1MiB"])
+def test_d_hidden_is_zero_outside_gathered_rows(backend, device, N, D):
     require(backend, device)
-    case = make_case(50, 16, 5, device=device)
+    case = make_case(N, D, 5, device=device)
     d = run(case, backend)["d_hidden"]
-    used = torch.zeros(50, dtype=torch.bool, device=d.device)
+    used = torch.zeros(N, dtype=torch.bool, device=d.device)
     used[case["chosen_index"]] = True
     used[case["rejected_index"]] = True
     assert torch.count_nonzero(d[~used]) == 0

@@ -1,0 +1,40 @@
+# Everything runs in a project virtual environment (.venv) that `make setup` creates from nothing.
+PYTHON ?= python3
+VENV   := .venv
+PY     := $(VENV)/bin/python
+PIP    := $(PY) -m pip
+TORCH  ?= torch==2.14.1
+
+.PHONY: setup demo test test-fast bench env clean
+
+# Marker files keep `make test` from reinstalling; csrc changes rebuild the extension.
+$(VENV)/.torch:
+	$(PYTHON) -m venv $(VENV)
+	$(PIP) install --upgrade pip "setuptools>=69" wheel ninja
+	$(PIP) install "$(TORCH)"
+	touch $@
+
+$(VENV)/.rmfast: $(VENV)/.torch setup.py pyproject.toml requirements-dev.txt $(wildcard csrc/*)
+	$(PIP) install -r requirements-dev.txt
+	$(PIP) install --no-build-isolation -e .
+	touch $@
+
+setup: $(VENV)/.rmfast
+
+demo: setup
+	$(PY) examples/fused_loss_demo.py
+
+test: setup
+	$(PY) -m pytest tests
+
+test-fast: setup
+	$(PY) -m pytest tests -m "not slow"
+
+bench: setup
+	$(PY) benchmarks/bench_loss.py
+
+env: setup
+	$(VENV)/bin/rmfast-env
+
+clean:
+	rm -rf $(VENV) build *.egg-info rmfast/_C*.so
