@@ -256,7 +256,7 @@ def plot(rows, path):
 
     shapes = list(dict.fromkeys((r["dtype"], r["pairs"], r["seq_len"], r["hidden"]) for r in rows))
     names = list(dict.fromkeys(r["contender"] for r in rows))
-    fig, ax = plt.subplots(figsize=(max(8, 1.6 * len(shapes)), 4.5))
+    fig, ax = plt.subplots(figsize=(max(9, 1.8 * len(shapes)), 4.5))
     width = 0.8 / len(names)
     for k, name in enumerate(names):
         xs, ys = [], []
@@ -273,7 +273,7 @@ def plot(rows, path):
     ax.set_xlabel("pairs × seq_len × hidden")
     ax.set_ylabel("forward+backward time / zeros_like(hidden)")
     ax.set_title(f"Pairwise reward loss, {rows[0]['device']}")
-    ax.legend(fontsize=8, ncol=2)
+    ax.legend(fontsize=8, loc="upper left", bbox_to_anchor=(1.01, 1.0))
     fig.tight_layout()
     fig.savefig(path, dpi=120)
 

@@ -1,0 +1,34 @@
+#!/usr/bin/env bash
+# One script for a GPU machine: build the extension there, run the CUDA tests and the GPU benchmarks,
+# and leave every result in one folder (default: $OUT when set, else benchmarks/results/gpu).
+# Budget: under 8 minutes on an H100/H200. Usage: bash benchmarks/gpu_check.sh [RESULTS_DIR]
+set -uo pipefail
+cd "$(dirname "$0")/.."
+RESULTS=${1:-${OUT:-benchmarks/results/gpu}}
+PY=${PYTHON:-python3}
+export PYTHONUNBUFFERED=1
+mkdir -p "$RESULTS"
+status=0
+
+{ date -u; nvidia-smi --query-gpu=name,memory.total,driver_version --format=csv
+  $PY -c "import torch, triton; print('torch', torch.__version__, 'CUDA', torch.version.cuda, 'triton', triton.__version__)"
+} > "$RESULTS/machine.txt" 2>&1
+cat "$RESULTS/machine.txt"
+
+echo "== build (log: build.log)"
+# Offline: no build isolation, no dependency resolution; the arch list comes from the visible GPU.
+if ! timeout 300 $PY -m pip install --no-build-isolation --no-deps -e . > "$RESULTS/build.log" 2>&1; then
+  echo "build failed:"; tail -20 "$RESULTS/build.log"; status=1
+fi
+grep "rmfast build:" "$RESULTS/build.log" | tail -1
+$PY -m rmfast.env > "$RESULTS/env.txt" 2>&1; cat "$RESULTS/env.txt"
+
+echo "== CUDA tests (log: tests.log)"
+timeout 240 $PY -m pytest -q tests -k "cuda" -p no:cacheprovider > "$RESULTS/tests.log" 2>&1 || status=1
+tail -5 "$RESULTS/tests.log"
+
+echo "== GPU benchmark"
+timeout 270 $PY benchmarks/bench_loss.py --device cuda --repeats 50 --warmup 5 --out "$RESULTS" || status=1
+
+echo "results in $RESULTS (exit $status)"
+exit $status
