@@ -1,0 +1,10 @@
+"""Preference data: sources, row formats, tokenization with a cache, the length policy, sampling, and a
+learnable synthetic generator. ``load_data(DataConfig(...), tokenizer)`` is the usual entry point."""
+
+from .formats import REASONS, Pair
+from .loader import DataConfig, DataError, DataReport, Source, load_data, load_source
+from .synthetic import generate_pairs
+from .tokenize import LengthPolicy, TokenizedPairs, shared_prefix
+
+__all__ = ["DataConfig", "DataError", "DataReport", "Source", "load_data", "load_source", "generate_pairs",
+           "LengthPolicy", "TokenizedPairs", "shared_prefix", "Pair", "REASONS"]

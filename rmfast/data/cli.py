@@ -1,0 +1,120 @@
+"""``rmfast-data``: look at a preference dataset before training on it, or write synthetic data.
+
+    rmfast-data inspect data/train.jsonl [more sources…] [--tokenizer DIR] [--max-length 1024]
+    rmfast-data synth --pairs 2000 --out data/arith.jsonl [--style conversational]
+"""
+
+import argparse
+import sys
+
+import numpy as np
+
+from .formats import FORMATS
+from .loader import DataConfig, DataError, Source, load_source, read_pairs
+from .synthetic import generate_pairs, write_jsonl
+from .tokenize import OVERLONG
+
+
+def _tokenizer(args, sources):
+    if args.tokenizer:
+        from transformers import AutoTokenizer
+
+        return AutoTokenizer.from_pretrained(args.tokenizer), args.tokenizer
+    from .tokenizers import train_bpe_tokenizer
+
+    texts = []
+    for spec in sources:
+        pairs, _ = read_pairs(spec, DataConfig(train=[spec.path], format=args.format, on_bad_row="skip"))
+        for p in pairs[:5000]:
+            if p.format == "conversational":
+                texts += [m["content"] for m in (p.prompt or []) + p.chosen + p.rejected]
+            else:
+                texts += [(p.prompt or "") + p.chosen, p.rejected]
+    if not texts:
+        raise DataError("no readable pairs to train a tokenizer on; pass --tokenizer DIR")
+    tok = train_bpe_tokenizer(texts, vocab_size=args.vocab_size)
+    return tok, f"byte-level BPE ({args.vocab_size} tokens) trained on these rows (pass --tokenizer for yours)"
+
+
+def _percentiles(x):
+    if len(x) == 0:
+        return "-"
+    p = np.percentile(x, [0, 50, 90, 99, 100])
+    return "  ".join(f"{name} {v:,.0f}" for name, v in zip(("min", "p50", "p90", "p99", "max"), p))
+
+
+def inspect(args):
+    sources = [Source.parse(s) for s in args.sources]
+    tokenizer, tok_desc = _tokenizer(args, sources)
+    config = DataConfig(train=args.sources, format=args.format, max_length=args.max_length,
+                        overlong=args.overlong, on_bad_row="skip", chat_template=args.chat_template,
+                        cache_dir=args.cache_dir)
+    print(f"tokenizer: {tok_desc}")
+    total_bad = 0
+    for source in sources:
+        pairs, report = load_source(source, tokenizer, config)
+        print(f"\n{source.path}")
+        for line in report.lines():
+            print(f"  {line}")
+        for example in report.bad_examples:
+            print(f"    e.g. {example}")
+        total_bad += sum(report.bad.values())
+        if len(pairs) == 0:
+            continue
+        c, r, s, p = pairs.chosen_lengths, pairs.rejected_lengths, pairs.shared.astype(np.int64), pairs.prompt
+        print(f"  tokens, chosen:   {_percentiles(c)}")
+        print(f"  tokens, rejected: {_percentiles(r)}")
+        print(f"  tokens, prompt:   {_percentiles(p)}")
+        print(f"  shared prefix:    {_percentiles(s)}  ({(s / np.maximum(np.maximum(c, r), 1)).mean():.0%} of the "
+              f"longer side on average; {np.mean(s == 0):.1%} of pairs share nothing)")
+        longest = np.maximum(c, r)
+        print(f"  token positions per pair: padded to {args.max_length}: {2 * args.max_length:,}; padded to the "
+              f"pair's longer side: {2 * longest.mean():,.0f}; packed: {(c + r).mean():,.0f}; "
+              f"prefix shared: {(c + r - s).mean():,.0f}")
+        with_margin = np.isfinite(pairs.margin)
+        if with_margin.any():
+            print(f"  margins: {with_margin.mean():.0%} of pairs, mean {pairs.margin[with_margin].mean():.3g}")
+    return 1 if total_bad and args.strict else 0
+
+
+def synth(args):
+    rows = generate_pairs(args.pairs, seed=args.seed, max_operand=args.max_operand, ops=args.ops.split(","),
+                          style=args.style)
+    path = write_jsonl(rows, args.out)
+    print(f"wrote {len(rows)} {args.style} pairs to {path}")
+    return 0
+
+
+def main(argv=None):
+    parser = argparse.ArgumentParser(prog="rmfast-data", description=__doc__,
+                                     formatter_class=argparse.RawDescriptionHelpFormatter)
+    sub = parser.add_subparsers(dest="command", required=True)
+    p = sub.add_parser("inspect", help="pairs, lengths, truncation, bad rows and shared-prefix statistics")
+    p.add_argument("sources", nargs="+", help="files, folders, datasets dirs or hub names (PATH or PATH@WEIGHT)")
+    p.add_argument("--tokenizer", help="a transformers tokenizer folder (default: train a small BPE on the data)")
+    p.add_argument("--vocab-size", type=int, default=8000, help="vocabulary of the BPE trained without --tokenizer")
+    p.add_argument("--format", default="auto", choices=FORMATS)
+    p.add_argument("--max-length", type=int, default=1024)
+    p.add_argument("--overlong", default="truncate", choices=OVERLONG)
+    p.add_argument("--chat-template", help="a Jinja chat template file for conversational rows")
+    p.add_argument("--cache-dir", help="tokenization cache (default ~/.cache/rmfast/tokenized)")
+    p.add_argument("--strict", action="store_true", help="exit with status 1 when any row is bad")
+    p.set_defaults(func=inspect)
+    s = sub.add_parser("synth", help="write learnable synthetic arithmetic preference pairs as JSON Lines")
+    s.add_argument("--pairs", type=int, default=2000)
+    s.add_argument("--out", required=True)
+    s.add_argument("--style", default="conversational", choices=["conversational", "explicit", "implicit"])
+    s.add_argument("--max-operand", type=int, default=9)
+    s.add_argument("--ops", default="plus", help="comma-separated: plus, minus, times")
+    s.add_argument("--seed", type=int, default=0)
+    s.set_defaults(func=synth)
+    args = parser.parse_args(argv)
+    try:
+        return args.func(args)
+    except (DataError, FileNotFoundError, ValueError) as exc:
+        print(f"rmfast-data: {exc}", file=sys.stderr)
+        return 2
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,124 @@
+"""Row formats of preference data, detected or named, with column mapping and validation.
+
+- explicit:        ``prompt``, ``chosen``, ``rejected`` strings (the responses continue the prompt);
+- implicit:        ``chosen``, ``rejected`` full texts (HH-RLHF);
+- conversational:  ``chosen`` / ``rejected`` (and optional ``prompt``) as lists of {role, content} messages.
+Any of them may carry a per-pair ``margin``. A row that breaks a rule is reported with a reason code."""
+
+import math
+from dataclasses import dataclass
+from typing import Optional, Union
+
+FORMATS = ("auto", "explicit", "implicit", "conversational")
+ROLES = ("system", "user", "assistant", "tool")
+
+# reason code → what a person reads in the report
+REASONS = {
+    "malformed_json": "malformed JSON",
+    "malformed_csv": "malformed CSV",
+    "not_object": "row is not an object",
+    "undecodable": "undecodable bytes (not UTF-8)",
+    "empty_file": "empty file",
+    "missing_field": "missing field",
+    "null_field": "null field",
+    "not_text": "text field is not a string",
+    "bad_messages": "malformed message list",
+    "unknown_role": "unknown message role",
+    "empty_text": "empty chosen or rejected",
+    "identical": "chosen identical to rejected",
+    "bad_margin": "margin is not a finite number",
+}
+
+Text = Union[str, list]
+
+
+@dataclass
+class Pair:
+    """One validated preference pair, before tokenization."""
+
+    location: str
+    format: str
+    chosen: Text
+    rejected: Text
+    prompt: Optional[Text] = None
+    margin: Optional[float] = None
+
+
+class BadRow(Exception):
+    def __init__(self, reason, detail=""):
+        super().__init__(f"{REASONS[reason]}{': ' + detail if detail else ''}")
+        self.reason = reason
+        self.detail = detail
+
+
+def _field(row, name, column, required=True):
+    if column not in row:
+        if required:
+            raise BadRow("missing_field", f"no {column!r}" + (f" (the {name} column)" if column != name else ""))
+        return None
+    value = row[column]
+    if value is None and required:
+        raise BadRow("null_field", f"{column!r} is null")
+    return value
+
+
+def _messages(value, column):
+    if not isinstance(value, list) or not value:
+        raise BadRow("bad_messages", f"{column!r} must be a non-empty list of {{role, content}} messages")
+    for i, m in enumerate(value):
+        if not isinstance(m, dict) or "role" not in m or "content" not in m:
+            raise BadRow("bad_messages", f"{column!r}[{i}] is not a {{role, content}} message")
+        if m["role"] not in ROLES:
+            raise BadRow("unknown_role", f"{column!r}[{i}] has role {m['role']!r}; known: {', '.join(ROLES)}")
+        if not isinstance(m["content"], str):
+            raise BadRow("not_text", f"{column!r}[{i}].content is {type(m['content']).__name__}, not a string")
+    return [{"role": m["role"], "content": m["content"]} for m in value]
+
+
+def detect_format(row, columns):
+    chosen = row.get(columns.get("chosen", "chosen"))
+    if isinstance(chosen, list):
+        return "conversational"
+    prompt = row.get(columns.get("prompt", "prompt"))
+    return "explicit" if isinstance(prompt, str) else "implicit"
+
+
+def parse_row(location, row, fmt="auto", columns=None) -> Pair:
+    """Validate one row and return its Pair; raises BadRow with the reason."""
+    columns = columns or {}
+    col = {k: columns.get(k, k) for k in ("prompt", "chosen", "rejected", "margin")}
+    if fmt == "auto":
+        fmt = detect_format(row, columns)
+    chosen = _field(row, "chosen", col["chosen"])
+    rejected = _field(row, "rejected", col["rejected"])
+    prompt = _field(row, "prompt", col["prompt"], required=fmt == "explicit")
+
+    if fmt == "conversational":
+        chosen = _messages(chosen, col["chosen"])
+        rejected = _messages(rejected, col["rejected"])
+        if prompt is not None:
+            prompt = _messages(prompt, col["prompt"])
+        if not any(m["content"].strip() for m in chosen) or not any(m["content"].strip() for m in rejected):
+            raise BadRow("empty_text", "a side has no non-empty message")
+        if chosen == rejected:
+            raise BadRow("identical")
+    else:
+        for name, value in (("chosen", chosen), ("rejected", rejected)) + ((("prompt", prompt),) if prompt is not None else ()):
+            if not isinstance(value, str):
+                raise BadRow("not_text", f"{col[name]!r} is {type(value).__name__}, not a string")
+        if not chosen.strip() or not rejected.strip():
+            raise BadRow("empty_text", f"{'chosen' if not chosen.strip() else 'rejected'} is empty")
+        if chosen == rejected:
+            raise BadRow("identical")
+
+    margin = row.get(col["margin"])
+    if isinstance(margin, str) and not margin.strip():  # an empty CSV cell
+        margin = None
+    if margin is not None:
+        try:
+            margin = float(margin)
+        except (TypeError, ValueError):
+            raise BadRow("bad_margin", f"{col['margin']!r} is {margin!r}") from None
+        if not math.isfinite(margin):
+            raise BadRow("bad_margin", f"{col['margin']!r} is {margin}")
+    return Pair(location, fmt, chosen, rejected, prompt, margin)

@@ -1,0 +1,238 @@
+"""Loading preference data end to end: read → validate → render → tokenize (cached) → mix → split.
+
+Bad rows: with ``on_bad_row="error"`` (the default) loading stops before training with every bad row's
+``file:line`` and reason (the first few listed, all counted); with ``"skip"`` they are skipped and counted
+by reason in the returned report, which the caller prints before training starts."""
+
+import hashlib
+import json
+import os
+import sys
+from collections import Counter
+from dataclasses import asdict, dataclass, field
+from pathlib import Path
+from typing import Optional
+
+import numpy as np
+
+from . import sources
+from .formats import FORMATS, REASONS, BadRow, parse_row
+from .tokenize import LengthPolicy, TokenizedPairs, tokenize_pairs
+
+CACHE_VERSION = 1
+BAD_ROW_MODES = ("error", "skip")
+
+
+class DataError(ValueError):
+    """Bad input found before training: the message lists where and why."""
+
+
+@dataclass
+class Source:
+    """One data source. path: file, folder, `datasets` directory or hub name. weight: how much of it to
+    use — 1 all of it, 0.5 a seeded half, 2 all of it twice."""
+
+    path: str
+    weight: float = 1.0
+    split: str = "train"
+
+    @staticmethod
+    def parse(spec):
+        """'PATH' or 'PATH@WEIGHT' (e.g. data/hh.jsonl@0.5)."""
+        if isinstance(spec, Source):
+            return spec
+        if isinstance(spec, dict):
+            return Source(**spec)
+        path, _, weight = str(spec).rpartition("@") if "@" in str(spec) else (str(spec), "", "")
+        try:
+            return Source(path, float(weight) if weight else 1.0)
+        except ValueError:
+            return Source(str(spec))
+
+
+@dataclass
+class DataConfig:
+    train: list = field(default_factory=list)
+    eval: list = field(default_factory=list)
+    eval_fraction: float = 0.0  # a seeded split of train when no eval source is given
+    format: str = "auto"
+    columns: dict = field(default_factory=dict)
+    max_length: int = 1024
+    overlong: str = "truncate"
+    min_prompt_tokens: int = 16
+    chat_template: Optional[str] = None
+    on_bad_row: str = "error"
+    cache_dir: Optional[str] = None  # default: ~/.cache/rmfast/tokenized (RMFAST_CACHE overrides)
+    seed: int = 0
+
+    def __post_init__(self):
+        if self.format not in FORMATS:
+            raise ValueError(f"format must be one of {', '.join(FORMATS)}, got {self.format!r}")
+        if self.on_bad_row not in BAD_ROW_MODES:
+            raise ValueError(f"on_bad_row must be one of {', '.join(BAD_ROW_MODES)}, got {self.on_bad_row!r}")
+        if not 0.0 <= self.eval_fraction < 1.0:
+            raise ValueError(f"eval_fraction must be in [0, 1), got {self.eval_fraction}")
+        if self.chat_template and os.path.isfile(self.chat_template):
+            self.chat_template = Path(self.chat_template).read_text()
+
+    def policy(self):
+        return LengthPolicy(self.max_length, self.overlong, self.min_prompt_tokens)
+
+
+@dataclass
+class DataReport:
+    """What loading found: rows read, bad rows by reason (with examples), truncated and dropped pairs."""
+
+    rows: int = 0
+    pairs: int = 0
+    bad: Counter = field(default_factory=Counter)
+    bad_examples: list = field(default_factory=list)
+    truncated: int = 0
+    dropped: Counter = field(default_factory=Counter)
+    cached: bool = False
+
+    def merge(self, other):
+        self.rows += other.rows
+        self.pairs += other.pairs
+        self.bad.update(other.bad)
+        self.bad_examples += other.bad_examples[: max(0, 10 - len(self.bad_examples))]
+        self.truncated += other.truncated
+        self.dropped.update(other.dropped)
+        self.cached = self.cached and other.cached
+
+    def lines(self):
+        out = [f"{self.rows} rows read, {self.pairs} pairs kept; {self.truncated} truncated, "
+               f"{sum(self.dropped.values())} dropped, {sum(self.bad.values())} bad"]
+        for reason, n in sorted(self.dropped.items()):
+            out.append(f"  dropped ({reason.replace('_', ' ')}): {n}")
+        for reason, n in self.bad.most_common():
+            out.append(f"  bad ({REASONS[reason]}): {n}")
+        return out
+
+
+def cache_root(config: DataConfig):
+    if config.cache_dir:
+        return Path(config.cache_dir)
+    return Path(os.environ.get("RMFAST_CACHE", Path.home() / ".cache" / "rmfast")) / "tokenized"
+
+
+def tokenizer_fingerprint(tokenizer):
+    """Identifies what the tokenizer does: its full serialized model and special tokens."""
+    h = hashlib.sha256()
+    backend = getattr(tokenizer, "backend_tokenizer", None)
+    h.update((backend.to_str() if backend is not None else repr(tokenizer)).encode())
+    h.update(json.dumps({"cls": type(tokenizer).__name__, "bos": tokenizer.bos_token_id,
+                         "eos": tokenizer.eos_token_id, "pad": tokenizer.pad_token_id,
+                         "template": getattr(tokenizer, "chat_template", None)}, sort_keys=True).encode())
+    return h.hexdigest()
+
+
+def _cache_key(source: Source, tokenizer_fp, config: DataConfig):
+    options = {k: v for k, v in asdict(config).items() if k not in ("train", "eval", "eval_fraction", "cache_dir", "seed")}
+    payload = {"version": CACHE_VERSION, "data": sources.fingerprint(source.path, source.split),
+               "tokenizer": tokenizer_fp, "options": options}
+    return hashlib.sha256(json.dumps(payload, sort_keys=True, default=str).encode()).hexdigest()[:32]
+
+
+def read_pairs(source: Source, config: DataConfig):
+    """Read and validate one source. Returns (pairs, report) — bad rows are counted, never silently lost."""
+    report = DataReport()
+    pairs = []
+    for raw in sources.iter_rows(source.path, source.split):
+        if raw.reason != "empty_file":
+            report.rows += 1
+        try:
+            if raw.reason:
+                raise BadRow(raw.reason, raw.detail)
+            pairs.append(parse_row(raw.location, raw.data, config.format, config.columns))
+        except BadRow as bad:
+            report.bad[bad.reason] += 1
+            if len(report.bad_examples) < 10:
+                report.bad_examples.append(f"{raw.location}: {bad}")
+    return pairs, report
+
+
+def load_source(source: Source, tokenizer, config: DataConfig, tokenizer_fp=None, progress=True):
+    """One source, tokenized; from the on-disk cache when the same data, tokenizer and options were seen."""
+    tokenizer_fp = tokenizer_fp or tokenizer_fingerprint(tokenizer)
+    root = cache_root(config)
+    key = _cache_key(source, tokenizer_fp, config)
+    data_path, meta_path = root / f"{key}.npz", root / f"{key}.json"
+    if data_path.exists() and meta_path.exists():
+        meta = json.loads(meta_path.read_text())
+        report = DataReport(meta["rows"], meta["pairs"], Counter(meta["bad"]), meta["bad_examples"],
+                            meta["truncated"], Counter(meta["dropped"]), cached=True)
+        _check_bad(report, config, source.path)
+        return TokenizedPairs.load(data_path), report
+    pairs, report = read_pairs(source, config)
+    _check_bad(report, config, source.path)
+    bar = None
+    if progress:
+        from tqdm.auto import tqdm
+
+        bar = tqdm(total=len(pairs), desc=f"tokenizing {Path(source.path).name}", unit="pair",
+                   disable=not sys.stderr.isatty() or len(pairs) < 2000)
+    tokenized, counts = tokenize_pairs(pairs, tokenizer, config.policy(), config.chat_template, progress=bar)
+    if bar is not None:
+        bar.close()
+    report.pairs = len(tokenized)
+    report.truncated = counts["truncated"]
+    report.dropped = Counter({k[len("dropped_"):]: v for k, v in counts.items() if k.startswith("dropped_") and v})
+    root.mkdir(parents=True, exist_ok=True)
+    tmp = root / f"{key}.tmp.{os.getpid()}.npz"
+    tokenized.save(tmp)
+    os.replace(tmp, data_path)
+    meta = {"source": source.path, "rows": report.rows, "pairs": report.pairs, "bad": dict(report.bad),
+            "bad_examples": report.bad_examples, "truncated": report.truncated, "dropped": dict(report.dropped)}
+    meta_path.write_text(json.dumps(meta, indent=1))
+    return tokenized, report
+
+
+def _check_bad(report: DataReport, config: DataConfig, name):
+    if not report.bad or config.on_bad_row == "skip":
+        return
+    total = sum(report.bad.values())
+    listing = "\n".join(f"  {e}" for e in report.bad_examples)
+    more = f"\n  … and {total - len(report.bad_examples)} more" if total > len(report.bad_examples) else ""
+    counts = ", ".join(f"{REASONS[r]}: {n}" for r, n in report.bad.most_common())
+    raise DataError(f"{name}: {total} bad row(s) ({counts}):\n{listing}{more}\n"
+                    f"Fix them, or pass --on-bad-row skip to skip them (they are counted and reported).")
+
+
+def _weighted(pairs: TokenizedPairs, weight, rng):
+    if weight < 0:
+        raise ValueError(f"a source weight must be ≥ 0, got {weight}")
+    whole = int(weight)
+    idx = [np.arange(len(pairs))] * whole
+    frac = weight - whole
+    if frac > 0:
+        idx.append(np.sort(rng.permutation(len(pairs))[: int(round(frac * len(pairs)))]))
+    return pairs.subset(np.concatenate(idx) if idx else np.zeros(0, np.int64))
+
+
+def load_data(config: DataConfig, tokenizer, progress=True):
+    """Train and eval pairs for a config. Returns (train, eval or None, report)."""
+    if not config.train:
+        raise ValueError("no training data: give at least one source (a file, folder, datasets dir or hub name)")
+    rng = np.random.default_rng(config.seed)
+    tokenizer_fp = tokenizer_fingerprint(tokenizer)
+    report = DataReport(cached=True)
+    train_parts, eval_parts = [], []
+    for spec in config.train:
+        source = Source.parse(spec)
+        pairs, rep = load_source(source, tokenizer, config, tokenizer_fp, progress)
+        report.merge(rep)
+        if config.eval_fraction and not config.eval:
+            order = rng.permutation(len(pairs))
+            n_eval = int(round(config.eval_fraction * len(pairs)))
+            eval_parts.append(pairs.subset(np.sort(order[:n_eval])))
+            pairs = pairs.subset(np.sort(order[n_eval:]))
+        train_parts.append(_weighted(pairs, source.weight, rng))
+    for spec in config.eval:
+        pairs, rep = load_source(Source.parse(spec), tokenizer, config, tokenizer_fp, progress)
+        report.merge(rep)
+        eval_parts.append(pairs)
+    train = TokenizedPairs.concat(train_parts)
+    if len(train) == 0:
+        raise DataError("no training pairs left after validation and the length policy:\n" + "\n".join(report.lines()))
+    return train, (TokenizedPairs.concat(eval_parts) if eval_parts else None), report

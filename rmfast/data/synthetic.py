@@ -1,0 +1,99 @@
+"""Learnable synthetic preference data: arithmetic questions in multi-turn chat, where the chosen answer
+is right and the rejected one is wrong, so which side is better can be decided from the text alone.
+
+Prompts carry 0–3 earlier turns and sometimes a chatty preamble, so prompt and response lengths spread
+the way real chat data does (long shared prompt, short answers)."""
+
+import json
+import random
+from pathlib import Path
+
+_OPENERS = [
+    "Hi there!", "Hello.", "Good morning!", "Hey, quick question.", "I hope you can help me.",
+    "I'm doing my homework and I'm stuck.", "My daughter asked me this and I wasn't sure.",
+]
+_FILLER = [
+    "I've been practising mental arithmetic every day this week.",
+    "My teacher says I should always check my work twice.",
+    "Sometimes I mix up the numbers when I'm tired.",
+    "I'm preparing for a quiz tomorrow morning.",
+    "Numbers were never my strongest subject, to be honest.",
+    "I like to write each step down so I can see it.",
+]
+_SMALL_TALK = [
+    ("How are you today?", "I'm doing well, thank you for asking! How can I help?"),
+    ("Can you help me with some maths?", "Of course, I'd be glad to help with maths."),
+    ("Do you like numbers?", "I do! Numbers make a lot of problems easier to think about."),
+    ("Are you good at sums?", "I'm happy to work through sums with you step by step."),
+]
+_ASK = ["What is {a} {op} {b}?", "Could you tell me what {a} {op} {b} is?", "Please compute {a} {op} {b}.",
+        "How much is {a} {op} {b}?", "What do you get for {a} {op} {b}?"]
+_ANSWER = ["{a} {op} {b} = {c}.", "The answer is {c}, because {a} {op} {b} = {c}.",
+           "{a} {op} {b} is {c}.", "Let me work it out: {a} {op} {b} = {c}."]
+_OPS = {"plus": lambda a, b: a + b, "minus": lambda a, b: a - b, "times": lambda a, b: a * b}
+
+
+def _question(rng, max_operand, ops):
+    op = rng.choice(ops)
+    a, b = rng.randint(0, max_operand), rng.randint(0, max_operand)
+    return a, op, b, _OPS[op](a, b)
+
+
+def _wrong(rng, c):
+    wrong = c + rng.choice([-3, -2, -1, 1, 2, 3])
+    return wrong
+
+
+def generate_pairs(n, seed=0, max_operand=9, ops=("plus",), max_history=3, style="conversational"):
+    """n preference rows. style: 'conversational' ({prompt, chosen, rejected} as message lists),
+    'explicit' (prompt/chosen/rejected strings) or 'implicit' (chosen/rejected full texts, HH-RLHF style).
+    Each row also has 'margin': how far the wrong answer is from the right one."""
+    if style not in ("conversational", "explicit", "implicit"):
+        raise ValueError(f"style must be conversational, explicit or implicit, got {style!r}")
+    ops = list(ops)
+    unknown = [op for op in ops if op not in _OPS]
+    if unknown:
+        raise ValueError(f"unknown operations {unknown}; choose from {sorted(_OPS)}")
+    rng = random.Random(seed)
+    rows = []
+    for _ in range(n):
+        messages = []
+        for _ in range(rng.randint(0, max_history)):
+            if rng.random() < 0.4:
+                q, a = rng.choice(_SMALL_TALK)
+            else:
+                x, op, y, c = _question(rng, max_operand, ops)
+                q = rng.choice(_ASK).format(a=x, op=op, b=y)
+                a = rng.choice(_ANSWER).format(a=x, op=op, b=y, c=c)
+            messages += [{"role": "user", "content": q}, {"role": "assistant", "content": a}]
+        x, op, y, c = _question(rng, max_operand, ops)
+        ask = rng.choice(_ASK).format(a=x, op=op, b=y)
+        if rng.random() < 0.5:
+            chatter = [rng.choice(_OPENERS)] + rng.sample(_FILLER, rng.randint(0, 3))
+            ask = " ".join(chatter + [ask])
+        messages.append({"role": "user", "content": ask})
+        template = rng.choice(_ANSWER)
+        wrong = _wrong(rng, c)
+        good = template.format(a=x, op=op, b=y, c=c)
+        bad = template.format(a=x, op=op, b=y, c=wrong)
+        margin = float(abs(wrong - c))
+        if style == "conversational":
+            rows.append({"prompt": messages, "chosen": [{"role": "assistant", "content": good}],
+                         "rejected": [{"role": "assistant", "content": bad}], "margin": margin})
+            continue
+        text = "".join(f"\n\n{'Human' if m['role'] == 'user' else 'Assistant'}: {m['content']}" for m in messages)
+        text += "\n\nAssistant:"
+        if style == "explicit":
+            rows.append({"prompt": text, "chosen": " " + good, "rejected": " " + bad, "margin": margin})
+        else:
+            rows.append({"chosen": text + " " + good, "rejected": text + " " + bad, "margin": margin})
+    return rows
+
+
+def write_jsonl(rows, path):
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    with open(path, "w", encoding="utf-8") as f:
+        for row in rows:
+            f.write(json.dumps(row, ensure_ascii=False) + "\n")
+    return path

@@ -1,0 +1,213 @@
+"""Rendering, tokenization, the length policy and the token-level shared prefix of preference pairs.
+
+Each pair becomes token ids for both sides, ending in EOS, plus:
+- ``prompt``: how many leading tokens belong to the prompt (for implicit pairs: the shared prefix);
+- ``shared``: the longest common prefix of the two id sequences, capped so that each side keeps at least
+  one token of its own (the prefix-shared layout computes those tokens once).
+"""
+
+from dataclasses import dataclass
+
+import numpy as np
+
+from .formats import Pair
+
+OVERLONG = ("truncate", "drop")
+
+
+@dataclass
+class LengthPolicy:
+    """max_length: tokens per sequence (chosen or rejected, prompt included). overlong: 'truncate' removes
+    prompt tokens from the left first (keeping BOS and at least min_prompt_tokens), then response tokens
+    from the right (keeping the final EOS); 'drop' drops the pair."""
+
+    max_length: int = 1024
+    overlong: str = "truncate"
+    min_prompt_tokens: int = 16
+
+    def __post_init__(self):
+        if self.overlong not in OVERLONG:
+            raise ValueError(f"overlong must be one of {', '.join(OVERLONG)}, got {self.overlong!r}")
+        if self.max_length < 2:
+            raise ValueError(f"max_length must be at least 2, got {self.max_length}")
+
+
+def common_prefix(a, b):
+    """Length of the longest common prefix of two id sequences."""
+    n = min(len(a), len(b))
+    if n == 0:
+        return 0
+    diff = np.flatnonzero(np.asarray(a[:n]) != np.asarray(b[:n]))
+    return int(diff[0]) if diff.size else n
+
+
+def shared_prefix(a, b):
+    """The longest common prefix, capped so that each side keeps at least one token of its own."""
+    return min(common_prefix(a, b), len(a) - 1, len(b) - 1)
+
+
+def render(pair: Pair, tokenizer, chat_template=None):
+    """(chosen text, rejected text, prompt text or None, whether the text already holds special tokens)."""
+    if pair.format == "implicit":
+        return pair.chosen, pair.rejected, None, False
+    if pair.format == "explicit":
+        return pair.prompt + pair.chosen, pair.prompt + pair.rejected, pair.prompt, False
+    prompt = pair.prompt or []
+    kwargs = {"tokenize": False}
+    if chat_template is not None:
+        kwargs["chat_template"] = chat_template
+    chosen = tokenizer.apply_chat_template(prompt + pair.chosen, **kwargs)
+    rejected = tokenizer.apply_chat_template(prompt + pair.rejected, **kwargs)
+    prompt_text = tokenizer.apply_chat_template(prompt, add_generation_prompt=True, **kwargs) if prompt else None
+    if prompt_text is not None and not (chosen.startswith(prompt_text) and rejected.startswith(prompt_text)):
+        prompt_text = None  # the template renders the prompt differently inside the conversation
+    return chosen, rejected, prompt_text, True
+
+
+def check_chat_template(tokenizer, chat_template):
+    if chat_template is None and not getattr(tokenizer, "chat_template", None):
+        raise ValueError(
+            "conversational rows need a chat template, and this tokenizer has none: pass one "
+            "(--chat-template FILE.jinja, or data.chat_template in the config) or use a tokenizer that has one")
+
+
+def fit_length(chosen, rejected, prompt_len, policy: LengthPolicy, bos_id):
+    """Apply the length policy to one pair of id lists. Returns (chosen, rejected, prompt_len, truncated)
+    or None when the pair is dropped."""
+    limit = policy.max_length
+    if len(chosen) <= limit and len(rejected) <= limit:
+        return chosen, rejected, prompt_len, False
+    if policy.overlong == "drop":
+        return None
+    # The prompt is the same on both sides: remove the same tokens from both, from the left.
+    prompt_len = min(prompt_len, common_prefix(chosen, rejected))
+    keep_head = 1 if bos_id is not None and chosen and chosen[0] == bos_id else 0
+    over = max(len(chosen), len(rejected)) - limit
+    cut = max(0, min(over, prompt_len - keep_head - policy.min_prompt_tokens))
+    if cut:
+        chosen = chosen[:keep_head] + chosen[keep_head + cut:]
+        rejected = rejected[:keep_head] + rejected[keep_head + cut:]
+        prompt_len -= cut
+
+    def right(ids):  # responses lose tokens from the right; the final token (EOS) stays
+        return ids if len(ids) <= limit else ids[: limit - 1] + ids[-1:]
+
+    chosen, rejected = right(chosen), right(rejected)
+    return chosen, rejected, min(prompt_len, len(chosen) - 1, len(rejected) - 1), True
+
+
+@dataclass
+class TokenizedPairs:
+    """Tokenized pairs, columnar. chosen / rejected: lists of int32 arrays; prompt, shared: int32 [n];
+    margin: float32 [n] (NaN where the row had none); locations: where each pair came from."""
+
+    chosen: list
+    rejected: list
+    prompt: np.ndarray
+    shared: np.ndarray
+    margin: np.ndarray
+    locations: list
+
+    def __len__(self):
+        return len(self.chosen)
+
+    @property
+    def chosen_lengths(self):
+        return np.fromiter((len(x) for x in self.chosen), dtype=np.int64, count=len(self))
+
+    @property
+    def rejected_lengths(self):
+        return np.fromiter((len(x) for x in self.rejected), dtype=np.int64, count=len(self))
+
+    def subset(self, indices):
+        indices = np.asarray(indices, dtype=np.int64)
+        return TokenizedPairs([self.chosen[i] for i in indices], [self.rejected[i] for i in indices],
+                              self.prompt[indices], self.shared[indices], self.margin[indices],
+                              [self.locations[i] for i in indices])
+
+    @staticmethod
+    def concat(parts):
+        parts = list(parts)
+        return TokenizedPairs(
+            [x for p in parts for x in p.chosen], [x for p in parts for x in p.rejected],
+            np.concatenate([p.prompt for p in parts]).astype(np.int32),
+            np.concatenate([p.shared for p in parts]).astype(np.int32),
+            np.concatenate([p.margin for p in parts]).astype(np.float32),
+            [x for p in parts for x in p.locations])
+
+    def save(self, path):
+        def flat(seqs):
+            offsets = np.zeros(len(seqs) + 1, dtype=np.int64)
+            np.cumsum([len(s) for s in seqs], out=offsets[1:])
+            data = np.concatenate(seqs).astype(np.int32) if seqs else np.zeros(0, np.int32)
+            return data, offsets
+
+        c, co = flat(self.chosen)
+        r, ro = flat(self.rejected)
+        np.savez(path, chosen=c, chosen_offsets=co, rejected=r, rejected_offsets=ro, prompt=self.prompt,
+                 shared=self.shared, margin=self.margin, locations=np.array(self.locations, dtype=object))
+
+    @staticmethod
+    def load(path):
+        z = np.load(path, allow_pickle=True)
+
+        def split(data, offsets):
+            return [data[offsets[i]:offsets[i + 1]] for i in range(len(offsets) - 1)]
+
+        return TokenizedPairs(split(z["chosen"], z["chosen_offsets"]), split(z["rejected"], z["rejected_offsets"]),
+                              z["prompt"], z["shared"], z["margin"], list(z["locations"]))
+
+
+def tokenize_pairs(pairs, tokenizer, policy: LengthPolicy, chat_template=None, batch_size=512, progress=None):
+    """Tokenize validated pairs. Returns (TokenizedPairs, counts) with counts of truncated pairs and of
+    dropped pairs by reason ('too_long', 'identical_after_truncation')."""
+    if any(p.format == "conversational" for p in pairs):
+        check_chat_template(tokenizer, chat_template)
+    eos_id = tokenizer.eos_token_id
+    bos_id = tokenizer.bos_token_id
+    chosen_out, rejected_out, prompt_out, margin_out, locations = [], [], [], [], []
+    counts = {"truncated": 0, "dropped_too_long": 0, "dropped_identical_after_truncation": 0}
+    for start in range(0, len(pairs), batch_size):
+        batch = pairs[start:start + batch_size]
+        rendered = [render(p, tokenizer, chat_template) for p in batch]
+        encoded = [None] * len(batch)
+        for special in (False, True):  # chat-rendered text already holds its special tokens
+            idx = [i for i, r in enumerate(rendered) if r[3] == special]
+            if not idx:
+                continue
+            texts = [rendered[i][0] for i in idx] + [rendered[i][1] for i in idx]
+            enc = tokenizer(texts, add_special_tokens=not special, return_offsets_mapping=True)
+            for k, i in enumerate(idx):
+                encoded[i] = (enc["input_ids"][k], enc["input_ids"][len(idx) + k], enc["offset_mapping"][k])
+        for pair, (chosen_text, _, prompt_text, _), (ids_c, ids_r, offsets) in zip(batch, rendered, encoded):
+            ids_c, ids_r = list(ids_c), list(ids_r)
+            if prompt_text is None:
+                prompt_len = common_prefix(ids_c, ids_r)
+            else:  # tokens that start inside the prompt text
+                prompt_len = sum(1 for (s, e) in offsets if s < len(prompt_text))
+            if eos_id is not None:
+                if not ids_c or ids_c[-1] != eos_id:
+                    ids_c.append(eos_id)
+                if not ids_r or ids_r[-1] != eos_id:
+                    ids_r.append(eos_id)
+            fitted = fit_length(ids_c, ids_r, prompt_len, policy, bos_id)
+            if fitted is None:
+                counts["dropped_too_long"] += 1
+                continue
+            ids_c, ids_r, prompt_len, truncated = fitted
+            if ids_c == ids_r:
+                counts["dropped_identical_after_truncation"] += 1
+                continue
+            counts["truncated"] += truncated
+            chosen_out.append(np.asarray(ids_c, dtype=np.int32))
+            rejected_out.append(np.asarray(ids_r, dtype=np.int32))
+            prompt_out.append(prompt_len)
+            margin_out.append(np.nan if pair.margin is None else pair.margin)
+            locations.append(pair.location)
+        if progress is not None:
+            progress.update(len(batch))
+    shared = np.array([shared_prefix(c, r) for c, r in zip(chosen_out, rejected_out)], dtype=np.int32)
+    prompt = np.minimum(np.array(prompt_out, dtype=np.int32), shared) if prompt_out else np.zeros(0, np.int32)
+    result = TokenizedPairs(chosen_out, rejected_out, prompt, shared, np.array(margin_out, dtype=np.float32),
+                            locations)
+    return result, counts

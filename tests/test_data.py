@@ -1,0 +1,358 @@
+"""Preference data: sources, formats, bad rows, tokenization cache, length policy, shared prefix."""
+
+import gzip
+import json
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+import numpy as np
+import pytest
+
+from rmfast.data import REASONS, DataConfig, DataError, Source, generate_pairs, load_data, shared_prefix
+from rmfast.data import tokenize as tokenize_module
+from rmfast.data.synthetic import write_jsonl
+from rmfast.data.tokenizers import train_bpe_tokenizer
+
+HH = Path(__file__).resolve().parents[2] / "shared" / "data" / "hh-rlhf-harmless-sample.jsonl.gz"
+ROWS = [
+    {"prompt": "\n\nHuman: What is 2 plus 2?\n\nAssistant:", "chosen": " 2 plus 2 is 4.", "rejected": " 2 plus 2 is 5."},
+    {"prompt": "\n\nHuman: Say hi.\n\nAssistant:", "chosen": " Hi!", "rejected": " No.", "margin": 1.5},
+]
+
+
+@pytest.fixture(scope="session")
+def tokenizer():
+    texts = [r["prompt"] + r["chosen"] for r in generate_pairs(300, style="explicit")]
+    if HH.exists():
+        texts += [json.loads(line)["chosen"] for line in gzip.open(HH, "rt")]
+    return train_bpe_tokenizer(texts, vocab_size=3000)
+
+
+@pytest.fixture
+def cfg(tmp_path):
+    def make(*train, **kw):
+        kw.setdefault("cache_dir", str(tmp_path / "cache"))
+        return DataConfig(train=[str(t) for t in train], **kw)
+
+    return make
+
+
+def write(path, rows):
+    path.write_text("".join(json.dumps(r) + "\n" for r in rows))
+    return path
+
+
+# ---------------------------------------------------------------- formats and sources
+
+
+def test_explicit_rows_keep_prompt_and_margin(tmp_path, tokenizer, cfg):
+    train, _, report = load_data(cfg(write(tmp_path / "a.jsonl", ROWS)), tokenizer)
+    assert len(train) == 2 and report.pairs == 2
+    prompt_ids = tokenizer(ROWS[0]["prompt"])["input_ids"]
+    assert list(train.chosen[0][: len(prompt_ids)]) == prompt_ids
+    assert train.prompt[0] == len(prompt_ids)
+    assert np.isnan(train.margin[0]) and train.margin[1] == 1.5
+    assert train.locations[1].endswith("a.jsonl:2")
+
+
+def test_implicit_rows_use_the_shared_prefix_as_prompt(tmp_path, tokenizer, cfg):
+    rows = [{"chosen": r["prompt"] + r["chosen"], "rejected": r["prompt"] + r["rejected"]} for r in ROWS]
+    train, _, _ = load_data(cfg(write(tmp_path / "a.jsonl", rows)), tokenizer)
+    assert list(train.prompt) == list(train.shared)
+    assert all(train.shared > 5)
+
+
+def test_conversational_rows_render_with_the_chat_template(tmp_path, tokenizer, cfg):
+    rows = generate_pairs(5, seed=1)
+    train, _, _ = load_data(cfg(write(tmp_path / "c.jsonl", rows)), tokenizer)
+    text = tokenizer.decode(train.chosen[0])
+    assert text.startswith("<s><|im_start|>user\n") and text.endswith("<|im_end|>\n</s>")
+    prompt = tokenizer.apply_chat_template(rows[0]["prompt"], add_generation_prompt=True, tokenize=False)
+    assert tokenizer.decode(train.chosen[0][: train.prompt[0]]) == prompt
+
+
+def test_conversational_without_chat_template_says_how_to_fix(tmp_path, tokenizer, cfg):
+    bare = train_bpe_tokenizer(["hello world"] * 10, vocab_size=300, chat_template=None)
+    with pytest.raises(ValueError, match="chat template"):
+        load_data(cfg(write(tmp_path / "c.jsonl", generate_pairs(3))), bare)
+
+
+def test_column_mapping(tmp_path, tokenizer, cfg):
+    rows = [{"q": r["prompt"], "good": r["chosen"], "bad": r["rejected"]} for r in ROWS]
+    config = cfg(write(tmp_path / "m.jsonl", rows), columns={"prompt": "q", "chosen": "good", "rejected": "bad"})
+    train, _, _ = load_data(config, tokenizer)
+    assert len(train) == 2 and train.prompt[0] > 0
+
+
+@pytest.mark.parametrize("kind", ["jsonl", "jsonl.gz", "json", "json-object", "csv", "parquet", "folder", "datasets"])
+def test_every_source_kind_loads_the_same_pairs(tmp_path, tokenizer, cfg, kind):
+    import datasets
+
+    rows = [dict(r, margin=r.get("margin", 0.0)) for r in ROWS]
+    if kind == "jsonl":
+        path = write(tmp_path / "d.jsonl", rows)
+    elif kind == "jsonl.gz":
+        path = tmp_path / "d.jsonl.gz"
+        path.write_bytes(gzip.compress("".join(json.dumps(r) + "\n" for r in rows).encode()))
+    elif kind == "json":
+        path = tmp_path / "d.json"
+        path.write_text(json.dumps(rows, indent=2))
+    elif kind == "json-object":
+        path = tmp_path / "d.json"
+        path.write_text(json.dumps({"data": rows}))
+    elif kind == "csv":
+        path = tmp_path / "d.csv"
+        datasets.Dataset.from_list(rows).to_csv(str(path), index=False)
+    elif kind == "parquet":
+        path = tmp_path / "d.parquet"
+        datasets.Dataset.from_list(rows).to_parquet(str(path))
+    elif kind == "folder":
+        path = tmp_path / "folder"
+        path.mkdir()
+        write(path / "a.jsonl", rows[:1])
+        write(path / "b.jsonl", rows[1:])
+    else:
+        path = tmp_path / "ds"
+        datasets.Dataset.from_list(rows).save_to_disk(str(path))
+    train, _, report = load_data(cfg(path), tokenizer)
+    assert report.bad == {} and len(train) == 2
+    expected = tokenizer(ROWS[1]["prompt"] + ROWS[1]["chosen"])["input_ids"] + [tokenizer.eos_token_id]
+    assert list(train.chosen[1]) == expected
+    assert list(train.margin) == [0.0, 1.5]
+
+
+def test_hub_name_without_network_fails_with_advice(tokenizer, cfg, monkeypatch):
+    monkeypatch.setenv("HF_DATASETS_OFFLINE", "1")
+    monkeypatch.setenv("HF_HUB_OFFLINE", "1")
+    with pytest.raises(RuntimeError, match="local folder"):
+        load_data(cfg("no-such-org/no-such-dataset"), tokenizer)
+
+
+def test_missing_path_is_reported(tokenizer, cfg):
+    with pytest.raises(FileNotFoundError, match="no such file"):
+        load_data(cfg("/nonexistent/data.jsonl"), tokenizer)
+
+
+def test_hh_sample_loads_with_no_bad_rows_and_prefix_reaching_last_assistant_turn(tokenizer, cfg):
+    if not HH.exists():
+        pytest.fail(f"{HH} is missing: the shared data folder must sit beside the repository")
+    train, _, report = load_data(cfg(HH, max_length=4096), tokenizer)
+    assert report.rows == 1500 and report.pairs == 1500 and not report.bad
+    rows = [json.loads(line) for line in gzip.open(HH, "rt")]
+    reached = 0
+    for i, row in enumerate(rows):
+        text = row["chosen"]
+        head = text[: text.rindex("\n\nAssistant:") + len("\n\nAssistant:")]
+        reached += int(train.shared[i] >= len(tokenizer(head)["input_ids"]))
+    assert reached / len(rows) >= 0.99
+
+
+# ---------------------------------------------------------------- bad rows
+
+BAD = {
+    "malformed_json": ('{"chosen": "a", "rejected": ', "malformed JSON"),
+    "missing_field": ('{"chosen": "a"}', "missing field"),
+    "null_field": ('{"chosen": "a", "rejected": null}', "null field"),
+    "not_text": ('{"chosen": "a", "rejected": 5}', "not a string"),
+    "empty_text": ('{"chosen": "  ", "rejected": "b"}', "empty chosen or rejected"),
+    "identical": ('{"chosen": "same", "rejected": "same"}', "chosen identical to rejected"),
+    "unknown_role": ('{"chosen": [{"role": "wizard", "content": "x"}], '
+                     '"rejected": [{"role": "assistant", "content": "y"}]}', "unknown message role"),
+    "undecodable": (b'{"chosen": "caf\xe9", "rejected": "b"}', "undecodable bytes"),
+    "bad_margin": ('{"chosen": "a", "rejected": "b", "margin": "big"}', "margin is not a finite number"),
+}
+
+
+def bad_file(tmp_path, line):
+    good = json.dumps({"chosen": "Human: hi Assistant: hello", "rejected": "Human: hi Assistant: go away"})
+    path = tmp_path / "bad.jsonl"
+    body = line if isinstance(line, bytes) else line.encode()
+    path.write_bytes(good.encode() + b"\n" + body + b"\n" + good.encode() + b"\n")
+    return path
+
+
+@pytest.mark.parametrize("reason", list(BAD))
+def test_bad_row_stops_with_file_line_and_reason(tmp_path, tokenizer, cfg, reason):
+    line, message = BAD[reason]
+    path = bad_file(tmp_path, line)
+    with pytest.raises(DataError) as info:
+        load_data(cfg(path), tokenizer)
+    assert f"{path}:2" in str(info.value) and message in str(info.value)
+    assert "--on-bad-row skip" in str(info.value)
+
+
+@pytest.mark.parametrize("reason", list(BAD))
+def test_bad_row_skipped_and_counted(tmp_path, tokenizer, cfg, reason):
+    train, _, report = load_data(cfg(bad_file(tmp_path, BAD[reason][0]), on_bad_row="skip"), tokenizer)
+    assert len(train) == 2 and report.bad == {reason: 1} and report.rows == 3
+    assert any(f"bad ({REASONS[reason]}): 1" in line for line in report.lines())
+
+
+def test_empty_file_is_a_bad_source(tmp_path, tokenizer, cfg):
+    empty = tmp_path / "empty.jsonl"
+    empty.write_text("\n")
+    with pytest.raises(DataError, match="empty file"):
+        load_data(cfg(empty), tokenizer)
+    good = write(tmp_path / "good.jsonl", ROWS)
+    train, _, report = load_data(cfg(empty, good, on_bad_row="skip"), tokenizer)
+    assert len(train) == 2 and report.bad == {"empty_file": 1}
+
+
+# ---------------------------------------------------------------- cache
+
+
+def test_second_load_does_no_tokenization(tmp_path, tokenizer, cfg, monkeypatch):
+    config = cfg(write(tmp_path / "a.jsonl", generate_pairs(50, style="explicit")))
+    first, _, report1 = load_data(config, tokenizer)
+    assert not report1.cached
+
+    def fail(*args, **kwargs):
+        raise AssertionError("tokenized again")
+
+    monkeypatch.setattr(tokenize_module, "tokenize_pairs", fail)
+    import rmfast.data.loader as loader
+
+    monkeypatch.setattr(loader, "tokenize_pairs", fail)
+    second, _, report2 = load_data(config, tokenizer)
+    assert report2.cached
+    assert all(np.array_equal(a, b) for a, b in zip(first.chosen, second.chosen))
+    assert np.array_equal(first.shared, second.shared) and first.locations == second.locations
+
+
+def test_cache_is_keyed_by_data_options_and_tokenizer(tmp_path, tokenizer, cfg):
+    path = write(tmp_path / "a.jsonl", generate_pairs(20, style="explicit"))
+    assert not load_data(cfg(path), tokenizer)[2].cached
+    assert load_data(cfg(path), tokenizer)[2].cached
+    assert not load_data(cfg(path, max_length=40), tokenizer)[2].cached
+    other = train_bpe_tokenizer(["some other text"] * 20, vocab_size=400)
+    assert not load_data(cfg(path), other)[2].cached
+    write(path, generate_pairs(21, style="explicit"))
+    os.utime(path, ns=(1, 10**18))
+    train, _, report = load_data(cfg(path), tokenizer)
+    assert not report.cached and len(train) == 21
+
+
+# ---------------------------------------------------------------- length policy and shared prefix
+
+
+def test_eos_is_appended_once(tmp_path, tokenizer, cfg):
+    rows = [{"chosen": "a b c</s>", "rejected": "a b d"}]
+    train, _, _ = load_data(cfg(write(tmp_path / "e.jsonl", rows)), tokenizer)
+    eos = tokenizer.eos_token_id
+    for ids in (train.chosen[0], train.rejected[0]):
+        assert ids[-1] == eos and list(ids).count(eos) == 1
+
+
+def test_truncation_cuts_prompt_from_the_left_first(tokenizer):
+    policy = tokenize_module.LengthPolicy(max_length=12, min_prompt_tokens=3)
+    bos, eos = 1, 2
+    prompt = [bos] + list(range(100, 110))  # 11 prompt tokens
+    c, r = prompt + [7, 8, eos], prompt + [9, eos]
+    c2, r2, p2, truncated = tokenize_module.fit_length(c, r, 11, policy, bos)
+    assert truncated and len(c2) == 12 and c2[0] == bos and c2[-1] == eos
+    assert c2[-3:] == [7, 8, eos] and r2[-2:] == [9, eos]  # responses untouched
+    assert c2[:p2] == r2[:p2] and p2 == 9
+
+
+def test_truncation_then_cuts_responses_from_the_right_keeping_eos(tokenizer):
+    policy = tokenize_module.LengthPolicy(max_length=10, min_prompt_tokens=3)
+    bos, eos = 1, 2
+    prompt = [bos, 100, 101, 102, 103]
+    c, r = prompt + list(range(20, 30)) + [eos], prompt + [5, eos]
+    c2, r2, p2, truncated = tokenize_module.fit_length(c, r, 5, policy, bos)
+    assert c2 == [bos, 101, 102, 103, 20, 21, 22, 23, 24, eos]  # prompt kept 3 (+BOS), then right cut
+    assert r2 == [bos, 101, 102, 103, 5, eos] and p2 == 4
+
+
+def test_overlong_pairs_dropped_by_flag_and_counted(tmp_path, tokenizer, cfg):
+    rows = generate_pairs(40, style="explicit", seed=3)
+    path = write(tmp_path / "l.jsonl", rows)
+    full, _, _ = load_data(cfg(path, max_length=4096), tokenizer)
+    limit = int(np.median(np.maximum(full.chosen_lengths, full.rejected_lengths)))
+    over = int(np.sum(np.maximum(full.chosen_lengths, full.rejected_lengths) > limit))
+    dropped, _, report = load_data(cfg(path, max_length=limit, overlong="drop"), tokenizer)
+    assert len(dropped) == 40 - over and report.dropped == {"too_long": over}
+    kept, _, report = load_data(cfg(path, max_length=limit, min_prompt_tokens=4), tokenizer)
+    assert len(kept) == 40 and report.truncated == over
+    assert max(kept.chosen_lengths.max(), kept.rejected_lengths.max()) <= limit
+    assert all(ids[-1] == tokenizer.eos_token_id for ids in kept.chosen + kept.rejected)
+
+
+def test_truncation_that_leaves_identical_sides_drops_the_pair(tmp_path, tokenizer, cfg):
+    late = {"prompt": "Q:", "chosen": " one two three four five six seven eight nine ten A",
+            "rejected": " one two three four five six seven eight nine ten B"}
+    early = {"prompt": "Q:", "chosen": " yes", "rejected": " no"}
+    train, _, report = load_data(cfg(write(tmp_path / "i.jsonl", [late, early]), max_length=6,
+                                     min_prompt_tokens=1), tokenizer)
+    assert len(train) == 1 and report.dropped == {"identical_after_truncation": 1}
+    with pytest.raises(DataError, match="no training pairs"):
+        load_data(cfg(write(tmp_path / "j.jsonl", [late]), max_length=6, min_prompt_tokens=1), tokenizer)
+
+
+@pytest.mark.parametrize("a,b,expected", [
+    ([1, 2, 3, 4], [1, 2, 3, 5], 3),
+    ([1, 2, 3], [1, 2, 3, 4, 5], 2),  # one side is a prefix of the other: it keeps its last token
+    ([1, 2], [1, 2], 1),
+    ([7], [8, 9], 0),
+    ([5, 6], [5], 0),
+])
+def test_shared_prefix_leaves_each_side_a_token(a, b, expected):
+    assert shared_prefix(a, b) == expected
+
+
+# ---------------------------------------------------------------- mixing, split, synthetic data, CLI
+
+
+def test_source_weights_and_seeded_eval_split(tmp_path, tokenizer, cfg):
+    a = write(tmp_path / "a.jsonl", generate_pairs(40, style="explicit", seed=1))
+    b = write(tmp_path / "b.jsonl", generate_pairs(40, style="explicit", seed=2))
+    train, _, _ = load_data(cfg(f"{a}@2", f"{b}@0.5"), tokenizer)
+    assert len(train) == 80 + 20
+    assert Source.parse(f"{a}@0.25") == Source(str(a), 0.25)
+    t1, e1, _ = load_data(cfg(a, eval_fraction=0.25, seed=5), tokenizer)
+    t2, e2, _ = load_data(cfg(a, eval_fraction=0.25, seed=5), tokenizer)
+    assert len(e1) == 10 and len(t1) == 30 and e1.locations == e2.locations
+    assert not set(e1.locations) & set(t1.locations)
+    _, e3, _ = load_data(cfg(a, eval_fraction=0.25, seed=6), tokenizer)
+    assert e3.locations != e1.locations
+
+
+def test_eval_from_its_own_source(tmp_path, tokenizer, cfg):
+    a = write(tmp_path / "a.jsonl", generate_pairs(10, style="explicit", seed=1))
+    b = write(tmp_path / "b.jsonl", generate_pairs(4, style="explicit", seed=2))
+    train, ev, _ = load_data(DataConfig(train=[str(a)], eval=[str(b)], cache_dir=str(tmp_path / "c")), tokenizer)
+    assert len(train) == 10 and len(ev) == 4
+
+
+@pytest.mark.parametrize("style", ["conversational", "explicit", "implicit"])
+def test_synthetic_pairs_are_decidable_from_the_text(style):
+    rows = generate_pairs(200, seed=7, style=style)
+    assert rows == generate_pairs(200, seed=7, style=style) and rows != generate_pairs(200, seed=8, style=style)
+    for row in rows:
+        if style == "conversational":
+            chosen, rejected = row["chosen"][-1]["content"], row["rejected"][-1]["content"]
+        elif style == "explicit":
+            chosen, rejected = row["chosen"], row["rejected"]
+        else:  # the final answer follows the last "Assistant:"
+            chosen, rejected = (row[k].rsplit("Assistant:", 1)[1] for k in ("chosen", "rejected"))
+        expr, result = chosen.rsplit("=", 1) if "=" in chosen else chosen.rsplit(" is ", 1)
+        a, op, b = expr.split()[-3:]
+        assert op == "plus" and int(result.strip(" .")) == int(a) + int(b)
+        assert rejected != chosen
+    prompt_turns = [len(r["prompt"]) for r in generate_pairs(200, seed=7)]
+    assert min(prompt_turns) == 1 and max(prompt_turns) == 7
+
+
+def test_rmfast_data_cli_synth_and_inspect(tmp_path):
+    out = tmp_path / "syn.jsonl"
+    run = [sys.executable, "-m", "rmfast.data.cli"]
+    subprocess.run(run + ["synth", "--pairs", "60", "--out", str(out)], check=True, capture_output=True)
+    bad = bad_file(tmp_path, BAD["identical"][0])
+    res = subprocess.run(run + ["inspect", str(out), str(bad), "--cache-dir", str(tmp_path / "c"), "--strict"],
+                         capture_output=True, text=True)
+    assert res.returncode == 1, res.stderr
+    assert "60 rows read, 60 pairs kept" in res.stdout
+    assert "bad (chosen identical to rejected): 1" in res.stdout and f"{bad}:2" in res.stdout
+    assert "shared prefix:" in res.stdout and "token positions per pair" in res.stdout
