@@ -214,11 +214,19 @@ def test_second_load_does_no_tokenization(tmp_path, tokenizer, cfg, monkeypatch)
     monkeypatch.setattr(tokenize_module, "tokenize_pairs", fail)
     import rmfast.data.loader as loader
 
-    monkeypatch.setattr(loader, "tokenize_pairs", fail)
+    monkeypatch.setattr(loader, "tokenize_pairs_parallel", fail)
     second, _, report2 = load_data(config, tokenizer)
     assert report2.cached
     assert all(np.array_equal(a, b) for a, b in zip(first.chosen, second.chosen))
     assert np.array_equal(first.shared, second.shared) and first.locations == second.locations
+
+
+def test_several_processes_give_the_same_tokens(tmp_path, tokenizer, cfg):
+    path = write(tmp_path / "a.jsonl", generate_pairs(1200, seed=9))
+    one, _, _ = load_data(cfg(path, num_proc=1, cache_dir=str(tmp_path / "c1")), tokenizer)
+    two, _, _ = load_data(cfg(path, num_proc=2, cache_dir=str(tmp_path / "c2")), tokenizer)
+    assert one.locations == two.locations and np.array_equal(one.shared, two.shared)
+    assert all(np.array_equal(a, b) for a, b in zip(one.chosen + one.rejected, two.chosen + two.rejected))
 
 
 def test_cache_is_keyed_by_data_options_and_tokenizer(tmp_path, tokenizer, cfg):

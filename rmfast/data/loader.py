@@ -17,7 +17,7 @@ import numpy as np
 
 from . import sources
 from .formats import FORMATS, REASONS, BadRow, parse_row
-from .tokenize import LengthPolicy, TokenizedPairs, tokenize_pairs
+from .tokenize import LengthPolicy, TokenizedPairs, tokenize_pairs_parallel
 
 CACHE_VERSION = 1
 BAD_ROW_MODES = ("error", "skip")
@@ -64,6 +64,7 @@ class DataConfig:
     on_bad_row: str = "error"
     cache_dir: Optional[str] = None  # default: ~/.cache/rmfast/tokenized (RMFAST_CACHE overrides)
     seed: int = 0
+    num_proc: int = 0  # tokenization processes; 0: several from 20,000 pairs up, else one
 
     def __post_init__(self):
         if self.format not in FORMATS:
@@ -128,7 +129,8 @@ def tokenizer_fingerprint(tokenizer):
 
 
 def _cache_key(source: Source, tokenizer_fp, config: DataConfig):
-    options = {k: v for k, v in asdict(config).items() if k not in ("train", "eval", "eval_fraction", "cache_dir", "seed")}
+    ignored = ("train", "eval", "eval_fraction", "cache_dir", "seed", "num_proc")  # they don't change the tokens
+    options = {k: v for k, v in asdict(config).items() if k not in ignored}
     payload = {"version": CACHE_VERSION, "data": sources.fingerprint(source.path, source.split),
                "tokenizer": tokenizer_fp, "options": options}
     return hashlib.sha256(json.dumps(payload, sort_keys=True, default=str).encode()).hexdigest()[:32]
@@ -172,7 +174,8 @@ def load_source(source: Source, tokenizer, config: DataConfig, tokenizer_fp=None
 
         bar = tqdm(total=len(pairs), desc=f"tokenizing {Path(source.path).name}", unit="pair",
                    disable=not sys.stderr.isatty() or len(pairs) < 2000)
-    tokenized, counts = tokenize_pairs(pairs, tokenizer, config.policy(), config.chat_template, progress=bar)
+    num_proc = config.num_proc or (min(8, os.cpu_count() or 1) if len(pairs) >= 20000 else 1)
+    tokenized, counts = tokenize_pairs_parallel(pairs, tokenizer, config.policy(), config.chat_template, num_proc, bar)
     if bar is not None:
         bar.close()
     report.pairs = len(tokenized)

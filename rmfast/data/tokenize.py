@@ -211,3 +211,29 @@ def tokenize_pairs(pairs, tokenizer, policy: LengthPolicy, chat_template=None, b
     result = TokenizedPairs(chosen_out, rejected_out, prompt, shared, np.array(margin_out, dtype=np.float32),
                             locations)
     return result, counts
+
+
+def _tokenize_chunk(args):
+    return tokenize_pairs(*args)
+
+
+def tokenize_pairs_parallel(pairs, tokenizer, policy: LengthPolicy, chat_template=None, num_proc=1, progress=None):
+    """tokenize_pairs over ``num_proc`` worker processes (chat-template rendering is Python and pays for
+    them on large datasets; the fast tokenizer's own threads are used either way). Same result, same order."""
+    if num_proc <= 1 or len(pairs) < 2 * 512:
+        return tokenize_pairs(pairs, tokenizer, policy, chat_template, progress=progress)
+    import multiprocessing
+    from concurrent.futures import ProcessPoolExecutor
+
+    n_chunks = num_proc * 4
+    size = -(-len(pairs) // n_chunks)
+    chunks = [pairs[i:i + size] for i in range(0, len(pairs), size)]
+    parts, counts = [], {}
+    with ProcessPoolExecutor(num_proc, mp_context=multiprocessing.get_context("fork")) as pool:
+        for (part, part_counts), chunk in zip(pool.map(_tokenize_chunk, [(c, tokenizer, policy, chat_template) for c in chunks]), chunks):
+            parts.append(part)
+            for k, v in part_counts.items():
+                counts[k] = counts.get(k, 0) + v
+            if progress is not None:
+                progress.update(len(chunk))
+    return TokenizedPairs.concat(parts), counts
