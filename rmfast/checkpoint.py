@@ -1,0 +1,104 @@
+"""Checkpoints: DeepSpeed's engine checkpoint (weights, optimizer, scheduler) plus rmfast's own state —
+step, sampler position and every rank's RNG — under ``checkpoints/step-N``.
+
+``latest`` names the newest complete checkpoint. It is written (atomically, by rename) only after every
+rank has finished writing and a ``COMPLETE`` marker exists, so a crash in the middle of a save leaves the
+previous ``latest`` in place, pointing at a checkpoint that loads."""
+
+import json
+import os
+import random
+import re
+import shutil
+from pathlib import Path
+
+import numpy as np
+import torch
+import torch.distributed as dist
+
+MARKER = "COMPLETE"
+
+
+def _rng_state():
+    state = {"python": random.getstate(), "numpy": np.random.get_state(), "torch": torch.get_rng_state()}
+    if torch.cuda.is_available():
+        state["cuda"] = torch.cuda.get_rng_state()
+    return state
+
+
+def _set_rng_state(state):
+    random.setstate(state["python"])
+    np.random.set_state(state["numpy"])
+    torch.set_rng_state(state["torch"])
+    if "cuda" in state and torch.cuda.is_available():
+        torch.cuda.set_rng_state(state["cuda"])
+
+
+def _write_atomic(path: Path, text: str):
+    tmp = path.with_name(f".{path.name}.tmp")
+    with open(tmp, "w") as f:
+        f.write(text)
+        f.flush()
+        os.fsync(f.fileno())
+    os.replace(tmp, path)
+
+
+def checkpoint_tags(root: Path):
+    """Complete checkpoints under root, oldest first."""
+    if not root.exists():
+        return []
+    tags = [p.name for p in root.iterdir() if p.is_dir() and re.fullmatch(r"step-\d+", p.name) and (p / MARKER).exists()]
+    return sorted(tags, key=lambda t: int(t.split("-")[1]))
+
+
+def save_checkpoint(trainer, root: Path, keep_last=2):
+    tag = f"step-{trainer.step}"
+    rank = trainer.rank
+    if rank == 0:
+        root.mkdir(parents=True, exist_ok=True)
+        stale = root / tag
+        if stale.exists():  # an earlier, interrupted save of the same step
+            shutil.rmtree(stale)
+    dist.barrier()
+    trainer.engine.save_checkpoint(str(root), tag=tag, save_latest=False)
+    torch.save(_rng_state(), root / tag / f"rng_rank{rank}.pt")
+    dist.barrier()
+    if rank == 0:
+        state = {"step": trainer.step, "sampler": trainer.sampler.state_dict(), "world_size": trainer.world}
+        _write_atomic(root / tag / "rmfast_state.json", json.dumps(state))
+        _write_atomic(root / tag / MARKER, "")
+        _write_atomic(root / "latest", tag)
+        for old in checkpoint_tags(root)[:-keep_last] if keep_last > 0 else []:
+            shutil.rmtree(root / old, ignore_errors=True)
+    dist.barrier()
+    return tag
+
+
+def resolve(root: Path, where):
+    """A checkpoint folder from 'latest' or a path (a step folder, or a checkpoints folder)."""
+    if where == "latest":
+        latest = root / "latest"
+        if not latest.exists():
+            raise FileNotFoundError(f"--train.resume latest: no {latest}; nothing to resume from")
+        return root / latest.read_text().strip()
+    path = Path(where)
+    if (path / "latest").exists():
+        return path / (path / "latest").read_text().strip()
+    return path
+
+
+def load_checkpoint(trainer, root: Path, where):
+    path = resolve(root, where)
+    if not (path / MARKER).exists():
+        raise FileNotFoundError(f"{path} is not a complete rmfast checkpoint (no {MARKER} marker)")
+    state = json.loads((path / "rmfast_state.json").read_text())
+    if state["world_size"] != trainer.world:
+        raise ValueError(f"{path} was saved by {state['world_size']} ranks; resume it with the same number "
+                         f"(this run has {trainer.world})")
+    load_path, _ = trainer.engine.load_checkpoint(str(path.parent), tag=path.name)
+    if load_path is None:
+        raise RuntimeError(f"DeepSpeed could not load {path}")
+    trainer.step = state["step"]
+    trainer.sampler.load_state_dict(state["sampler"])
+    _set_rng_state(torch.load(path / f"rng_rank{trainer.rank}.pt", weights_only=False))
+    return path.name

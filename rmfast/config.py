@@ -1,0 +1,141 @@
+"""The training configuration: one typed object (dataclasses), read from YAML and overridden by flags.
+
+Every field is a flag: ``--model.name_or_path DIR``, ``--train.lr 1e-5``, ``--data.train a.jsonl b.jsonl``.
+The help text of each flag is the comment in its field's metadata."""
+
+import argparse
+import dataclasses
+import json
+from dataclasses import dataclass, field
+from typing import Optional
+
+from .data.loader import DataConfig
+
+
+def _f(default, help, **kw):
+    if isinstance(default, (list, dict)):
+        return field(default_factory=lambda d=default: type(d)(d), metadata={"help": help, **kw})
+    return field(default=default, metadata={"help": help, **kw})
+
+
+@dataclass
+class ModelConfig:
+    name_or_path: str = _f("", "backbone: a local folder or hub id (a *ForSequenceClassification checkpoint keeps its head)")
+    tokenizer: Optional[str] = _f(None, "tokenizer folder or id (default: the model's)")
+    dtype: str = _f("bf16", "training precision", choices=["bf16", "fp16", "fp32"])
+    head_bias: bool = _f(False, "give the value head a bias")
+    gradient_checkpointing: bool = _f(False, "recompute activations in the backward to save memory")
+    attn_implementation: str = _f("auto", "transformers attention implementation (auto: its best supported one)")
+    trust_remote_code: bool = _f(False, "allow model code from the checkpoint")
+
+
+@dataclass
+class TrainConfig:
+    output_dir: str = _f("runs/reward-model", "where checkpoints, metrics and the export go")
+    seed: int = _f(42, "seed of initialisation, data order and dropout")
+    epochs: float = _f(1.0, "passes over the training pairs (ignored when max_steps > 0)")
+    max_steps: int = _f(0, "optimizer steps to run (0: from epochs)")
+    pairs_per_batch: int = _f(8, "pairs per micro-batch per rank (when token_budget is 0)")
+    token_budget: int = _f(0, "tokens per micro-batch per rank instead of a fixed number of pairs")
+    grad_accum: int = _f(1, "micro-batches per optimizer step")
+    lr: float = _f(1e-5, "peak learning rate")
+    weight_decay: float = _f(0.0, "AdamW weight decay")
+    adam_betas: list = _f([0.9, 0.95], "AdamW betas")
+    adam_eps: float = _f(1e-8, "AdamW epsilon")
+    scheduler: str = _f("cosine", "learning-rate schedule after warm-up (transformers' schedulers)",
+                        choices=["cosine", "linear", "constant"])
+    warmup_ratio: float = _f(0.03, "share of steps spent warming up")
+    max_grad_norm: float = _f(1.0, "gradient clipping (0: off)")
+    use_margin: bool = _f(True, "pass the data's margin column to the loss")
+    center_coef: float = _f(0.0, "reward centering: center_coef · mean((r_c + r_r)²)")
+    loss_backend: str = _f("auto", "fused-loss backend", choices=["auto", "triton", "cuda", "cpu", "torch"])
+    zero_stage: int = _f(0, "DeepSpeed ZeRO stage", choices=[0, 1, 2, 3])
+    offload_optimizer: bool = _f(False, "keep optimizer states on CPU (ZeRO ≥ 1)")
+    offload_params: bool = _f(False, "keep parameters on CPU (ZeRO 3)")
+    deepspeed_config: Optional[str] = _f(None, "your DeepSpeed JSON, merged over the generated one")
+    eval_every: int = _f(0, "evaluate every N optimizer steps (0: only at the end)")
+    eval_pairs_per_batch: int = _f(16, "pairs per evaluation micro-batch")
+    log_every: int = _f(1, "write metrics every N optimizer steps")
+    save_every: int = _f(0, "checkpoint every N optimizer steps (0: only at the end)")
+    keep_last: int = _f(2, "checkpoints to keep")
+    resume: Optional[str] = _f(None, "'latest' or a checkpoint folder to continue from")
+    on_nonfinite: str = _f("stop", "a NaN/inf loss stops the run, or skips that step", choices=["stop", "skip"])
+    export: bool = _f(True, "export a Hugging Face model to OUTPUT_DIR/export at the end")
+    tensorboard: bool = _f(True, "log to TensorBoard when it is installed")
+
+
+@dataclass
+class Config:
+    model: ModelConfig = field(default_factory=ModelConfig)
+    data: DataConfig = field(default_factory=DataConfig)
+    train: TrainConfig = field(default_factory=TrainConfig)
+
+    def to_dict(self):
+        return dataclasses.asdict(self)
+
+
+SECTIONS = {"model": ModelConfig, "data": DataConfig, "train": TrainConfig}
+
+_DATA_HELP = {
+    "train": "training sources: files, folders, datasets dirs or hub names (PATH or PATH@WEIGHT)",
+    "eval": "evaluation sources (default: a seeded eval_fraction of train)",
+    "eval_fraction": "share of each train source held out for evaluation when no eval source is given",
+    "format": "row format", "columns": "column names, as JSON: {\"chosen\": \"good\", ...}",
+    "max_length": "tokens per sequence", "overlong": "truncate over-long pairs, or drop them",
+    "min_prompt_tokens": "prompt tokens truncation keeps", "chat_template": "Jinja chat template (text or file)",
+    "on_bad_row": "stop on a bad row, or skip and count it", "cache_dir": "tokenization cache folder",
+    "seed": "seed of the eval split and source weights", "num_proc": "tokenization processes (0: automatic)",
+}
+
+
+def _parse_bool(text):
+    if text.lower() in ("1", "true", "yes", "on"):
+        return True
+    if text.lower() in ("0", "false", "no", "off"):
+        return False
+    raise argparse.ArgumentTypeError(f"expected true or false, got {text!r}")
+
+
+def add_arguments(parser):
+    """One flag per config field, grouped by section."""
+    for section, cls in SECTIONS.items():
+        group = parser.add_argument_group(f"{section} options")
+        for f in dataclasses.fields(cls):
+            help_text = f.metadata.get("help") or _DATA_HELP.get(f.name, "")
+            default = f.default if f.default is not dataclasses.MISSING else f.default_factory()
+            kw = {"dest": f"{section}.{f.name}", "default": argparse.SUPPRESS,
+                  "help": f"{help_text} (default: {default})"}
+            if f.metadata.get("choices"):
+                kw["choices"] = f.metadata["choices"]
+            if isinstance(default, bool):
+                kw.update(type=_parse_bool, metavar="BOOL")
+            elif isinstance(default, list):
+                kw.update(nargs="+", type=float if default and isinstance(default[0], float) else str)
+            elif isinstance(default, dict):
+                kw.update(type=json.loads, metavar="JSON")
+            elif isinstance(default, (int, float)):
+                kw.update(type=type(default))
+            group.add_argument(f"--{section}.{f.name}", **kw)
+
+
+def build(yaml_path=None, overrides=None):
+    """A Config from an optional YAML file and a {"section.field": value} dict of overrides."""
+    values = {s: {} for s in SECTIONS}
+    if yaml_path:
+        import yaml
+
+        with open(yaml_path) as f:
+            loaded = yaml.safe_load(f) or {}
+        unknown = set(loaded) - set(SECTIONS)
+        if unknown:
+            raise ValueError(f"{yaml_path}: unknown sections {sorted(unknown)}; use {', '.join(SECTIONS)}")
+        for section, items in loaded.items():
+            names = {f.name for f in dataclasses.fields(SECTIONS[section])}
+            bad = set(items or {}) - names
+            if bad:
+                raise ValueError(f"{yaml_path}: unknown {section} options {sorted(bad)}")
+            values[section].update(items or {})
+    for key, value in (overrides or {}).items():
+        section, name = key.split(".", 1)
+        values[section][name] = value
+    return Config(**{s: SECTIONS[s](**values[s]) for s in SECTIONS})
