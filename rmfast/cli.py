@@ -19,7 +19,7 @@ from pathlib import Path
 from . import config as config_module
 
 
-def demo_setup(out_dir, pairs=4000, seed=0, max_operand=3, max_history=1):
+def demo_setup(out_dir, pairs=3000, seed=0, max_operand=9, max_history=2, difficulty="easy"):
     """Synthetic arithmetic pairs, a BPE tokenizer trained on them and a tiny Llama, written under out_dir.
     Returns the config overrides that train on them."""
     from transformers import LlamaConfig, LlamaModel
@@ -29,8 +29,8 @@ def demo_setup(out_dir, pairs=4000, seed=0, max_operand=3, max_history=1):
     from .data.tokenizers import train_bpe_tokenizer
 
     out = Path(out_dir)
-    data = write_jsonl(generate_pairs(pairs, seed=seed, max_operand=max_operand, max_history=max_history), out / "demo-data" / "train.jsonl")
-    evald = write_jsonl(generate_pairs(400, seed=seed + 1, max_operand=max_operand, max_history=max_history), out / "demo-data" / "eval.jsonl")
+    data = write_jsonl(generate_pairs(pairs, seed=seed, max_operand=max_operand, max_history=max_history, difficulty=difficulty), out / "demo-data" / "train.jsonl")
+    evald = write_jsonl(generate_pairs(400, seed=seed + 1, max_operand=max_operand, max_history=max_history, difficulty=difficulty), out / "demo-data" / "eval.jsonl")
     model_dir = out / "demo-model"
     if not (model_dir / "config.json").exists():
         texts = [m["content"] for r in generate_pairs(2000, seed=seed + 2) for m in r["prompt"] + r["chosen"] + r["rejected"]]
@@ -47,7 +47,7 @@ def demo_setup(out_dir, pairs=4000, seed=0, max_operand=3, max_history=1):
     return {
         "model.name_or_path": str(model_dir), "model.dtype": "fp32",
         "data.train": [str(data)], "data.eval": [str(evald)], "data.max_length": 256,
-        "train.output_dir": str(out), "train.pairs_per_batch": 32, "train.lr": 5e-3, "train.epochs": 3.0,
+        "train.output_dir": str(out), "train.pairs_per_batch": 32, "train.lr": 2e-3, "train.epochs": 2.0,
         "train.warmup_ratio": 0.05, "train.use_margin": False, "train.eval_every": 50, "train.save_every": 0, "train.weight_decay": 0.0,
         "train.log_every": 5, "train.tensorboard": False,
     }

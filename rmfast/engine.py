@@ -203,6 +203,8 @@ class Trainer:
         interactive = self.rank == 0 and sys.stderr.isatty()
         bar = tqdm(total=self.total_steps, initial=self.step, desc="training", unit="step",
                    disable=not interactive, dynamic_ncols=True)
+        if self.step == 0:  # where the model starts, to compare the end with
+            self.write_metrics(self.evaluate())
         window = _Window()
         self.engine.train()
         while self.step < self.total_steps:

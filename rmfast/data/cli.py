@@ -79,7 +79,7 @@ def inspect(args):
 
 def synth(args):
     rows = generate_pairs(args.pairs, seed=args.seed, max_operand=args.max_operand, ops=args.ops.split(","),
-                          style=args.style)
+                          style=args.style, difficulty=args.difficulty)
     path = write_jsonl(rows, args.out)
     print(f"wrote {len(rows)} {args.style} pairs to {path}")
     return 0
@@ -106,6 +106,8 @@ def main(argv=None):
     s.add_argument("--style", default="conversational", choices=["conversational", "explicit", "implicit"])
     s.add_argument("--max-operand", type=int, default=9)
     s.add_argument("--ops", default="plus", help="comma-separated: plus, minus, times")
+    s.add_argument("--difficulty", default="hard", choices=["hard", "easy"],
+                   help="hard: wrong answers off by 1-3; easy: off by 7-12")
     s.add_argument("--seed", type=int, default=0)
     s.set_defaults(func=synth)
     args = parser.parse_args(argv)

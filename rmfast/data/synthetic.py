@@ -39,15 +39,22 @@ def _question(rng, max_operand, ops):
     return a, op, b, _OPS[op](a, b)
 
 
-def _wrong(rng, c):
-    wrong = c + rng.choice([-3, -2, -1, 1, 2, 3])
-    return wrong
+_OFFSETS = {"hard": [-3, -2, -1, 1, 2, 3], "easy": [7, 8, 9, 10, 11, 12]}
 
 
-def generate_pairs(n, seed=0, max_operand=9, ops=("plus",), max_history=3, style="conversational"):
+def _wrong(rng, c, difficulty):
+    return c + rng.choice(_OFFSETS[difficulty])
+
+
+def generate_pairs(n, seed=0, max_operand=9, ops=("plus",), max_history=3, style="conversational",
+                   difficulty="hard"):
     """n preference rows. style: 'conversational' ({prompt, chosen, rejected} as message lists),
     'explicit' (prompt/chosen/rejected strings) or 'implicit' (chosen/rejected full texts, HH-RLHF style).
-    Each row also has 'margin': how far the wrong answer is from the right one."""
+    difficulty: 'hard' makes the wrong answer off by 1–3 (telling them apart takes arithmetic); 'easy' off
+    by 7–12, so a tiny model learns the preference in a minute. Each row also has 'margin': how far the
+    wrong answer is from the right one."""
+    if difficulty not in _OFFSETS:
+        raise ValueError(f"difficulty must be one of {', '.join(_OFFSETS)}, got {difficulty!r}")
     if style not in ("conversational", "explicit", "implicit"):
         raise ValueError(f"style must be conversational, explicit or implicit, got {style!r}")
     ops = list(ops)
@@ -73,7 +80,7 @@ def generate_pairs(n, seed=0, max_operand=9, ops=("plus",), max_history=3, style
             ask = " ".join(chatter + [ask])
         messages.append({"role": "user", "content": ask})
         template = rng.choice(_ANSWER)
-        wrong = _wrong(rng, c)
+        wrong = _wrong(rng, c, difficulty)
         good = template.format(a=x, op=op, b=y, c=c)
         bad = template.format(a=x, op=op, b=y, c=wrong)
         margin = float(abs(wrong - c))

@@ -1,0 +1,183 @@
+"""rmfast-train end to end on CPU: one rank and two ranks over gloo, ZeRO 0/2/3, SIGKILL and resume,
+export after ZeRO-3, the non-finite guard, and the demo. Each run is its own process, as in real use."""
+
+import json
+import os
+import signal
+import socket
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import numpy as np
+import pytest
+import torch
+
+pytestmark = pytest.mark.slow
+
+
+def free_port():
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+@pytest.fixture(scope="module")
+def setup(tmp_path_factory):
+    """A tiny Llama with a BPE tokenizer, and synthetic train / eval pairs."""
+    from transformers import LlamaConfig, LlamaModel
+
+    from rmfast.data import generate_pairs
+    from rmfast.data.synthetic import write_jsonl
+    from rmfast.data.tokenizers import train_bpe_tokenizer
+
+    root = tmp_path_factory.mktemp("engine")
+    rows = generate_pairs(240, seed=0, style="explicit", difficulty="easy")
+    tok = train_bpe_tokenizer([r["prompt"] + r["chosen"] for r in rows], vocab_size=400)
+    cfg = LlamaConfig(vocab_size=len(tok), hidden_size=32, intermediate_size=64, num_hidden_layers=2,
+                      num_attention_heads=4, num_key_value_heads=2, max_position_embeddings=512,
+                      bos_token_id=tok.bos_token_id, eos_token_id=tok.eos_token_id, pad_token_id=tok.pad_token_id)
+    torch.manual_seed(0)
+    LlamaModel(cfg).save_pretrained(root / "model")
+    tok.save_pretrained(root / "model")
+    write_jsonl(rows[:200], root / "train.jsonl")
+    write_jsonl(rows[200:], root / "eval.jsonl")
+    return root
+
+
+def args_for(setup, out, **overrides):
+    base = {
+        "model.name_or_path": setup / "model", "model.dtype": "fp32", "data.train": setup / "train.jsonl",
+        "data.eval": setup / "eval.jsonl", "data.cache_dir": setup / "cache", "train.output_dir": out,
+        "train.pairs_per_batch": 4, "train.lr": 1e-3, "train.max_steps": 12, "train.log_every": 1,
+        "train.warmup_ratio": 0.0, "train.export": False, "train.tensorboard": False, "train.seed": 3,
+    }
+    base.update(overrides)
+    args = []
+    for k, v in base.items():
+        args += [f"--{k}", str(v)]
+    return args
+
+
+def command(nproc):
+    if nproc == 1:
+        return [sys.executable, "-m", "rmfast.cli"]
+    return [sys.executable, "-m", "torch.distributed.run", "--nproc_per_node", str(nproc),
+            "--master_port", str(free_port()), "-m", "rmfast.cli"]
+
+
+def clean_env():
+    env = {k: v for k, v in os.environ.items() if k not in ("RANK", "WORLD_SIZE", "LOCAL_RANK", "MASTER_PORT")}
+    env["OMP_NUM_THREADS"] = "1"
+    return env
+
+
+def train(setup, out, nproc=1, **overrides):
+    res = subprocess.run(command(nproc) + args_for(setup, out, **overrides), capture_output=True, text=True,
+                         env=clean_env(), timeout=900)
+    assert res.returncode == 0, res.stdout[-3000:] + res.stderr[-5000:]
+    return res
+
+
+def metrics(out):
+    """The last record of each step (a resumed run repeats the steps after its checkpoint)."""
+    train_rows, evals = {}, []
+    for line in (Path(out) / "metrics.jsonl").read_text().splitlines():
+        rec = json.loads(line)
+        if "loss" in rec:
+            train_rows[rec["step"]] = rec
+        elif "eval_accuracy" in rec:
+            evals.append(rec)
+    return [train_rows[s] for s in sorted(train_rows)], evals
+
+
+def test_two_ranks_zero2_and_zero3_follow_one_rank_zero0(setup, tmp_path):
+    # one rank with 2 micro-batches per step sees the same global batches as two ranks with one each
+    train(setup, tmp_path / "zero0", nproc=1, **{"train.zero_stage": 0, "train.grad_accum": 2})
+    base, _ = metrics(tmp_path / "zero0")
+    assert len(base) == 12
+    for stage in (2, 3):
+        train(setup, tmp_path / f"zero{stage}", nproc=2, **{"train.zero_stage": stage})
+        runs, _ = metrics(tmp_path / f"zero{stage}")
+        a = np.array([r["loss"] for r in base])
+        b = np.array([r["loss"] for r in runs])
+        # fp32; the tolerance covers the different order of gradient reductions over 12 steps
+        np.testing.assert_allclose(b, a, rtol=0, atol=2e-4, err_msg=f"ZeRO-{stage} on 2 ranks")
+        assert [r["step"] for r in runs] == list(range(1, 13))
+    assert a[-1] < a[0]
+
+
+def test_sigkill_then_resume_matches_an_uninterrupted_run(setup, tmp_path):
+    steps = {"train.max_steps": 40, "train.save_every": 5, "train.export": True, "train.keep_last": 2}
+    train(setup, tmp_path / "whole", **steps)
+    out = tmp_path / "killed"
+    proc = subprocess.Popen(command(1) + args_for(setup, out, **steps), stdout=subprocess.DEVNULL,
+                            stderr=subprocess.DEVNULL, env=clean_env())
+    latest = out / "checkpoints" / "latest"
+    deadline = time.time() + 600
+    while time.time() < deadline and proc.poll() is None and not latest.exists():
+        time.sleep(0.02)
+    proc.send_signal(signal.SIGKILL)
+    assert proc.wait() == -signal.SIGKILL, "the run finished before it could be killed"
+    killed_at = latest.read_text()
+    train(setup, out, **steps, **{"train.resume": "latest"})
+    whole, whole_eval = metrics(tmp_path / "whole")
+    resumed, resumed_eval = metrics(out)
+    assert len(resumed) == 40 and killed_at.startswith("step-")
+    np.testing.assert_allclose([r["loss"] for r in resumed], [r["loss"] for r in whole], rtol=0, atol=1e-6)
+    assert [r["lr"] for r in resumed] == pytest.approx([r["lr"] for r in whole], rel=1e-9)
+    assert resumed_eval[-1]["eval_loss"] == pytest.approx(whole_eval[-1]["eval_loss"], abs=1e-6)
+    from safetensors.torch import load_file
+
+    a = load_file(tmp_path / "whole" / "export" / "model.safetensors")
+    b = load_file(out / "export" / "model.safetensors")
+    assert a.keys() == b.keys()
+    for k in a:
+        torch.testing.assert_close(a[k], b[k], rtol=0, atol=1e-6)
+    kept = sorted(p.name for p in (out / "checkpoints").iterdir() if p.is_dir())
+    assert len(kept) == 2  # keep_last
+
+
+def score_with_transformers(export_dir, jsonl, tokenizer_dir):
+    from transformers import AutoModelForSequenceClassification, AutoTokenizer
+
+    tok = AutoTokenizer.from_pretrained(export_dir)
+    model = AutoModelForSequenceClassification.from_pretrained(export_dir, dtype=torch.float32).eval()
+    rows = [json.loads(x) for x in Path(jsonl).read_text().splitlines()]
+    chosen, rejected = [], []
+    with torch.no_grad():
+        for r in rows:
+            for text, out in ((r["prompt"] + r["chosen"], chosen), (r["prompt"] + r["rejected"], rejected)):
+                ids = tok(text)["input_ids"] + [tok.eos_token_id]
+                out.append(model(input_ids=torch.tensor([ids])).logits.item())
+    return torch.tensor(chosen), torch.tensor(rejected)
+
+
+def test_export_after_zero3_scores_as_the_engine(setup, tmp_path):
+    out = tmp_path / "z3"
+    train(setup, out, nproc=2, **{"train.zero_stage": 3, "train.export": True, "train.max_steps": 8})
+    _, evals = metrics(out)
+    final = evals[-1]
+    c, r = score_with_transformers(out / "export", setup / "eval.jsonl", setup / "model")
+    assert final["eval_pairs"] == len(c) == 40
+    assert float(c.mean()) == pytest.approx(final["eval_chosen_mean"], abs=1e-4)
+    assert float(r.mean()) == pytest.approx(final["eval_rejected_mean"], abs=1e-4)
+    assert float((c > r).float().mean()) == pytest.approx(final["eval_accuracy"])
+    config = json.loads((out / "export" / "config.json").read_text())
+    assert config["rmfast_reward_mean"] == pytest.approx(final["eval_reward_mean"])
+
+
+def test_non_finite_loss_stops_the_run_naming_the_step(setup, tmp_path):
+    res = subprocess.run(command(1) + args_for(setup, tmp_path / "nan", **{"train.lr": 1e30}),
+                         capture_output=True, text=True, env=clean_env(), timeout=600)
+    assert res.returncode == 2, res.stderr[-3000:]
+    assert "non-finite loss at step" in res.stderr and "nothing was trained on it" in res.stderr
+
+
+def test_demo_reaches_95_percent_eval_accuracy(tmp_path):
+    res = subprocess.run([sys.executable, "-m", "rmfast.cli", "--demo", "--train.output_dir", str(tmp_path)],
+                         capture_output=True, text=True, env=clean_env(), timeout=900)
+    assert res.returncode == 0, res.stderr[-3000:]
+    _, evals = metrics(tmp_path)
+    assert evals[0]["eval_accuracy"] < 0.8 and evals[-1]["eval_accuracy"] >= 0.95, evals
