@@ -13,6 +13,7 @@ Several processes: start it with a launcher —
 import argparse
 import logging
 import os
+import warnings
 import sys
 from pathlib import Path
 
@@ -78,6 +79,7 @@ def main(argv=None):
         parser.error("data.train is not set: give at least one source")
 
     logging.getLogger("DeepSpeed").setLevel(logging.WARNING)
+    warnings.filterwarnings("ignore", message=r".*reduce_scatter_tensor.*")  # DeepSpeed's, once per step
     from .data import DataError
     from .engine import NonFiniteLoss, Trainer
 

@@ -108,6 +108,15 @@ def test_two_ranks_zero2_and_zero3_follow_one_rank_zero0(setup, tmp_path):
     assert a[-1] < a[0]
 
 
+def test_zero3_with_cpu_offload_follows_zero0(setup, tmp_path):
+    train(setup, tmp_path / "base", **{"train.max_steps": 8})
+    train(setup, tmp_path / "offload", **{"train.max_steps": 8, "train.zero_stage": 3,
+                                          "train.offload_optimizer": True, "train.offload_params": True})
+    a = [r["loss"] for r in metrics(tmp_path / "base")[0]]
+    b = [r["loss"] for r in metrics(tmp_path / "offload")[0]]
+    np.testing.assert_allclose(b, a, rtol=0, atol=2e-4)
+
+
 def test_sigkill_then_resume_matches_an_uninterrupted_run(setup, tmp_path):
     steps = {"train.max_steps": 40, "train.save_every": 5, "train.export": True, "train.keep_last": 2}
     train(setup, tmp_path / "whole", **steps)
@@ -137,6 +146,12 @@ def test_sigkill_then_resume_matches_an_uninterrupted_run(setup, tmp_path):
         torch.testing.assert_close(a[k], b[k], rtol=0, atol=1e-6)
     kept = sorted(p.name for p in (out / "checkpoints").iterdir() if p.is_dir())
     assert len(kept) == 2  # keep_last
+    # rmfast-export from the run's latest checkpoint writes the same weights as the end-of-run export
+    subprocess.run([sys.executable, "-m", "rmfast.export", str(out), "--out", str(tmp_path / "again"),
+                    "--dtype", "fp32"], check=True, capture_output=True, env=clean_env())
+    c = load_file(tmp_path / "again" / "model.safetensors")
+    for k in b:
+        torch.testing.assert_close(c[k], b[k], rtol=0, atol=1e-6)
 
 
 def score_with_transformers(export_dir, jsonl, tokenizer_dir):
