@@ -5,7 +5,7 @@ PY     := $(VENV)/bin/python
 PIP    := $(PY) -m pip
 TORCH  ?= torch==2.14.1
 
-.PHONY: setup demo test test-fast bench env clean
+.PHONY: setup demo demo-loss test test-fast bench env clean
 
 # Marker files keep `make test` from reinstalling; csrc changes rebuild the extension.
 $(VENV)/.torch:
@@ -22,6 +22,9 @@ $(VENV)/.rmfast: $(VENV)/.torch setup.py pyproject.toml requirements-dev.txt $(w
 setup: $(VENV)/.rmfast
 
 demo: setup
+	$(VENV)/bin/rmfast-train --demo --train.output_dir runs/demo
+
+demo-loss: setup
 	$(PY) examples/fused_loss_demo.py
 
 test: setup
