@@ -1,0 +1,89 @@
+"""The training config: YAML, flag overrides, DeepSpeed config generation and merging, --help."""
+
+import argparse
+import json
+import subprocess
+import sys
+
+import pytest
+
+from rmfast import config as config_module
+from rmfast.engine import deepspeed_config, ensure_pad_token
+
+
+def parse(argv):
+    parser = argparse.ArgumentParser()
+    parser.add_argument("config", nargs="?")
+    config_module.add_arguments(parser)
+    args = parser.parse_args(argv)
+    return config_module.build(args.config, {k: v for k, v in vars(args).items() if "." in k})
+
+
+def test_yaml_then_flags_override_it(tmp_path):
+    path = tmp_path / "c.yaml"
+    path.write_text("model:\n  name_or_path: m\n  dtype: fp32\ndata:\n  train: [a.jsonl]\n"
+                    "train:\n  lr: 0.001\n  zero_stage: 2\n")
+    cfg = parse([str(path), "--train.lr", "2e-5", "--data.train", "x.jsonl", "y.jsonl@0.5",
+                 "--train.use_margin", "false", "--data.columns", '{"chosen": "good"}'])
+    assert cfg.model.name_or_path == "m" and cfg.model.dtype == "fp32"
+    assert cfg.train.lr == 2e-5 and cfg.train.zero_stage == 2 and cfg.train.use_margin is False
+    assert cfg.data.train == ["x.jsonl", "y.jsonl@0.5"] and cfg.data.columns == {"chosen": "good"}
+
+
+@pytest.mark.parametrize("text,message", [
+    ("modle:\n  dtype: fp32\n", "unknown sections"),
+    ("train:\n  learning_rate: 1\n", "unknown train options"),
+])
+def test_yaml_mistakes_are_named(tmp_path, text, message):
+    path = tmp_path / "c.yaml"
+    path.write_text(text)
+    with pytest.raises(ValueError, match=message):
+        config_module.build(str(path))
+
+
+def test_bad_choice_is_refused_by_the_parser():
+    with pytest.raises(SystemExit):
+        parse(["--train.zero_stage", "5"])
+
+
+def test_deepspeed_config_from_options_and_user_json_merged_over_it(tmp_path):
+    user = tmp_path / "ds.json"
+    user.write_text(json.dumps({"zero_optimization": {"reduce_bucket_size": 1000}, "gradient_clipping": 0.5}))
+    cfg = parse(["--train.zero_stage", "3", "--train.offload_optimizer", "true", "--train.offload_params", "true",
+                 "--train.grad_accum", "4", "--train.pairs_per_batch", "2", "--model.dtype", "bf16",
+                 "--train.deepspeed_config", str(user)])
+    ds = deepspeed_config(cfg, world_size=8)
+    assert ds["train_batch_size"] == 2 * 4 * 8 and ds["bf16"]["enabled"] and not ds["fp16"]["enabled"]
+    z = ds["zero_optimization"]
+    assert z["stage"] == 3 and z["offload_optimizer"]["device"] == "cpu" and z["offload_param"]["device"] == "cpu"
+    assert z["reduce_bucket_size"] == 1000 and ds["gradient_clipping"] == 0.5
+
+
+def test_offload_needs_a_zero_stage():
+    with pytest.raises(ValueError, match="zero_stage"):
+        deepspeed_config(parse(["--train.offload_optimizer", "true"]), 1)
+    with pytest.raises(ValueError, match="zero_stage 3"):
+        deepspeed_config(parse(["--train.zero_stage", "2", "--train.offload_params", "true"]), 1)
+
+
+def test_tokenizer_without_pad_gets_one():
+    from rmfast.data.tokenizers import train_bpe_tokenizer
+
+    tok = train_bpe_tokenizer(["a b c"] * 5, vocab_size=300)
+    tok.pad_token = None
+    assert ensure_pad_token(tok) is False and tok.pad_token_id == tok.eos_token_id
+    tok.pad_token = None
+    tok.eos_token = None
+    assert ensure_pad_token(tok) is True and tok.pad_token == "<|pad|>"
+
+
+def test_help_lists_every_section():
+    out = subprocess.run([sys.executable, "-m", "rmfast.cli", "--help"], capture_output=True, text=True, check=True)
+    for text in ("--demo", "model options", "data options", "train options", "--train.zero_stage",
+                 "--data.on_bad_row", "torchrun --nproc_per_node"):
+        assert text in out.stdout
+
+
+def test_missing_model_or_data_is_an_error_with_advice():
+    out = subprocess.run([sys.executable, "-m", "rmfast.cli"], capture_output=True, text=True)
+    assert out.returncode == 2 and "--demo" in out.stderr
