@@ -2,17 +2,18 @@
 backend and device whether it is usable and, if not, why."""
 
 import argparse
-import importlib
+import importlib.metadata
 import json
 import platform
 import sys
 
 
-def _version(module):
+def _version(distribution):
+    """The installed version, read from package metadata: importing DeepSpeed would print to stdout."""
     try:
-        return importlib.import_module(module).__version__
-    except Exception as exc:  # a broken install should be reported, not crash the report
-        return f"not installed ({type(exc).__name__})" if isinstance(exc, ImportError) else f"error: {exc}"
+        return importlib.metadata.version(distribution)
+    except importlib.metadata.PackageNotFoundError:
+        return "not installed"
 
 
 def report():
