@@ -35,6 +35,12 @@ class TrainConfig:
     seed: int = _f(42, "seed of initialisation, data order and dropout")
     epochs: float = _f(1.0, "passes over the training pairs (ignored when max_steps > 0)")
     max_steps: int = _f(0, "optimizer steps to run (0: from epochs)")
+    layout: str = _f("auto", "padded, packed, or prefix_shared (the prompt computed once); auto: prefix_shared "
+                             "where the architecture supports it, else padded",
+                     choices=["auto", "padded", "packed", "prefix_shared"])
+    attention: str = _f("auto", "attention of the packed layouts: segments (one sdpa per block) or dense "
+                                "(one 4-D mask, the reference)", choices=["auto", "segments", "dense"])
+    row_tokens: int = _f(0, "packed layouts: tokens per packed row (0: the micro-batch's longest unit)")
     pairs_per_batch: int = _f(8, "pairs per micro-batch per rank (when token_budget is 0)")
     token_budget: int = _f(0, "tokens per micro-batch per rank instead of a fixed number of pairs")
     grad_accum: int = _f(1, "micro-batches per optimizer step")

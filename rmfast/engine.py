@@ -155,15 +155,23 @@ class Trainer:
                                                  trust_remote_code=config.model.trust_remote_code)
         if added_pad:
             self.model.backbone.resize_token_embeddings(len(self.tokenizer))
+        self.layout, self.attention = choose_layout(self.model.backbone.config, config, self.log if self.rank == 0 else None)
+        self.eager = getattr(self.model.backbone.config, "_attn_implementation", "") == "eager"
+        if self.layout != "padded" and self.attention == "segments":
+            from .attention import SEGMENTS, register
+
+            register()
+            self.model.backbone.set_attn_implementation(SEGMENTS)
         if config.model.gradient_checkpointing:
             self.model.backbone.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
 
         # data order and schedule
-        costs = np.maximum(self.train_pairs.chosen_lengths, self.train_pairs.rejected_lengths) * 2
         if t.token_budget:
-            self.sampler = PairSampler(costs, token_budget=t.token_budget, combine="max", seed=t.seed,
+            costs, combine = layout_costs(self.train_pairs, self.layout)
+            self.sampler = PairSampler(costs, token_budget=t.token_budget, combine=combine, seed=t.seed,
                                        rank=self.rank, world_size=self.world)
-        else:
+        else:  # grouped by length alone, so every layout sees the same batches in the same order
+            costs = self.train_pairs.chosen_lengths + self.train_pairs.rejected_lengths
             self.sampler = PairSampler(costs, pairs_per_batch=t.pairs_per_batch, seed=t.seed, rank=self.rank,
                                        world_size=self.world)
         steps_per_epoch = max(1, len(self.sampler) // t.grad_accum)
@@ -188,13 +196,25 @@ class Trainer:
 
     # -- one micro-batch
     def batch(self, pairs, indices):
-        return layouts.padded(pairs, indices, self.tokenizer.pad_token_id,
-                              use_margin=self.config.train.use_margin).to(self.device)
+        t = self.config.train
+        if self.layout == "padded":
+            batch = layouts.padded(pairs, indices, self.tokenizer.pad_token_id, use_margin=t.use_margin)
+        else:
+            make = layouts.packed if self.layout == "packed" else layouts.prefix_shared
+            batch = make(pairs, indices, self.tokenizer.pad_token_id, max_tokens=t.row_tokens or None,
+                         use_margin=t.use_margin)
+        return batch.to(self.device)
 
     def forward(self, batch):
-        return self.engine(batch.input_ids, batch.attention_mask, batch.chosen_index, batch.rejected_index,
-                           position_ids=batch.position_ids, margin=batch.margin,
-                           center_coef=self.config.train.center_coef, backend=self.config.train.loss_backend)
+        from .attention import model_inputs
+
+        dtype = {"bf16": torch.bfloat16, "fp16": torch.float16}.get(self.config.model.dtype, torch.float32)
+        inputs = model_inputs(batch, self.attention, dtype=dtype, eager=self.eager)
+        mask, position_ids = inputs.pop("attention_mask"), inputs.pop("position_ids")
+        return self.engine(batch.input_ids, mask, batch.chosen_index, batch.rejected_index,
+                           position_ids=position_ids, margin=batch.margin,
+                           center_coef=self.config.train.center_coef, backend=self.config.train.loss_backend,
+                           **inputs)
 
     def train(self):
         t = self.config.train
@@ -315,11 +335,42 @@ class Trainer:
         self.log(f"resumed from {tag} at step {self.step}")
 
 
+def choose_layout(backbone_config, config: Config, log=None):
+    """(layout, attention) for this model: 'auto' takes prefix_shared where supported, else padded."""
+    from .attention import check_support, resolve_attention
+
+    t = config.train
+    layout = t.layout
+    if layout == "auto":
+        try:
+            check_support(backbone_config, "prefix_shared", config.data.max_length, t.attention)
+            layout = "prefix_shared"
+        except ValueError as exc:
+            layout = "padded"
+            if log:
+                log(f"layout: padded ({exc})")
+    check_support(backbone_config, layout, config.data.max_length, t.attention)
+    attention = resolve_attention(backbone_config, t.attention) if layout != "padded" else "padding mask"
+    if log:
+        log(f"layout: {layout}, attention: {attention}")
+    return layout, attention
+
+
+def layout_costs(pairs, layout):
+    """Token positions each pair costs in a layout, and how a batch's cost follows from them."""
+    c, r = pairs.chosen_lengths, pairs.rejected_lengths
+    if layout == "padded":
+        return 2 * np.maximum(c, r), "max"
+    if layout == "packed":
+        return c + r, "sum"
+    return c + r - pairs.shared.astype(np.int64), "sum"
+
+
 class _Window:
     """Training metrics accumulated over the micro-batches since the last log line."""
 
     def __init__(self):
-        self.loss = self.correct = self.pairs = self.tokens = self.batches = 0.0
+        self.loss = self.correct = self.pairs = self.tokens = self.positions = self.batches = 0.0
         self.start = time.perf_counter()
 
     def add(self, out, batch):
@@ -327,16 +378,19 @@ class _Window:
         self.correct += float((out.chosen_rewards > out.rejected_rewards).sum())
         self.pairs += batch.pairs
         self.tokens += batch.tokens
+        self.positions += batch.positions
         self.batches += 1
 
     def reduce(self, world):
-        t = torch.tensor([self.loss, self.correct, self.pairs, self.tokens, self.batches], dtype=torch.float64)
+        t = torch.tensor([self.loss, self.correct, self.pairs, self.tokens, self.positions, self.batches],
+                         dtype=torch.float64)
         if world > 1:
             dist.all_reduce(t)
-        loss, correct, pairs, tokens, batches = t.tolist()
+        loss, correct, pairs, tokens, positions, batches = t.tolist()
         elapsed = max(time.perf_counter() - self.start, 1e-9)
         return {"loss": loss / max(batches, 1), "accuracy": correct / max(pairs, 1),
-                "pairs_per_s": pairs / elapsed, "tokens_per_s": tokens / elapsed}
+                "pairs_per_s": pairs / elapsed, "tokens_per_s": tokens / elapsed,
+                "positions_per_pair": positions / max(pairs, 1)}
 
 
 def _all_finite(loss):

@@ -24,6 +24,7 @@ class Batch:
     margin: Optional[torch.Tensor] = None
     position_ids: Optional[torch.Tensor] = None
     tokens: int = 0
+    blocks: Optional[list] = None  # packed layouts: who attends to what (see Block)
 
     @property
     def pairs(self):
@@ -72,3 +73,149 @@ def padded(pairs, indices, pad_id, padding_side="right", pad_to_multiple_of=None
         position_ids = torch.from_numpy(np.clip(np.cumsum(mask, axis=1) - 1, 0, None))
     return Batch(torch.from_numpy(ids), torch.from_numpy(mask), torch.from_numpy(last[:P]),
                  torch.from_numpy(last[P:]), margin, position_ids, int(lengths.sum()))
+
+
+# ---------------------------------------------------------------- packed layouts
+#
+# Both pack units end to end into rows of at most max_tokens (first-fit decreasing) and describe each
+# row's attention as blocks: `Block(row, q0, q1, k_ranges)` says queries [q0, q1) of a row attend, causally
+# by position within the block, to the key ranges listed. The dense reference turns blocks into a 4-D
+# boolean mask; the segment attention runs one small sdpa per block instead.
+
+
+@dataclass
+class Block:
+    """Queries [q0, q1) of `row` see keys `prefix` (a range [p0, p1) seen in full, or None) plus keys
+    [q0, k) for each query k (causal within the block)."""
+
+    row: int
+    q0: int
+    q1: int
+    prefix: Optional[tuple] = None
+
+
+def _first_fit(lengths, capacity):
+    """Rows of unit indices, first-fit decreasing; every unit must fit a row."""
+    order = sorted(range(len(lengths)), key=lambda i: -lengths[i])
+    rows, room = [], []
+    for i in order:
+        for r, free in enumerate(room):
+            if lengths[i] <= free:
+                rows[r].append(i)
+                room[r] -= lengths[i]
+                break
+        else:
+            rows.append([i])
+            room.append(capacity - lengths[i])
+    return rows
+
+
+def _check_capacity(longest, max_tokens, what):
+    if max_tokens is not None and longest > max_tokens:
+        raise ValueError(f"a {what} of {longest} tokens does not fit max_tokens={max_tokens}; raise it to at "
+                         f"least data.max_length (×2 for prefix_shared pairs)")
+
+
+def _finish(rows_tokens, rows_pos, blocks, chosen_flat, rejected_flat, pad_id, margin, tokens):
+    """Pad rows to a common length L and make flat indices absolute."""
+    L = max(len(t) for t in rows_tokens)
+    R = len(rows_tokens)
+    ids = np.full((R, L), pad_id, dtype=np.int64)
+    pos = np.zeros((R, L), dtype=np.int64)
+    used = np.zeros((R, L), dtype=np.int64)
+    for r, (t, p) in enumerate(zip(rows_tokens, rows_pos)):
+        ids[r, : len(t)] = t
+        pos[r, : len(p)] = p
+        used[r, : len(t)] = 1
+    chosen = np.array([r * L + c for r, c in chosen_flat], dtype=np.int64)
+    rejected = np.array([r * L + c for r, c in rejected_flat], dtype=np.int64)
+    return Batch(torch.from_numpy(ids), torch.from_numpy(used), torch.from_numpy(chosen),
+                 torch.from_numpy(rejected), margin, torch.from_numpy(pos), tokens, blocks)
+
+
+def _margin(pairs, indices, use_margin):
+    if not use_margin:
+        return None
+    m = pairs.margin[np.asarray(indices)]
+    return torch.from_numpy(np.nan_to_num(m, nan=0.0).astype(np.float32)) if np.isfinite(m).any() else None
+
+
+def packed(pairs, indices, pad_id, max_tokens=None, use_margin=True):
+    """Every chosen and rejected sequence laid end to end in rows of at most max_tokens (default: the
+    longest sequence); positions restart at 0 for each sequence, which sees only its own earlier tokens."""
+    seqs = [pairs.chosen[i] for i in indices] + [pairs.rejected[i] for i in indices]
+    lengths = [len(s) for s in seqs]
+    capacity = max_tokens or max(lengths)
+    _check_capacity(max(lengths), capacity, "sequence")
+    rows = _first_fit(lengths, capacity)
+    rows_tokens, rows_pos, blocks = [], [], []
+    last = [None] * len(seqs)
+    for r, members in enumerate(rows):
+        toks, pos, start = [], [], 0
+        for i in members:
+            n = lengths[i]
+            toks.extend(seqs[i])
+            pos.extend(range(n))
+            blocks.append(Block(r, start, start + n))
+            last[i] = (r, start + n - 1)
+            start += n
+        rows_tokens.append(toks)
+        rows_pos.append(pos)
+    P = len(indices)
+    return _finish(rows_tokens, rows_pos, blocks, last[:P], last[P:], pad_id, _margin(pairs, indices, use_margin),
+                   sum(lengths))
+
+
+def prefix_shared(pairs, indices, pad_id, max_tokens=None, use_margin=True):
+    """Each pair as [shared prefix][chosen suffix][rejected suffix] inside a packed row: the prefix is
+    computed once; rejected-suffix tokens see the prefix and their own earlier tokens, never the chosen
+    suffix, and their positions restart at the prefix length."""
+    units = []
+    for i in indices:
+        c, r, s = pairs.chosen[i], pairs.rejected[i], int(pairs.shared[i])
+        units.append((c[:s], c[s:], r[s:]))
+    lengths = [len(p) + len(c) + len(r) for p, c, r in units]
+    capacity = max_tokens or max(lengths)
+    _check_capacity(max(lengths), capacity, "pair")
+    rows = _first_fit(lengths, capacity)
+    rows_tokens, rows_pos, blocks = [], [], []
+    chosen_last, rejected_last = [None] * len(units), [None] * len(units)
+    for r, members in enumerate(rows):
+        toks, pos, start = [], [], 0
+        for u in members:
+            prefix, cs, rs = units[u]
+            s, nc, nr = len(prefix), len(cs), len(rs)
+            toks.extend(prefix)
+            toks.extend(cs)
+            toks.extend(rs)
+            pos.extend(range(s + nc))
+            pos.extend(range(s, s + nr))
+            blocks.append(Block(r, start, start + s + nc))                        # prefix + chosen: causal
+            blocks.append(Block(r, start + s + nc, start + s + nc + nr, (start, start + s)))  # rejected
+            chosen_last[u] = (r, start + s + nc - 1)
+            rejected_last[u] = (r, start + s + nc + nr - 1)
+            start += s + nc + nr
+        rows_tokens.append(toks)
+        rows_pos.append(pos)
+    tokens = int(sum(lengths))
+    return _finish(rows_tokens, rows_pos, blocks, chosen_last, rejected_last, pad_id,
+                   _margin(pairs, indices, use_margin), tokens)
+
+
+def dense_mask(batch):
+    """The blocks of a packed batch as a 4-D boolean mask [R, 1, L, L] (True: may attend), for sdpa.
+    Padding tokens attend to themselves only, so that no softmax row is empty."""
+    R, L = batch.input_ids.shape
+    mask = torch.zeros(R, 1, L, L, dtype=torch.bool)
+    for b in batch.blocks:
+        n = b.q1 - b.q0
+        mask[b.row, 0, b.q0:b.q1, b.q0:b.q1] = torch.ones(n, n, dtype=torch.bool).tril()
+        if b.prefix is not None:
+            mask[b.row, 0, b.q0:b.q1, b.prefix[0]:b.prefix[1]] = True
+    idle = ~batch.attention_mask.bool()
+    rows, cols = idle.nonzero(as_tuple=True)
+    mask[rows, 0, cols, cols] = True
+    return mask
+
+
+LAYOUTS = ("padded", "packed", "prefix_shared")

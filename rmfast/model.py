@@ -64,17 +64,19 @@ class RewardModel(nn.Module):
         hidden = _hidden_size(backbone.config)
         return cls(backbone, RewardHead(hidden, bias=head_bias, dtype=torch_dtype))
 
-    def hidden_states(self, input_ids, attention_mask=None, position_ids=None):
-        """input_ids [R, L] → last hidden states [R, L, D]."""
+    def hidden_states(self, input_ids, attention_mask=None, position_ids=None, **backbone_kwargs):
+        """input_ids [R, L] → last hidden states [R, L, D]. attention_mask: [R, L] padding mask, or a 4-D
+        mask of a packed layout (None with segment attention, whose blocks come in backbone_kwargs)."""
         out = self.backbone(input_ids=input_ids, attention_mask=attention_mask, position_ids=position_ids,
-                            use_cache=False)
+                            use_cache=False, **backbone_kwargs)
         return out.last_hidden_state
 
     def forward(self, input_ids, attention_mask, chosen_index, rejected_index, position_ids=None,
-                margin: Optional[torch.Tensor] = None, center_coef=0.0, backend="auto") -> PairwiseRewardOutput:
+                margin: Optional[torch.Tensor] = None, center_coef=0.0, backend="auto",
+                **backbone_kwargs) -> PairwiseRewardOutput:
         """One forward for all chosen and rejected rows; chosen_index / rejected_index: [P] flat row
         indices into R·L. Returns the fused loss and both rewards."""
-        hidden = self.hidden_states(input_ids, attention_mask, position_ids)
+        hidden = self.hidden_states(input_ids, attention_mask, position_ids, **backbone_kwargs)
         return pairwise_reward_loss(hidden, self.head.weight, chosen_index, rejected_index, bias=self.head.bias,
                                     margin=margin, center_coef=center_coef, backend=backend)
 

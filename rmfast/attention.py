@@ -1,0 +1,106 @@
+"""Attention for the packed layouts, and which architectures may use them.
+
+- ``dense``: the reference. The layout's blocks become one 4-D mask [R, 1, L, L] handed to transformers
+  (boolean for sdpa, additive for eager). Simple, exact, and it pays for every masked-out block.
+- ``segments``: an attention function registered with transformers' AttentionInterface. It runs one
+  sdpa per block of the layout (a sequence, or a pair's prefix+chosen / rejected parts), so masked-out
+  blocks cost nothing and no L×L mask is built.
+"""
+
+import torch
+import torch.nn.functional as F
+
+ATTENTIONS = ("auto", "dense", "segments")
+SEGMENTS = "rmfast_segments"
+
+# Supported for the packed layouts: their attention honours explicit position_ids and a custom mask, and
+# the exactness tests pass (tests/test_layouts.py). Softcapped attention (Gemma 2) runs with the dense
+# mask only. Anything else is refused for packed layouts rather than run wrong.
+SUPPORTED = {"llama", "mistral", "qwen2", "qwen3", "phi3", "gpt2", "gemma2"}
+DENSE_ONLY = {"gemma2"}
+
+
+def check_support(config, layout, max_length, attention="auto"):
+    """Raise ValueError, saying why and what to do, when `layout` cannot run exactly on this model."""
+    if layout == "padded":
+        return
+    kind = getattr(config, "model_type", "?")
+    if kind not in SUPPORTED:
+        raise ValueError(f"layout {layout!r} is not supported for {kind} models (not verified to honour custom "
+                         f"positions and masks); use --train.layout padded. Supported: {', '.join(sorted(SUPPORTED))}")
+    window = getattr(config, "sliding_window", None)
+    uses_window = window and getattr(config, "use_sliding_window", True) is not False
+    if uses_window and max_length > window:
+        raise ValueError(f"layout {layout!r}: {kind} uses a {window}-token sliding window, shorter than "
+                         f"data.max_length={max_length}; packed masks do not apply it. Lower max_length to "
+                         f"{window} or use --train.layout padded")
+    if attention == "segments" and kind in DENSE_ONLY:
+        raise ValueError(f"attention 'segments' does not support {kind} (softcapped attention); use dense or auto")
+
+
+def resolve_attention(config, attention):
+    if attention != "auto":
+        return attention
+    return "dense" if getattr(config, "model_type", "") in DENSE_ONLY else "segments"
+
+
+def segment_attention(module, query, key, value, attention_mask, scaling=None, dropout=0.0, **kwargs):
+    """query [B, Hq, L, D], key / value [B, Hkv, L, D] → ([B, L, Hq, D], None), one sdpa per block."""
+    blocks = kwargs.get("rmfast_blocks")
+    if blocks is None:
+        raise RuntimeError("segment attention needs the layout's blocks (pass rmfast_blocks=batch.blocks)")
+    groups = query.shape[1] // key.shape[1]
+    if groups > 1:
+        key = key.repeat_interleave(groups, dim=1)
+        value = value.repeat_interleave(groups, dim=1)
+    drop = dropout if module.training else 0.0
+    out = query.new_zeros(query.shape)
+    for b in blocks:
+        q = query[b.row, :, b.q0:b.q1]
+        k = key[b.row, :, b.q0:b.q1]
+        v = value[b.row, :, b.q0:b.q1]
+        if b.prefix is None:
+            o = F.scaled_dot_product_attention(q, k, v, is_causal=True, scale=scaling, dropout_p=drop)
+        else:
+            p0, p1 = b.prefix
+            n, p = b.q1 - b.q0, p1 - p0
+            k = torch.cat([key[b.row, :, p0:p1], k], dim=1)
+            v = torch.cat([value[b.row, :, p0:p1], v], dim=1)
+            mask = torch.ones(n, p + n, dtype=torch.bool, device=q.device)
+            mask[:, p:] = torch.ones(n, n, dtype=torch.bool, device=q.device).tril()
+            o = F.scaled_dot_product_attention(q, k, v, attn_mask=mask, scale=scaling, dropout_p=drop)
+        out[b.row, :, b.q0:b.q1] = o
+    return out.transpose(1, 2).contiguous(), None
+
+
+def _no_mask(*args, **kwargs):
+    return None  # the blocks are the mask
+
+
+_registered = False
+
+
+def register():
+    """Make 'rmfast_segments' an attention implementation transformers models can be switched to."""
+    global _registered
+    if not _registered:
+        from transformers import AttentionInterface
+        from transformers.masking_utils import AttentionMaskInterface
+
+        AttentionInterface.register(SEGMENTS, segment_attention)
+        AttentionMaskInterface.register(SEGMENTS, _no_mask)
+        _registered = True
+
+
+def model_inputs(batch, attention, dtype=torch.float32, eager=False):
+    """The attention-related inputs of a backbone forward for `batch` under `attention`."""
+    if batch.blocks is None:  # padded
+        return {"attention_mask": batch.attention_mask, "position_ids": batch.position_ids}
+    if attention == "segments":
+        return {"attention_mask": None, "position_ids": batch.position_ids, "rmfast_blocks": batch.blocks}
+    from .layouts import dense_mask
+
+    mask = dense_mask(batch).to(batch.input_ids.device)
+    if eager:  # eager attention adds the mask to the scores
+        mask = torch.zeros(mask.shape, dtype=dtype, device=mask.device).masked_fill(~mask, torch.finfo(dtype).min)
+    return {"attention_mask": mask, "position_ids": batch.position_ids}

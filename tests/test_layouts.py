@@ -1,0 +1,116 @@
+"""Packed and prefix-shared layouts: structure, exactness against padded on every supported architecture
+(rewards and parameter gradients, dense-mask and segment attention), and refusals."""
+
+import numpy as np
+import pytest
+import torch
+
+from rmfast import attention, layouts, pairwise_reward_loss
+from rmfast.data.tokenize import shared_prefix
+from test_model import ARCHS, build, pairs_of
+
+
+def edge_pairs(seed=0):
+    rng = np.random.default_rng(seed)
+    c, r = [], []
+    for _ in range(5):  # a shared prompt, then different responses
+        p = list(rng.integers(3, 96, rng.integers(2, 9)))
+        c.append(p + list(rng.integers(3, 96, rng.integers(1, 6))) + [2])
+        r.append(p + list(rng.integers(3, 96, rng.integers(1, 6))) + [2])
+    c.append([5, 6, 7, 2]), r.append([5, 6, 7, 8, 2])      # one response a prefix of the other
+    c.append([5, 6, 2]), r.append([5, 6, 7, 2])            # one-token response
+    c.append([9, 2]), r.append([10, 2])                    # nothing in common
+    pairs = pairs_of(c, r)
+    pairs.shared[:] = [shared_prefix(a, b) for a, b in zip(c, r)]
+    return pairs
+
+
+def rewards_and_grads(model, batch, how):
+    model.zero_grad()
+    if how == "segments":
+        attention.register()
+        model.backbone.set_attn_implementation(attention.SEGMENTS)
+    eager = getattr(model.backbone.config, "_attn_implementation", "") == "eager"
+    inputs = attention.model_inputs(batch, how, eager=eager)
+    mask, pos = inputs.pop("attention_mask"), inputs.pop("position_ids")
+    out = model(batch.input_ids, mask, batch.chosen_index, batch.rejected_index, position_ids=pos, **inputs)
+    (out.loss + 0.1 * out.chosen_rewards.sum()).backward()
+    grads = {n: p.grad.detach().clone() for n, p in model.named_parameters() if p.grad is not None}
+    return torch.cat([out.chosen_rewards, out.rejected_rewards]).detach(), grads
+
+
+def configs():
+    for arch in ARCHS:
+        for layout in ("packed", "prefix_shared"):
+            for how in ("dense", "segments"):
+                marks = []
+                if how == "segments" and arch in attention.DENSE_ONLY:
+                    continue
+                yield pytest.param(arch, layout, how, id=f"{arch}-{layout}-{how}", marks=marks)
+
+
+@pytest.mark.parametrize("arch,layout,how", list(configs()))
+def test_rewards_and_gradients_equal_padded(arch, layout, how):
+    pairs = edge_pairs()
+    idx = list(range(len(pairs)))
+    model = build(None, arch)
+    ref_r, ref_g = rewards_and_grads(model, layouts.padded(pairs, idx, 0), "padding")
+    batch = getattr(layouts, layout)(pairs, idx, 0, max_tokens=48)
+    got_r, got_g = rewards_and_grads(model, batch, how)
+    assert (got_r - ref_r).abs().max() <= 1e-5
+    assert got_g.keys() == ref_g.keys()
+    for name, g in ref_g.items():
+        scale = g.abs().max().item() or 1.0
+        assert (got_g[name] - g).abs().max().item() <= 1e-4 * scale + 1e-6, name
+
+
+def test_prefix_shared_positions_and_indices():
+    pairs = pairs_of([[1, 5, 6, 7, 2]], [[1, 5, 8, 2]])
+    pairs.shared[:] = [2]
+    b = layouts.prefix_shared(pairs, [0], pad_id=0)
+    assert b.input_ids.tolist() == [[1, 5, 6, 7, 2, 8, 2]]
+    assert b.position_ids.tolist() == [[0, 1, 2, 3, 4, 2, 3]]
+    assert b.chosen_index.tolist() == [4] and b.rejected_index.tolist() == [6]
+    mask = layouts.dense_mask(b)[0, 0]
+    assert mask[5].tolist() == [True, True, False, False, False, True, False]  # rejected sees prefix, not chosen
+    assert mask[3].tolist() == [True, True, True, True, False, False, False]
+    assert b.tokens == 7 and b.positions == 7
+
+
+def test_packed_rows_restart_positions_and_respect_capacity():
+    pairs = pairs_of([[3, 4, 2], [5, 2]], [[6, 7, 8, 2], [9, 2]])
+    b = layouts.packed(pairs, [0, 1], pad_id=0, max_tokens=6)
+    assert b.input_ids.shape[1] <= 6
+    for row, pos in zip(b.input_ids.tolist(), b.position_ids.tolist()):
+        starts = [i for i, p in enumerate(pos) if p == 0]
+        assert starts[0] == 0
+    flat = b.input_ids.reshape(-1)
+    assert flat[b.chosen_index].tolist() == [2, 2] and flat[b.rejected_index].tolist() == [2, 2]
+    with pytest.raises(ValueError, match="max_tokens"):
+        layouts.packed(pairs, [0, 1], pad_id=0, max_tokens=3)
+
+
+def test_prefix_sharing_computes_fewer_positions():
+    pairs = edge_pairs()
+    idx = list(range(len(pairs)))
+    padded = layouts.padded(pairs, idx, 0)
+    packed = layouts.packed(pairs, idx, 0)
+    shared = layouts.prefix_shared(pairs, idx, 0)
+    assert shared.tokens < packed.tokens == padded.tokens
+    assert shared.positions <= packed.positions < padded.positions
+
+
+def test_unsupported_architectures_are_refused_with_a_reason():
+    from transformers import OPTConfig
+
+    with pytest.raises(ValueError, match="--train.layout padded"):
+        attention.check_support(OPTConfig(), "prefix_shared", 512)
+    attention.check_support(OPTConfig(), "padded", 512)
+    from test_model import tiny_config
+
+    window = tiny_config("gemma2")
+    with pytest.raises(ValueError, match="sliding window"):
+        attention.check_support(window, "packed", 4096)
+    attention.check_support(window, "packed", 64)
+    with pytest.raises(ValueError, match="softcapped"):
+        attention.check_support(window, "packed", 64, "segments")
