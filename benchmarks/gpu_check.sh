@@ -30,5 +30,12 @@ tail -5 "$RESULTS/tests.log"
 echo "== GPU benchmark"
 timeout 270 $PY benchmarks/bench_loss.py --device cuda --repeats 50 --warmup 5 --out "$RESULTS" || status=1
 
+echo "== a few training steps of each layout on the GPU (log: train.log)"
+for layout in padded packed prefix_shared; do
+  timeout 120 $PY -m rmfast.cli --demo --train.output_dir "/tmp/rmfast-gpu-$layout" --train.layout $layout \
+    --train.max_steps 30 --train.eval_every 0 --model.dtype bf16 >> "$RESULTS/train.log" 2>&1 || status=1
+  grep -E "layout:|final eval" "$RESULTS/train.log" | tail -2
+done
+
 echo "results in $RESULTS (exit $status)"
 exit $status

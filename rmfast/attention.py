@@ -54,8 +54,9 @@ def segment_attention(module, query, key, value, attention_mask, scaling=None, d
         key = key.repeat_interleave(groups, dim=1)
         value = value.repeat_interleave(groups, dim=1)
     drop = dropout if module.training else 0.0
-    out = query.new_zeros(query.shape)
-    for b in blocks:
+    B, H, L, D = query.shape
+    pieces = [[] for _ in range(B)]  # per row: (q0, q1, output), concatenated below (no in-place writes,
+    for b in blocks:                 # whose backward would copy the whole output once per block)
         q = query[b.row, :, b.q0:b.q1]
         k = key[b.row, :, b.q0:b.q1]
         v = value[b.row, :, b.q0:b.q1]
@@ -69,8 +70,19 @@ def segment_attention(module, query, key, value, attention_mask, scaling=None, d
             mask = torch.ones(n, p + n, dtype=torch.bool, device=q.device)
             mask[:, p:] = torch.ones(n, n, dtype=torch.bool, device=q.device).tril()
             o = F.scaled_dot_product_attention(q, k, v, attn_mask=mask, scale=scaling, dropout_p=drop)
-        out[b.row, :, b.q0:b.q1] = o
-    return out.transpose(1, 2).contiguous(), None
+        pieces[b.row].append((b.q0, b.q1, o))
+    rows = []
+    for row in pieces:
+        parts, at = [], 0
+        for q0, q1, o in sorted(row, key=lambda t: t[0]):
+            if q0 > at:  # padding positions: zeros (never read)
+                parts.append(query.new_zeros(H, q0 - at, D))
+            parts.append(o)
+            at = q1
+        if at < L:
+            parts.append(query.new_zeros(H, L - at, D))
+        rows.append(torch.cat(parts, dim=1))
+    return torch.stack(rows).transpose(1, 2).contiguous(), None
 
 
 def _no_mask(*args, **kwargs):

@@ -40,7 +40,8 @@ class TrainConfig:
                      choices=["auto", "padded", "packed", "prefix_shared"])
     attention: str = _f("auto", "attention of the packed layouts: segments (one sdpa per block) or dense "
                                 "(one 4-D mask, the reference)", choices=["auto", "segments", "dense"])
-    row_tokens: int = _f(0, "packed layouts: tokens per packed row (0: the micro-batch's longest unit)")
+    row_tokens: int = _f(0, "packed layouts: tokens per packed row (0: one row per micro-batch with segment "
+                            "attention, rows as long as the longest sequence or pair with the dense mask)")
     pairs_per_batch: int = _f(8, "pairs per micro-batch per rank (when token_budget is 0)")
     token_budget: int = _f(0, "tokens per micro-batch per rank instead of a fixed number of pairs")
     grad_accum: int = _f(1, "micro-batches per optimizer step")

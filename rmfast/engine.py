@@ -201,8 +201,10 @@ class Trainer:
             batch = layouts.padded(pairs, indices, self.tokenizer.pad_token_id, use_margin=t.use_margin)
         else:
             make = layouts.packed if self.layout == "packed" else layouts.prefix_shared
-            batch = make(pairs, indices, self.tokenizer.pad_token_id, max_tokens=t.row_tokens or None,
-                         use_margin=t.use_margin)
+            # segment attention pays nothing for long rows: one row, no padding. The dense mask is L×L per
+            # row, so rows stay as short as the longest unit.
+            rows = t.row_tokens or (10**9 if self.attention == "segments" else None)
+            batch = make(pairs, indices, self.tokenizer.pad_token_id, max_tokens=rows, use_margin=t.use_margin)
         return batch.to(self.device)
 
     def forward(self, batch):

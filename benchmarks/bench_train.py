@@ -1,0 +1,224 @@
+"""End-to-end reward-model training throughput on the HH-RLHF sample, one process.
+
+Every contender trains the same small Llama (a fresh copy from one seed) with AdamW on the same pairs, the
+same number of pairs per step and the same steps:
+  dschat          DeepSpeed-Chat step 2: pad every sequence to 512, value head on every token, per-pair
+                  loss over the span from the first differing token
+  trl             TRL's RewardTrainer: pad to the batch's longest sequence, eager last-token loss
+  rmfast-padded   rmfast, [2P, L] padded to the batch's longest, fused loss
+  rmfast-packed   rmfast, sequences packed end to end, segment attention
+  rmfast-prefix   rmfast, prefix_shared: the shared prompt computed once, segment attention
+
+It reports pairs/s (median over the timed steps), token positions computed per pair against the unique
+tokens per pair (prompt once, both responses), and peak memory (each contender runs in its own process;
+peak RSS minus the RSS before its first step); CSV + PNG + a Markdown table in
+benchmarks/results/. The tokenizer is a byte-level BPE trained on the sample itself.
+
+    python benchmarks/bench_train.py [--data ../shared/data/hh-rlhf-harmless-sample.jsonl.gz]
+"""
+
+import argparse
+import csv
+import gc
+import json
+import statistics
+import subprocess
+import sys
+import tempfile
+import time
+from pathlib import Path
+
+import numpy as np
+import torch
+import torch.nn.functional as F
+
+sys.path.insert(0, str(Path(__file__).resolve().parent))
+from bench_loss import _rss_bytes, dschat_loss, machine_description  # noqa: E402
+
+from rmfast import attention, layouts  # noqa: E402
+from rmfast.data import DataConfig, load_data  # noqa: E402
+from rmfast.data.tokenizers import train_bpe_tokenizer  # noqa: E402
+from rmfast.model import RewardModel  # noqa: E402
+from rmfast.nn import RewardHead  # noqa: E402
+
+ROOT = Path(__file__).resolve().parents[1]
+RESULTS = ROOT / "benchmarks" / "results"
+DEFAULT_DATA = ROOT.parent / "shared" / "data" / "hh-rlhf-harmless-sample.jsonl.gz"
+CONTENDERS = ("dschat", "trl", "rmfast-padded", "rmfast-packed", "rmfast-prefix")
+
+
+def build_model(vocab, pad_id, seed, hidden, layers):
+    from transformers import LlamaConfig, LlamaModel
+
+    cfg = LlamaConfig(vocab_size=vocab, hidden_size=hidden, intermediate_size=hidden * 8 // 3, num_hidden_layers=layers,
+                      num_attention_heads=hidden // 64, num_key_value_heads=hidden // 64, max_position_embeddings=1024,
+                      pad_token_id=pad_id, tie_word_embeddings=False)
+    torch.manual_seed(seed)
+    backbone = LlamaModel(cfg)
+    head = RewardHead(hidden)
+    return RewardModel(backbone, head)
+
+
+def make_step(name, model, pairs, pad_id):
+    """A function(indices) → loss for one contender."""
+    if name == "dschat":
+        def step(idx):
+            b = layouts.padded(pairs, idx, pad_id)
+            L = 512
+            ids = torch.full((b.input_ids.shape[0], L), pad_id, dtype=torch.long)
+            ids[:, : b.input_ids.shape[1]] = b.input_ids
+            mask = (torch.arange(L)[None, :] < b.attention_mask.sum(1, keepdim=True)).long()
+            hidden = model.hidden_states(ids, mask)
+            return dschat_loss(hidden, model.head.weight, ids, pad_id=pad_id), ids.numel(), b.tokens
+        return step
+    if name == "trl":
+        def step(idx):
+            b = layouts.padded(pairs, idx, pad_id)
+            hidden = model.hidden_states(b.input_ids, b.attention_mask)
+            rows = hidden.reshape(-1, hidden.shape[-1])[torch.cat([b.chosen_index, b.rejected_index])]
+            r = F.linear(rows, model.head.weight.unsqueeze(0)).squeeze(-1).float()
+            rc, rr = r.split(len(idx))
+            return -F.logsigmoid(rc - rr).mean(), b.positions, b.tokens
+        return step
+    layout = {"rmfast-padded": "padded", "rmfast-packed": "packed", "rmfast-prefix": "prefix_shared"}[name]
+    if layout != "padded":
+        attention.register()
+        model.backbone.set_attn_implementation(attention.SEGMENTS)
+
+    def step(idx):
+        if layout == "padded":
+            b = layouts.padded(pairs, idx, pad_id)
+        else:  # one row: segment attention pays nothing for it, and there is no padding
+            b = getattr(layouts, layout)(pairs, idx, pad_id, max_tokens=10**9)
+        inputs = attention.model_inputs(b, "segments")
+        mask, pos = inputs.pop("attention_mask"), inputs.pop("position_ids")
+        out = model(b.input_ids, mask, b.chosen_index, b.rejected_index, position_ids=pos, **inputs)
+        return out.loss, b.positions, b.tokens
+    return step
+
+
+def run(name, pairs, order, args, vocab, pad_id):
+    model = build_model(vocab, pad_id, args.seed, args.hidden, args.layers)
+    optimizer = torch.optim.AdamW(model.parameters(), lr=1e-4)
+    step = make_step(name, model, pairs, pad_id)
+    times, positions, tokens, losses = [], [], [], []
+    gc.collect()
+    base = _rss_bytes("VmRSS:")  # a fresh process: its peak RSS from here on is this contender's
+    for s in range(args.warmup + args.steps):
+        idx = order[s * args.pairs:(s + 1) * args.pairs]
+        t0 = time.perf_counter()
+        loss, pos, tok = step(idx)
+        optimizer.zero_grad(set_to_none=True)
+        loss.backward()
+        optimizer.step()
+        elapsed = time.perf_counter() - t0
+        if s >= args.warmup:
+            times.append(elapsed)
+            positions.append(pos)
+            tokens.append(tok)
+        losses.append(float(loss.detach()))
+    peak = _rss_bytes("VmHWM:") - base
+    med = statistics.median(times)
+    return {"contender": name, "pairs_per_s": round(args.pairs / med, 3), "step_s": round(med, 4),
+            "positions_per_pair": round(sum(positions) / (args.pairs * len(positions)), 1),
+            "tokens_per_pair": round(sum(tokens) / (args.pairs * len(tokens)), 1),
+            "peak_mb": round(max(peak, 0) / 2**20, 1), "first_loss": round(losses[0], 4)}
+
+
+def plot(rows, path, title):
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    fig, (a, b) = plt.subplots(1, 2, figsize=(11, 4))
+    names = [r["contender"] for r in rows]
+    a.bar(names, [r["pairs_per_s"] for r in rows], color="tab:blue")
+    a.set_ylabel("pairs / s")
+    a.set_title("training throughput")
+    b.bar(names, [r["positions_per_pair"] for r in rows], color="tab:orange", label="computed")
+    b.plot(names, [r["unique_tokens_per_pair"] for r in rows], "k_", markersize=30, label="unique tokens")
+    b.set_ylabel("token positions per pair")
+    b.set_title("work per pair")
+    b.legend()
+    for ax in (a, b):
+        ax.tick_params(axis="x", labelrotation=20, labelsize=8)
+    fig.suptitle(title, fontsize=9)
+    fig.tight_layout()
+    fig.savefig(path, dpi=120)
+
+
+def main(argv=None):
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--data", default=str(DEFAULT_DATA))
+    parser.add_argument("--pairs", type=int, default=8, help="pairs per step, for every contender")
+    parser.add_argument("--steps", type=int, default=8, help="timed steps")
+    parser.add_argument("--warmup", type=int, default=2)
+    parser.add_argument("--hidden", type=int, default=256)
+    parser.add_argument("--layers", type=int, default=6)
+    parser.add_argument("--vocab", type=int, default=8000)
+    parser.add_argument("--seed", type=int, default=0)
+    parser.add_argument("--contenders", default=",".join(CONTENDERS))
+    parser.add_argument("--out", default=str(RESULTS))
+    parser.add_argument("--tag", default="cpu")
+    parser.add_argument("--one", help=argparse.SUPPRESS)
+    args = parser.parse_args(argv)
+    torch.manual_seed(args.seed)
+
+    import gzip
+
+    texts = [json.loads(line)["chosen"] for line in gzip.open(args.data, "rt")]
+    tok = train_bpe_tokenizer(texts, vocab_size=args.vocab)
+    with tempfile.TemporaryDirectory() as cache:
+        pairs, _, report = load_data(DataConfig(train=[args.data], max_length=512, cache_dir=cache), tok,
+                                     progress=False)
+    order = np.random.default_rng(args.seed).permutation(len(pairs))[: (args.warmup + args.steps) * args.pairs].tolist()
+    timed = order[args.warmup * args.pairs:]
+    c, r, s = pairs.chosen_lengths[timed], pairs.rejected_lengths[timed], pairs.shared[timed].astype(np.int64)
+    unique = float((c + r - s).mean())
+    n_params = sum(p.numel() for p in build_model(len(tok), tok.pad_token_id, 0, args.hidden, args.layers).parameters())
+    machine = machine_description("cpu")
+    if args.one:  # a child process: one contender, its result as one JSON line
+        print("RESULT " + json.dumps(run(args.one, pairs, order, args, len(tok), tok.pad_token_id)), flush=True)
+        return
+    print(f"machine: {machine}\nmodel: Llama, {n_params / 1e6:.1f}M parameters; {len(pairs)} pairs, "
+          f"{args.pairs} per step, {args.steps} timed steps; unique tokens per pair {unique:.1f}", flush=True)
+    rows = []
+    for name in args.contenders.split(","):
+        # each contender in a fresh process: no allocator state carried over, and its peak RSS is its own
+        child = subprocess.run([sys.executable, __file__, "--one", name] + (argv if argv is not None else sys.argv[1:]),
+                               capture_output=True, text=True, check=True)
+        row = json.loads(next(x for x in child.stdout.splitlines() if x.startswith("RESULT "))[7:])
+        row["unique_tokens_per_pair"] = round(unique, 1)
+        rows.append(row)
+        print(f"  {name:<15} {row['pairs_per_s']:8.2f} pairs/s  {row['positions_per_pair']:7.1f} positions/pair  "
+              f"{row['peak_mb']:8.1f} MB  first loss {row['first_loss']}", flush=True)
+    base = {r["contender"]: r["pairs_per_s"] for r in rows}
+    best = base.get("rmfast-prefix")
+    for r in rows:
+        r["prefix_speedup"] = round(best / r["pairs_per_s"], 2) if best else ""
+    out = Path(args.out)
+    out.mkdir(parents=True, exist_ok=True)
+    with open(out / f"bench_train_{args.tag}.csv", "w", newline="") as f:
+        w = csv.DictWriter(f, fieldnames=["machine", "params_m"] + list(rows[0]))
+        w.writeheader()
+        for r in rows:
+            w.writerow({"machine": machine, "params_m": round(n_params / 1e6, 2), **r})
+    title = f"HH-RLHF sample, Llama {n_params / 1e6:.1f}M, {args.pairs} pairs/step; {machine}"
+    plot(rows, out / f"bench_train_{args.tag}.png", title)
+    head = "| contender | pairs/s | prefix_shared speed-up | positions/pair | unique tokens/pair | peak MB |"
+    lines = [head, "|---|---|---|---|---|---|"]
+    for r in rows:
+        lines.append(f"| {r['contender']} | {r['pairs_per_s']:.2f} | {r['prefix_speedup']}× | "
+                     f"{r['positions_per_pair']:.1f} | {r['unique_tokens_per_pair']:.1f} | {r['peak_mb']:.0f} |")
+    command = "python benchmarks/bench_train.py " + " ".join(argv if argv is not None else sys.argv[1:])
+    (out / f"bench_train_{args.tag}.md").write_text(
+        f"# bench_train ({args.tag})\n\ncommand: `{command.strip()}`  \nmachine: {machine}  \n"
+        f"model: Llama, {n_params / 1e6:.1f}M parameters, BPE vocabulary {len(tok)} trained on the sample; "
+        f"{args.pairs} pairs per step, median over {args.steps} steps after {args.warmup} warm-up steps; "
+        f"max_length 512.\n\n" + "\n".join(lines) + "\n")
+    print("\n" + "\n".join(lines))
+
+
+if __name__ == "__main__":
+    main()
