@@ -5,13 +5,17 @@
 - ``segments``: an attention function registered with transformers' AttentionInterface. It runs one
   sdpa per block of the layout (a sequence, or a pair's prefix+chosen / rejected parts), so masked-out
   blocks cost nothing and no L×L mask is built.
+- ``flex``: torch's FlexAttention with a BlockMask built from the layout (compiled on CUDA), which skips
+  empty blocks and builds no L×L mask. FlexAttention has no backward on CPU, so there it serves
+  evaluation only; ``auto`` picks it for CUDA tensors and ``segments`` for CPU ones.
 """
 
 import torch
 import torch.nn.functional as F
 
-ATTENTIONS = ("auto", "dense", "segments")
+ATTENTIONS = ("auto", "dense", "segments", "flex")
 SEGMENTS = "rmfast_segments"
+FLEX = "rmfast_flex"
 
 # Supported for the packed layouts: their attention honours explicit position_ids and a custom mask, and
 # the exactness tests pass (tests/test_layouts.py). Softcapped attention (Gemma 2) runs with the dense
@@ -34,14 +38,16 @@ def check_support(config, layout, max_length, attention="auto"):
         raise ValueError(f"layout {layout!r}: {kind} uses a {window}-token sliding window, shorter than "
                          f"data.max_length={max_length}; packed masks do not apply it. Lower max_length to "
                          f"{window} or use --train.layout padded")
-    if attention == "segments" and kind in DENSE_ONLY:
-        raise ValueError(f"attention 'segments' does not support {kind} (softcapped attention); use dense or auto")
+    if attention in ("segments", "flex") and kind in DENSE_ONLY:
+        raise ValueError(f"attention {attention!r} does not support {kind} (softcapped attention); use dense or auto")
 
 
-def resolve_attention(config, attention):
+def resolve_attention(config, attention, device_type="cpu"):
     if attention != "auto":
         return attention
-    return "dense" if getattr(config, "model_type", "") in DENSE_ONLY else "segments"
+    if getattr(config, "model_type", "") in DENSE_ONLY:
+        return "dense"
+    return "flex" if device_type == "cuda" else "segments"
 
 
 def segment_attention(module, query, key, value, attention_mask, scaling=None, dropout=0.0, **kwargs):
@@ -85,6 +91,53 @@ def segment_attention(module, query, key, value, attention_mask, scaling=None, d
     return torch.stack(rows).transpose(1, 2).contiguous(), None
 
 
+_compiled_flex = None
+
+
+def flex_attention_fn(module, query, key, value, attention_mask, scaling=None, dropout=0.0, **kwargs):
+    """query [B, Hq, L, D], key / value [B, Hkv, L, D] → ([B, L, Hq, D], None) through FlexAttention."""
+    global _compiled_flex
+    from torch.nn.attention.flex_attention import flex_attention
+
+    block_mask = kwargs.get("rmfast_block_mask")
+    if block_mask is None:
+        raise RuntimeError("flex attention needs the layout's BlockMask (pass rmfast_block_mask=...)")
+    fn = flex_attention
+    if query.is_cuda:  # eager FlexAttention is a slow reference; compiled, it is a fused kernel
+        if _compiled_flex is None:
+            _compiled_flex = torch.compile(flex_attention, dynamic=False)
+        fn = _compiled_flex
+    out = fn(query, key, value, block_mask=block_mask, scale=scaling, enable_gqa=query.shape[1] != key.shape[1])
+    return out.transpose(1, 2).contiguous(), None
+
+
+def block_mask(batch, device=None):
+    """A FlexAttention BlockMask for a packed batch: a token sees earlier tokens of its own unit (a
+    sequence, or a pair), except that rejected-suffix tokens never see chosen-suffix ones; padding sees
+    itself only."""
+    from torch.nn.attention.flex_attention import create_block_mask
+
+    R, L = batch.input_ids.shape
+    unit = torch.full((R, L), -1, dtype=torch.long)
+    kind = torch.zeros((R, L), dtype=torch.long)  # 1: chosen suffix, 2: rejected suffix
+    for u, b in enumerate(x for x in batch.blocks if x.prefix is None):
+        unit[b.row, b.q0:b.q1] = u
+    for b in batch.blocks:
+        if b.prefix is not None:
+            p0, p1 = b.prefix
+            unit[b.row, b.q0:b.q1] = unit[b.row, p0]
+            kind[b.row, p1:b.q0] = 1
+            kind[b.row, b.q0:b.q1] = 2
+    device = device or batch.input_ids.device
+    unit, kind = unit.to(device), kind.to(device)
+
+    def mask_mod(b, h, q, k):
+        same = (unit[b, q] == unit[b, k]) & (k <= q) & ~((kind[b, q] == 2) & (kind[b, k] == 1))
+        return (same & (unit[b, q] >= 0)) | (q == k)
+
+    return create_block_mask(mask_mod, R, None, L, L, device=str(device))
+
+
 def _no_mask(*args, **kwargs):
     return None  # the blocks are the mask
 
@@ -101,6 +154,8 @@ def register():
 
         AttentionInterface.register(SEGMENTS, segment_attention)
         AttentionMaskInterface.register(SEGMENTS, _no_mask)
+        AttentionInterface.register(FLEX, flex_attention_fn)
+        AttentionMaskInterface.register(FLEX, _no_mask)
         _registered = True
 
 
@@ -110,6 +165,8 @@ def model_inputs(batch, attention, dtype=torch.float32, eager=False):
         return {"attention_mask": batch.attention_mask, "position_ids": batch.position_ids}
     if attention == "segments":
         return {"attention_mask": None, "position_ids": batch.position_ids, "rmfast_blocks": batch.blocks}
+    if attention == "flex":
+        return {"attention_mask": None, "position_ids": batch.position_ids, "rmfast_block_mask": block_mask(batch)}
     from .layouts import dense_mask
 
     mask = dense_mask(batch).to(batch.input_ids.device)

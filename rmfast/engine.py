@@ -155,13 +155,16 @@ class Trainer:
                                                  trust_remote_code=config.model.trust_remote_code)
         if added_pad:
             self.model.backbone.resize_token_embeddings(len(self.tokenizer))
-        self.layout, self.attention = choose_layout(self.model.backbone.config, config, self.log if self.rank == 0 else None)
+        self.layout, self.attention = choose_layout(self.model.backbone.config, config, self.device.type,
+                                                    self.log if self.rank == 0 else None)
         self.eager = getattr(self.model.backbone.config, "_attn_implementation", "") == "eager"
-        if self.layout != "padded" and self.attention == "segments":
-            from .attention import SEGMENTS, register
+        if self.layout != "padded" and self.attention in ("segments", "flex"):
+            from .attention import FLEX, SEGMENTS, register
 
+            if self.attention == "flex" and self.device.type != "cuda":
+                raise ValueError("attention 'flex': FlexAttention has no backward on CPU; use segments")
             register()
-            self.model.backbone.set_attn_implementation(SEGMENTS)
+            self.model.backbone.set_attn_implementation(SEGMENTS if self.attention == "segments" else FLEX)
         if config.model.gradient_checkpointing:
             self.model.backbone.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
 
@@ -203,7 +206,7 @@ class Trainer:
             make = layouts.packed if self.layout == "packed" else layouts.prefix_shared
             # segment attention pays nothing for long rows: one row, no padding. The dense mask is L×L per
             # row, so rows stay as short as the longest unit.
-            rows = t.row_tokens or (10**9 if self.attention == "segments" else None)
+            rows = t.row_tokens or (10**9 if self.attention in ("segments", "flex") else None)
             batch = make(pairs, indices, self.tokenizer.pad_token_id, max_tokens=rows, use_margin=t.use_margin)
         return batch.to(self.device)
 
@@ -337,7 +340,7 @@ class Trainer:
         self.log(f"resumed from {tag} at step {self.step}")
 
 
-def choose_layout(backbone_config, config: Config, log=None):
+def choose_layout(backbone_config, config: Config, device_type="cpu", log=None):
     """(layout, attention) for this model: 'auto' takes prefix_shared where supported, else padded."""
     from .attention import check_support, resolve_attention
 
@@ -352,7 +355,7 @@ def choose_layout(backbone_config, config: Config, log=None):
             if log:
                 log(f"layout: padded ({exc})")
     check_support(backbone_config, layout, config.data.max_length, t.attention)
-    attention = resolve_attention(backbone_config, t.attention) if layout != "padded" else "padding mask"
+    attention = resolve_attention(backbone_config, t.attention, device_type) if layout != "padded" else "padding mask"
     if log:
         log(f"layout: {layout}, attention: {attention}")
     return layout, attention
