@@ -59,21 +59,21 @@ def build_model(vocab, pad_id, seed, hidden, layers):
     return RewardModel(backbone, head)
 
 
-def make_step(name, model, pairs, pad_id):
+def make_step(name, model, pairs, pad_id, device="cpu", how="segments"):
     """A function(indices) → loss for one contender."""
     if name == "dschat":
         def step(idx):
-            b = layouts.padded(pairs, idx, pad_id)
+            b = layouts.padded(pairs, idx, pad_id).to(device)
             L = 512
-            ids = torch.full((b.input_ids.shape[0], L), pad_id, dtype=torch.long)
+            ids = torch.full((b.input_ids.shape[0], L), pad_id, dtype=torch.long, device=device)
             ids[:, : b.input_ids.shape[1]] = b.input_ids
-            mask = (torch.arange(L)[None, :] < b.attention_mask.sum(1, keepdim=True)).long()
+            mask = (torch.arange(L, device=device)[None, :] < b.attention_mask.sum(1, keepdim=True)).long()
             hidden = model.hidden_states(ids, mask)
             return dschat_loss(hidden, model.head.weight, ids, pad_id=pad_id), ids.numel(), b.tokens
         return step
     if name == "trl":
         def step(idx):
-            b = layouts.padded(pairs, idx, pad_id)
+            b = layouts.padded(pairs, idx, pad_id).to(device)
             hidden = model.hidden_states(b.input_ids, b.attention_mask)
             rows = hidden.reshape(-1, hidden.shape[-1])[torch.cat([b.chosen_index, b.rejected_index])]
             r = F.linear(rows, model.head.weight.unsqueeze(0)).squeeze(-1).float()
@@ -83,14 +83,14 @@ def make_step(name, model, pairs, pad_id):
     layout = {"rmfast-padded": "padded", "rmfast-packed": "packed", "rmfast-prefix": "prefix_shared"}[name]
     if layout != "padded":
         attention.register()
-        model.backbone.set_attn_implementation(attention.SEGMENTS)
+        model.backbone.set_attn_implementation(attention.SEGMENTS if how == "segments" else attention.FLEX)
 
     def step(idx):
         if layout == "padded":
-            b = layouts.padded(pairs, idx, pad_id)
-        else:  # one row: segment attention pays nothing for it, and there is no padding
-            b = getattr(layouts, layout)(pairs, idx, pad_id, max_tokens=10**9)
-        inputs = attention.model_inputs(b, "segments")
+            b = layouts.padded(pairs, idx, pad_id).to(device)
+        else:  # one row: segment / flex attention pays nothing for it, and there is no padding
+            b = getattr(layouts, layout)(pairs, idx, pad_id, max_tokens=10**9).to(device)
+        inputs = attention.model_inputs(b, how if layout != "padded" else "segments")
         mask, pos = inputs.pop("attention_mask"), inputs.pop("position_ids")
         out = model(b.input_ids, mask, b.chosen_index, b.rejected_index, position_ids=pos, **inputs)
         return out.loss, b.positions, b.tokens
@@ -98,12 +98,21 @@ def make_step(name, model, pairs, pad_id):
 
 
 def run(name, pairs, order, args, vocab, pad_id):
-    model = build_model(vocab, pad_id, args.seed, args.hidden, args.layers)
+    cuda = args.device == "cuda"
+    model = build_model(vocab, pad_id, args.seed, args.hidden, args.layers).to(args.device)
+    if cuda and args.dtype == "bf16":
+        model = model.to(torch.bfloat16)
     optimizer = torch.optim.AdamW(model.parameters(), lr=1e-4)
-    step = make_step(name, model, pairs, pad_id)
+    how = args.attention if args.attention != "auto" else ("flex" if cuda else "segments")
+    step = make_step(name, model, pairs, pad_id, args.device, how)
     times, positions, tokens, losses = [], [], [], []
     gc.collect()
-    base = _rss_bytes("VmRSS:")  # a fresh process: its peak RSS from here on is this contender's
+    if cuda:
+        torch.cuda.synchronize()
+        base = torch.cuda.memory_allocated()
+        torch.cuda.reset_peak_memory_stats()
+    else:
+        base = _rss_bytes("VmRSS:")  # a fresh process: its peak RSS from here on is this contender's
     for s in range(args.warmup + args.steps):
         idx = order[s * args.pairs:(s + 1) * args.pairs]
         t0 = time.perf_counter()
@@ -111,13 +120,15 @@ def run(name, pairs, order, args, vocab, pad_id):
         optimizer.zero_grad(set_to_none=True)
         loss.backward()
         optimizer.step()
+        if cuda:
+            torch.cuda.synchronize()
         elapsed = time.perf_counter() - t0
         if s >= args.warmup:
             times.append(elapsed)
             positions.append(pos)
             tokens.append(tok)
         losses.append(float(loss.detach()))
-    peak = _rss_bytes("VmHWM:") - base
+    peak = (torch.cuda.max_memory_allocated() if cuda else _rss_bytes("VmHWM:")) - base
     med = statistics.median(times)
     return {"contender": name, "pairs_per_s": round(args.pairs / med, 3), "step_s": round(med, 4),
             "positions_per_pair": round(sum(positions) / (args.pairs * len(positions)), 1),
@@ -160,7 +171,11 @@ def main(argv=None):
     parser.add_argument("--seed", type=int, default=0)
     parser.add_argument("--contenders", default=",".join(CONTENDERS))
     parser.add_argument("--out", default=str(RESULTS))
-    parser.add_argument("--tag", default="cpu")
+    parser.add_argument("--device", default="cpu", choices=["cpu", "cuda"])
+    parser.add_argument("--dtype", default="fp32", choices=["fp32", "bf16"], help="model dtype on CUDA")
+    parser.add_argument("--attention", default="auto", choices=["auto", "segments", "flex"],
+                        help="packed layouts' attention (auto: flex on CUDA, segments on CPU)")
+    parser.add_argument("--tag", default=None, help="results file suffix (default: the device)")
     parser.add_argument("--one", help=argparse.SUPPRESS)
     args = parser.parse_args(argv)
     torch.manual_seed(args.seed)
@@ -177,7 +192,8 @@ def main(argv=None):
     c, r, s = pairs.chosen_lengths[timed], pairs.rejected_lengths[timed], pairs.shared[timed].astype(np.int64)
     unique = float((c + r - s).mean())
     n_params = sum(p.numel() for p in build_model(len(tok), tok.pad_token_id, 0, args.hidden, args.layers).parameters())
-    machine = machine_description("cpu")
+    args.tag = args.tag or args.device
+    machine = machine_description(args.device)
     if args.one:  # a child process: one contender, its result as one JSON line
         print("RESULT " + json.dumps(run(args.one, pairs, order, args, len(tok), tok.pad_token_id)), flush=True)
         return

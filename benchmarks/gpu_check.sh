@@ -37,5 +37,9 @@ for layout in padded packed prefix_shared; do
   grep -E "layout:|final eval" "$RESULTS/train.log" | tail -2
 done
 
+echo "== training throughput on the GPU, larger model (bench_train_cuda.*)"
+timeout 240 $PY benchmarks/bench_train.py --device cuda --dtype bf16 --hidden 1024 --layers 8 --steps 10 \
+  --out "$RESULTS" || status=1
+
 echo "results in $RESULTS (exit $status)"
 exit $status
