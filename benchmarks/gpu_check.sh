@@ -1,10 +1,12 @@
 #!/usr/bin/env bash
 # One script for a GPU machine: build the extension there, run the CUDA tests and the GPU benchmarks,
-# and leave every result in one folder (default: $OUT when set, else benchmarks/results/gpu).
+# and leave every result in one folder (default benchmarks/results/gpu). When $OUT is set (the device
+# tool's return folder, which takes at most 8 files) the folder is also packed into $OUT/gpu_check.tar.gz,
+# with the Markdown tables and the test log beside it.
 # Budget: under 8 minutes on an H100/H200. Usage: bash benchmarks/gpu_check.sh [RESULTS_DIR]
 set -uo pipefail
 cd "$(dirname "$0")/.."
-RESULTS=${1:-${OUT:-benchmarks/results/gpu}}
+RESULTS=${1:-benchmarks/results/gpu}
 PY=${PYTHON:-python3}
 export PYTHONUNBUFFERED=1
 mkdir -p "$RESULTS"
@@ -41,5 +43,9 @@ echo "== training throughput on the GPU, larger model (bench_train_cuda.*)"
 timeout 240 $PY benchmarks/bench_train.py --device cuda --dtype bf16 --hidden 1024 --layers 8 --steps 10 \
   --out "$RESULTS" || status=1
 
+if [ -n "${OUT:-}" ]; then
+  tar -czf "$OUT/gpu_check.tar.gz" -C "$RESULTS" .
+  cp "$RESULTS"/*.md "$RESULTS/tests.log" "$OUT/" 2>/dev/null
+fi
 echo "results in $RESULTS (exit $status)"
 exit $status
