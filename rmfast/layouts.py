@@ -140,10 +140,10 @@ def _margin(pairs, indices, use_margin):
     return torch.from_numpy(np.nan_to_num(m, nan=0.0).astype(np.float32)) if np.isfinite(m).any() else None
 
 
-def packed(pairs, indices, pad_id, max_tokens=None, use_margin=True):
-    """Every chosen and rejected sequence laid end to end in rows of at most max_tokens (default: the
-    longest sequence); positions restart at 0 for each sequence, which sees only its own earlier tokens."""
-    seqs = [pairs.chosen[i] for i in indices] + [pairs.rejected[i] for i in indices]
+def pack_sequences(seqs, pad_id, max_tokens=None):
+    """Sequences laid end to end in rows of at most max_tokens (default: the longest sequence); positions
+    restart at 0 for each, which sees only its own earlier tokens. chosen_index holds every sequence's
+    last-token index (rejected_index is empty)."""
     lengths = [len(s) for s in seqs]
     capacity = max_tokens or max(lengths)
     _check_capacity(max(lengths), capacity, "sequence")
@@ -161,9 +161,18 @@ def packed(pairs, indices, pad_id, max_tokens=None, use_margin=True):
             start += n
         rows_tokens.append(toks)
         rows_pos.append(pos)
+    return _finish(rows_tokens, rows_pos, blocks, last, [], pad_id, None, sum(lengths))
+
+
+def packed(pairs, indices, pad_id, max_tokens=None, use_margin=True):
+    """Every chosen and rejected sequence of the pairs, packed (see pack_sequences)."""
+    seqs = [pairs.chosen[i] for i in indices] + [pairs.rejected[i] for i in indices]
+    batch = pack_sequences(seqs, pad_id, max_tokens)
     P = len(indices)
-    return _finish(rows_tokens, rows_pos, blocks, last[:P], last[P:], pad_id, _margin(pairs, indices, use_margin),
-                   sum(lengths))
+    last = batch.chosen_index
+    batch.chosen_index, batch.rejected_index = last[:P].clone(), last[P:].clone()
+    batch.margin = _margin(pairs, indices, use_margin)
+    return batch
 
 
 def prefix_shared(pairs, indices, pad_id, max_tokens=None, use_margin=True):

@@ -13,10 +13,10 @@ from rmfast.nn import RewardHead
 VOCAB = 96
 
 
-def tiny_config(arch, pad_id=0, eos_id=2, bos_id=1):
+def tiny_config(arch, pad_id=0, eos_id=2, bos_id=1, vocab=VOCAB):
     import transformers as tf
 
-    common = dict(vocab_size=VOCAB, pad_token_id=pad_id, eos_token_id=eos_id, bos_token_id=bos_id)
+    common = dict(vocab_size=vocab, pad_token_id=pad_id, eos_token_id=eos_id, bos_token_id=bos_id)
     llama_like = dict(hidden_size=32, intermediate_size=64, num_hidden_layers=2, num_attention_heads=4,
                       num_key_value_heads=2, max_position_embeddings=128, **common)
     if arch == "llama":
@@ -39,11 +39,12 @@ def tiny_config(arch, pad_id=0, eos_id=2, bos_id=1):
 ARCHS = ["llama", "mistral", "qwen2", "qwen3", "gemma2", "phi3", "gpt2"]
 
 
-def build(tmp_path, arch, bias=False, seed=0):
+def build(tmp_path, arch, bias=False, seed=0, vocab=VOCAB):
     from transformers import AutoModel
 
     torch.manual_seed(seed)
-    backbone = AutoModel.from_config(tiny_config(arch), attn_implementation="eager" if arch == "gemma2" else "sdpa")
+    backbone = AutoModel.from_config(tiny_config(arch, vocab=vocab),
+                                     attn_implementation="eager" if arch == "gemma2" else "sdpa")
     backbone.eval()
     head = RewardHead(backbone.config.hidden_size if hasattr(backbone.config, "hidden_size") else 32, bias=bias)
     with torch.no_grad():

@@ -1,0 +1,196 @@
+"""rmfast-score: score data with a trained (exported) reward model.
+
+  rmfast-score MODEL_DIR pairs.jsonl --out scores.jsonl        # pairs: rewards, margin, accuracy
+  rmfast-score MODEL_DIR texts.jsonl --out scores.parquet      # rows with a `text` (or `messages`) field
+
+Pairs are read like training data (same formats, checks and --on-bad-row) and scored with the
+prefix-shared layout; single sequences are packed. Batches hold up to --token-budget tokens.
+--normalize subtracts the export's eval reward mean and divides by its std.
+"""
+
+import argparse
+import json
+import sys
+from pathlib import Path
+
+import numpy as np
+import torch
+
+from . import attention, layouts
+from .data import DataConfig, DataError, load_data
+from .data.sampler import PairSampler
+from .data.sources import iter_rows
+from .model import RewardModel
+
+
+def _device(name):
+    if name == "auto":
+        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    return torch.device(name)
+
+
+class Scorer:
+    """An exported reward model ready to score token sequences and pairs."""
+
+    def __init__(self, model_dir, device="auto", dtype="fp32"):
+        from transformers import AutoConfig, AutoTokenizer
+
+        self.device = _device(device)
+        self.tokenizer = AutoTokenizer.from_pretrained(model_dir)
+        self.model = RewardModel.from_pretrained(model_dir, dtype=dtype).to(self.device).eval()
+        config = AutoConfig.from_pretrained(model_dir)
+        self.mean = getattr(config, "rmfast_reward_mean", None)
+        self.std = getattr(config, "rmfast_reward_std", None)
+        self.bias = getattr(config, "rmfast_score_bias", 0.0) or 0.0
+        self.attention = "dense"
+        kind = getattr(self.model.backbone.config, "model_type", "")
+        if kind in attention.SUPPORTED and kind not in attention.DENSE_ONLY:
+            attention.register()
+            self.attention = "flex" if self.device.type == "cuda" else "segments"
+            self.model.backbone.set_attn_implementation(attention.FLEX if self.attention == "flex" else attention.SEGMENTS)
+        self.eager = getattr(self.model.backbone.config, "_attn_implementation", "") == "eager"
+
+    def normalize(self, rewards):
+        if self.mean is None or not self.std:
+            raise ValueError("--normalize: this model's config has no rmfast_reward_mean/std (export it with rmfast)")
+        return (rewards - self.mean) / self.std
+
+    @torch.no_grad()
+    def _rewards(self, batch, index):
+        inputs = attention.model_inputs(batch, self.attention, eager=self.eager)
+        mask, pos = inputs.pop("attention_mask"), inputs.pop("position_ids")
+        hidden = self.model.hidden_states(batch.input_ids, mask, pos, **inputs)
+        rows = hidden.reshape(-1, hidden.shape[-1]).index_select(0, index)
+        return (self.model.head.rewards(rows) + self.bias).float().cpu().numpy()
+
+    def score_pairs(self, pairs, indices):
+        batch = layouts.prefix_shared(pairs, indices, self.tokenizer.pad_token_id, max_tokens=10**9).to(self.device)
+        r = self._rewards(batch, torch.cat([batch.chosen_index, batch.rejected_index]))
+        return r[: len(indices)], r[len(indices):]
+
+    def score_sequences(self, seqs):
+        batch = layouts.pack_sequences(seqs, self.tokenizer.pad_token_id, max_tokens=10**9).to(self.device)
+        return self._rewards(batch, batch.chosen_index)
+
+
+def _token_batches(costs, budget):
+    return list(PairSampler(costs, token_budget=budget, shuffle=False, group_by_length=True).global_batches(0))
+
+
+def _read_sequences(sources, tokenizer, max_length, on_bad_row):
+    """Single sequences: rows with a `text` string or a `messages` list. Returns (ids, locations, bad)."""
+    ids, locations, bad = [], [], []
+    eos = tokenizer.eos_token_id
+    for source in sources:
+        for raw in iter_rows(source):
+            problem = raw.reason
+            if problem is None:
+                if isinstance(raw.data.get("text"), str) and raw.data["text"].strip():
+                    seq = tokenizer(raw.data["text"])["input_ids"]
+                elif isinstance(raw.data.get("messages"), list) and raw.data["messages"]:
+                    text = tokenizer.apply_chat_template(raw.data["messages"], tokenize=False)
+                    seq = tokenizer(text, add_special_tokens=False)["input_ids"]
+                else:
+                    problem = "no non-empty `text` string or `messages` list"
+            if problem is not None:
+                bad.append(f"{raw.location}: {problem}")
+                continue
+            if eos is not None and (not seq or seq[-1] != eos):
+                seq = seq + [eos]
+            if len(seq) > max_length:
+                seq = seq[: max_length - 1] + seq[-1:]  # keep the end: the reward is read at the last token
+            ids.append(seq)
+            locations.append(raw.location)
+    if bad and on_bad_row == "error":
+        raise DataError(f"{len(bad)} bad row(s):\n  " + "\n  ".join(bad[:10]) +
+                        "\nFix them, or pass --on-bad-row skip.")
+    return ids, locations, bad
+
+
+def _is_pairs(source):
+    for raw in iter_rows(source):
+        if raw.data is not None:
+            return "chosen" in raw.data or "rejected" in raw.data
+    return False
+
+
+def _write(records, out):
+    out = Path(out)
+    out.parent.mkdir(parents=True, exist_ok=True)
+    if out.suffix == ".parquet":
+        import pyarrow as pa
+        import pyarrow.parquet as pq
+
+        pq.write_table(pa.Table.from_pylist(records), out)
+    else:
+        with open(out, "w") as f:
+            for r in records:
+                f.write(json.dumps(r) + "\n")
+
+
+def main(argv=None):
+    parser = argparse.ArgumentParser(prog="rmfast-score", description=__doc__,
+                                     formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("model", help="an exported reward model folder (rmfast-export / rmfast-train's export/)")
+    parser.add_argument("sources", nargs="+", help="files, folders or datasets dirs of pairs or of single texts")
+    parser.add_argument("--out", required=True, help="output .jsonl or .parquet")
+    parser.add_argument("--token-budget", type=int, default=16384, help="tokens per forward")
+    parser.add_argument("--max-length", type=int, default=4096)
+    parser.add_argument("--normalize", action="store_true", help="(r - eval mean) / eval std from the export")
+    parser.add_argument("--on-bad-row", default="error", choices=["error", "skip"])
+    parser.add_argument("--format", default="auto", choices=["auto", "explicit", "implicit", "conversational"])
+    parser.add_argument("--device", default="auto")
+    args = parser.parse_args(argv)
+    from tqdm.auto import tqdm
+
+    try:
+        scorer = Scorer(args.model, args.device)
+        records = []
+        if _is_pairs(args.sources[0]):
+            config = DataConfig(train=args.sources, format=args.format, max_length=args.max_length,
+                                on_bad_row=args.on_bad_row)
+            pairs, _, report = load_data(config, scorer.tokenizer)
+            for line in report.lines():
+                print(f"data: {line}", file=sys.stderr)
+            costs = pairs.chosen_lengths + pairs.rejected_lengths - pairs.shared
+            budget = max(args.token_budget, int(costs.max()))
+            for batch in tqdm(_token_batches(costs, budget), desc="scoring pairs", unit="batch"):
+                c, r = scorer.score_pairs(pairs, batch)
+                if args.normalize:
+                    c, r = scorer.normalize(c), scorer.normalize(r)
+                for i, rc, rr in zip(batch, c, r):
+                    records.append({"location": pairs.locations[i], "chosen_reward": float(rc),
+                                    "rejected_reward": float(rr), "margin": float(rc - rr), "correct": bool(rc > rr)})
+            acc = np.mean([x["correct"] for x in records])
+            print(f"{len(records)} pairs: accuracy {acc:.4f}, mean margin "
+                  f"{np.mean([x['margin'] for x in records]):.4f}", file=sys.stderr)
+        else:
+            seqs, locations, bad = _read_sequences(args.sources, scorer.tokenizer, args.max_length, args.on_bad_row)
+            if bad:
+                print(f"skipped {len(bad)} bad row(s)", file=sys.stderr)
+            costs = np.array([len(s) for s in seqs])
+            budget = max(args.token_budget, int(costs.max()))
+            for batch in tqdm(_token_batches(costs, budget), desc="scoring", unit="batch"):
+                rewards = scorer.score_sequences([seqs[i] for i in batch])
+                if args.normalize:
+                    rewards = scorer.normalize(rewards)
+                for i, r in zip(batch, rewards):
+                    records.append({"location": locations[i], "reward": float(r)})
+            print(f"{len(records)} sequences scored", file=sys.stderr)
+        records.sort(key=lambda x: _order(x["location"]))
+        _write(records, args.out)
+    except (DataError, FileNotFoundError, ValueError) as exc:
+        print(f"rmfast-score: {exc}", file=sys.stderr)
+        return 2
+    print(f"wrote {args.out}", file=sys.stderr)
+    return 0
+
+
+def _order(location):
+    head, _, tail = location.rpartition(":")
+    digits = "".join(ch for ch in tail if ch.isdigit())
+    return (head, int(digits) if digits else 0)
+
+
+if __name__ == "__main__":
+    sys.exit(main())
