@@ -56,30 +56,44 @@ class FusedRewardTrainer(Trainer):
         return out.loss
 
 
-def main():
-    import tempfile
-
-    from transformers import LlamaConfig, LlamaForSequenceClassification, TrainingArguments
+def tiny_setup(n_pairs=64, seed=0):
+    """Synthetic pairs as TRL-style features, a BPE tokenizer and a tiny Llama classification model."""
+    from transformers import LlamaConfig, LlamaForSequenceClassification
 
     from rmfast.data import generate_pairs
     from rmfast.data.tokenizers import train_bpe_tokenizer
 
-    rows = generate_pairs(64, seed=0, style="explicit", difficulty="easy")
+    rows = generate_pairs(n_pairs, seed=seed, style="explicit", difficulty="easy")
     tok = train_bpe_tokenizer([r["prompt"] + r["chosen"] for r in rows], vocab_size=400)
     features = [{"input_ids_chosen": tok(r["prompt"] + r["chosen"])["input_ids"] + [tok.eos_token_id],
                  "input_ids_rejected": tok(r["prompt"] + r["rejected"])["input_ids"] + [tok.eos_token_id]}
                 for r in rows]
-    torch.manual_seed(0)
+    torch.manual_seed(seed)
     model = LlamaForSequenceClassification(LlamaConfig(
         vocab_size=len(tok), hidden_size=64, intermediate_size=128, num_hidden_layers=2, num_attention_heads=4,
         num_labels=1, pad_token_id=tok.pad_token_id))
+    return features, tok, model
+
+
+def train(trainer_cls, out_dir, steps=8, n_pairs=64):
+    """Train the tiny setup with `trainer_cls` on CPU; returns the logged loss of every step."""
+    from transformers import TrainingArguments
+
+    features, tok, model = tiny_setup(n_pairs)
+    args = TrainingArguments(str(out_dir), per_device_train_batch_size=8, max_steps=steps, learning_rate=1e-3,
+                             logging_steps=1, report_to=[], remove_unused_columns=False, use_cpu=True, seed=0,
+                             save_strategy="no")
+    trainer = trainer_cls(model=model, args=args, train_dataset=features,
+                          data_collator=lambda f: pad_pairs(f, tok.pad_token_id))
+    trainer.train()
+    return [h["loss"] for h in trainer.state.log_history if "loss" in h]
+
+
+def main():
+    import tempfile
+
     with tempfile.TemporaryDirectory() as out:
-        args = TrainingArguments(out, per_device_train_batch_size=8, max_steps=8, learning_rate=1e-3,
-                                 logging_steps=1, report_to=[], remove_unused_columns=False, use_cpu=True)
-        trainer = FusedRewardTrainer(model=model, args=args, train_dataset=features,
-                                     data_collator=lambda f: pad_pairs(f, tok.pad_token_id))
-        trainer.train()
-    print([round(h["loss"], 4) for h in trainer.state.log_history if "loss" in h])
+        print([round(x, 4) for x in train(FusedRewardTrainer, out)])
 
 
 if __name__ == "__main__":
