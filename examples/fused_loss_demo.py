@@ -13,7 +13,7 @@ import time
 
 import torch
 
-from rmfast import backends, pairwise_reward_loss
+from rmfast import backends
 from rmfast.nn import RewardHead
 
 

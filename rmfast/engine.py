@@ -7,7 +7,6 @@ import json
 import math
 import os
 import random
-import shutil
 import socket
 import sys
 import time
@@ -291,7 +290,7 @@ class Trainer:
         batches = [list(range(i, min(i + size, len(pairs)))) for i in range(0, len(pairs), size)]
         # Every rank runs the same number of forwards (ZeRO-3 needs it); padding batches are not counted.
         n = -(-len(batches) // self.world) * self.world
-        chosen, rejected, losses = [], [], []
+        chosen, rejected = [], []
         for k in range(self.rank, n, self.world):
             out = self.forward(self.batch(pairs, batches[k % len(batches)]))
             if k < len(batches):
@@ -423,7 +422,3 @@ def _tensorboard(path):
     except ImportError:
         return None
     return SummaryWriter(str(path))
-
-
-def remove_tree(path):
-    shutil.rmtree(path, ignore_errors=True)

@@ -10,7 +10,6 @@ from pathlib import Path
 import pytest
 import torch
 
-import rmfast
 from rmfast import backends, pairwise_reward_loss
 from rmfast.nn import RewardHead
 

@@ -12,7 +12,6 @@ import pytest
 
 from rmfast.data import REASONS, DataConfig, DataError, Source, generate_pairs, load_data, shared_prefix
 from rmfast.data import tokenize as tokenize_module
-from rmfast.data.synthetic import write_jsonl
 from rmfast.data.tokenizers import train_bpe_tokenizer
 
 HH = Path(__file__).resolve().parents[2] / "shared" / "data" / "hh-rlhf-harmless-sample.jsonl.gz"

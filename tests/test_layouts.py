@@ -5,7 +5,7 @@ import numpy as np
 import pytest
 import torch
 
-from rmfast import attention, layouts, pairwise_reward_loss
+from rmfast import attention, layouts
 from rmfast.data.tokenize import shared_prefix
 from test_model import ARCHS, build, pairs_of
 
