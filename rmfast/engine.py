@@ -154,6 +154,8 @@ class Trainer:
                                                  trust_remote_code=config.model.trust_remote_code)
         if added_pad:
             self.model.backbone.resize_token_embeddings(len(self.tokenizer))
+        if config.model.lora_r:
+            self.model.backbone = add_lora(self.model.backbone, config.model)
         self.layout, self.attention = choose_layout(self.model.backbone.config, config, self.device.type,
                                                     self.log if self.rank == 0 else None)
         self.eager = getattr(self.model.backbone.config, "_attn_implementation", "") == "eager"
@@ -274,7 +276,8 @@ class Trainer:
         if t.export:
             from .export import export_model
 
-            export_model(self.engine.module, self.tokenizer, self.out / "export", final, zero_stage=t.zero_stage)
+            export_model(self.engine.module, self.tokenizer, self.out / "export", final, zero_stage=t.zero_stage,
+                         lora=config_lora(self.config.model))
             if self.rank == 0:
                 self.log(f"exported to {self.out / 'export'}")
         return final
@@ -337,6 +340,22 @@ class Trainer:
 
         tag = load_checkpoint(self, self.out / "checkpoints", where)
         self.log(f"resumed from {tag} at step {self.step}")
+
+
+def add_lora(backbone, model_config):
+    """Wrap the backbone with PEFT LoRA adapters; the value head (outside it) stays fully trainable."""
+    from peft import LoraConfig, get_peft_model
+
+    targets = model_config.lora_target_modules
+    targets = "all-linear" if targets in (["all-linear"], "all-linear") else list(targets)
+    lora = LoraConfig(r=model_config.lora_r, lora_alpha=model_config.lora_alpha,
+                      lora_dropout=model_config.lora_dropout, target_modules=targets, bias="none")
+    return get_peft_model(backbone, lora)
+
+
+def config_lora(model_config):
+    """(r, alpha) when the run trains LoRA adapters, for merging them at export; else None."""
+    return (model_config.lora_r, model_config.lora_alpha) if model_config.lora_r else None
 
 
 def choose_layout(backbone_config, config: Config, device_type="cpu", log=None):

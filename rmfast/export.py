@@ -27,15 +27,36 @@ def _full_state_dict(model, zero_stage):
     return {k: v.detach().to("cpu", copy=True) for k, v in model.state_dict().items()}
 
 
-def export_model(model: RewardModel, tokenizer, out_dir, eval_metrics=None, zero_stage=0, dtype=None):
-    """Write the HF export of a RewardModel (every rank must call it under ZeRO-3; rank 0 writes)."""
+def merge_lora(state, r, alpha):
+    """A RewardModel state dict with PEFT LoRA adapters → the plain one: W + (B @ A) · alpha / r, and the
+    PEFT key prefixes removed. The value head (head.*) passes through untouched."""
+    scale = alpha / r
+    out = {}
+    for key, value in state.items():
+        if ".lora_" in key:
+            continue
+        name = key.replace("backbone.base_model.model.", "backbone.").replace(".base_layer.", ".")
+        if ".base_layer." in key and key.endswith(".weight"):
+            stem = key[: -len(".base_layer.weight")]
+            a, b = state[f"{stem}.lora_A.default.weight"], state[f"{stem}.lora_B.default.weight"]
+            value = (value.float() + (b.float() @ a.float()) * scale).to(value.dtype)
+        out[name] = value
+    return out
+
+
+def export_model(model: RewardModel, tokenizer, out_dir, eval_metrics=None, zero_stage=0, dtype=None, lora=None):
+    """Write the HF export of a RewardModel (every rank must call it under ZeRO-3; rank 0 writes).
+    lora: (r, alpha) when the backbone carries PEFT LoRA adapters; they are merged into the weights."""
     import torch.distributed as dist
 
     state = _full_state_dict(model, zero_stage)
+    if lora:
+        state = merge_lora(state, *lora)
     if dist.is_initialized() and dist.get_rank() != 0:
         dist.barrier()
         return None
-    path = write_export(model.backbone.config, state, tokenizer, out_dir, eval_metrics, dtype)
+    config = model.backbone.get_base_model().config if lora else model.backbone.config
+    path = write_export(config, state, tokenizer, out_dir, eval_metrics, dtype)
     if dist.is_initialized():
         dist.barrier()
     return path
@@ -138,6 +159,10 @@ def main(argv=None):
         print(f"rmfast-export: {out_root} has no backbone/ config (is it an rmfast run?)", file=sys.stderr)
         return 2
     state = load_checkpoint_state(checkpoint)
+    run_config = json.loads((out_root / "config.json").read_text()) if (out_root / "config.json").exists() else {}
+    model_config = run_config.get("model", {})
+    if model_config.get("lora_r"):
+        state = merge_lora(state, model_config["lora_r"], model_config["lora_alpha"])
     tokenizer = AutoTokenizer.from_pretrained(out_root / "tokenizer")
     config = AutoConfig.from_pretrained(out_root / "backbone")
     metrics = None

@@ -194,6 +194,34 @@ def test_export_after_zero3_scores_as_the_engine(setup, tmp_path):
     assert config["rmfast_reward_mean"] == pytest.approx(final["eval_reward_mean"])
 
 
+def test_lora_run_exports_merged_weights_and_its_trained_head(setup, tmp_path):
+    from safetensors.torch import load_file
+
+    from rmfast.export import load_checkpoint_state
+
+    out = tmp_path / "lora"
+    train(setup, out, **{"model.lora_r": 4, "model.lora_alpha": 8, "train.export": True, "train.max_steps": 8,
+                         "train.lr": 1e-2})
+    _, evals = metrics(out)
+    c, r = score_with_transformers(out / "export", setup / "eval.jsonl", setup / "model")
+    assert float(c.mean()) == pytest.approx(evals[-1]["eval_chosen_mean"], abs=1e-4)
+    assert float((c > r).float().mean()) == pytest.approx(evals[-1]["eval_accuracy"])
+    exported = load_file(out / "export" / "model.safetensors")
+    base = load_file(setup / "model" / "model.safetensors")
+    trained = load_checkpoint_state(out / "checkpoints" / (out / "checkpoints" / "latest").read_text())
+    # the value head is trained and saved (not re-initialised on save)
+    torch.testing.assert_close(exported["score.weight"].reshape(-1), trained["head.weight"].float(), rtol=0, atol=1e-6)
+    # adapters merged into the attention weights; weights without adapters untouched
+    assert not torch.allclose(exported["model.layers.0.self_attn.q_proj.weight"], base["layers.0.self_attn.q_proj.weight"])
+    torch.testing.assert_close(exported["model.layers.0.mlp.up_proj.weight"], base["layers.0.mlp.up_proj.weight"])
+    # rmfast-export from the checkpoint merges the same way
+    subprocess.run([sys.executable, "-m", "rmfast.export", str(out), "--out", str(tmp_path / "again"),
+                    "--dtype", "fp32"], check=True, capture_output=True, env=clean_env())
+    again = load_file(tmp_path / "again" / "model.safetensors")
+    for k in exported:
+        torch.testing.assert_close(again[k], exported[k], rtol=0, atol=1e-6)
+
+
 def test_non_finite_loss_stops_the_run_naming_the_step(setup, tmp_path):
     res = subprocess.run(command(1) + args_for(setup, tmp_path / "nan", **{"train.lr": 1e30}),
                          capture_output=True, text=True, env=clean_env(), timeout=600)
