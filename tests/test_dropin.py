@@ -29,3 +29,16 @@ def test_fused_loss_in_hf_trainer_follows_the_eager_last_token_loss(tmp_path):
     assert len(fused) == len(eager) == 6
     assert fused == pytest.approx(eager, abs=1e-4)
     assert fused[-1] < fused[0]
+
+
+def test_fused_loss_in_trl_reward_trainer_follows_its_own_loss(tmp_path):
+    from trl import RewardTrainer
+
+    spec = importlib.util.spec_from_file_location("trl_reward", ROOT / "examples" / "trl_reward.py")
+    trl_example = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(trl_example)
+    fused = trl_example.train(trl_example.FusedRewardTrainer, tmp_path / "fused", steps=6, n_pairs=48)
+    stock = trl_example.train(RewardTrainer, tmp_path / "stock", steps=6, n_pairs=48)
+    assert len(fused) == len(stock) == 6
+    assert fused == pytest.approx(stock, abs=1e-4)
+    assert fused[-1] < fused[0]
