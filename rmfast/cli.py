@@ -92,7 +92,7 @@ def main(argv=None):
     try:
         trainer = Trainer(config, log=log)
         final = trainer.train()
-    except (DataError, NonFiniteLoss, FileNotFoundError) as exc:
+    except (DataError, NonFiniteLoss, FileNotFoundError, ValueError) as exc:
         print(f"rmfast-train: {exc}", file=sys.stderr)
         return 2
     if rank == 0 and "eval_accuracy" in final:
