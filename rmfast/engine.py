@@ -130,6 +130,9 @@ class Trainer:
         self.log = log
         t = config.train
         self.rank, self.world, self.device = init_distributed()
+        if config.model.dtype == "fp16" and self.device.type != "cuda":
+            raise ValueError("model.dtype fp16 needs a GPU (DeepSpeed's CPU accelerator has no fp16); "
+                             "use bf16 or fp32 on CPU")
         seed_everything(t.seed)
         self.out = Path(t.output_dir)
         if self.rank == 0:
