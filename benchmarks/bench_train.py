@@ -89,7 +89,7 @@ def make_step(name, model, pairs, pad_id, device="cpu", how="segments"):
         if layout == "padded":
             b = layouts.padded(pairs, idx, pad_id).to(device)
         else:  # one row: segment / flex attention pays nothing for it, and there is no padding
-            b = getattr(layouts, layout)(pairs, idx, pad_id, max_tokens=10**9).to(device)
+            b = getattr(layouts, layout)(pairs, idx, pad_id, max_tokens=layouts.ONE_ROW).to(device)
         inputs = attention.model_inputs(b, how if layout != "padded" else "segments")
         mask, pos = inputs.pop("attention_mask"), inputs.pop("position_ids")
         out = model(b.input_ids, mask, b.chosen_index, b.rejected_index, position_ids=pos, **inputs)

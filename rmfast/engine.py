@@ -210,7 +210,7 @@ class Trainer:
             make = layouts.packed if self.layout == "packed" else layouts.prefix_shared
             # segment attention pays nothing for long rows: one row, no padding. The dense mask is L×L per
             # row, so rows stay as short as the longest unit.
-            rows = t.row_tokens or (10**9 if self.attention in ("segments", "flex") else None)
+            rows = t.row_tokens or (layouts.ONE_ROW if self.attention in ("segments", "flex") else None)
             batch = make(pairs, indices, self.tokenizer.pad_token_id, max_tokens=rows, use_margin=t.use_margin)
         return batch.to(self.device)
 

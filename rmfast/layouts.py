@@ -83,6 +83,11 @@ def padded(pairs, indices, pad_id, padding_side="right", pad_to_multiple_of=None
 # boolean mask; the segment attention runs one small sdpa per block instead.
 
 
+# max_tokens for "everything in one row": right for segment and flex attention, which pay nothing for long
+# rows and so avoid row padding altogether.
+ONE_ROW = 10**9
+
+
 @dataclass
 class Block:
     """Queries [q0, q1) of `row` see keys `prefix` (a range [p0, p1) seen in full, or None) plus keys

@@ -64,12 +64,12 @@ class Scorer:
         return (self.model.head.rewards(rows) + self.bias).float().cpu().numpy()
 
     def score_pairs(self, pairs, indices):
-        batch = layouts.prefix_shared(pairs, indices, self.tokenizer.pad_token_id, max_tokens=10**9).to(self.device)
+        batch = layouts.prefix_shared(pairs, indices, self.tokenizer.pad_token_id, max_tokens=layouts.ONE_ROW).to(self.device)
         r = self._rewards(batch, torch.cat([batch.chosen_index, batch.rejected_index]))
         return r[: len(indices)], r[len(indices):]
 
     def score_sequences(self, seqs):
-        batch = layouts.pack_sequences(seqs, self.tokenizer.pad_token_id, max_tokens=10**9).to(self.device)
+        batch = layouts.pack_sequences(seqs, self.tokenizer.pad_token_id, max_tokens=layouts.ONE_ROW).to(self.device)
         return self._rewards(batch, batch.chosen_index)
 
 

@@ -136,7 +136,7 @@ def test_flex_attention_rewards_equal_padded(arch, layout):
         b = layouts.padded(pairs, idx, 0)
         ref = model(b.input_ids, b.attention_mask, b.chosen_index, b.rejected_index)
         ref = torch.cat([ref.chosen_rewards, ref.rejected_rewards])
-        _, got = flex_rewards(model, getattr(layouts, layout)(pairs, idx, 0, max_tokens=10**9))
+        _, got = flex_rewards(model, getattr(layouts, layout)(pairs, idx, 0, max_tokens=layouts.ONE_ROW))
     assert (got - ref).abs().max() <= 1e-5
 
 
@@ -148,7 +148,7 @@ def test_flex_attention_gradients_equal_padded_on_cuda(layout):
     model = build(None, "llama").cuda()
     ref_r, ref_g = rewards_and_grads(model, layouts.padded(pairs, idx, 0).to("cuda"), "padding")
     model.zero_grad()
-    out, got = flex_rewards(model, getattr(layouts, layout)(pairs, idx, 0, max_tokens=10**9).to("cuda"))
+    out, got = flex_rewards(model, getattr(layouts, layout)(pairs, idx, 0, max_tokens=layouts.ONE_ROW).to("cuda"))
     (out.loss + 0.1 * out.chosen_rewards.sum()).backward()
     assert (got.detach() - ref_r).abs().max() <= 1e-4
     for name, p in model.named_parameters():
