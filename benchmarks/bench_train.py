@@ -6,8 +6,8 @@ same number of pairs per step and the same steps:
                   loss over the span from the first differing token
   trl             TRL's RewardTrainer: pad to the batch's longest sequence, eager last-token loss
   rmfast-padded   rmfast, [2P, L] padded to the batch's longest, fused loss
-  rmfast-packed   rmfast, sequences packed end to end, segment attention
-  rmfast-prefix   rmfast, prefix_shared: the shared prompt computed once, segment attention
+  rmfast-packed   rmfast, sequences packed end to end (segment attention on CPU; varlen or flex on CUDA)
+  rmfast-prefix   rmfast, prefix_shared: the shared prompt computed once (attention as for packed)
 
 It reports pairs/s (median over the timed steps), token positions computed per pair against the unique
 tokens per pair (prompt once, both responses), and peak memory (each contender runs in its own process;
@@ -83,7 +83,7 @@ def make_step(name, model, pairs, pad_id, device="cpu", how="segments"):
     layout = {"rmfast-padded": "padded", "rmfast-packed": "packed", "rmfast-prefix": "prefix_shared"}[name]
     if layout != "padded":
         attention.register()
-        model.backbone.set_attn_implementation(attention.SEGMENTS if how == "segments" else attention.FLEX)
+        model.backbone.set_attn_implementation(attention.IMPLEMENTATIONS[how])
 
     def step(idx):
         if layout == "padded":
@@ -103,7 +103,8 @@ def run(name, pairs, order, args, vocab, pad_id):
     if cuda and args.dtype == "bf16":
         model = model.to(torch.bfloat16)
     optimizer = torch.optim.AdamW(model.parameters(), lr=1e-4)
-    how = args.attention if args.attention != "auto" else ("flex" if cuda else "segments")
+    dtype = torch.bfloat16 if cuda and args.dtype == "bf16" else torch.float32
+    how = attention.resolve_attention(model.backbone.config, args.attention, args.device, dtype)
     step = make_step(name, model, pairs, pad_id, args.device, how)
     times, positions, tokens, losses = [], [], [], []
     gc.collect()
@@ -173,8 +174,9 @@ def main(argv=None):
     parser.add_argument("--out", default=str(RESULTS))
     parser.add_argument("--device", default="cpu", choices=["cpu", "cuda"])
     parser.add_argument("--dtype", default="fp32", choices=["fp32", "bf16"], help="model dtype on CUDA")
-    parser.add_argument("--attention", default="auto", choices=["auto", "segments", "flex"],
-                        help="packed layouts' attention (auto: flex on CUDA, segments on CPU)")
+    parser.add_argument("--attention", default="auto", choices=["auto", "segments", "flex", "varlen"],
+                        help="packed layouts' attention (auto: as rmfast-train picks it: varlen on CUDA in bf16 "
+                             "when a varlen kernel is present, else flex on CUDA; segments on CPU)")
     parser.add_argument("--tag", default=None, help="results file suffix (default: the device)")
     parser.add_argument("--one", help=argparse.SUPPRESS)
     args = parser.parse_args(argv)
@@ -191,14 +193,20 @@ def main(argv=None):
     timed = order[args.warmup * args.pairs:]
     c, r, s = pairs.chosen_lengths[timed], pairs.rejected_lengths[timed], pairs.shared[timed].astype(np.int64)
     unique = float((c + r - s).mean())
-    n_params = sum(p.numel() for p in build_model(len(tok), tok.pad_token_id, 0, args.hidden, args.layers).parameters())
+    probe = build_model(len(tok), tok.pad_token_id, 0, args.hidden, args.layers)
+    n_params = sum(p.numel() for p in probe.parameters())
+    dtype = torch.bfloat16 if args.device == "cuda" and args.dtype == "bf16" else torch.float32
+    how = attention.resolve_attention(probe.backbone.config, args.attention, args.device, dtype)
+    if how == "varlen":
+        how = f"varlen ({attention.varlen_kernel()[0]})"
     args.tag = args.tag or args.device
     machine = machine_description(args.device)
     if args.one:  # a child process: one contender, its result as one JSON line
         print("RESULT " + json.dumps(run(args.one, pairs, order, args, len(tok), tok.pad_token_id)), flush=True)
         return
     print(f"machine: {machine}\nmodel: Llama, {n_params / 1e6:.1f}M parameters; {len(pairs)} pairs, "
-          f"{args.pairs} per step, {args.steps} timed steps; unique tokens per pair {unique:.1f}", flush=True)
+          f"{args.pairs} per step, {args.steps} timed steps; unique tokens per pair {unique:.1f}; packed "
+          f"layouts' attention: {how}", flush=True)
     rows = []
     for name in args.contenders.split(","):
         # each contender in a fresh process: no allocator state carried over, and its peak RSS is its own
@@ -232,7 +240,7 @@ def main(argv=None):
         f"# bench_train ({args.tag})\n\ncommand: `{command.strip()}`  \nmachine: {machine}  \n"
         f"model: Llama, {n_params / 1e6:.1f}M parameters, BPE vocabulary {len(tok)} trained on the sample; "
         f"{args.pairs} pairs per step, median over {args.steps} steps after {args.warmup} warm-up steps; "
-        f"max_length 512.\n\n" + "\n".join(lines) + "\n")
+        f"max_length 512; packed layouts' attention: {how}.\n\n" + "\n".join(lines) + "\n")
     print("\n" + "\n".join(lines))
 
 

@@ -3,7 +3,7 @@
 # and leave every result in one folder (default benchmarks/results/gpu). When $OUT is set (the device
 # tool's return folder, which takes at most 8 files) the folder is also packed into $OUT/gpu_check.tar.gz,
 # with the Markdown tables and the test log beside it.
-# Budget: under 8 minutes on an H100/H200. Usage: bash benchmarks/gpu_check.sh [RESULTS_DIR]
+# Budget: about 8 minutes on an H100/H200 (each step has its own timeout). Usage: bash benchmarks/gpu_check.sh [RESULTS_DIR]
 set -uo pipefail
 cd "$(dirname "$0")/.."
 RESULTS=${1:-benchmarks/results/gpu}
@@ -32,16 +32,19 @@ tail -5 "$RESULTS/tests.log"
 echo "== GPU benchmark"
 timeout 270 $PY benchmarks/bench_loss.py --device cuda --repeats 50 --warmup 5 --out "$RESULTS" || status=1
 
-echo "== a few training steps of each layout on the GPU (log: train.log)"
-for layout in padded packed prefix_shared; do
-  timeout 120 $PY -m rmfast.cli --demo --train.output_dir "/tmp/rmfast-gpu-$layout" --train.layout $layout \
-    --train.max_steps 30 --train.eval_every 0 --model.dtype bf16 >> "$RESULTS/train.log" 2>&1 || status=1
+echo "== a few training steps of each layout and attention on the GPU (log: train.log)"
+for run in padded:auto packed:varlen prefix_shared:varlen prefix_shared:flex; do
+  layout=${run%%:*}; attn=${run##*:}
+  timeout 120 $PY -m rmfast.cli --demo --train.output_dir "/tmp/rmfast-gpu-$layout-$attn" --train.layout $layout \
+    --train.attention $attn --train.max_steps 30 --train.eval_every 0 --model.dtype bf16 >> "$RESULTS/train.log" 2>&1 || status=1
   grep -E "layout:|final eval" "$RESULTS/train.log" | tail -2
 done
 
-echo "== training throughput on the GPU, larger model (bench_train_cuda.*)"
-timeout 240 $PY benchmarks/bench_train.py --device cuda --dtype bf16 --hidden 1024 --layers 8 --steps 10 \
+echo "== training throughput on the GPU, larger model (bench_train_cuda*.*): varlen, then flex"
+timeout 200 $PY benchmarks/bench_train.py --device cuda --dtype bf16 --hidden 1024 --layers 8 --steps 10 \
   --out "$RESULTS" || status=1
+timeout 150 $PY benchmarks/bench_train.py --device cuda --dtype bf16 --hidden 1024 --layers 8 --steps 10 \
+  --attention flex --contenders rmfast-packed,rmfast-prefix --tag cuda_flex --out "$RESULTS" || status=1
 
 if [ -n "${OUT:-}" ]; then
   tar -czf "$OUT/gpu_check.tar.gz" -C "$RESULTS" .

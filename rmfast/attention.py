@@ -7,15 +7,26 @@
   blocks cost nothing and no L×L mask is built.
 - ``flex``: torch's FlexAttention with a BlockMask built from the layout (compiled on CUDA), which skips
   empty blocks and builds no L×L mask. FlexAttention has no backward on CPU, so there it serves
-  evaluation only; ``auto`` picks it for CUDA tensors and ``segments`` for CPU ones.
+  evaluation only.
+- ``varlen``: a flash-attention varlen kernel (flash-attn's ``flash_attn_varlen_func`` when installed,
+  else torch's ``torch.nn.attention.varlen.varlen_attn``): the layout's tokens as one [T, H, D] stream cut
+  into blocks by cumulative lengths. CUDA and bf16/fp16 only. A rejected block's keys are its pair's
+  prefix followed by itself (gathered once per layer); the kernels' causal mask is aligned to the bottom
+  right when keys outnumber queries, which is exactly "the whole prefix, then causal".
+
+``auto``: varlen on CUDA in bf16/fp16 when a varlen kernel is present, else flex on CUDA; segments on CPU.
 """
 
 import torch
 import torch.nn.functional as F
 
-ATTENTIONS = ("auto", "dense", "segments", "flex")
+from dataclasses import dataclass
+
+ATTENTIONS = ("auto", "dense", "segments", "flex", "varlen")
 SEGMENTS = "rmfast_segments"
 FLEX = "rmfast_flex"
+VARLEN = "rmfast_varlen"
+IMPLEMENTATIONS = {"segments": SEGMENTS, "flex": FLEX, "varlen": VARLEN}  # registered with transformers
 
 # Supported for the packed layouts: their attention honours explicit position_ids and a custom mask, and
 # the exactness tests pass (tests/test_layouts.py). Softcapped attention (Gemma 2) runs with the dense
@@ -38,16 +49,63 @@ def check_support(config, layout, max_length, attention="auto"):
         raise ValueError(f"layout {layout!r}: {kind} uses a {window}-token sliding window, shorter than "
                          f"data.max_length={max_length}; packed masks do not apply it. Lower max_length to "
                          f"{window} or use --train.layout padded")
-    if attention in ("segments", "flex") and kind in DENSE_ONLY:
+    if attention in IMPLEMENTATIONS and kind in DENSE_ONLY:
         raise ValueError(f"attention {attention!r} does not support {kind} (softcapped attention); use dense or auto")
 
 
-def resolve_attention(config, attention, device_type="cpu"):
-    if attention != "auto":
-        return attention
-    if getattr(config, "model_type", "") in DENSE_ONLY:
-        return "dense"
-    return "flex" if device_type == "cuda" else "segments"
+HALF = (torch.float16, torch.bfloat16)
+
+
+def resolve_attention(config, attention, device_type="cpu", dtype=torch.float32):
+    """The attention a packed layout runs with: `attention` itself, checked against the device and dtype,
+    or the best one for them when 'auto'."""
+    if attention == "auto":
+        if getattr(config, "model_type", "") in DENSE_ONLY:
+            return "dense"
+        if device_type != "cuda":
+            return "segments"
+        return "varlen" if dtype in HALF and varlen_kernel()[0] else "flex"
+    if attention == "flex" and device_type != "cuda":
+        raise ValueError("attention 'flex': FlexAttention has no backward on CPU; use segments (or auto)")
+    if attention == "varlen":
+        name, _ = varlen_kernel()
+        if device_type != "cuda" or not name:
+            raise ValueError("attention 'varlen' needs a CUDA GPU and a flash-attention varlen kernel (flash-attn "
+                             "installed, or a torch that has torch.nn.attention.varlen); use flex or auto")
+        if dtype not in HALF:
+            raise ValueError("attention 'varlen' (flash attention) runs in bf16 or fp16 only; set --model.dtype "
+                             "bf16, or use flex or auto")
+    return attention
+
+
+def varlen_kernel():
+    """(name, fn) of the flash-attention varlen kernel to use, or (None, None). fn(q [Tq, Hq, D], k / v
+    [Tk, Hkv, D], cu_q, cu_k (int32 [N + 1]), max_q, max_k, scale, dropout) → [Tq, Hq, D], causal, with
+    the mask aligned to the bottom right of each block (query i of n sees keys up to i + m - n of m)."""
+    try:
+        from flash_attn import flash_attn_varlen_func
+    except ImportError:
+        pass
+    else:
+        def run_flash_attn(q, k, v, cu_q, cu_k, max_q, max_k, scale, dropout):
+            return flash_attn_varlen_func(q, k, v, cu_q, cu_k, max_q, max_k, dropout_p=dropout,
+                                          softmax_scale=scale, causal=True)
+
+        return "flash-attn", run_flash_attn
+    try:
+        from torch.nn.attention.varlen import varlen_attn
+    except ImportError:
+        return None, None
+
+    def run_torch_varlen(q, k, v, cu_q, cu_k, max_q, max_k, scale, dropout):
+        if dropout:
+            raise ValueError("torch's varlen_attn has no attention dropout; install flash-attn, or use "
+                             "--train.attention flex, or a model config with attention_dropout 0")
+        # window (-1, 0) is causal: key j is seen by query i when j <= i + max(0, m - n), bottom-right
+        return varlen_attn(q, k, v, cu_q, cu_k, max_q, max_k, scale=scale, window_size=(-1, 0),
+                           enable_gqa=q.shape[1] != k.shape[1])
+
+    return "torch varlen_attn", run_torch_varlen
 
 
 def segment_attention(module, query, key, value, attention_mask, scaling=None, dropout=0.0, **kwargs):
@@ -105,7 +163,10 @@ def flex_attention_fn(module, query, key, value, attention_mask, scaling=None, d
     fn = flex_attention
     if query.is_cuda:  # eager FlexAttention is a slow reference; compiled, it is a fused kernel
         if _compiled_flex is None:
-            _compiled_flex = torch.compile(flex_attention, dynamic=False)
+            # default dynamic: the first change of row length recompiles once with a symbolic length, and
+            # later lengths reuse it (dynamic=False would recompile for every new length, then fall back
+            # to eager once dynamo's recompile limit is reached)
+            _compiled_flex = torch.compile(flex_attention)
         fn = _compiled_flex
     out = fn(query, key, value, block_mask=block_mask, scale=scaling, enable_gqa=query.shape[1] != key.shape[1])
     return out.transpose(1, 2).contiguous(), None
@@ -138,6 +199,67 @@ def block_mask(batch, device=None):
     return create_block_mask(mask_mod, R, None, L, L, device=str(device))
 
 
+@dataclass
+class VarlenPlan:
+    """A packed batch as varlen blocks: q_index / k_index [T] flat positions (row·L + column) of each
+    block's queries / keys, block after block; cu_q / cu_k int32 cumulative lengths; max lengths as
+    Python ints (no device sync); dense: the blocks cover every position in order (no gather needed)."""
+
+    q_index: torch.Tensor
+    k_index: torch.Tensor
+    cu_q: torch.Tensor
+    cu_k: torch.Tensor
+    max_q: int
+    max_k: int
+    dense: bool
+    kernel: object
+
+
+def varlen_plan(batch, device=None):
+    device = device or batch.input_ids.device
+    q_parts, k_parts, nq, nk = [], [], [0], [0]
+    L = batch.input_ids.shape[1]
+    for b in batch.blocks:
+        q = torch.arange(b.row * L + b.q0, b.row * L + b.q1)
+        q_parts.append(q)
+        if b.prefix is None:
+            k_parts.append(q)
+            nk.append(b.q1 - b.q0)
+        else:
+            p0, p1 = b.prefix
+            k_parts.append(torch.cat([torch.arange(b.row * L + p0, b.row * L + p1), q]))
+            nk.append(p1 - p0 + b.q1 - b.q0)
+        nq.append(b.q1 - b.q0)
+    q_index = torch.cat(q_parts)
+    dense = q_index.numel() == batch.input_ids.numel() and bool((q_index == torch.arange(q_index.numel())).all())
+    _, kernel = varlen_kernel()
+    cu = lambda n: torch.tensor(n, dtype=torch.int32).cumsum(0, dtype=torch.int32).to(device)  # noqa: E731
+    q_index = q_index.to(device)
+    k_index = q_index if all(b.prefix is None for b in batch.blocks) else torch.cat(k_parts).to(device)
+    return VarlenPlan(q_index, k_index, cu(nq), cu(nk), max(nq), max(nk), dense, kernel)
+
+
+def varlen_attention_fn(module, query, key, value, attention_mask, scaling=None, dropout=0.0, **kwargs):
+    """query [B, Hq, L, D], key / value [B, Hkv, L, D] → ([B, L, Hq, D], None) through a varlen kernel."""
+    plan = kwargs.get("rmfast_varlen")
+    if plan is None:
+        raise RuntimeError("varlen attention needs the layout's plan (pass rmfast_varlen=varlen_plan(batch))")
+    if plan.kernel is None:
+        raise RuntimeError("no flash-attention varlen kernel: install flash-attn or a torch that has torch.nn.attention.varlen")
+    B, Hq, L, D = query.shape
+    flat = lambda t: t.transpose(1, 2).reshape(B * L, t.shape[1], D)  # noqa: E731  [B·L, H, D]
+    q, k, v = flat(query), flat(key), flat(value)
+    if not plan.dense:
+        q = q.index_select(0, plan.q_index)
+    if plan.k_index is not plan.q_index or not plan.dense:  # prefix keys gathered before each rejected block
+        k, v = k.index_select(0, plan.k_index), v.index_select(0, plan.k_index)
+    out = plan.kernel(q, k, v, plan.cu_q, plan.cu_k, plan.max_q, plan.max_k, scaling,
+                      dropout if module.training else 0.0)
+    if not plan.dense:  # padding positions: zeros (never read)
+        out = out.new_zeros(B * L, Hq, D).index_copy(0, plan.q_index, out)
+    return out.reshape(B, L, Hq, D), None
+
+
 def _no_mask(*args, **kwargs):
     return None  # the blocks are the mask
 
@@ -146,7 +268,7 @@ _registered = False
 
 
 def register():
-    """Make 'rmfast_segments' an attention implementation transformers models can be switched to."""
+    """Make rmfast's attentions (IMPLEMENTATIONS) ones that transformers models can be switched to."""
     global _registered
     if not _registered:
         from transformers import AttentionInterface
@@ -156,6 +278,8 @@ def register():
         AttentionMaskInterface.register(SEGMENTS, _no_mask)
         AttentionInterface.register(FLEX, flex_attention_fn)
         AttentionMaskInterface.register(FLEX, _no_mask)
+        AttentionInterface.register(VARLEN, varlen_attention_fn)
+        AttentionMaskInterface.register(VARLEN, _no_mask)
         _registered = True
 
 
@@ -167,6 +291,8 @@ def model_inputs(batch, attention, dtype=torch.float32, eager=False):
         return {"attention_mask": None, "position_ids": batch.position_ids, "rmfast_blocks": batch.blocks}
     if attention == "flex":
         return {"attention_mask": None, "position_ids": batch.position_ids, "rmfast_block_mask": block_mask(batch)}
+    if attention == "varlen":
+        return {"attention_mask": None, "position_ids": batch.position_ids, "rmfast_varlen": varlen_plan(batch)}
     from .layouts import dense_mask
 
     mask = dense_mask(batch).to(batch.input_ids.device)

@@ -43,9 +43,11 @@ class TrainConfig:
     layout: str = _f("auto", "padded, packed, or prefix_shared (the prompt computed once); auto: prefix_shared "
                              "where the architecture supports it, else padded",
                      choices=["auto", "padded", "packed", "prefix_shared"])
-    attention: str = _f("auto", "attention of the packed layouts: flex (FlexAttention BlockMask, CUDA), "
-                                "segments (one sdpa per block) or dense (one 4-D mask, the reference); auto: "
-                                "flex on CUDA, segments on CPU", choices=["auto", "flex", "segments", "dense"])
+    attention: str = _f("auto", "attention of the packed layouts: varlen (flash-attention varlen kernel, CUDA, "
+                                "bf16/fp16), flex (FlexAttention BlockMask, CUDA), segments (one sdpa per block) "
+                                "or dense (one 4-D mask, the reference); auto: varlen on CUDA in bf16/fp16 when "
+                                "a varlen kernel is present, else flex on CUDA, segments on CPU",
+                        choices=["auto", "varlen", "flex", "segments", "dense"])
     row_tokens: int = _f(0, "packed layouts: tokens per packed row (0: one row per micro-batch with segment "
                             "attention, rows as long as the longest sequence or pair with the dense mask)")
     pairs_per_batch: int = _f(8, "pairs per micro-batch per rank (when token_budget is 0)")

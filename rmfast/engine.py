@@ -17,6 +17,7 @@ import torch
 import torch.distributed as dist
 
 from . import layouts
+from .attention import IMPLEMENTATIONS, register
 from .config import Config
 from .data import load_data
 from .data.sampler import PairSampler
@@ -162,13 +163,9 @@ class Trainer:
         self.layout, self.attention = choose_layout(self.model.backbone.config, config, self.device.type,
                                                     self.log if self.rank == 0 else None)
         self.eager = getattr(self.model.backbone.config, "_attn_implementation", "") == "eager"
-        if self.layout != "padded" and self.attention in ("segments", "flex"):
-            from .attention import FLEX, SEGMENTS, register
-
-            if self.attention == "flex" and self.device.type != "cuda":
-                raise ValueError("attention 'flex': FlexAttention has no backward on CPU; use segments")
+        if self.layout != "padded" and self.attention in IMPLEMENTATIONS:
             register()
-            self.model.backbone.set_attn_implementation(SEGMENTS if self.attention == "segments" else FLEX)
+            self.model.backbone.set_attn_implementation(IMPLEMENTATIONS[self.attention])
         if config.model.gradient_checkpointing:
             self.model.backbone.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
 
@@ -210,7 +207,7 @@ class Trainer:
             make = layouts.packed if self.layout == "packed" else layouts.prefix_shared
             # segment attention pays nothing for long rows: one row, no padding. The dense mask is L×L per
             # row, so rows stay as short as the longest unit.
-            rows = t.row_tokens or (layouts.ONE_ROW if self.attention in ("segments", "flex") else None)
+            rows = t.row_tokens or (layouts.ONE_ROW if self.attention in IMPLEMENTATIONS else None)
             batch = make(pairs, indices, self.tokenizer.pad_token_id, max_tokens=rows, use_margin=t.use_margin)
         return batch.to(self.device)
 
@@ -376,7 +373,8 @@ def choose_layout(backbone_config, config: Config, device_type="cpu", log=None):
             if log:
                 log(f"layout: padded ({exc})")
     check_support(backbone_config, layout, config.data.max_length, t.attention)
-    attention = resolve_attention(backbone_config, t.attention, device_type) if layout != "padded" else "padding mask"
+    dtype = {"bf16": torch.bfloat16, "fp16": torch.float16}.get(config.model.dtype, torch.float32)
+    attention = resolve_attention(backbone_config, t.attention, device_type, dtype) if layout != "padded" else "padding mask"
     if log:
         log(f"layout: {layout}, attention: {attention}")
     return layout, attention

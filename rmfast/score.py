@@ -46,8 +46,9 @@ class Scorer:
         kind = getattr(self.model.backbone.config, "model_type", "")
         if kind in attention.SUPPORTED and kind not in attention.DENSE_ONLY:
             attention.register()
-            self.attention = "flex" if self.device.type == "cuda" else "segments"
-            self.model.backbone.set_attn_implementation(attention.FLEX if self.attention == "flex" else attention.SEGMENTS)
+            self.attention = attention.resolve_attention(self.model.backbone.config, "auto", self.device.type,
+                                                         next(self.model.parameters()).dtype)
+            self.model.backbone.set_attn_implementation(attention.IMPLEMENTATIONS[self.attention])
         self.eager = getattr(self.model.backbone.config, "_attn_implementation", "") == "eager"
 
     def normalize(self, rewards):

@@ -1,5 +1,5 @@
 """Packed and prefix-shared layouts: structure, exactness against padded on every supported architecture
-(rewards and parameter gradients, dense-mask and segment attention), and refusals."""
+(rewards and parameter gradients, dense-mask, segment and varlen attention), and refusals."""
 
 import numpy as np
 import pytest
@@ -27,9 +27,9 @@ def edge_pairs(seed=0):
 
 def rewards_and_grads(model, batch, how):
     model.zero_grad()
-    if how == "segments":
+    if how in attention.IMPLEMENTATIONS:
         attention.register()
-        model.backbone.set_attn_implementation(attention.SEGMENTS)
+        model.backbone.set_attn_implementation(attention.IMPLEMENTATIONS[how])
     eager = getattr(model.backbone.config, "_attn_implementation", "") == "eager"
     inputs = attention.model_inputs(batch, how, eager=eager)
     mask, pos = inputs.pop("attention_mask"), inputs.pop("position_ids")
@@ -154,3 +154,134 @@ def test_flex_attention_gradients_equal_padded_on_cuda(layout):
     for name, p in model.named_parameters():
         g = ref_g[name]
         assert (p.grad - g).abs().max().item() <= 1e-3 * (g.abs().max().item() or 1.0) + 1e-6, name
+
+
+# ---------------------------------------------------------------- varlen (flash-attention varlen kernels)
+
+
+def reference_varlen(q, k, v, cu_q, cu_k, max_q, max_k, scale, dropout):
+    """The varlen kernels' contract in plain torch, checking what they require of their inputs: per block,
+    causal attention aligned to the bottom right (query i of n sees keys up to i + m - n of m)."""
+    assert q.dim() == k.dim() == v.dim() == 3 and q.shape[0] == cu_q[-1] and k.shape[0] == cu_k[-1]
+    assert cu_q.dtype == cu_k.dtype == torch.int32 and len(cu_q) == len(cu_k)
+    assert isinstance(max_q, int) and isinstance(max_k, int)
+    assert max_q == int(cu_q.diff().max()) and max_k == int(cu_k.diff().max())
+    assert q.stride(-1) == k.stride(-1) == v.stride(-1) == 1 and dropout == 0
+    groups = q.shape[1] // k.shape[1]
+    out = []
+    for i in range(len(cu_q) - 1):
+        qs = q[cu_q[i]:cu_q[i + 1]].transpose(0, 1)
+        ks = k[cu_k[i]:cu_k[i + 1]].transpose(0, 1).repeat_interleave(groups, 0)
+        vs = v[cu_k[i]:cu_k[i + 1]].transpose(0, 1).repeat_interleave(groups, 0)
+        n, m = qs.shape[1], ks.shape[1]
+        mask = torch.ones(n, m, dtype=torch.bool, device=q.device).tril(diagonal=m - n)
+        out.append(torch.nn.functional.scaled_dot_product_attention(qs, ks, vs, attn_mask=mask, scale=scale)
+                   .transpose(0, 1))
+    return torch.cat(out)
+
+
+@pytest.fixture
+def reference_kernel(monkeypatch):
+    monkeypatch.setattr(attention, "varlen_kernel", lambda: ("reference", reference_varlen))
+
+
+def varlen_configs():
+    for arch in ARCHS:
+        if arch in attention.DENSE_ONLY:
+            continue
+        for layout in ("packed", "prefix_shared"):
+            for rows in ("rows", "one-row"):
+                yield pytest.param(arch, layout, rows, id=f"{arch}-{layout}-{rows}")
+
+
+@pytest.mark.parametrize("arch,layout,rows", list(varlen_configs()))
+def test_varlen_attention_equals_padded(reference_kernel, arch, layout, rows):
+    # The kernel is the reference above (flash kernels need CUDA and half precision): this checks how the
+    # layout becomes varlen blocks — gathers, prefix keys, cumulative lengths, padding — on every
+    # architecture; the real kernels are checked against the same reference on CUDA below.
+    pairs = edge_pairs()
+    idx = list(range(len(pairs)))
+    model = build(None, arch)
+    ref_r, ref_g = rewards_and_grads(model, layouts.padded(pairs, idx, 0), "padding")
+    batch = getattr(layouts, layout)(pairs, idx, 0, max_tokens=48 if rows == "rows" else layouts.ONE_ROW)
+    plan = attention.varlen_plan(batch)
+    assert plan.dense == (rows == "one-row")  # several rows carry padding; one row carries none
+    assert (plan.k_index is plan.q_index) == (layout == "packed")
+    got_r, got_g = rewards_and_grads(model, batch, "varlen")
+    assert (got_r - ref_r).abs().max() <= 1e-5
+    assert got_g.keys() == ref_g.keys()
+    for name, g in ref_g.items():
+        scale = g.abs().max().item() or 1.0
+        assert (got_g[name] - g).abs().max().item() <= 1e-4 * scale + 1e-6, name
+
+
+def test_varlen_plan_of_prefix_shared_pairs():
+    pairs = pairs_of([[1, 5, 6, 7, 2]], [[1, 5, 8, 2]])
+    pairs.shared[:] = [2]
+    plan = attention.varlen_plan(layouts.prefix_shared(pairs, [0], pad_id=0))
+    # [1 5 | 6 7 2 | 8 2]: prefix+chosen is one block; the rejected block's keys are the prefix, then itself
+    assert plan.q_index.tolist() == [0, 1, 2, 3, 4, 5, 6]
+    assert plan.k_index.tolist() == [0, 1, 2, 3, 4, 0, 1, 5, 6]
+    assert plan.cu_q.tolist() == [0, 5, 7] and plan.cu_k.tolist() == [0, 5, 9]
+    assert (plan.max_q, plan.max_k) == (5, 5) and plan.dense
+
+
+def test_attention_choice_follows_device_dtype_and_kernel(monkeypatch):
+    from test_model import tiny_config
+
+    llama = tiny_config("llama")
+    bf16, fp32 = torch.bfloat16, torch.float32
+    monkeypatch.setattr(attention, "varlen_kernel", lambda: ("reference", reference_varlen))
+    assert attention.resolve_attention(llama, "auto", "cpu", bf16) == "segments"
+    assert attention.resolve_attention(llama, "auto", "cuda", bf16) == "varlen"
+    assert attention.resolve_attention(llama, "auto", "cuda", fp32) == "flex"
+    assert attention.resolve_attention(tiny_config("gemma2"), "auto", "cuda", bf16) == "dense"
+    with pytest.raises(ValueError, match="bf16 or fp16"):
+        attention.resolve_attention(llama, "varlen", "cuda", fp32)
+    with pytest.raises(ValueError, match="CUDA"):
+        attention.resolve_attention(llama, "varlen", "cpu", bf16)
+    with pytest.raises(ValueError, match="no backward on CPU"):
+        attention.resolve_attention(llama, "flex", "cpu", fp32)
+    monkeypatch.setattr(attention, "varlen_kernel", lambda: (None, None))
+    assert attention.resolve_attention(llama, "auto", "cuda", bf16) == "flex"
+    with pytest.raises(ValueError, match="varlen kernel"):
+        attention.resolve_attention(llama, "varlen", "cuda", bf16)
+
+
+@pytest.mark.skipif(not torch.cuda.is_available() or attention.varlen_kernel()[0] is None,
+                    reason="no CUDA GPU or no varlen kernel")
+@pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16])
+def test_varlen_kernel_matches_reference_on_cuda(dtype):
+    # The real kernel against the contract: blocks of unequal query and key lengths (bottom-right causal),
+    # grouped-query heads, forward and backward.
+    torch.manual_seed(0)
+    name, kernel = attention.varlen_kernel()
+    nq, nk = [5, 1, 130, 7, 64], [5, 4, 130, 19, 200]
+    cu = lambda n: torch.tensor([0] + n, device="cuda").cumsum(0, dtype=torch.int32)  # noqa: E731
+    q = torch.randn(sum(nq), 4, 64, device="cuda", dtype=dtype, requires_grad=True)
+    k = torch.randn(sum(nk), 2, 64, device="cuda", dtype=dtype, requires_grad=True)
+    v = torch.randn(sum(nk), 2, 64, device="cuda", dtype=dtype, requires_grad=True)
+    up = torch.randn(sum(nq), 4, 64, device="cuda", dtype=torch.float32)
+    out = kernel(q, k, v, cu(nq), cu(nk), max(nq), max(nk), 0.125, 0.0)
+    grads = torch.autograd.grad((out.float() * up).sum(), (q, k, v))
+    x = [t.detach().float().requires_grad_() for t in (q, k, v)]
+    ref = reference_varlen(*x, cu(nq), cu(nk), max(nq), max(nk), 0.125, 0.0)
+    ref_grads = torch.autograd.grad((ref * up).sum(), x)
+    assert (out.float() - ref).abs().max() <= 2e-2, name
+    for g, r in zip(grads, ref_grads):
+        assert (g.float() - r).abs().max() <= 2e-2 * r.abs().max(), name
+
+
+@pytest.mark.skipif(not torch.cuda.is_available() or attention.varlen_kernel()[0] is None,
+                    reason="no CUDA GPU or no varlen kernel")
+@pytest.mark.parametrize("layout", ["packed", "prefix_shared"])
+def test_varlen_attention_follows_padded_on_cuda_in_bf16(layout):
+    pairs = edge_pairs()
+    idx = list(range(len(pairs)))
+    model = build(None, "llama").cuda().to(torch.bfloat16)
+    ref_r, ref_g = rewards_and_grads(model, layouts.padded(pairs, idx, 0).to("cuda"), "padding")
+    batch = getattr(layouts, layout)(pairs, idx, 0, max_tokens=48).to("cuda")
+    got_r, got_g = rewards_and_grads(model, batch, "varlen")
+    assert (got_r.float() - ref_r.float()).abs().max() <= 3e-2 * (ref_r.float().abs().max() + 1)
+    for name, g in ref_g.items():
+        assert (got_g[name].float() - g.float()).abs().max() <= 5e-2 * (g.float().abs().max() + 1e-3), name
