@@ -232,11 +232,17 @@ def varlen_plan(batch, device=None):
         nq.append(b.q1 - b.q0)
     q_index = torch.cat(q_parts)
     dense = q_index.numel() == batch.input_ids.numel() and bool((q_index == torch.arange(q_index.numel())).all())
+    shared_keys = all(b.prefix is None for b in batch.blocks)
+    k_index = q_index if shared_keys else torch.cat(k_parts)
+    # one host-to-device copy for all of it (pinned on CUDA, so it does not wait for the GPU)
+    parts = [q_index, torch.tensor(nq).cumsum(0), torch.tensor(nk).cumsum(0)] + ([] if shared_keys else [k_index])
+    flat = torch.cat(parts)
+    if torch.device(device).type == "cuda":
+        flat = flat.pin_memory().to(device, non_blocking=True)
+    q_index, cu_q, cu_k, *rest = flat.split([len(p) for p in parts])
+    k_index = q_index if shared_keys else rest[0]
     _, kernel = varlen_kernel()
-    cu = lambda n: torch.tensor(n, dtype=torch.int32).cumsum(0, dtype=torch.int32).to(device)  # noqa: E731
-    q_index = q_index.to(device)
-    k_index = q_index if all(b.prefix is None for b in batch.blocks) else torch.cat(k_parts).to(device)
-    return VarlenPlan(q_index, k_index, cu(nq), cu(nk), max(nq), max(nk), dense, kernel)
+    return VarlenPlan(q_index, k_index, cu_q.int(), cu_k.int(), max(nq), max(nk), dense, kernel)
 
 
 def varlen_attention_fn(module, query, key, value, attention_mask, scaling=None, dropout=0.0, **kwargs):

@@ -101,8 +101,11 @@ def deepspeed_config(config: Config, world_size):
 
 def make_optimizer(model, config: Config):
     t = config.train
-    decay = [p for n, p in model.named_parameters() if p.requires_grad and p.ndim >= 2]
-    no_decay = [p for n, p in model.named_parameters() if p.requires_grad and p.ndim < 2]
+    # matrices decay, vectors (norms, biases, the value head) do not; ZeRO-3-partitioned parameters are
+    # flat until gathered, so their real shape is ds_shape
+    dims = lambda p: len(getattr(p, "ds_shape", p.shape))  # noqa: E731
+    decay = [p for n, p in model.named_parameters() if p.requires_grad and dims(p) >= 2]
+    no_decay = [p for n, p in model.named_parameters() if p.requires_grad and dims(p) < 2]
     groups = [{"params": decay, "weight_decay": t.weight_decay}, {"params": no_decay, "weight_decay": 0.0}]
     kw = {"lr": t.lr, "betas": tuple(t.adam_betas), "eps": t.adam_eps}
     if t.offload_optimizer:
@@ -151,7 +154,16 @@ class Trainer:
             for line in report.lines():
                 self.log(f"data: {line}")
 
-        # model
+        # model. Under ZeRO-3 each rank builds and loads only its share of the weights (deepspeed.zero.Init,
+        # which transformers' from_pretrained enters while an HfDeepSpeedConfig is alive), never the whole
+        # model; the small value head is made whole and partitioned by deepspeed.initialize.
+        self.ds_config = deepspeed_config(config, self.world)
+        self.zero3 = self.ds_config["zero_optimization"].get("stage") == 3
+        self._hf_deepspeed = None
+        if self.zero3:
+            from transformers.integrations import HfDeepSpeedConfig
+
+            self._hf_deepspeed = HfDeepSpeedConfig(self.ds_config)  # transformers holds a weak reference
         self.model = RewardModel.from_pretrained(config.model.name_or_path, dtype="fp32",
                                                  head_bias=config.model.head_bias,
                                                  attn_implementation=config.model.attn_implementation,
@@ -160,6 +172,19 @@ class Trainer:
             self.model.backbone.resize_token_embeddings(len(self.tokenizer))
         if config.model.lora_r:
             self.model.backbone = add_lora(self.model.backbone, config.model)
+        if self._hf_deepspeed is not None:
+            # loaded: models built from now on (the export's, on rank 0 alone) must not enter zero.Init,
+            # whose collectives would wait for the other ranks forever
+            from transformers.integrations.deepspeed import unset_hf_deepspeed_config
+
+            unset_hf_deepspeed_config()
+            self._hf_deepspeed = None
+            parted = [p for p in self.model.parameters() if hasattr(p, "ds_tensor")]
+            if self.rank == 0:
+                held = sum(p.ds_tensor.numel() for p in parted)
+                dtypes = sorted({str(p.ds_tensor.dtype).replace("torch.", "") for p in parted})
+                self.log(f"ZeRO-3: backbone loaded partitioned; rank 0 holds {held:,} of "
+                         f"{sum(p.ds_numel for p in parted):,} elements ({', '.join(dtypes)})")
         self.layout, self.attention = choose_layout(self.model.backbone.config, config, self.device.type,
                                                     self.log if self.rank == 0 else None)
         self.eager = getattr(self.model.backbone.config, "_attn_implementation", "") == "eager"
@@ -185,9 +210,14 @@ class Trainer:
         scheduler = get_scheduler(t.scheduler if t.scheduler != "constant" else "constant_with_warmup", optimizer,
                                   num_warmup_steps=int(t.warmup_ratio * self.total_steps),
                                   num_training_steps=self.total_steps)
-        self.ds_config = deepspeed_config(config, self.world)
         self.engine, self.optimizer, _, self.scheduler = deepspeed.initialize(
             model=self.model, optimizer=optimizer, lr_scheduler=scheduler, config=self.ds_config)
+        if self.zero3:
+            # the fused loss reads the head's parameters without calling the head's forward: make ZeRO-3
+            # gather them with the model's own forward, whatever their size (small ones are also kept
+            # whole by stage3_param_persistence_threshold, but that is a setting)
+            for p in self.model.head.parameters():
+                deepspeed.zero.register_external_parameter(self.model, p)
         self.step = 0
         self.metrics_file = self.out / "metrics.jsonl"
         self.tb = _tensorboard(self.out / "tensorboard") if (t.tensorboard and self.rank == 0) else None
@@ -398,16 +428,17 @@ class _Window:
         self.start = time.perf_counter()
 
     def add(self, out, batch):
-        self.loss += float(out.loss.detach())
-        self.correct += float((out.chosen_rewards > out.rejected_rewards).sum())
+        # loss and correct pairs stay on the device until reduce(): no host sync per micro-batch
+        self.loss = self.loss + out.loss.detach().float()
+        self.correct = self.correct + (out.chosen_rewards.detach() > out.rejected_rewards.detach()).sum()
         self.pairs += batch.pairs
         self.tokens += batch.tokens
         self.positions += batch.positions
         self.batches += 1
 
     def reduce(self, world):
-        t = torch.tensor([self.loss, self.correct, self.pairs, self.tokens, self.positions, self.batches],
-                         dtype=torch.float64)
+        t = torch.tensor([float(self.loss), float(self.correct), self.pairs, self.tokens, self.positions,
+                          self.batches], dtype=torch.float64)
         if world > 1:
             dist.all_reduce(t)
         loss, correct, pairs, tokens, positions, batches = t.tolist()

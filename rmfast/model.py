@@ -4,6 +4,7 @@ The backbone is whatever ``AutoModel`` loads; a ``*ForSequenceClassification`` c
 keeps its score head as the value head. Rewards are read at each sequence's last token, whose flat row
 index the collator computes from sequence lengths — never by searching for pad ids."""
 
+import contextlib
 from typing import Optional
 
 import torch
@@ -55,7 +56,7 @@ class RewardModel(nn.Module):
             if score is None:
                 raise ValueError(f"{name_or_path}: a sequence-classification checkpoint without a one-output score head")
             head = RewardHead(score.in_features, bias=score.bias is not None, dtype=torch_dtype)
-            with torch.no_grad():
+            with torch.no_grad(), _gathered([score.weight, score.bias]):
                 head.weight.copy_(score.weight.reshape(-1))
                 if score.bias is not None:
                     head.bias.copy_(score.bias.reshape(1))
@@ -86,6 +87,16 @@ class RewardModel(nn.Module):
         hidden = self.hidden_states(input_ids, attention_mask)
         rows = hidden.reshape(-1, hidden.shape[-1]).index_select(0, last_index)
         return self.head.rewards(rows)
+
+
+def _gathered(params):
+    """A context in which ZeRO-3-partitioned parameters hold their full data (nothing to do for others)."""
+    params = [p for p in params if p is not None and hasattr(p, "ds_id")]
+    if not params:
+        return contextlib.nullcontext()
+    import deepspeed
+
+    return deepspeed.zero.GatheredParameters(params)
 
 
 def _hidden_size(config):

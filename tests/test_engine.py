@@ -3,6 +3,7 @@ export after ZeRO-3, the non-finite guard, and the demo. Each run is its own pro
 
 import json
 import os
+import re
 import signal
 import socket
 import subprocess
@@ -182,7 +183,12 @@ def score_with_transformers(export_dir, jsonl, tokenizer_dir):
 
 def test_export_after_zero3_scores_as_the_engine(setup, tmp_path):
     out = tmp_path / "z3"
-    train(setup, out, nproc=2, **{"train.zero_stage": 3, "train.export": True, "train.max_steps": 8})
+    res = train(setup, out, nproc=2, **{"train.zero_stage": 3, "train.export": True, "train.max_steps": 8})
+    # each rank loaded only its half of the weights (zero.Init), never the whole model
+    held, total = (int(x.replace(",", "")) for x in
+                   re.search(r"ZeRO-3: backbone loaded partitioned; rank 0 holds ([\d,]+) of ([\d,]+)",
+                             res.stdout + res.stderr).groups())
+    assert 0 < held <= total // 2 + 1000 and total > 10000
     _, evals = metrics(out)
     final = evals[-1]
     c, r = score_with_transformers(out / "export", setup / "eval.jsonl", setup / "model")
@@ -194,14 +200,15 @@ def test_export_after_zero3_scores_as_the_engine(setup, tmp_path):
     assert config["rmfast_reward_mean"] == pytest.approx(final["eval_reward_mean"])
 
 
-def test_lora_run_exports_merged_weights_and_its_trained_head(setup, tmp_path):
+@pytest.mark.parametrize("nproc,stage", [(1, 0), (2, 3)], ids=["one-rank-zero0", "two-ranks-zero3"])
+def test_lora_run_exports_merged_weights_and_its_trained_head(setup, tmp_path, nproc, stage):
     from safetensors.torch import load_file
 
     from rmfast.export import load_checkpoint_state
 
     out = tmp_path / "lora"
-    train(setup, out, **{"model.lora_r": 4, "model.lora_alpha": 8, "train.export": True, "train.max_steps": 8,
-                         "train.lr": 1e-2})
+    train(setup, out, nproc=nproc, **{"model.lora_r": 4, "model.lora_alpha": 8, "train.export": True,
+                                      "train.max_steps": 8, "train.lr": 1e-2, "train.zero_stage": stage})
     _, evals = metrics(out)
     c, r = score_with_transformers(out / "export", setup / "eval.jsonl", setup / "model")
     assert float(c.mean()) == pytest.approx(evals[-1]["eval_chosen_mean"], abs=1e-4)
