@@ -179,6 +179,12 @@ class Trainer:
 
             unset_hf_deepspeed_config()
             self._hf_deepspeed = None
+            # zero.Init made the backbone's parameters bf16/fp16 already and deepspeed.initialize will not
+            # cast the model again: parameters made outside it (the head, LoRA adapters) must match
+            half = {"bf16": torch.bfloat16, "fp16": torch.float16}.get(config.model.dtype)
+            for p in self.model.parameters():
+                if half is not None and not hasattr(p, "ds_id") and p.is_floating_point():
+                    p.data = p.data.to(half)
             parted = [p for p in self.model.parameters() if hasattr(p, "ds_tensor")]
             if self.rank == 0:
                 held = sum(p.ds_tensor.numel() for p in parted)
@@ -220,7 +226,7 @@ class Trainer:
                 deepspeed.zero.register_external_parameter(self.model, p)
         self.step = 0
         self.metrics_file = self.out / "metrics.jsonl"
-        self.tb = _tensorboard(self.out / "tensorboard") if (t.tensorboard and self.rank == 0) else None
+        self.tb = _tensorboard(self.out / "tensorboard", self.log) if (t.tensorboard and self.rank == 0) else None
         if self.rank == 0:
             (self.out / "config.json").write_text(json.dumps(config.to_dict(), indent=2, default=str))
             self.tokenizer.save_pretrained(self.out / "tokenizer")
@@ -302,6 +308,8 @@ class Trainer:
         bar.close()
         final = self.evaluate()
         self.write_metrics(final)
+        if self.tb is not None:
+            self.tb.close()  # flushes the event file
         self.save()
         if t.export:
             from .export import export_model
@@ -467,9 +475,11 @@ def ensure_pad_token(tokenizer):
     return True
 
 
-def _tensorboard(path):
+def _tensorboard(path, log):
     try:
         from torch.utils.tensorboard import SummaryWriter
     except ImportError:
+        log("tensorboard is not installed: metrics go to metrics.jsonl only (pip install tensorboard, or pass "
+            "--train.tensorboard false to silence this)")
         return None
-    return SummaryWriter(str(path))
+    return SummaryWriter(str(path), flush_secs=30)

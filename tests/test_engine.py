@@ -109,12 +109,38 @@ def test_two_ranks_zero2_and_zero3_follow_one_rank_zero0(setup, tmp_path):
     assert a[-1] < a[0]
 
 
+def test_deepspeed_launcher_runs_as_torchrun_does(setup, tmp_path):
+    # the multi-node path of the README: DeepSpeed's launcher starting rmfast-train on two ranks (bf16 at
+    # ZeRO-3, where zero.Init makes the backbone bf16 and the head must follow)
+    bindir = Path(sys.executable).parent
+    out = tmp_path / "launcher"
+    run = {"train.zero_stage": 3, "train.max_steps": 6, "model.dtype": "bf16", "model.lora_r": 4}
+    cmd = [str(bindir / "deepspeed"), "--num_gpus", "2", "--master_port", str(free_port()), str(bindir / "rmfast-train")]
+    res = subprocess.run(cmd + args_for(setup, out, **run), capture_output=True, text=True, env=clean_env(), timeout=900)
+    assert res.returncode == 0, res.stdout[-3000:] + res.stderr[-5000:]
+    assert "(bfloat16)" in res.stdout + res.stderr
+    train(setup, tmp_path / "torchrun", nproc=2, **run)
+    a, _ = metrics(tmp_path / "torchrun")
+    b, _ = metrics(out)
+    assert [r["step"] for r in b] == list(range(1, 7))
+    np.testing.assert_allclose([r["loss"] for r in b], [r["loss"] for r in a], rtol=0, atol=1e-6)
+
+
 def test_prefix_shared_and_packed_training_follow_padded(setup, tmp_path):
     runs = {}
     for layout in ("padded", "packed", "prefix_shared"):
-        res = train(setup, tmp_path / layout, **{"train.layout": layout})
+        res = train(setup, tmp_path / layout, **{"train.layout": layout, "train.tensorboard": layout == "padded"})
         assert f"layout: {layout}" in res.stdout
         runs[layout] = [r["loss"] for r in metrics(tmp_path / layout)[0]]
+    # TensorBoard got the same training and eval curves as metrics.jsonl
+    from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
+
+    events = EventAccumulator(str(tmp_path / "padded" / "tensorboard"))
+    events.Reload()
+    assert [e.step for e in events.Scalars("loss")] == list(range(1, 13))
+    np.testing.assert_allclose([e.value for e in events.Scalars("loss")], runs["padded"], rtol=1e-6)
+    assert events.Scalars("eval_accuracy")[-1].value == metrics(tmp_path / "padded")[1][-1]["eval_accuracy"]
+    assert not (tmp_path / "packed" / "tensorboard").exists()
     # same seeds, same batches: fp32 differences come only from the order of floating-point sums
     np.testing.assert_allclose(runs["prefix_shared"], runs["padded"], rtol=0, atol=1e-4)
     np.testing.assert_allclose(runs["packed"], runs["padded"], rtol=0, atol=1e-4)
