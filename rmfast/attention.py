@@ -17,6 +17,7 @@
 ``auto``: varlen on CUDA in bf16/fp16 when a varlen kernel is present, else flex on CUDA; segments on CPU.
 """
 
+import numpy as np
 import torch
 import torch.nn.functional as F
 
@@ -172,15 +173,12 @@ def flex_attention_fn(module, query, key, value, attention_mask, scaling=None, d
     return out.transpose(1, 2).contiguous(), None
 
 
-def block_mask(batch, device=None):
-    """A FlexAttention BlockMask for a packed batch: a token sees earlier tokens of its own unit (a
-    sequence, or a pair), except that rejected-suffix tokens never see chosen-suffix ones; padding sees
-    itself only."""
-    from torch.nn.attention.flex_attention import create_block_mask
-
+def _unit_and_kind(batch):
+    """Per position: its unit (sequence, or pair; -1 for padding) and kind (0 prefix / whole sequence,
+    1 chosen suffix, 2 rejected suffix), [R, L] int64 each."""
     R, L = batch.input_ids.shape
     unit = torch.full((R, L), -1, dtype=torch.long)
-    kind = torch.zeros((R, L), dtype=torch.long)  # 1: chosen suffix, 2: rejected suffix
+    kind = torch.zeros((R, L), dtype=torch.long)
     for u, b in enumerate(x for x in batch.blocks if x.prefix is None):
         unit[b.row, b.q0:b.q1] = u
     for b in batch.blocks:
@@ -189,14 +187,61 @@ def block_mask(batch, device=None):
             unit[b.row, b.q0:b.q1] = unit[b.row, p0]
             kind[b.row, p1:b.q0] = 1
             kind[b.row, b.q0:b.q1] = 2
+    return unit, kind
+
+
+def block_tiles(batch, size):
+    """Which size×size tiles of each row's attention have something to compute: (any [R, T, T], full
+    [R, T, T]) booleans, T = ceil(L / size), straight from the layout's blocks — O(L) work and memory,
+    where evaluating the mask on every (query, key) pair is O(L²)."""
+    R, L = batch.input_ids.shape
+    T = -(-L // size)
+    any_ = np.zeros((R, T, T), dtype=bool)
+    for b in batch.blocks:
+        t0, t1 = b.q0 // size, (b.q1 - 1) // size
+        for qt in range(t0, t1 + 1):  # causal part: keys from the block's start up to the query
+            any_[b.row, qt, t0:qt + 1] = True
+        if b.prefix is not None and b.prefix[1] > b.prefix[0]:
+            any_[b.row, t0:t1 + 1, b.prefix[0] // size:(b.prefix[1] - 1) // size + 1] = True
+    diag = np.arange(T)
+    any_[:, diag, diag] = True  # padding sees itself
+    # a tile is full when all its queries and keys belong to one unit, every key precedes every query, and
+    # no rejected query meets a chosen key
+    unit, kind = (x.numpy() for x in _unit_and_kind(batch))
+    pad = T * size - L
+    unit = np.pad(unit, ((0, 0), (0, pad)), constant_values=-1).reshape(R, T, size)
+    kind = np.pad(kind, ((0, 0), (0, pad))).reshape(R, T, size)
+    one = (unit.min(-1) == unit.max(-1)) & (unit.min(-1) >= 0)  # [R, T]
+    same = one[:, :, None] & one[:, None, :] & (unit[:, :, None, 0] == unit[:, None, :, 0])
+    before = diag[None, :] < diag[:, None]  # key tile strictly before query tile: every key precedes
+    clash = (kind == 2).any(-1)[:, :, None] & (kind == 1).any(-1)[:, None, :]
+    full = same & before[None] & ~clash & any_
+    return torch.from_numpy(any_), torch.from_numpy(full)
+
+
+def block_mask(batch, device=None, size=128):
+    """A FlexAttention BlockMask for a packed batch: a token sees earlier tokens of its own unit (a
+    sequence, or a pair), except that rejected-suffix tokens never see chosen-suffix ones; padding sees
+    itself only. The tiles come from the blocks (block_tiles), so no L×L mask is ever evaluated."""
+    from torch.nn.attention.flex_attention import BlockMask
+
+    R, L = batch.input_ids.shape
     device = device or batch.input_ids.device
-    unit, kind = unit.to(device), kind.to(device)
+    unit, kind = (x.to(device) for x in _unit_and_kind(batch))
 
     def mask_mod(b, h, q, k):
         same = (unit[b, q] == unit[b, k]) & (k <= q) & ~((kind[b, q] == 2) & (kind[b, k] == 1))
         return (same & (unit[b, q] >= 0)) | (q == k)
 
-    return create_block_mask(mask_mod, R, None, L, L, device=str(device))
+    any_, full = block_tiles(batch, size)
+
+    def sparse(tiles):  # [R, T, T] bool → counts [R, 1, T] int32, indices [R, 1, T, T] int32 (listed first)
+        counts = tiles.sum(-1, dtype=torch.int32)
+        order = torch.argsort((~tiles).to(torch.int8), dim=-1, stable=True).to(torch.int32)
+        return counts[:, None].to(device), order[:, None].to(device)
+
+    partial, complete = sparse(any_ & ~full), sparse(full)
+    return BlockMask.from_kv_blocks(*partial, *complete, BLOCK_SIZE=size, mask_mod=mask_mod, seq_lengths=(L, L))
 
 
 @dataclass

@@ -124,7 +124,7 @@ def make_optimizer(model, config: Config):
 
 class Trainer:
     def __init__(self, config: Config, log=print):
-        from transformers import AutoTokenizer, get_scheduler
+        from transformers import AutoConfig, AutoTokenizer, get_scheduler
 
         import deepspeed
 
@@ -141,6 +141,13 @@ class Trainer:
         self.out = Path(t.output_dir)
         if self.rank == 0:
             self.out.mkdir(parents=True, exist_ok=True)
+
+        # layout and attention, from the model's config alone: a bad choice is reported before any data is
+        # tokenized or weights are loaded
+        backbone_config = AutoConfig.from_pretrained(config.model.name_or_path,
+                                                     trust_remote_code=config.model.trust_remote_code)
+        self.layout, self.attention = choose_layout(backbone_config, config, self.device.type,
+                                                    self.log if self.rank == 0 else None)
 
         # tokenizer and data (rank 0 tokenizes first; the others then read its cache)
         tok_path = config.model.tokenizer or config.model.name_or_path
@@ -191,8 +198,6 @@ class Trainer:
                 dtypes = sorted({str(p.ds_tensor.dtype).replace("torch.", "") for p in parted})
                 self.log(f"ZeRO-3: backbone loaded partitioned; rank 0 holds {held:,} of "
                          f"{sum(p.ds_numel for p in parted):,} elements ({', '.join(dtypes)})")
-        self.layout, self.attention = choose_layout(self.model.backbone.config, config, self.device.type,
-                                                    self.log if self.rank == 0 else None)
         self.eager = getattr(self.model.backbone.config, "_attn_implementation", "") == "eager"
         if self.layout != "padded" and self.attention in IMPLEMENTATIONS:
             register()

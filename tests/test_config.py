@@ -87,3 +87,17 @@ def test_help_lists_every_section():
 def test_missing_model_or_data_is_an_error_with_advice():
     out = subprocess.run([sys.executable, "-m", "rmfast.cli"], capture_output=True, text=True)
     assert out.returncode == 2 and "--demo" in out.stderr
+
+
+def test_attention_that_cannot_run_here_is_refused_before_data_is_read(tmp_path):
+    # a model folder with a config only, and no data file at all: the refusal must come first, as one line
+    from transformers import LlamaConfig
+
+    LlamaConfig(hidden_size=32, intermediate_size=64, num_hidden_layers=1, num_attention_heads=4,
+                vocab_size=64).save_pretrained(tmp_path / "model")
+    out = subprocess.run([sys.executable, "-m", "rmfast.cli", "--model.name_or_path", str(tmp_path / "model"),
+                          "--data.train", str(tmp_path / "missing.jsonl"), "--train.output_dir", str(tmp_path / "o"),
+                          "--train.attention", "varlen"], capture_output=True, text=True, timeout=600)
+    assert out.returncode != 0
+    assert "rmfast-train: attention 'varlen' needs a CUDA GPU" in out.stderr
+    assert "Traceback" not in out.stderr and "missing.jsonl" not in out.stderr

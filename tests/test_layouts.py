@@ -140,6 +140,28 @@ def test_flex_attention_rewards_equal_padded(arch, layout):
     assert (got - ref).abs().max() <= 1e-5
 
 
+@pytest.mark.parametrize("rows", [48, layouts.ONE_ROW], ids=["rows", "one-row"])
+@pytest.mark.parametrize("layout", ["packed", "prefix_shared"])
+def test_flex_block_mask_from_blocks_equals_evaluating_the_mask(layout, rows):
+    # the tiles built from the layout's blocks are exactly those create_block_mask finds by evaluating the
+    # mask on every (query, key) pair: same partial tiles, same full tiles (small tiles, so many of them)
+    from torch.nn.attention.flex_attention import create_block_mask
+
+    pairs = edge_pairs(1)
+    batch = getattr(layouts, layout)(pairs, list(range(len(pairs))), 0, max_tokens=rows)
+    R, L = batch.input_ids.shape
+    ours = attention.block_mask(batch, size=4)
+    ref = create_block_mask(ours.mask_mod, R, None, L, L, device="cpu", BLOCK_SIZE=4)
+
+    def tiles(counts, indices):
+        return [[sorted(indices[r, 0, t, :counts[r, 0, t]].tolist()) for t in range(counts.shape[-1])]
+                for r in range(R)]
+
+    assert tiles(ours.kv_num_blocks, ours.kv_indices) == tiles(ref.kv_num_blocks, ref.kv_indices)
+    assert tiles(ours.full_kv_num_blocks, ours.full_kv_indices) == tiles(ref.full_kv_num_blocks, ref.full_kv_indices)
+    assert int(ours.full_kv_num_blocks.sum()) > 0 and int(ours.kv_num_blocks.sum()) > 0
+
+
 @pytest.mark.skipif(not torch.cuda.is_available(), reason="no CUDA GPU")
 @pytest.mark.parametrize("layout", ["packed", "prefix_shared"])
 def test_flex_attention_gradients_equal_padded_on_cuda(layout):
