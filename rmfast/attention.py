@@ -57,16 +57,16 @@ def check_support(config, layout, max_length, attention="auto"):
 HALF = (torch.float16, torch.bfloat16)
 
 
-def resolve_attention(config, attention, device_type="cpu", dtype=torch.float32):
+def resolve_attention(config, attention, device_type="cpu", dtype=torch.float32, training=True):
     """The attention a packed layout runs with: `attention` itself, checked against the device and dtype,
-    or the best one for them when 'auto'."""
+    or the best one for them when 'auto'. training=False (scoring) allows flex on CPU (forward only)."""
     if attention == "auto":
         if getattr(config, "model_type", "") in DENSE_ONLY:
             return "dense"
         if device_type != "cuda":
             return "segments"
         return "varlen" if dtype in HALF and varlen_kernel()[0] else "flex"
-    if attention == "flex" and device_type != "cuda":
+    if attention == "flex" and device_type != "cuda" and training:
         raise ValueError("attention 'flex': FlexAttention has no backward on CPU; use segments (or auto)")
     if attention == "varlen":
         name, _ = varlen_kernel()

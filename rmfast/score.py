@@ -32,7 +32,7 @@ def _device(name):
 class Scorer:
     """An exported reward model ready to score token sequences and pairs."""
 
-    def __init__(self, model_dir, device="auto", dtype="fp32"):
+    def __init__(self, model_dir, device="auto", dtype="fp32", attention_kind="auto"):
         from transformers import AutoConfig, AutoTokenizer
 
         self.device = _device(device)
@@ -46,8 +46,12 @@ class Scorer:
         kind = getattr(self.model.backbone.config, "model_type", "")
         if kind in attention.SUPPORTED and kind not in attention.DENSE_ONLY:
             attention.register()
-            self.attention = attention.resolve_attention(self.model.backbone.config, "auto", self.device.type,
-                                                         next(self.model.parameters()).dtype)
+            self.attention = attention.resolve_attention(self.model.backbone.config, attention_kind,
+                                                         self.device.type, next(self.model.parameters()).dtype,
+                                                         training=False)
+        elif attention_kind not in ("auto", "dense"):
+            raise ValueError(f"attention {attention_kind!r} is not supported for {kind} models; use auto or dense")
+        if self.attention in attention.IMPLEMENTATIONS:
             self.model.backbone.set_attn_implementation(attention.IMPLEMENTATIONS[self.attention])
         self.eager = getattr(self.model.backbone.config, "_attn_implementation", "") == "eager"
 
@@ -141,11 +145,16 @@ def main(argv=None):
     parser.add_argument("--on-bad-row", default="error", choices=["error", "skip"])
     parser.add_argument("--format", default="auto", choices=["auto", "explicit", "implicit", "conversational"])
     parser.add_argument("--device", default="auto")
+    parser.add_argument("--dtype", default="fp32", choices=["fp32", "bf16", "fp16"],
+                        help="weights and activations (fp32 scores exactly; bf16 is faster on a GPU)")
+    parser.add_argument("--attention", default="auto", choices=list(attention.ATTENTIONS),
+                        help="attention of the packed batches (auto: varlen on CUDA in bf16/fp16 when available, "
+                             "else flex on CUDA; segments on CPU)")
     args = parser.parse_args(argv)
     from tqdm.auto import tqdm
 
     try:
-        scorer = Scorer(args.model, args.device)
+        scorer = Scorer(args.model, args.device, args.dtype, args.attention)
         records = []
         if _is_pairs(args.sources[0]):
             config = DataConfig(train=args.sources, format=args.format, max_length=args.max_length,

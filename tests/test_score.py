@@ -57,6 +57,20 @@ def test_pairs_are_scored_as_transformers_scores_them(exported, tmp_path):
     assert [g["correct"] for g in got] == list(chosen > rejected)
 
 
+@pytest.mark.parametrize("options", [["--attention", "dense"], ["--attention", "flex"], ["--dtype", "bf16"]],
+                         ids=["dense", "flex", "bf16"])
+def test_pairs_scored_with_another_attention_or_dtype(exported, tmp_path, options):
+    root, path, rows = exported
+    ref, out = tmp_path / "ref.jsonl", tmp_path / "out.jsonl"
+    assert score_main([str(path), str(root / "pairs.jsonl"), "--out", str(ref)]) == 0
+    assert score_main([str(path), str(root / "pairs.jsonl"), "--out", str(out)] + options) == 0
+    a, b = read_jsonl(ref), read_jsonl(out)
+    tol = 5e-2 if "bf16" in options else 1e-5
+    for key in ("chosen_reward", "rejected_reward"):
+        got, want = np.array([x[key] for x in b]), np.array([x[key] for x in a])
+        np.testing.assert_allclose(got, want, atol=tol * (1 + np.abs(want).max()))
+
+
 def test_single_texts_normalized_to_parquet(exported, tmp_path):
     import pyarrow.parquet as pq
 
