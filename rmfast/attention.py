@@ -17,6 +17,8 @@
 ``auto``: varlen on CUDA in bf16/fp16 when a varlen kernel is present, else flex on CUDA; segments on CPU.
 """
 
+import functools
+
 import numpy as np
 import torch
 import torch.nn.functional as F
@@ -109,8 +111,19 @@ def varlen_kernel():
     return "torch varlen_attn", run_torch_varlen
 
 
+@functools.lru_cache(maxsize=1024)
+def _prefix_causal_mask(n, p, device):
+    """[n, p + n] bool: all p prefix keys, then causal over the block's own n keys."""
+    mask = torch.ones(n, p + n, dtype=torch.bool, device=device)
+    mask[:, p:] = torch.ones(n, n, dtype=torch.bool, device=device).tril()
+    return mask
+
+
 def segment_attention(module, query, key, value, attention_mask, scaling=None, dropout=0.0, **kwargs):
-    """query [B, Hq, L, D], key / value [B, Hkv, L, D] → ([B, L, Hq, D], None), one sdpa per block."""
+    """query [B, Hq, L, D], key / value [B, Hkv, L, D] → ([B, L, Hq, D], None), one sdpa per block.
+
+    Each row is split once into its blocks (and padding gaps), so that the backward joins the pieces'
+    gradients in one op per tensor, instead of one full-size zero tensor per slice and block."""
     blocks = kwargs.get("rmfast_blocks")
     if blocks is None:
         raise RuntimeError("segment attention needs the layout's blocks (pass rmfast_blocks=batch.blocks)")
@@ -120,33 +133,39 @@ def segment_attention(module, query, key, value, attention_mask, scaling=None, d
         value = value.repeat_interleave(groups, dim=1)
     drop = dropout if module.training else 0.0
     B, H, L, D = query.shape
-    pieces = [[] for _ in range(B)]  # per row: (q0, q1, output), concatenated below (no in-place writes,
-    for b in blocks:                 # whose backward would copy the whole output once per block)
-        q = query[b.row, :, b.q0:b.q1]
-        k = key[b.row, :, b.q0:b.q1]
-        v = value[b.row, :, b.q0:b.q1]
-        if b.prefix is None:
-            o = F.scaled_dot_product_attention(q, k, v, is_causal=True, scale=scaling, dropout_p=drop)
-        else:
-            p0, p1 = b.prefix
-            n, p = b.q1 - b.q0, p1 - p0
-            k = torch.cat([key[b.row, :, p0:p1], k], dim=1)
-            v = torch.cat([value[b.row, :, p0:p1], v], dim=1)
-            mask = torch.ones(n, p + n, dtype=torch.bool, device=q.device)
-            mask[:, p:] = torch.ones(n, n, dtype=torch.bool, device=q.device).tril()
-            o = F.scaled_dot_product_attention(q, k, v, attn_mask=mask, scale=scaling, dropout_p=drop)
-        pieces[b.row].append((b.q0, b.q1, o))
+    by_row = [[] for _ in range(B)]
+    for b in blocks:
+        by_row[b.row].append(b)
     rows = []
-    for row in pieces:
-        parts, at = [], 0
-        for q0, q1, o in sorted(row, key=lambda t: t[0]):
-            if q0 > at:  # padding positions: zeros (never read)
-                parts.append(query.new_zeros(H, q0 - at, D))
-            parts.append(o)
-            at = q1
+    for r, (q_row, k_row, v_row) in enumerate(zip(query.unbind(0), key.unbind(0), value.unbind(0))):
+        row = sorted(by_row[r], key=lambda b: b.q0)
+        sizes, which, at = [], [], 0  # which: the piece of each block
+        for b in row:
+            if b.q0 > at:  # padding
+                sizes.append(b.q0 - at)
+            which.append(len(sizes))
+            sizes.append(b.q1 - b.q0)
+            at = b.q1
         if at < L:
-            parts.append(query.new_zeros(H, L - at, D))
-        rows.append(torch.cat(parts, dim=1))
+            sizes.append(L - at)
+        qs, ks, vs = q_row.split(sizes, dim=1), k_row.split(sizes, dim=1), v_row.split(sizes, dim=1)
+        starts = {b.q0: i for b, i in zip(row, which)}
+        outs = [None] * len(sizes)
+        for b, i in zip(row, which):
+            q, k, v = qs[i], ks[i], vs[i]
+            if b.prefix is None:
+                outs[i] = F.scaled_dot_product_attention(q, k, v, is_causal=True, scale=scaling, dropout_p=drop)
+                continue
+            p0, p1 = b.prefix
+            j = starts[p0]  # the pair's prefix opens its prefix+chosen block
+            k = torch.cat([ks[j][:, :p1 - p0], k], dim=1)
+            v = torch.cat([vs[j][:, :p1 - p0], v], dim=1)
+            mask = _prefix_causal_mask(b.q1 - b.q0, p1 - p0, q.device)
+            outs[i] = F.scaled_dot_product_attention(q, k, v, attn_mask=mask, scale=scaling, dropout_p=drop)
+        for i, o in enumerate(outs):
+            if o is None:  # padding positions: zeros (never read)
+                outs[i] = query.new_zeros(H, sizes[i], D)
+        rows.append(torch.cat(outs, dim=1))
     return torch.stack(rows).transpose(1, 2).contiguous(), None
 
 
