@@ -111,7 +111,7 @@ def varlen_kernel():
     return "torch varlen_attn", run_torch_varlen
 
 
-@functools.lru_cache(maxsize=1024)
+@functools.lru_cache(maxsize=256)  # reused across layers; small (n × (p + n) booleans)
 def _prefix_causal_mask(n, p, device):
     """[n, p + n] bool: all p prefix keys, then causal over the block's own n keys."""
     mask = torch.ones(n, p + n, dtype=torch.bool, device=device)
