@@ -17,8 +17,6 @@
 ``auto``: varlen on CUDA in bf16/fp16 when a varlen kernel is present, else flex on CUDA; segments on CPU.
 """
 
-import functools
-
 import numpy as np
 import torch
 import torch.nn.functional as F
@@ -67,7 +65,7 @@ def resolve_attention(config, attention, device_type="cpu", dtype=torch.float32,
             return "dense"
         if device_type != "cuda":
             return "segments"
-        return "varlen" if dtype in HALF and varlen_kernel()[0] else "flex"
+        return "varlen" if _varlen_runs(config, dtype) else "flex"
     if attention == "flex" and device_type != "cuda" and training:
         raise ValueError("attention 'flex': FlexAttention has no backward on CPU; use segments (or auto)")
     if attention == "varlen":
@@ -78,7 +76,23 @@ def resolve_attention(config, attention, device_type="cpu", dtype=torch.float32,
         if dtype not in HALF:
             raise ValueError("attention 'varlen' (flash attention) runs in bf16 or fp16 only; set --model.dtype "
                              "bf16, or use flex or auto")
+        if _cuda_capability() < (8, 0):
+            raise ValueError(f"attention 'varlen' (flash attention) needs an Ampere or newer GPU (compute "
+                             f"capability 8.0); this one is {'.'.join(map(str, _cuda_capability()))}. Use flex or auto")
     return attention
+
+
+def _cuda_capability():
+    return torch.cuda.get_device_capability() if torch.cuda.is_available() else (0, 0)
+
+
+def _varlen_runs(config, dtype):
+    """Whether a varlen kernel can run this model here: half precision, an Ampere or newer GPU, and, for
+    torch's kernel (which has no dropout), no attention dropout."""
+    name, _ = varlen_kernel()
+    if not name or dtype not in HALF or _cuda_capability() < (8, 0):
+        return False
+    return name == "flash-attn" or not getattr(config, "attention_dropout", 0.0)
 
 
 def varlen_kernel():
@@ -111,11 +125,15 @@ def varlen_kernel():
     return "torch varlen_attn", run_torch_varlen
 
 
-@functools.lru_cache(maxsize=256)  # reused across layers; small (n × (p + n) booleans)
-def _prefix_causal_mask(n, p, device):
-    """[n, p + n] bool: all p prefix keys, then causal over the block's own n keys."""
+def _prefix_causal_mask(n, p, device, cache=None):
+    """[n, p + n] bool: all p prefix keys, then causal over the block's own n keys. `cache`: a dict that
+    lives for one forward (model_inputs makes it), so every layer reuses the masks of the first."""
+    if cache is not None and (n, p) in cache:
+        return cache[n, p]
     mask = torch.ones(n, p + n, dtype=torch.bool, device=device)
     mask[:, p:] = torch.ones(n, n, dtype=torch.bool, device=device).tril()
+    if cache is not None:
+        cache[n, p] = mask
     return mask
 
 
@@ -160,7 +178,7 @@ def segment_attention(module, query, key, value, attention_mask, scaling=None, d
             j = starts[p0]  # the pair's prefix opens its prefix+chosen block
             k = torch.cat([ks[j][:, :p1 - p0], k], dim=1)
             v = torch.cat([vs[j][:, :p1 - p0], v], dim=1)
-            mask = _prefix_causal_mask(b.q1 - b.q0, p1 - p0, q.device)
+            mask = _prefix_causal_mask(b.q1 - b.q0, p1 - p0, q.device, kwargs.get("rmfast_masks"))
             outs[i] = F.scaled_dot_product_attention(q, k, v, attn_mask=mask, scale=scaling, dropout_p=drop)
         for i, o in enumerate(outs):
             if o is None:  # padding positions: zeros (never read)
@@ -358,7 +376,8 @@ def model_inputs(batch, attention, dtype=torch.float32, eager=False):
     if batch.blocks is None:  # padded
         return {"attention_mask": batch.attention_mask, "position_ids": batch.position_ids}
     if attention == "segments":
-        return {"attention_mask": None, "position_ids": batch.position_ids, "rmfast_blocks": batch.blocks}
+        return {"attention_mask": None, "position_ids": batch.position_ids, "rmfast_blocks": batch.blocks,
+                "rmfast_masks": {}}
     if attention == "flex":
         return {"attention_mask": None, "position_ids": batch.position_ids, "rmfast_block_mask": block_mask(batch)}
     if attention == "varlen":

@@ -254,8 +254,13 @@ def test_attention_choice_follows_device_dtype_and_kernel(monkeypatch):
     llama = tiny_config("llama")
     bf16, fp32 = torch.bfloat16, torch.float32
     monkeypatch.setattr(attention, "varlen_kernel", lambda: ("reference", reference_varlen))
+    monkeypatch.setattr(attention, "_cuda_capability", lambda: (9, 0))
     assert attention.resolve_attention(llama, "auto", "cpu", bf16) == "segments"
     assert attention.resolve_attention(llama, "auto", "cuda", bf16) == "varlen"
+    # torch's kernel has no dropout: a model with attention dropout gets flex
+    dropout = tiny_config("llama")
+    dropout.attention_dropout = 0.1
+    assert attention.resolve_attention(dropout, "auto", "cuda", bf16) == "flex"
     assert attention.resolve_attention(llama, "auto", "cuda", fp32) == "flex"
     assert attention.resolve_attention(tiny_config("gemma2"), "auto", "cuda", bf16) == "dense"
     with pytest.raises(ValueError, match="bf16 or fp16"):
@@ -264,6 +269,11 @@ def test_attention_choice_follows_device_dtype_and_kernel(monkeypatch):
         attention.resolve_attention(llama, "varlen", "cpu", bf16)
     with pytest.raises(ValueError, match="no backward on CPU"):
         attention.resolve_attention(llama, "flex", "cpu", fp32)
+    monkeypatch.setattr(attention, "_cuda_capability", lambda: (7, 5))  # before Ampere: no flash kernels
+    assert attention.resolve_attention(llama, "auto", "cuda", bf16) == "flex"
+    with pytest.raises(ValueError, match="Ampere"):
+        attention.resolve_attention(llama, "varlen", "cuda", bf16)
+    monkeypatch.setattr(attention, "_cuda_capability", lambda: (9, 0))
     monkeypatch.setattr(attention, "varlen_kernel", lambda: (None, None))
     assert attention.resolve_attention(llama, "auto", "cuda", bf16) == "flex"
     with pytest.raises(ValueError, match="varlen kernel"):
