@@ -97,14 +97,15 @@ def make_step(name, model, pairs, pad_id, device="cpu", how="segments"):
     return step
 
 
+def model_dtype(args):
+    return torch.bfloat16 if args.device == "cuda" and args.dtype == "bf16" else torch.float32
+
+
 def run(name, pairs, order, args, vocab, pad_id):
     cuda = args.device == "cuda"
-    model = build_model(vocab, pad_id, args.seed, args.hidden, args.layers).to(args.device)
-    if cuda and args.dtype == "bf16":
-        model = model.to(torch.bfloat16)
+    model = build_model(vocab, pad_id, args.seed, args.hidden, args.layers).to(args.device, model_dtype(args))
     optimizer = torch.optim.AdamW(model.parameters(), lr=1e-4)
-    dtype = torch.bfloat16 if cuda and args.dtype == "bf16" else torch.float32
-    how = attention.resolve_attention(model.backbone.config, args.attention, args.device, dtype)
+    how = attention.resolve_attention(model.backbone.config, args.attention, args.device, model_dtype(args))
     step = make_step(name, model, pairs, pad_id, args.device, how)
     times, positions, tokens, losses = [], [], [], []
     gc.collect()
@@ -198,8 +199,7 @@ def main(argv=None):
     unique = float((c + r - s).mean())
     probe = build_model(len(tok), tok.pad_token_id, 0, args.hidden, args.layers)
     n_params = sum(p.numel() for p in probe.parameters())
-    dtype = torch.bfloat16 if args.device == "cuda" and args.dtype == "bf16" else torch.float32
-    how = attention.resolve_attention(probe.backbone.config, args.attention, args.device, dtype)
+    how = attention.resolve_attention(probe.backbone.config, args.attention, args.device, model_dtype(args))
     if how == "varlen":
         how = f"varlen ({attention.varlen_kernel()[0]})"
     args.tag = args.tag or args.device

@@ -17,6 +17,8 @@
 ``auto``: varlen on CUDA in bf16/fp16 when a varlen kernel is present, else flex on CUDA; segments on CPU.
 """
 
+import functools
+
 import numpy as np
 import torch
 import torch.nn.functional as F
@@ -82,6 +84,17 @@ def resolve_attention(config, attention, device_type="cpu", dtype=torch.float32,
     return attention
 
 
+def row_tokens(attention, device_type):
+    """Packed rows' capacity for `attention`: one row per micro-batch (layouts.ONE_ROW) where attention
+    pays only for the blocks, so there is no row padding at all; None (rows as long as the longest unit)
+    where it builds L×L — the dense mask, and FlexAttention off CUDA (uncompiled, it materializes scores)."""
+    from .layouts import ONE_ROW
+
+    if attention == "dense" or (attention == "flex" and device_type != "cuda"):
+        return None
+    return ONE_ROW
+
+
 def _cuda_capability():
     return torch.cuda.get_device_capability() if torch.cuda.is_available() else (0, 0)
 
@@ -95,6 +108,7 @@ def _varlen_runs(config, dtype):
     return name == "flash-attn" or not getattr(config, "attention_dropout", 0.0)
 
 
+@functools.cache  # one import attempt per process, not one per forward
 def varlen_kernel():
     """(name, fn) of the flash-attention varlen kernel to use, or (None, None). fn(q [Tq, Hq, D], k / v
     [Tk, Hkv, D], cu_q, cu_k (int32 [N + 1]), max_q, max_k, scale, dropout) → [Tq, Hq, D], causal, with
@@ -227,10 +241,11 @@ def _unit_and_kind(batch):
     return unit, kind
 
 
-def block_tiles(batch, size):
+def block_tiles(batch, size, unit, kind):
     """Which size×size tiles of each row's attention have something to compute: (any [R, T, T], full
-    [R, T, T]) booleans, T = ceil(L / size), straight from the layout's blocks — O(L) work and memory,
-    where evaluating the mask on every (query, key) pair is O(L²)."""
+    [R, T, T]) booleans, T = ceil(L / size), straight from the layout's blocks and their per-position
+    unit / kind (_unit_and_kind) — O(L) work and memory, where evaluating the mask on every (query, key)
+    pair is O(L²)."""
     R, L = batch.input_ids.shape
     T = -(-L // size)
     any_ = np.zeros((R, T, T), dtype=bool)
@@ -244,7 +259,7 @@ def block_tiles(batch, size):
     any_[:, diag, diag] = True  # padding sees itself
     # a tile is full when all its queries and keys belong to one unit, every key precedes every query, and
     # no rejected query meets a chosen key
-    unit, kind = (x.numpy() for x in _unit_and_kind(batch))
+    unit, kind = unit.numpy(), kind.numpy()
     pad = T * size - L
     unit = np.pad(unit, ((0, 0), (0, pad)), constant_values=-1).reshape(R, T, size)
     kind = np.pad(kind, ((0, 0), (0, pad))).reshape(R, T, size)
@@ -264,13 +279,13 @@ def block_mask(batch, device=None, size=128):
 
     R, L = batch.input_ids.shape
     device = device or batch.input_ids.device
-    unit, kind = (x.to(device) for x in _unit_and_kind(batch))
+    unit_cpu, kind_cpu = _unit_and_kind(batch)
+    any_, full = block_tiles(batch, size, unit_cpu, kind_cpu)
+    unit, kind = unit_cpu.to(device), kind_cpu.to(device)
 
     def mask_mod(b, h, q, k):
         same = (unit[b, q] == unit[b, k]) & (k <= q) & ~((kind[b, q] == 2) & (kind[b, k] == 1))
         return (same & (unit[b, q] >= 0)) | (q == k)
-
-    any_, full = block_tiles(batch, size)
 
     def sparse(tiles):  # [R, T, T] bool → counts [R, 1, T] int32, indices [R, 1, T, T] int32 (listed first)
         counts = tiles.sum(-1, dtype=torch.int32)

@@ -17,8 +17,9 @@ import torch
 import torch.distributed as dist
 
 from . import layouts
-from .attention import IMPLEMENTATIONS, register
+from .attention import IMPLEMENTATIONS, model_inputs, register, row_tokens
 from .config import Config
+from .model import DTYPES
 from .data import load_data
 from .data.sampler import PairSampler
 
@@ -134,6 +135,7 @@ class Trainer:
         self.log = log
         t = config.train
         self.rank, self.world, self.device = init_distributed()
+        self.dtype = DTYPES[config.model.dtype]  # what the model computes in (DeepSpeed casts to it)
         if config.model.dtype == "fp16" and self.device.type != "cuda":
             raise ValueError("model.dtype fp16 needs a GPU (DeepSpeed's CPU accelerator has no fp16); "
                              "use bf16 or fp32 on CPU")
@@ -188,10 +190,10 @@ class Trainer:
             self._hf_deepspeed = None
             # zero.Init made the backbone's parameters bf16/fp16 already and deepspeed.initialize will not
             # cast the model again: parameters made outside it (the head, LoRA adapters) must match
-            half = {"bf16": torch.bfloat16, "fp16": torch.float16}.get(config.model.dtype)
-            for p in self.model.parameters():
-                if half is not None and not hasattr(p, "ds_id") and p.is_floating_point():
-                    p.data = p.data.to(half)
+            if self.dtype != torch.float32:
+                for p in self.model.parameters():
+                    if not hasattr(p, "ds_id") and p.is_floating_point():
+                        p.data = p.data.to(self.dtype)
             parted = [p for p in self.model.parameters() if hasattr(p, "ds_tensor")]
             if self.rank == 0:
                 held = sum(p.ds_tensor.numel() for p in parted)
@@ -246,17 +248,12 @@ class Trainer:
             batch = layouts.padded(pairs, indices, self.tokenizer.pad_token_id, use_margin=t.use_margin)
         else:
             make = layouts.packed if self.layout == "packed" else layouts.prefix_shared
-            # segment attention pays nothing for long rows: one row, no padding. The dense mask is L×L per
-            # row, so rows stay as short as the longest unit.
-            rows = t.row_tokens or (layouts.ONE_ROW if self.attention in IMPLEMENTATIONS else None)
+            rows = t.row_tokens or row_tokens(self.attention, self.device.type)
             batch = make(pairs, indices, self.tokenizer.pad_token_id, max_tokens=rows, use_margin=t.use_margin)
         return batch.to(self.device)
 
     def forward(self, batch):
-        from .attention import model_inputs
-
-        dtype = {"bf16": torch.bfloat16, "fp16": torch.float16}.get(self.config.model.dtype, torch.float32)
-        inputs = model_inputs(batch, self.attention, dtype=dtype, eager=self.eager)
+        inputs = model_inputs(batch, self.attention, dtype=self.dtype, eager=self.eager)
         mask, position_ids = inputs.pop("attention_mask"), inputs.pop("position_ids")
         return self.engine(batch.input_ids, mask, batch.chosen_index, batch.rejected_index,
                            position_ids=position_ids, margin=batch.margin,
@@ -416,8 +413,8 @@ def choose_layout(backbone_config, config: Config, device_type="cpu", log=None):
             if log:
                 log(f"layout: padded ({exc})")
     check_support(backbone_config, layout, config.data.max_length, t.attention)
-    dtype = {"bf16": torch.bfloat16, "fp16": torch.float16}.get(config.model.dtype, torch.float32)
-    attention = resolve_attention(backbone_config, t.attention, device_type, dtype) if layout != "padded" else "padding mask"
+    attention = (resolve_attention(backbone_config, t.attention, device_type, DTYPES[config.model.dtype])
+                 if layout != "padded" else "padding mask")
     if log:
         log(f"layout: {layout}, attention: {attention}")
     return layout, attention

@@ -54,6 +54,7 @@ class Scorer:
         if self.attention in attention.IMPLEMENTATIONS:
             self.model.backbone.set_attn_implementation(attention.IMPLEMENTATIONS[self.attention])
         self.eager = getattr(self.model.backbone.config, "_attn_implementation", "") == "eager"
+        self.row_tokens = attention.row_tokens(self.attention, self.device.type)
 
     def normalize(self, rewards):
         if self.mean is None or not self.std:
@@ -68,21 +69,13 @@ class Scorer:
         rows = hidden.reshape(-1, hidden.shape[-1]).index_select(0, index)
         return (self.model.head.rewards(rows) + self.bias).float().cpu().numpy()
 
-    @property
-    def _row_tokens(self):
-        """One row per batch where attention pays only for the blocks; rows as long as the longest unit
-        where it builds L×L (the dense mask, and flex without compilation, i.e. off CUDA)."""
-        if self.attention == "dense" or (self.attention == "flex" and self.device.type != "cuda"):
-            return None
-        return layouts.ONE_ROW
-
     def score_pairs(self, pairs, indices):
-        batch = layouts.prefix_shared(pairs, indices, self.tokenizer.pad_token_id, max_tokens=self._row_tokens).to(self.device)
+        batch = layouts.prefix_shared(pairs, indices, self.tokenizer.pad_token_id, max_tokens=self.row_tokens).to(self.device)
         r = self._rewards(batch, torch.cat([batch.chosen_index, batch.rejected_index]))
         return r[: len(indices)], r[len(indices):]
 
     def score_sequences(self, seqs):
-        batch = layouts.pack_sequences(seqs, self.tokenizer.pad_token_id, max_tokens=self._row_tokens).to(self.device)
+        batch = layouts.pack_sequences(seqs, self.tokenizer.pad_token_id, max_tokens=self.row_tokens).to(self.device)
         return self._rewards(batch, batch.chosen_index)
 
 

@@ -39,6 +39,15 @@ def rewards_and_grads(model, batch, how):
     return torch.cat([out.chosen_rewards, out.rejected_rewards]).detach(), grads
 
 
+def assert_equal_to_padded(got_r, got_g, ref_r, ref_g):
+    """fp32 exactness: rewards within 1e-5, every parameter gradient within 1e-4 of its largest entry."""
+    assert (got_r - ref_r).abs().max() <= 1e-5
+    assert got_g.keys() == ref_g.keys()
+    for name, g in ref_g.items():
+        scale = g.abs().max().item() or 1.0
+        assert (got_g[name] - g).abs().max().item() <= 1e-4 * scale + 1e-6, name
+
+
 def configs():
     for arch in ARCHS:
         for layout in ("packed", "prefix_shared"):
@@ -57,11 +66,7 @@ def test_rewards_and_gradients_equal_padded(arch, layout, how):
     ref_r, ref_g = rewards_and_grads(model, layouts.padded(pairs, idx, 0), "padding")
     batch = getattr(layouts, layout)(pairs, idx, 0, max_tokens=48)
     got_r, got_g = rewards_and_grads(model, batch, how)
-    assert (got_r - ref_r).abs().max() <= 1e-5
-    assert got_g.keys() == ref_g.keys()
-    for name, g in ref_g.items():
-        scale = g.abs().max().item() or 1.0
-        assert (got_g[name] - g).abs().max().item() <= 1e-4 * scale + 1e-6, name
+    assert_equal_to_padded(got_r, got_g, ref_r, ref_g)
 
 
 def test_prefix_shared_positions_and_indices():
@@ -230,11 +235,7 @@ def test_varlen_attention_equals_padded(reference_kernel, arch, layout, rows):
     assert plan.dense == (rows == "one-row")  # several rows carry padding; one row carries none
     assert (plan.k_index is plan.q_index) == (layout == "packed")
     got_r, got_g = rewards_and_grads(model, batch, "varlen")
-    assert (got_r - ref_r).abs().max() <= 1e-5
-    assert got_g.keys() == ref_g.keys()
-    for name, g in ref_g.items():
-        scale = g.abs().max().item() or 1.0
-        assert (got_g[name] - g).abs().max().item() <= 1e-4 * scale + 1e-6, name
+    assert_equal_to_padded(got_r, got_g, ref_r, ref_g)
 
 
 def test_varlen_plan_of_prefix_shared_pairs():
