@@ -8,6 +8,8 @@ same number of pairs per step and the same steps:
   rmfast-padded   rmfast, [2P, L] padded to the batch's longest, fused loss
   rmfast-packed   rmfast, sequences packed end to end (segment attention on CPU; varlen or flex on CUDA)
   rmfast-prefix   rmfast, prefix_shared: the shared prompt computed once (attention as for packed)
+  rmfast-trainer  rmfast-prefix through the real Trainer (DeepSpeed engine, batches built ahead, metrics):
+                  what `rmfast-train` runs, on the same batches
 
 It reports pairs/s (all timed steps' pairs over their total time), token positions computed per pair against the unique
 tokens per pair (prompt once, both responses), and peak memory (each contender runs in its own process;
@@ -44,7 +46,7 @@ from rmfast.nn import RewardHead  # noqa: E402
 ROOT = Path(__file__).resolve().parents[1]
 RESULTS = ROOT / "benchmarks" / "results"
 DEFAULT_DATA = ROOT.parent / "shared" / "data" / "hh-rlhf-harmless-sample.jsonl.gz"
-CONTENDERS = ("dschat", "trl", "rmfast-padded", "rmfast-packed", "rmfast-prefix")
+CONTENDERS = ("dschat", "trl", "rmfast-padded", "rmfast-packed", "rmfast-prefix", "rmfast-trainer")
 
 
 def build_model(vocab, pad_id, seed, hidden, layers):
@@ -60,45 +62,82 @@ def build_model(vocab, pad_id, seed, hidden, layers):
 
 
 def make_step(name, model, pairs, pad_id, device="cpu", how="segments"):
-    """A function(indices) → loss for one contender."""
+    """A function(indices) → (loss, positions, tokens) for one bare-loop contender."""
     if name == "dschat":
-        def step(idx):
-            b = layouts.padded(pairs, idx, pad_id).to(device)
-            L = 512
-            ids = torch.full((b.input_ids.shape[0], L), pad_id, dtype=torch.long, device=device)
-            ids[:, : b.input_ids.shape[1]] = b.input_ids
-            mask = (torch.arange(L, device=device)[None, :] < b.attention_mask.sum(1, keepdim=True)).long()
-            hidden = model.hidden_states(ids, mask)
-            return dschat_loss(hidden, model.head.weight, ids, pad_id=pad_id), ids.numel(), b.tokens
+        def step(idx):  # every sequence padded to 512
+            b = layouts.padded(pairs, idx, pad_id, pad_to_multiple_of=512).to(device)
+            hidden = model.hidden_states(b)
+            return dschat_loss(hidden, model.head.weight, b.input_ids, pad_id=pad_id), b.positions, b.tokens
         return step
     if name == "trl":
         def step(idx):
             b = layouts.padded(pairs, idx, pad_id).to(device)
-            hidden = model.hidden_states(b.input_ids, b.attention_mask)
+            hidden = model.hidden_states(b)
             rows = hidden.reshape(-1, hidden.shape[-1])[torch.cat([b.chosen_index, b.rejected_index])]
             r = F.linear(rows, model.head.weight.unsqueeze(0)).squeeze(-1).float()
             rc, rr = r.split(len(idx))
             return -F.logsigmoid(rc - rr).mean(), b.positions, b.tokens
         return step
     layout = {"rmfast-padded": "padded", "rmfast-packed": "packed", "rmfast-prefix": "prefix_shared"}[name]
-    if layout != "padded":
-        attention.register()
-        model.backbone.set_attn_implementation(attention.IMPLEMENTATIONS[how])
+    model.set_attention(how)
 
-    def step(idx):
-        if layout == "padded":
-            b = layouts.padded(pairs, idx, pad_id).to(device)
-        else:  # one row: segment / flex attention pays nothing for it, and there is no padding
-            b = getattr(layouts, layout)(pairs, idx, pad_id, max_tokens=layouts.ONE_ROW).to(device)
-        inputs = attention.model_inputs(b, how if layout != "padded" else "segments")
-        mask, pos = inputs.pop("attention_mask"), inputs.pop("position_ids")
-        out = model(b.input_ids, mask, b.chosen_index, b.rejected_index, position_ids=pos, **inputs)
+    def step(idx):  # packed layouts in one row: segment / flex attention pays nothing for it, no padding
+        b = layouts.make(layout, pairs, idx, pad_id, max_tokens=layouts.ONE_ROW).to(device)
+        out = model(b)
         return out.loss, b.positions, b.tokens
     return step
 
 
 def model_dtype(args):
     return torch.bfloat16 if args.device == "cuda" and args.dtype == "bf16" else torch.float32
+
+
+def run_trainer(pairs, order, args, tok, rows):
+    """The rmfast-trainer contender: what `rmfast-train` runs (DeepSpeed engine, the Trainer's batches built
+    ahead, metrics), prefix_shared, on the same batches as the bare loops: the pairs of `order` written in
+    that order, and a sampler that takes them in order."""
+    from rmfast import config as config_module
+    from rmfast.data.sampler import PairSampler
+    from rmfast.data.synthetic import write_jsonl
+    from rmfast.engine import Trainer
+
+    work = Path(tempfile.mkdtemp(prefix="bench_train_"))
+    model = build_model(len(tok), tok.pad_token_id, args.seed, args.hidden, args.layers)
+    model.backbone.save_pretrained(work / "model")
+    tok.save_pretrained(work / "model")
+    write_jsonl([rows[i] for i in order], work / "pairs.jsonl")
+    steps = args.warmup + args.steps
+    config = config_module.build(overrides={
+        "model.name_or_path": str(work / "model"), "model.dtype": "bf16" if model_dtype(args) == torch.bfloat16 else "fp32",
+        "data.train": [str(work / "pairs.jsonl")], "data.max_length": 512, "data.cache_dir": str(work / "cache"),
+        "train.output_dir": str(work / "run"), "train.layout": "prefix_shared", "train.attention": args.attention,
+        "train.pairs_per_batch": args.pairs, "train.max_steps": steps, "train.lr": 1e-4, "train.warmup_ratio": 0.0,
+        "train.log_every": 1, "train.export": False, "train.tensorboard": False, "train.seed": args.seed})
+    trainer = Trainer(config, log=lambda _: None)
+    trainer.sampler = PairSampler(trainer.train_pairs.chosen_lengths, pairs_per_batch=args.pairs, shuffle=False,
+                                  group_by_length=False)
+    trainer.load_state_dict({"step": 0, "sampler": trainer.sampler.state_dict(), "world_size": 1})
+    gc.collect()
+    cuda = args.device == "cuda"
+    if cuda:
+        torch.cuda.synchronize()
+        base = torch.cuda.memory_allocated()
+        torch.cuda.reset_peak_memory_stats()
+    else:
+        base = _rss_bytes("VmRSS:")
+    trainer.train()
+    peak = (torch.cuda.max_memory_allocated() if cuda else _rss_bytes("VmHWM:")) - base
+    records = [json.loads(x) for x in (work / "run" / "metrics.jsonl").read_text().splitlines()]
+    records = [r for r in records if "loss" in r]
+    timed = records[args.warmup:]
+    # each record's window runs from the previous record to this one: the whole step, host work included
+    total = sum(args.pairs / r["pairs_per_s"] for r in timed)
+    return {"contender": "rmfast-trainer", "pairs_per_s": round(args.pairs * len(timed) / total, 3),
+            "step_s": round(total / len(timed), 4),
+            "step_s_median": round(statistics.median(args.pairs / r["pairs_per_s"] for r in timed), 4),
+            "positions_per_pair": round(statistics.mean(r["positions_per_pair"] for r in timed), 1),
+            "tokens_per_pair": round(sum(r["tokens_per_s"] / r["pairs_per_s"] for r in timed) / len(timed), 1),
+            "peak_mb": round(max(peak, 0) / 2**20, 1), "first_loss": round(records[0]["loss"], 4)}
 
 
 def run(name, pairs, order, args, vocab, pad_id):
@@ -188,8 +227,8 @@ def main(argv=None):
 
     import gzip
 
-    texts = [json.loads(line)["chosen"] for line in gzip.open(args.data, "rt")]
-    tok = train_bpe_tokenizer(texts, vocab_size=args.vocab)
+    rows = [json.loads(line) for line in gzip.open(args.data, "rt")]
+    tok = train_bpe_tokenizer([r["chosen"] for r in rows], vocab_size=args.vocab)
     with tempfile.TemporaryDirectory() as cache:
         pairs, _, report = load_data(DataConfig(train=[args.data], max_length=512, cache_dir=cache), tok,
                                      progress=False)
@@ -205,7 +244,9 @@ def main(argv=None):
     args.tag = args.tag or args.device
     machine = machine_description(args.device)
     if args.one:  # a child process: one contender, its result as one JSON line
-        print("RESULT " + json.dumps(run(args.one, pairs, order, args, len(tok), tok.pad_token_id)), flush=True)
+        result = (run_trainer(pairs, order, args, tok, rows) if args.one == "rmfast-trainer"
+                  else run(args.one, pairs, order, args, len(tok), tok.pad_token_id))
+        print("RESULT " + json.dumps(result), flush=True)
         return
     print(f"machine: {machine}\nmodel: Llama, {n_params / 1e6:.1f}M parameters; {len(pairs)} pairs, "
           f"{args.pairs} per step, {args.steps} timed steps; unique tokens per pair {unique:.1f}; packed "

@@ -20,15 +20,22 @@ MARKER = "COMPLETE"
 
 
 def _rng_state():
-    state = {"python": random.getstate(), "numpy": np.random.get_state(), "torch": torch.get_rng_state()}
+    """Every generator's state as tensors and plain values, so that it loads with weights_only=True."""
+    version, words, gauss = random.getstate()
+    kind, keys, pos, has_gauss, cached = np.random.get_state()
+    state = {"python": [version, torch.tensor(words, dtype=torch.int64), gauss],
+             "numpy": [kind, torch.from_numpy(keys.astype(np.int64)), pos, has_gauss, cached],
+             "torch": torch.get_rng_state()}
     if torch.cuda.is_available():
         state["cuda"] = torch.cuda.get_rng_state()
     return state
 
 
 def _set_rng_state(state):
-    random.setstate(state["python"])
-    np.random.set_state(state["numpy"])
+    version, words, gauss = state["python"]
+    random.setstate((version, tuple(words.tolist()), gauss))
+    kind, keys, pos, has_gauss, cached = state["numpy"]
+    np.random.set_state((kind, keys.numpy().astype(np.uint32), pos, has_gauss, cached))
     torch.set_rng_state(state["torch"])
     if "cuda" in state and torch.cuda.is_available():
         torch.cuda.set_rng_state(state["cuda"])
@@ -51,20 +58,20 @@ def checkpoint_tags(root: Path):
     return sorted(tags, key=lambda t: int(t.split("-")[1]))
 
 
-def save_checkpoint(trainer, root: Path, keep_last=2):
-    tag = f"step-{trainer.step}"
-    rank = trainer.rank
+def save_checkpoint(engine, root: Path, step, state, rank, keep_last=2):
+    """Save a DeepSpeed engine and `state` (a JSON-able dict: the trainer's own state) as root/step-N; every
+    rank calls it. Returns the tag."""
+    tag = f"step-{step}"
     if rank == 0:
         root.mkdir(parents=True, exist_ok=True)
         stale = root / tag
         if stale.exists():  # an earlier, interrupted save of the same step
             shutil.rmtree(stale)
     dist.barrier()
-    trainer.engine.save_checkpoint(str(root), tag=tag, save_latest=False)
+    engine.save_checkpoint(str(root), tag=tag, save_latest=False)
     torch.save(_rng_state(), root / tag / f"rng_rank{rank}.pt")
     dist.barrier()
     if rank == 0:
-        state = {"step": trainer.step, "sampler": trainer.sampler.state_dict(), "world_size": trainer.world}
         _write_atomic(root / tag / "rmfast_state.json", json.dumps(state))
         _write_atomic(root / tag / MARKER, "")
         _write_atomic(root / "latest", tag)
@@ -87,18 +94,16 @@ def resolve(root: Path, where):
     return path
 
 
-def load_checkpoint(trainer, root: Path, where):
-    path = resolve(root, where)
+def read_state(path: Path):
+    """The trainer state saved in a complete checkpoint folder."""
     if not (path / MARKER).exists():
         raise FileNotFoundError(f"{path} is not a complete rmfast checkpoint (no {MARKER} marker)")
-    state = json.loads((path / "rmfast_state.json").read_text())
-    if state["world_size"] != trainer.world:
-        raise ValueError(f"{path} was saved by {state['world_size']} ranks; resume it with the same number "
-                         f"(this run has {trainer.world})")
-    load_path, _ = trainer.engine.load_checkpoint(str(path.parent), tag=path.name)
+    return json.loads((path / "rmfast_state.json").read_text())
+
+
+def load_checkpoint(engine, path: Path, rank):
+    """Load weights, optimizer and scheduler into a DeepSpeed engine, and this rank's RNG state."""
+    load_path, _ = engine.load_checkpoint(str(path.parent), tag=path.name)
     if load_path is None:
         raise RuntimeError(f"DeepSpeed could not load {path}")
-    trainer.step = state["step"]
-    trainer.sampler.load_state_dict(state["sampler"])
-    _set_rng_state(torch.load(path / f"rng_rank{trainer.rank}.pt", weights_only=False))
-    return path.name
+    _set_rng_state(torch.load(path / f"rng_rank{rank}.pt", weights_only=True))

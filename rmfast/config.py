@@ -18,6 +18,30 @@ def _f(default, help, **kw):
     return field(default=default, metadata={"help": help, **kw})
 
 
+def _check_types(section, obj):
+    """Every field holds its default's type (YAML can say anything): one line naming the field if not."""
+    for f in dataclasses.fields(obj):
+        default = f.default if f.default is not dataclasses.MISSING else f.default_factory()
+        value = getattr(obj, f.name)
+        if value is None and default is None:
+            continue
+        want = type(default) if default is not None else str
+        ok = isinstance(value, want) and not (isinstance(value, bool) and want is not bool)
+        if want is float and isinstance(value, int) and not isinstance(value, bool):
+            setattr(obj, f.name, float(value))
+            ok = True
+        if not ok:
+            raise ValueError(f"{section}.{f.name} must be {want.__name__}, got {value!r}")
+        choices = f.metadata.get("choices")
+        if choices and value not in choices:
+            raise ValueError(f"{section}.{f.name} must be one of {', '.join(map(str, choices))}, got {value!r}")
+
+
+def _require(ok, message):
+    if not ok:
+        raise ValueError(message)
+
+
 @dataclass
 class ModelConfig:
     name_or_path: str = _f("", "backbone: a local folder or hub id (a *ForSequenceClassification checkpoint keeps its head)")
@@ -32,6 +56,12 @@ class ModelConfig:
     lora_dropout: float = _f(0.0, "LoRA dropout")
     lora_target_modules: list = _f(["q_proj", "k_proj", "v_proj", "o_proj"],
                                    "modules that get LoRA adapters (names, or all-linear)")
+
+    def __post_init__(self):
+        _check_types("model", self)
+        _require(self.lora_r >= 0, f"model.lora_r must be ≥ 0 (0: no LoRA), got {self.lora_r}")
+        _require(self.lora_alpha > 0, f"model.lora_alpha must be > 0, got {self.lora_alpha}")
+        _require(0 <= self.lora_dropout < 1, f"model.lora_dropout must be in [0, 1), got {self.lora_dropout}")
 
 
 @dataclass
@@ -70,13 +100,32 @@ class TrainConfig:
     deepspeed_config: Optional[str] = _f(None, "your DeepSpeed JSON, merged over the generated one")
     eval_every: int = _f(0, "evaluate every N optimizer steps (0: only at the end)")
     eval_pairs_per_batch: int = _f(16, "pairs per evaluation micro-batch")
-    log_every: int = _f(1, "write metrics every N optimizer steps")
+    log_every: int = _f(10, "write metrics every N optimizer steps (each waits for the GPU once)")
     save_every: int = _f(0, "checkpoint every N optimizer steps (0: only at the end)")
     keep_last: int = _f(2, "checkpoints to keep")
     resume: Optional[str] = _f(None, "'latest' or a checkpoint folder to continue from")
     on_nonfinite: str = _f("stop", "a NaN/inf loss stops the run, or skips that step", choices=["stop", "skip"])
     export: bool = _f(True, "export a Hugging Face model to OUTPUT_DIR/export at the end")
     tensorboard: bool = _f(True, "log to TensorBoard when it is installed")
+
+    def __post_init__(self):
+        """Every bad value is refused here, in one line naming the flag, before anything is loaded."""
+        _check_types("train", self)
+        for name in ("grad_accum", "log_every", "pairs_per_batch", "eval_pairs_per_batch"):
+            _require(getattr(self, name) >= 1, f"train.{name} must be ≥ 1, got {getattr(self, name)}")
+        for name in ("max_steps", "token_budget", "row_tokens", "eval_every", "save_every", "keep_last",
+                     "weight_decay", "max_grad_norm", "center_coef"):
+            _require(getattr(self, name) >= 0, f"train.{name} must be ≥ 0, got {getattr(self, name)}")
+        _require(self.max_steps > 0 or self.epochs > 0,
+                 f"train.epochs must be > 0 (or set train.max_steps), got {self.epochs}")
+        _require(self.lr > 0, f"train.lr must be > 0, got {self.lr}")
+        _require(0 <= self.warmup_ratio <= 1, f"train.warmup_ratio must be in [0, 1], got {self.warmup_ratio}")
+        _require(self.adam_eps > 0, f"train.adam_eps must be > 0, got {self.adam_eps}")
+        _require(len(self.adam_betas) == 2 and all(0 <= b < 1 for b in self.adam_betas),
+                 f"train.adam_betas must be two values in [0, 1), got {self.adam_betas}")
+        _require(not self.offload_optimizer or self.zero_stage >= 1,
+                 "train.offload_optimizer needs train.zero_stage ≥ 1")
+        _require(not self.offload_params or self.zero_stage == 3, "train.offload_params needs train.zero_stage 3")
 
 
 @dataclass

@@ -1,7 +1,8 @@
 """The training loop: a RewardModel on DeepSpeed, one forward for chosen and rejected rows, the fused loss.
 
-Read top to bottom: ``train(config)`` sets up the process group, data, model and DeepSpeed engine, then
-runs steps; evaluation, metrics, checkpoints and export live in their own functions beside it."""
+Read top to bottom: the process group and DeepSpeed's configuration, the builders (tokenizer, data, model,
+sampler, engine), then ``Trainer``: its ``__init__`` calls the builders, ``train`` runs ``train_step``
+until the last step. Metrics (metrics.py), checkpoints (checkpoint.py) and export (export.py) live beside it."""
 
 import json
 import math
@@ -9,7 +10,6 @@ import os
 import random
 import socket
 import sys
-import time
 from pathlib import Path
 
 import numpy as np
@@ -17,11 +17,13 @@ import torch
 import torch.distributed as dist
 
 from . import layouts
-from .attention import IMPLEMENTATIONS, model_inputs, register, row_tokens
+from .attention import row_tokens
+from .checkpoint import load_checkpoint, read_state, resolve, save_checkpoint
 from .config import Config
-from .model import DTYPES
 from .data import load_data
 from .data.sampler import PairSampler
+from .metrics import MetricsLog, Window, train_line
+from .model import DTYPES
 
 
 class NonFiniteLoss(RuntimeError):
@@ -86,13 +88,9 @@ def deepspeed_config(config: Config, world_size):
         "steps_per_print": 10**9,
         "wall_clock_breakdown": False,
     }
-    if t.offload_optimizer:
-        if t.zero_stage == 0:
-            raise ValueError("offload_optimizer needs zero_stage ≥ 1")
+    if t.offload_optimizer:  # stages checked by TrainConfig
         ds["zero_optimization"]["offload_optimizer"] = {"device": "cpu", "pin_memory": torch.cuda.is_available()}
     if t.offload_params:
-        if t.zero_stage != 3:
-            raise ValueError("offload_params needs zero_stage 3")
         ds["zero_optimization"]["offload_param"] = {"device": "cpu", "pin_memory": torch.cuda.is_available()}
     if t.deepspeed_config:
         with open(t.deepspeed_config) as f:
@@ -113,211 +111,286 @@ def make_optimizer(model, config: Config):
         from deepspeed.ops.adam import DeepSpeedCPUAdam
 
         return DeepSpeedCPUAdam(groups, adamw_mode=True, **kw)
-    if torch.cuda.is_available():
-        from deepspeed.ops.adam import FusedAdam
+    # torch's fused AdamW on CUDA: one kernel per step like DeepSpeed's FusedAdam, which DeepSpeed would
+    # first JIT-build with nvcc inside the run (a minute or more on a fresh machine)
+    return torch.optim.AdamW(groups, fused=torch.cuda.is_available(), **kw)
 
-        return FusedAdam(groups, adam_w_mode=True, **kw)
-    return torch.optim.AdamW(groups, **kw)
+
+# ---------------------------------------------------------------- builders
+
+
+def build_tokenizer(model_config):
+    """The run's tokenizer, given a pad token if it has none. Returns (tokenizer, whether the vocabulary
+    grew)."""
+    from transformers import AutoTokenizer
+
+    path = model_config.tokenizer or model_config.name_or_path
+    tokenizer = AutoTokenizer.from_pretrained(path, trust_remote_code=model_config.trust_remote_code)
+    return tokenizer, ensure_pad_token(tokenizer)
+
+
+def build_data(config: Config, tokenizer, rank, log):
+    """(train pairs, eval pairs or None). Rank 0 tokenizes first; the others then read its cache."""
+    if rank != 0:
+        dist.barrier()
+    train_pairs, eval_pairs, report = load_data(config.data, tokenizer, progress=rank == 0)
+    if rank == 0:
+        dist.barrier()
+        for line in report.lines():
+            log(f"data: {line}")
+    return train_pairs, eval_pairs
+
+
+def build_model(config: Config, ds_config, dtype, grow_vocab, log):
+    """The RewardModel, LoRA-wrapped when asked. Under ZeRO-3 each rank builds and loads only its share of
+    the weights (deepspeed.zero.Init, which transformers' from_pretrained enters while an HfDeepSpeedConfig
+    is alive), never the whole model; the small value head is made whole and partitioned by
+    deepspeed.initialize."""
+    from .model import RewardModel
+
+    m = config.model
+    zero3 = ds_config["zero_optimization"].get("stage") == 3
+    if zero3:
+        from transformers.integrations import HfDeepSpeedConfig
+
+        hf_deepspeed = HfDeepSpeedConfig(ds_config)  # noqa: F841  transformers holds a weak reference
+    model = RewardModel.from_pretrained(m.name_or_path, dtype="fp32", head_bias=m.head_bias,
+                                        attn_implementation=m.attn_implementation,
+                                        trust_remote_code=m.trust_remote_code)
+    if grow_vocab:
+        model.backbone.resize_token_embeddings(grow_vocab)
+    if m.lora_r:
+        model.backbone = add_lora(model.backbone, m)
+    if zero3:
+        _finish_zero3_load(model, dtype, log)
+    if m.gradient_checkpointing:
+        model.backbone.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
+    return model
+
+
+def _finish_zero3_load(model, dtype, log):
+    # loaded: models built from now on (the export's, on rank 0 alone) must not enter zero.Init, whose
+    # collectives would wait for the other ranks forever
+    from transformers.integrations.deepspeed import unset_hf_deepspeed_config
+
+    unset_hf_deepspeed_config()
+    # zero.Init made the backbone's parameters bf16/fp16 already and deepspeed.initialize will not cast the
+    # model again: parameters made outside it (the head, LoRA adapters) must match
+    if dtype != torch.float32:
+        for p in model.parameters():
+            if not hasattr(p, "ds_id") and p.is_floating_point():
+                p.data = p.data.to(dtype)
+    parted = [p for p in model.parameters() if hasattr(p, "ds_tensor")]
+    held = sum(p.ds_tensor.numel() for p in parted)
+    dtypes = sorted({str(p.ds_tensor.dtype).replace("torch.", "") for p in parted})
+    log(f"ZeRO-3: backbone loaded partitioned; this rank holds {held:,} of {sum(p.ds_numel for p in parted):,} "
+        f"elements ({', '.join(dtypes)})")
+
+
+def build_sampler(config: Config, pairs, layout, rank, world):
+    """With a token budget, micro-batches are cut by what pairs cost in the layout; with a fixed number of
+    pairs they are grouped by length alone, so that every layout sees the same batches in the same order."""
+    t = config.train
+    if t.token_budget:
+        costs, combine = layouts.pair_costs(pairs, layout)
+        return PairSampler(costs, token_budget=t.token_budget, combine=combine, seed=t.seed, rank=rank,
+                           world_size=world)
+    return PairSampler(pairs.chosen_lengths + pairs.rejected_lengths, pairs_per_batch=t.pairs_per_batch,
+                       seed=t.seed, rank=rank, world_size=world)
+
+
+def build_engine(model, config: Config, ds_config, total_steps):
+    """(DeepSpeed engine, its scheduler): AdamW and a transformers schedule with warm-up."""
+    import deepspeed
+    from transformers import get_scheduler
+
+    t = config.train
+    optimizer = make_optimizer(model, config)
+    scheduler = get_scheduler(t.scheduler if t.scheduler != "constant" else "constant_with_warmup", optimizer,
+                              num_warmup_steps=int(t.warmup_ratio * total_steps), num_training_steps=total_steps)
+    engine, _, _, scheduler = deepspeed.initialize(model=model, optimizer=optimizer, lr_scheduler=scheduler,
+                                                   config=ds_config)
+    if ds_config["zero_optimization"].get("stage") == 3:
+        # the fused loss reads the head's parameters without calling the head's forward: make ZeRO-3 gather
+        # them with the model's own forward, whatever their size
+        for p in model.head.parameters():
+            deepspeed.zero.register_external_parameter(model, p)
+    return engine, scheduler
 
 
 # ---------------------------------------------------------------- the run
 
 
 class Trainer:
+    """rmfast-train's run: built from parts (tokenizer, data, model, sampler, engine, metrics), then
+    train() → train_step() → the engine's forward, backward and step. Its resumable state is
+    state_dict() / load_state_dict(); checkpoint.py saves it beside DeepSpeed's."""
+
     def __init__(self, config: Config, log=print):
-        from transformers import AutoConfig, AutoTokenizer, get_scheduler
+        from transformers import AutoConfig
 
-        import deepspeed
-
-        from .model import RewardModel
-
-        self.config = config
-        self.log = log
-        t = config.train
+        self.config, self.log = config, log
+        t, m = config.train, config.model
         self.rank, self.world, self.device = init_distributed()
-        self.dtype = DTYPES[config.model.dtype]  # what the model computes in (DeepSpeed casts to it)
-        if config.model.dtype == "fp16" and self.device.type != "cuda":
+        self.dtype = DTYPES[m.dtype]  # what the model computes in (DeepSpeed casts to it)
+        if m.dtype == "fp16" and self.device.type != "cuda":
             raise ValueError("model.dtype fp16 needs a GPU (DeepSpeed's CPU accelerator has no fp16); "
                              "use bf16 or fp32 on CPU")
         seed_everything(t.seed)
         self.out = Path(t.output_dir)
         if self.rank == 0:
             self.out.mkdir(parents=True, exist_ok=True)
-
-        # layout and attention, from the model's config alone: a bad choice is reported before any data is
+        # layout and attention from the model's config alone: a bad choice is reported before any data is
         # tokenized or weights are loaded
-        backbone_config = AutoConfig.from_pretrained(config.model.name_or_path,
-                                                     trust_remote_code=config.model.trust_remote_code)
+        backbone_config = AutoConfig.from_pretrained(m.name_or_path, trust_remote_code=m.trust_remote_code)
         self.layout, self.attention = choose_layout(backbone_config, config, self.device.type,
                                                     self.log if self.rank == 0 else None)
-
-        # tokenizer and data (rank 0 tokenizes first; the others then read its cache)
-        tok_path = config.model.tokenizer or config.model.name_or_path
-        self.tokenizer = AutoTokenizer.from_pretrained(tok_path, trust_remote_code=config.model.trust_remote_code)
-        added_pad = ensure_pad_token(self.tokenizer)
-        if self.rank != 0:
-            dist.barrier()
-        self.train_pairs, self.eval_pairs, report = load_data(config.data, self.tokenizer, progress=self.rank == 0)
-        if self.rank == 0:
-            dist.barrier()
-            for line in report.lines():
-                self.log(f"data: {line}")
-
-        # model. Under ZeRO-3 each rank builds and loads only its share of the weights (deepspeed.zero.Init,
-        # which transformers' from_pretrained enters while an HfDeepSpeedConfig is alive), never the whole
-        # model; the small value head is made whole and partitioned by deepspeed.initialize.
+        self.tokenizer, grew = build_tokenizer(m)
+        self.train_pairs, self.eval_pairs = build_data(config, self.tokenizer, self.rank, self.log)
         self.ds_config = deepspeed_config(config, self.world)
-        self.zero3 = self.ds_config["zero_optimization"].get("stage") == 3
-        self._hf_deepspeed = None
-        if self.zero3:
-            from transformers.integrations import HfDeepSpeedConfig
-
-            self._hf_deepspeed = HfDeepSpeedConfig(self.ds_config)  # transformers holds a weak reference
-        self.model = RewardModel.from_pretrained(config.model.name_or_path, dtype="fp32",
-                                                 head_bias=config.model.head_bias,
-                                                 attn_implementation=config.model.attn_implementation,
-                                                 trust_remote_code=config.model.trust_remote_code)
-        if added_pad:
-            self.model.backbone.resize_token_embeddings(len(self.tokenizer))
-        if config.model.lora_r:
-            self.model.backbone = add_lora(self.model.backbone, config.model)
-        if self._hf_deepspeed is not None:
-            # loaded: models built from now on (the export's, on rank 0 alone) must not enter zero.Init,
-            # whose collectives would wait for the other ranks forever
-            from transformers.integrations.deepspeed import unset_hf_deepspeed_config
-
-            unset_hf_deepspeed_config()
-            self._hf_deepspeed = None
-            # zero.Init made the backbone's parameters bf16/fp16 already and deepspeed.initialize will not
-            # cast the model again: parameters made outside it (the head, LoRA adapters) must match
-            if self.dtype != torch.float32:
-                for p in self.model.parameters():
-                    if not hasattr(p, "ds_id") and p.is_floating_point():
-                        p.data = p.data.to(self.dtype)
-            parted = [p for p in self.model.parameters() if hasattr(p, "ds_tensor")]
-            if self.rank == 0:
-                held = sum(p.ds_tensor.numel() for p in parted)
-                dtypes = sorted({str(p.ds_tensor.dtype).replace("torch.", "") for p in parted})
-                self.log(f"ZeRO-3: backbone loaded partitioned; rank 0 holds {held:,} of "
-                         f"{sum(p.ds_numel for p in parted):,} elements ({', '.join(dtypes)})")
-        self.eager = getattr(self.model.backbone.config, "_attn_implementation", "") == "eager"
-        if self.layout != "padded" and self.attention in IMPLEMENTATIONS:
-            register()
-            self.model.backbone.set_attn_implementation(IMPLEMENTATIONS[self.attention])
-        if config.model.gradient_checkpointing:
-            self.model.backbone.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
-
-        # data order and schedule
-        if t.token_budget:
-            costs, combine = layout_costs(self.train_pairs, self.layout)
-            self.sampler = PairSampler(costs, token_budget=t.token_budget, combine=combine, seed=t.seed,
-                                       rank=self.rank, world_size=self.world)
-        else:  # grouped by length alone, so every layout sees the same batches in the same order
-            costs = self.train_pairs.chosen_lengths + self.train_pairs.rejected_lengths
-            self.sampler = PairSampler(costs, pairs_per_batch=t.pairs_per_batch, seed=t.seed, rank=self.rank,
-                                       world_size=self.world)
+        self.model = build_model(config, self.ds_config, self.dtype, len(self.tokenizer) if grew else 0,
+                                 self.log if self.rank == 0 else (lambda _: None))
+        if self.layout != "padded":
+            self.model.set_attention(self.attention)
+        self.sampler = build_sampler(config, self.train_pairs, self.layout, self.rank, self.world)
         steps_per_epoch = max(1, len(self.sampler) // t.grad_accum)
         self.total_steps = t.max_steps or max(1, math.ceil(t.epochs * steps_per_epoch))
-
-        optimizer = make_optimizer(self.model, config)
-        scheduler = get_scheduler(t.scheduler if t.scheduler != "constant" else "constant_with_warmup", optimizer,
-                                  num_warmup_steps=int(t.warmup_ratio * self.total_steps),
-                                  num_training_steps=self.total_steps)
-        self.engine, self.optimizer, _, self.scheduler = deepspeed.initialize(
-            model=self.model, optimizer=optimizer, lr_scheduler=scheduler, config=self.ds_config)
-        if self.zero3:
-            # the fused loss reads the head's parameters without calling the head's forward: make ZeRO-3
-            # gather them with the model's own forward, whatever their size (small ones are also kept
-            # whole by stage3_param_persistence_threshold, but that is a setting)
-            for p in self.model.head.parameters():
-                deepspeed.zero.register_external_parameter(self.model, p)
+        self.engine, self.scheduler = build_engine(self.model, config, self.ds_config, self.total_steps)
         self.step = 0
-        self.metrics_file = self.out / "metrics.jsonl"
-        self.tb = _tensorboard(self.out / "tensorboard", self.log) if (t.tensorboard and self.rank == 0) else None
+        self._position = self.sampler.state_dict()  # where the sampler stands after the last trained batch
+        self.metrics = MetricsLog(self.out / "metrics.jsonl", self.rank, self.log,
+                                  self.out / "tensorboard" if t.tensorboard else None)
         if self.rank == 0:
-            (self.out / "config.json").write_text(json.dumps(config.to_dict(), indent=2, default=str))
-            self.tokenizer.save_pretrained(self.out / "tokenizer")
-            self.model.backbone.config.save_pretrained(self.out / "backbone")
+            self._save_run_files()
         if t.resume:
             self.resume(t.resume)
 
-    # -- one micro-batch
-    def batch(self, pairs, indices):
+    def _save_run_files(self):
+        (self.out / "config.json").write_text(json.dumps(self.config.to_dict(), indent=2, default=str))
+        self.tokenizer.save_pretrained(self.out / "tokenizer")
+        self.model.backbone.config.save_pretrained(self.out / "backbone")
+
+    # -- resumable state
+    def state_dict(self):
+        return {"step": self.step, "sampler": self._position, "world_size": self.world}
+
+    def load_state_dict(self, state, where="the checkpoint"):
+        if state["world_size"] != self.world:
+            raise ValueError(f"{where} was saved by {state['world_size']} ranks; resume it with the same number "
+                             f"(this run has {self.world})")
+        self.step = state["step"]
+        self.sampler.load_state_dict(state["sampler"])
+        self._position = self.sampler.state_dict()
+
+    # -- micro-batches
+    def make_batch(self, pairs, indices):
+        """A micro-batch of pairs `indices` on the training device with its attention inputs built (pinned
+        host memory first on CUDA, so that the copy does not wait)."""
         t = self.config.train
-        if self.layout == "padded":
-            batch = layouts.padded(pairs, indices, self.tokenizer.pad_token_id, use_margin=t.use_margin)
-        else:
-            make = layouts.packed if self.layout == "packed" else layouts.prefix_shared
-            rows = t.row_tokens or row_tokens(self.attention, self.device.type)
-            batch = make(pairs, indices, self.tokenizer.pad_token_id, max_tokens=rows, use_margin=t.use_margin)
-        return batch.to(self.device)
+        rows = t.row_tokens or row_tokens(self.attention, self.device.type)
+        batch = layouts.make(self.layout, pairs, indices, self.tokenizer.pad_token_id, max_tokens=rows,
+                             use_margin=t.use_margin)
+        if self.device.type == "cuda":
+            batch = batch.pin_memory()
+        return self.model.prepare(batch.to(self.device))
+
+    def micro_batches(self, pool):
+        """Forever, epoch after epoch: (indices, batch, the sampler's state once it is taken), each batch
+        built in `pool`'s worker thread while the one before it computes."""
+        def upcoming():
+            while True:
+                for indices in self.sampler:
+                    yield indices, self.sampler.state_dict()
+
+        ahead = upcoming()
+        indices, position = next(ahead)
+        future = pool.submit(self.make_batch, self.train_pairs, indices)
+        while True:
+            nxt_indices, nxt_position = next(ahead)
+            nxt = pool.submit(self.make_batch, self.train_pairs, nxt_indices)
+            yield indices, future.result(), position
+            indices, position, future = nxt_indices, nxt_position, nxt
 
     def forward(self, batch):
-        inputs = model_inputs(batch, self.attention, dtype=self.dtype, eager=self.eager)
-        mask, position_ids = inputs.pop("attention_mask"), inputs.pop("position_ids")
-        return self.engine(batch.input_ids, mask, batch.chosen_index, batch.rejected_index,
-                           position_ids=position_ids, margin=batch.margin,
-                           center_coef=self.config.train.center_coef, backend=self.config.train.loss_backend,
-                           **inputs)
+        # the layouts build valid indices, so the op's own range check (a host sync on CUDA) is not needed
+        return self.engine(batch, center_coef=self.config.train.center_coef, backend=self.config.train.loss_backend)
 
+    # -- the loop
     def train(self):
-        t = self.config.train
+        from concurrent.futures import ThreadPoolExecutor
+
         from tqdm.auto import tqdm
 
+        t = self.config.train
         interactive = self.rank == 0 and sys.stderr.isatty()
         bar = tqdm(total=self.total_steps, initial=self.step, desc="training", unit="step",
                    disable=not interactive, dynamic_ncols=True)
         if self.step == 0:  # where the model starts, to compare the end with
-            self.write_metrics(self.evaluate())
-        window = _Window()
+            self.metrics.write(self.evaluate())
+        window = Window(self.device)
         self.engine.train()
-        while self.step < self.total_steps:
-            for indices in self.sampler:
-                batch = self.batch(self.train_pairs, indices)
-                out = self.forward(batch)
-                if not _all_finite(out.loss):
-                    where = f"step {self.step + 1} (micro-batch of pairs {indices[:4]}…)"
-                    if t.on_nonfinite == "stop":
-                        raise NonFiniteLoss(f"non-finite loss at {where}; nothing was trained on it. "
-                                            f"Lower the learning rate, use bf16/fp32, or pass --train.on_nonfinite skip")
-                    self.log(f"skipping non-finite loss at {where}")
-                    continue
-                self.engine.backward(out.loss)
-                boundary = self.engine.is_gradient_accumulation_boundary()
-                self.engine.step()
-                window.add(out, batch)
-                if not boundary:
-                    continue
+        with ThreadPoolExecutor(1, thread_name_prefix="rmfast-batches") as pool:
+            batches = self.micro_batches(pool)
+            while self.step < self.total_steps:
+                self.train_step(batches, window)
                 self.step += 1
-                if self.step % t.log_every == 0 or self.step == self.total_steps:
-                    record = window.reduce(self.world)
-                    record.update(step=self.step, lr=self.scheduler.get_last_lr()[0])
-                    self.write_metrics(record)
-                    bar.set_postfix(loss=f"{record['loss']:.4f}", acc=f"{record['accuracy']:.3f}",
-                                    pairs_s=f"{record['pairs_per_s']:.1f}", tok_s=f"{record['tokens_per_s']:.0f}")
-                    if not interactive:  # logs and CI: one plain line instead of a bar
-                        self.log(f"step {self.step}/{self.total_steps}  loss {record['loss']:.4f}  "
-                                 f"accuracy {record['accuracy']:.3f}  pairs/s {record['pairs_per_s']:.1f}  "
-                                 f"tokens/s {record['tokens_per_s']:.0f}  lr {record['lr']:.2e}")
-                    window = _Window()
                 bar.update(1)
-                if t.eval_every and self.step % t.eval_every == 0 and self.step < self.total_steps:
-                    self.write_metrics(self.evaluate())
-                if t.save_every and self.step % t.save_every == 0 and self.step < self.total_steps:
-                    self.save()
-                if self.step >= self.total_steps:
-                    break
+                if self.step % t.log_every == 0 or self.step == self.total_steps:
+                    window = self._log_step(window, bar, interactive)
+                if self.step < self.total_steps:
+                    if t.eval_every and self.step % t.eval_every == 0:
+                        self.metrics.write(self.evaluate())
+                    if t.save_every and self.step % t.save_every == 0:
+                        self.save()
+            batches.close()
         bar.close()
+        return self._finish()
+
+    def train_step(self, batches, window):
+        """One optimizer step: forward and backward of micro-batches up to DeepSpeed's accumulation boundary,
+        then the update. With on_nonfinite stop, the step's losses are checked once, at the boundary and
+        before the update (the step's one host sync); skip checks each micro-batch (one sync each)."""
+        skip = self.config.train.on_nonfinite == "skip"
+        finite = None
+        while True:
+            indices, batch, self._position = next(batches)
+            out = self.forward(batch)
+            ok = torch.isfinite(out.loss.detach()).all()
+            if skip and not _all_finite(ok):
+                self.log(f"skipping non-finite loss at step {self.step + 1} (micro-batch of pairs {indices[:4]}…)")
+                continue
+            finite = ok if finite is None else finite & ok
+            self.engine.backward(out.loss)
+            boundary = self.engine.is_gradient_accumulation_boundary()
+            if boundary and not skip and not _all_finite(finite):
+                raise NonFiniteLoss(f"non-finite loss at step {self.step + 1} (its last micro-batch: pairs "
+                                    f"{indices[:4]}…); nothing was trained on it. Lower the learning rate, use "
+                                    f"bf16/fp32, or pass --train.on_nonfinite skip")
+            self.engine.step()
+            window.add(out, batch)
+            if boundary:
+                return
+
+    def _log_step(self, window, bar, interactive):
+        record = window.reduce(self.world)
+        record.update(step=self.step, lr=self.scheduler.get_last_lr()[0])
+        self.metrics.write(record)
+        bar.set_postfix(loss=f"{record['loss']:.4f}", acc=f"{record['accuracy']:.3f}",
+                        pairs_s=f"{record['pairs_per_s']:.1f}", tok_s=f"{record['tokens_per_s']:.0f}")
+        if not interactive:  # logs and CI: one plain line instead of a bar
+            self.log(train_line(record, self.total_steps))
+        return Window(self.device)
+
+    def _finish(self):
         final = self.evaluate()
-        self.write_metrics(final)
-        if self.tb is not None:
-            self.tb.close()  # flushes the event file
+        self.metrics.write(final)
+        self.metrics.close()
         self.save()
-        if t.export:
+        if self.config.train.export:
             from .export import export_model
 
-            export_model(self.engine.module, self.tokenizer, self.out / "export", final, zero_stage=t.zero_stage,
-                         lora=config_lora(self.config.model))
+            export_model(self.engine.module, self.tokenizer, self.out / "export", final,
+                         zero_stage=self.config.train.zero_stage, lora=config_lora(self.config.model))
             if self.rank == 0:
                 self.log(f"exported to {self.out / 'export'}")
         return final
@@ -335,7 +408,7 @@ class Trainer:
         n = -(-len(batches) // self.world) * self.world
         chosen, rejected = [], []
         for k in range(self.rank, n, self.world):
-            out = self.forward(self.batch(pairs, batches[k % len(batches)]))
+            out = self.forward(self.make_batch(pairs, batches[k % len(batches)]))
             if k < len(batches):
                 chosen.append(out.chosen_rewards.float().cpu())
                 rejected.append(out.rejected_rewards.float().cpu())
@@ -343,43 +416,36 @@ class Trainer:
         dist.all_gather_object(gathered, (chosen, rejected))
         rc = torch.cat([c for g in gathered for c in g[0]])
         rr = torch.cat([r for g in gathered for r in g[1]])
-        margin = torch.from_numpy(np.nan_to_num(pairs.margin, nan=0.0)) if self.config.train.use_margin else 0
-        diff = rc - rr
         self.engine.train()
-        return {
-            "step": self.step, "eval_pairs": int(rc.numel()),
-            "eval_loss": float(torch.nn.functional.softplus(-(diff - margin)).mean()) if rc.numel() == len(pairs) else float("nan"),
-            "eval_accuracy": float((diff > 0).float().mean()),
-            "eval_margin": float(diff.mean()),
-            "eval_chosen_mean": float(rc.mean()), "eval_chosen_std": float(rc.std()) if rc.numel() > 1 else 0.0,
-            "eval_rejected_mean": float(rr.mean()), "eval_rejected_std": float(rr.std()) if rr.numel() > 1 else 0.0,
-            "eval_reward_mean": float(torch.cat([rc, rr]).mean()), "eval_reward_std": float(torch.cat([rc, rr]).std()),
-        }
-
-    def write_metrics(self, record):
-        if self.rank != 0:
-            return
-        with open(self.metrics_file, "a") as f:
-            f.write(json.dumps(record) + "\n")
-        if self.tb is not None:
-            for k, v in record.items():
-                if isinstance(v, (int, float)) and k != "step":
-                    self.tb.add_scalar(k, v, record["step"])
-        if "eval_accuracy" in record:
-            self.log(f"eval at step {record['step']}: loss {record['eval_loss']:.4f}  "
-                     f"accuracy {record['eval_accuracy']:.3f}  margin {record['eval_margin']:.3f}")
+        margin = torch.from_numpy(np.nan_to_num(pairs.margin, nan=0.0)) if self.config.train.use_margin else 0
+        return {"step": self.step, **eval_metrics(rc, rr, margin, complete=rc.numel() == len(pairs))}
 
     # -- checkpoints
     def save(self):
-        from .checkpoint import save_checkpoint
-
-        save_checkpoint(self, self.out / "checkpoints", keep_last=self.config.train.keep_last)
+        save_checkpoint(self.engine, self.out / "checkpoints", self.step, self.state_dict(), self.rank,
+                        keep_last=self.config.train.keep_last)
 
     def resume(self, where):
-        from .checkpoint import load_checkpoint
+        path = resolve(self.out / "checkpoints", where)
+        self.load_state_dict(read_state(path), where=str(path))
+        load_checkpoint(self.engine, path, self.rank)
+        self.log(f"resumed from {path.name} at step {self.step}")
 
-        tag = load_checkpoint(self, self.out / "checkpoints", where)
-        self.log(f"resumed from {tag} at step {self.step}")
+
+def eval_metrics(rc, rr, margin, complete=True):
+    """Eval metrics of chosen / rejected rewards rc, rr [P] float32 (margin: [P] or 0); the loss only when
+    every pair was scored."""
+    diff = rc - rr
+    both = torch.cat([rc, rr])
+    return {
+        "eval_pairs": int(rc.numel()),
+        "eval_loss": float(torch.nn.functional.softplus(-(diff - margin)).mean()) if complete else float("nan"),
+        "eval_accuracy": float((diff > 0).float().mean()),
+        "eval_margin": float(diff.mean()),
+        "eval_chosen_mean": float(rc.mean()), "eval_chosen_std": float(rc.std()) if rc.numel() > 1 else 0.0,
+        "eval_rejected_mean": float(rr.mean()), "eval_rejected_std": float(rr.std()) if rr.numel() > 1 else 0.0,
+        "eval_reward_mean": float(both.mean()), "eval_reward_std": float(both.std()),
+    }
 
 
 def add_lora(backbone, model_config):
@@ -420,46 +486,9 @@ def choose_layout(backbone_config, config: Config, device_type="cpu", log=None):
     return layout, attention
 
 
-def layout_costs(pairs, layout):
-    """Token positions each pair costs in a layout, and how a batch's cost follows from them."""
-    c, r = pairs.chosen_lengths, pairs.rejected_lengths
-    if layout == "padded":
-        return 2 * np.maximum(c, r), "max"
-    if layout == "packed":
-        return c + r, "sum"
-    return c + r - pairs.shared.astype(np.int64), "sum"
-
-
-class _Window:
-    """Training metrics accumulated over the micro-batches since the last log line."""
-
-    def __init__(self):
-        self.loss = self.correct = self.pairs = self.tokens = self.positions = self.batches = 0.0
-        self.start = time.perf_counter()
-
-    def add(self, out, batch):
-        # loss and correct pairs stay on the device until reduce(): no host sync per micro-batch
-        self.loss = self.loss + out.loss.detach().float()
-        self.correct = self.correct + (out.chosen_rewards.detach() > out.rejected_rewards.detach()).sum()
-        self.pairs += batch.pairs
-        self.tokens += batch.tokens
-        self.positions += batch.positions
-        self.batches += 1
-
-    def reduce(self, world):
-        t = torch.tensor([float(self.loss), float(self.correct), self.pairs, self.tokens, self.positions,
-                          self.batches], dtype=torch.float64)
-        if world > 1:
-            dist.all_reduce(t)
-        loss, correct, pairs, tokens, positions, batches = t.tolist()
-        elapsed = max(time.perf_counter() - self.start, 1e-9)
-        return {"loss": loss / max(batches, 1), "accuracy": correct / max(pairs, 1),
-                "pairs_per_s": pairs / elapsed, "tokens_per_s": tokens / elapsed,
-                "positions_per_pair": positions / max(pairs, 1)}
-
-
-def _all_finite(loss):
-    flag = torch.tensor([0.0 if torch.isfinite(loss.detach()).all() else 1.0], device=loss.device)
+def _all_finite(ok):
+    """Whether `ok` (a bool tensor on the device) holds on every rank: one all-reduce and one host sync."""
+    flag = (~ok).to(torch.float32).reshape(1)
     if dist.is_initialized() and dist.get_world_size() > 1:
         dist.all_reduce(flag)
     return flag.item() == 0
@@ -475,13 +504,3 @@ def ensure_pad_token(tokenizer):
         return False
     tokenizer.add_special_tokens({"pad_token": "<|pad|>"})
     return True
-
-
-def _tensorboard(path, log):
-    try:
-        from torch.utils.tensorboard import SummaryWriter
-    except ImportError:
-        log("tensorboard is not installed: metrics go to metrics.jsonl only (pip install tensorboard, or pass "
-            "--train.tensorboard false to silence this)")
-        return None
-    return SummaryWriter(str(path), flush_secs=30)

@@ -1,8 +1,12 @@
 """Layouts: how a micro-batch of tokenized pairs becomes one backbone forward.
 
 All layouts meet the fused loss through the same two index vectors (flat row indices into R·L), so the
-loss never knows the layout. This module has ``padded``: [2P, L], chosen rows first then rejected rows
-(DeepSpeed-Chat's order), padded on the right (or left) to the batch's longest sequence."""
+loss never knows the layout:
+- ``padded``: [2P, L], chosen rows first then rejected rows (DeepSpeed-Chat's order), padded on the right
+  (or left) to the batch's longest sequence;
+- ``packed``: every sequence end to end in rows, positions restarting at 0 for each;
+- ``prefix_shared``: each pair as [shared prefix][chosen suffix][rejected suffix], the prefix computed once.
+``make`` builds any of them, ``pair_costs`` says what a pair costs in each."""
 
 from dataclasses import dataclass
 from typing import Optional
@@ -25,6 +29,7 @@ class Batch:
     position_ids: Optional[torch.Tensor] = None
     tokens: int = 0
     blocks: Optional[list] = None  # packed layouts: who attends to what (see Block)
+    inputs: Optional[dict] = None  # the backbone's attention inputs, once built (RewardModel.prepare)
 
     @property
     def pairs(self):
@@ -34,10 +39,18 @@ class Batch:
     def positions(self):
         return self.input_ids.numel()
 
+    def _map(self, fn):
+        return Batch(**{k: (fn(v) if isinstance(v, torch.Tensor) else v) for k, v in self.__dict__.items()
+                        if k != "inputs"})
+
     def to(self, device):
-        move = {k: (v.to(device, non_blocking=True) if isinstance(v, torch.Tensor) else v)
-                for k, v in self.__dict__.items()}
-        return Batch(**move)
+        """The batch on `device` (asynchronous from pinned memory); attention inputs are left to be rebuilt
+        there."""
+        return self._map(lambda t: t.to(device, non_blocking=True))
+
+    def pin_memory(self):
+        """The batch in page-locked host memory, so that a later to(cuda) overlaps with compute."""
+        return self._map(lambda t: t.pin_memory())
 
 
 def padded(pairs, indices, pad_id, padding_side="right", pad_to_multiple_of=None, use_margin=True):
@@ -63,11 +76,7 @@ def padded(pairs, indices, pad_id, padding_side="right", pad_to_multiple_of=None
     last_col = lengths - 1 if padding_side == "right" else np.full(R, L - 1)
     last = np.arange(R) * L + last_col
     P = len(indices)
-    margin = None
-    if use_margin:
-        m = pairs.margin[np.asarray(indices)]
-        if np.isfinite(m).any():
-            margin = torch.from_numpy(np.nan_to_num(m, nan=0.0).astype(np.float32))
+    margin = _margin(pairs, indices, use_margin)
     position_ids = None
     if padding_side == "left":  # positions count from each sequence's first real token
         position_ids = torch.from_numpy(np.clip(np.cumsum(mask, axis=1) - 1, 0, None))
@@ -232,4 +241,25 @@ def dense_mask(batch):
     return mask
 
 
-LAYOUTS = ("padded", "packed", "prefix_shared")
+def make(layout, pairs, indices, pad_id, max_tokens=None, use_margin=True):
+    """A Batch of pairs `indices` in `layout` (padded, packed or prefix_shared); max_tokens: packed rows'
+    capacity (ignored by padded)."""
+    if layout == "padded":
+        return padded(pairs, indices, pad_id, use_margin=use_margin)
+    build = {"packed": packed, "prefix_shared": prefix_shared}.get(layout)
+    if build is None:
+        raise ValueError(f"unknown layout {layout!r}; use padded, packed or prefix_shared")
+    return build(pairs, indices, pad_id, max_tokens=max_tokens, use_margin=use_margin)
+
+
+def pair_costs(pairs, layout):
+    """Token positions each pair costs in `layout` ([n] int64) and how a micro-batch's cost follows from
+    its pairs' costs: 'sum' (packed layouts) or 'max' (padded: every pair pays for the longest)."""
+    c, r = pairs.chosen_lengths.astype(np.int64), pairs.rejected_lengths.astype(np.int64)
+    if layout == "padded":
+        return 2 * np.maximum(c, r), "max"
+    if layout == "packed":
+        return c + r, "sum"
+    if layout == "prefix_shared":
+        return c + r - pairs.shared.astype(np.int64), "sum"
+    raise ValueError(f"unknown layout {layout!r}; use padded, packed or prefix_shared")

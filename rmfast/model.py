@@ -2,10 +2,9 @@
 
 The backbone is whatever ``AutoModel`` loads; a ``*ForSequenceClassification`` checkpoint with one label
 keeps its score head as the value head. Rewards are read at each sequence's last token, whose flat row
-index the collator computes from sequence lengths — never by searching for pad ids."""
+index the layout computes from sequence lengths — never by searching for pad ids."""
 
 import contextlib
-from typing import Optional
 
 import torch
 from torch import nn
@@ -32,6 +31,8 @@ class RewardModel(nn.Module):
         super().__init__()
         self.backbone = backbone
         self.head = head
+        self.attention = "dense"  # how packed batches are attended (set_attention)
+        self._native_attention = None  # the backbone's own attention, restored for dense
 
     @property
     def config(self):
@@ -65,28 +66,57 @@ class RewardModel(nn.Module):
         hidden = _hidden_size(backbone.config)
         return cls(backbone, RewardHead(hidden, bias=head_bias, dtype=torch_dtype))
 
-    def hidden_states(self, input_ids, attention_mask=None, position_ids=None, **backbone_kwargs):
-        """input_ids [R, L] → last hidden states [R, L, D]. attention_mask: [R, L] padding mask, or a 4-D
-        mask of a packed layout (None with segment attention, whose blocks come in backbone_kwargs)."""
-        out = self.backbone(input_ids=input_ids, attention_mask=attention_mask, position_ids=position_ids,
-                            use_cache=False, **backbone_kwargs)
+    def set_attention(self, kind):
+        """Run packed batches with attention `kind`: dense, segments, flex or varlen (rmfast.attention). The
+        backbone is switched to rmfast's implementation for segments / flex / varlen and back to its own for
+        dense; padded batches (no blocks) always go through the backbone's attention with their 2-D mask."""
+        from .attention import IMPLEMENTATIONS, register
+
+        if self._native_attention is None:
+            self._native_attention = getattr(self.backbone.config, "_attn_implementation", None) or "eager"
+        if kind in IMPLEMENTATIONS:
+            register()
+            self.backbone.set_attn_implementation(IMPLEMENTATIONS[kind])
+        else:
+            self.backbone.set_attn_implementation(self._native_attention)
+        self.attention = kind
+
+    def backbone_inputs(self, batch):
+        """The attention inputs of the backbone for `batch`: its mask (2-D padding mask, 4-D dense mask or
+        None), position_ids, and the block structure the attention needs (blocks, BlockMask or varlen plan).
+        A batch prepared ahead (`prepare`) carries them already."""
+        if batch.inputs is not None:
+            return batch.inputs
+        return self.prepare(batch).inputs
+
+    def prepare(self, batch):
+        """`batch` with its backbone inputs built (on batch's device): what a background worker does
+        while the previous micro-batch computes."""
+        from .attention import model_inputs
+
+        eager = getattr(self.backbone.config, "_attn_implementation", "") == "eager"
+        dtype = next(self.backbone.parameters()).dtype
+        batch.inputs = model_inputs(batch, self.attention, dtype=dtype, eager=eager)
+        return batch
+
+    def hidden_states(self, batch):
+        """Last hidden states [R, L, D] of a Batch (any layout) in one backbone forward."""
+        out = self.backbone(input_ids=batch.input_ids, use_cache=False, **self.backbone_inputs(batch))
         return out.last_hidden_state
 
-    def forward(self, input_ids, attention_mask, chosen_index, rejected_index, position_ids=None,
-                margin: Optional[torch.Tensor] = None, center_coef=0.0, backend="auto",
-                **backbone_kwargs) -> PairwiseRewardOutput:
-        """One forward for all chosen and rejected rows; chosen_index / rejected_index: [P] flat row
-        indices into R·L. Returns the fused loss and both rewards."""
-        hidden = self.hidden_states(input_ids, attention_mask, position_ids, **backbone_kwargs)
-        return pairwise_reward_loss(hidden, self.head.weight, chosen_index, rejected_index, bias=self.head.bias,
-                                    margin=margin, center_coef=center_coef, backend=backend)
+    def forward(self, batch, center_coef=0.0, backend="auto") -> PairwiseRewardOutput:
+        """The fused loss and both rewards of a Batch: one forward for all its chosen and rejected rows,
+        read at batch.chosen_index / rejected_index ([P] flat row indices into R·L)."""
+        hidden = self.hidden_states(batch)
+        return pairwise_reward_loss(hidden, self.head.weight, batch.chosen_index, batch.rejected_index,
+                                    bias=self.head.bias, margin=batch.margin, center_coef=center_coef,
+                                    backend=backend)
 
     @torch.no_grad()
-    def score(self, input_ids, attention_mask, last_index):
-        """Rewards [R] (float32) of sequences whose last tokens sit at flat indices last_index [R]."""
-        hidden = self.hidden_states(input_ids, attention_mask)
-        rows = hidden.reshape(-1, hidden.shape[-1]).index_select(0, last_index)
-        return self.head.rewards(rows)
+    def rewards(self, batch, index):
+        """Rewards [n] (float32) of the sequences of a Batch whose last tokens sit at flat indices index [n]."""
+        hidden = self.hidden_states(batch)
+        return self.head.rewards(hidden.reshape(-1, hidden.shape[-1]).index_select(0, index))
 
 
 def _gathered(params):

@@ -42,40 +42,30 @@ class Scorer:
         self.mean = getattr(config, "rmfast_reward_mean", None)
         self.std = getattr(config, "rmfast_reward_std", None)
         self.bias = getattr(config, "rmfast_score_bias", 0.0) or 0.0
-        self.attention = "dense"
         kind = getattr(self.model.backbone.config, "model_type", "")
         if kind in attention.SUPPORTED and kind not in attention.DENSE_ONLY:
-            attention.register()
-            self.attention = attention.resolve_attention(self.model.backbone.config, attention_kind,
-                                                         self.device.type, next(self.model.parameters()).dtype,
-                                                         training=False)
+            self.model.set_attention(attention.resolve_attention(
+                self.model.backbone.config, attention_kind, self.device.type,
+                next(self.model.parameters()).dtype, training=False))
         elif attention_kind not in ("auto", "dense"):
             raise ValueError(f"attention {attention_kind!r} is not supported for {kind} models; use auto or dense")
-        if self.attention in attention.IMPLEMENTATIONS:
-            self.model.backbone.set_attn_implementation(attention.IMPLEMENTATIONS[self.attention])
-        self.eager = getattr(self.model.backbone.config, "_attn_implementation", "") == "eager"
-        self.row_tokens = attention.row_tokens(self.attention, self.device.type)
+        self.row_tokens = attention.row_tokens(self.model.attention, self.device.type)
 
     def normalize(self, rewards):
         if self.mean is None or not self.std:
             raise ValueError("--normalize: this model's config has no rmfast_reward_mean/std (export it with rmfast)")
         return (rewards - self.mean) / self.std
 
-    @torch.no_grad()
     def _rewards(self, batch, index):
-        inputs = attention.model_inputs(batch, self.attention, eager=self.eager)
-        mask, pos = inputs.pop("attention_mask"), inputs.pop("position_ids")
-        hidden = self.model.hidden_states(batch.input_ids, mask, pos, **inputs)
-        rows = hidden.reshape(-1, hidden.shape[-1]).index_select(0, index)
-        return (self.model.head.rewards(rows) + self.bias).float().cpu().numpy()
+        return (self.model.rewards(batch.to(self.device), index.to(self.device)) + self.bias).float().cpu().numpy()
 
     def score_pairs(self, pairs, indices):
-        batch = layouts.prefix_shared(pairs, indices, self.tokenizer.pad_token_id, max_tokens=self.row_tokens).to(self.device)
+        batch = layouts.prefix_shared(pairs, indices, self.tokenizer.pad_token_id, max_tokens=self.row_tokens)
         r = self._rewards(batch, torch.cat([batch.chosen_index, batch.rejected_index]))
         return r[: len(indices)], r[len(indices):]
 
     def score_sequences(self, seqs):
-        batch = layouts.pack_sequences(seqs, self.tokenizer.pad_token_id, max_tokens=self.row_tokens).to(self.device)
+        batch = layouts.pack_sequences(seqs, self.tokenizer.pad_token_id, max_tokens=self.row_tokens)
         return self._rewards(batch, batch.chosen_index)
 
 
@@ -163,7 +153,7 @@ def main(argv=None):
             pairs, _, report = load_data(config, scorer.tokenizer)
             for line in report.lines():
                 print(f"data: {line}", file=sys.stderr)
-            costs = pairs.chosen_lengths + pairs.rejected_lengths - pairs.shared
+            costs, _ = layouts.pair_costs(pairs, "prefix_shared")
             budget = max(args.token_budget, int(costs.max()))
             for batch in tqdm(_token_batches(costs, budget), desc="scoring pairs", unit="batch"):
                 c, r = scorer.score_pairs(pairs, batch)

@@ -15,13 +15,9 @@ import numpy as np
 import pytest
 import torch
 
+from helpers import clean_env, command, free_port
+
 pytestmark = pytest.mark.slow
-
-
-def free_port():
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
 
 
 @pytest.fixture(scope="module")
@@ -59,19 +55,6 @@ def args_for(setup, out, **overrides):
     for k, v in base.items():
         args += [f"--{k}", str(v)]
     return args
-
-
-def command(nproc):
-    if nproc == 1:
-        return [sys.executable, "-m", "rmfast.cli"]
-    return [sys.executable, "-m", "torch.distributed.run", "--nproc_per_node", str(nproc),
-            "--master_port", str(free_port()), "-m", "rmfast.cli"]
-
-
-def clean_env():
-    env = {k: v for k, v in os.environ.items() if k not in ("RANK", "WORLD_SIZE", "LOCAL_RANK", "MASTER_PORT")}
-    env["OMP_NUM_THREADS"] = "1"
-    return env
 
 
 def train(setup, out, nproc=1, **overrides):

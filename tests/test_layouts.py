@@ -5,47 +5,8 @@ import numpy as np
 import pytest
 import torch
 
+from helpers import ARCHS, assert_equal_to_padded, build, edge_pairs, pairs_of, rewards_and_grads, tiny_config
 from rmfast import attention, layouts
-from rmfast.data.tokenize import shared_prefix
-from test_model import ARCHS, build, pairs_of
-
-
-def edge_pairs(seed=0):
-    rng = np.random.default_rng(seed)
-    c, r = [], []
-    for _ in range(5):  # a shared prompt, then different responses
-        p = list(rng.integers(3, 96, rng.integers(2, 9)))
-        c.append(p + list(rng.integers(3, 96, rng.integers(1, 6))) + [2])
-        r.append(p + list(rng.integers(3, 96, rng.integers(1, 6))) + [2])
-    c.append([5, 6, 7, 2]), r.append([5, 6, 7, 8, 2])      # one response a prefix of the other
-    c.append([5, 6, 2]), r.append([5, 6, 7, 2])            # one-token response
-    c.append([9, 2]), r.append([10, 2])                    # nothing in common
-    pairs = pairs_of(c, r)
-    pairs.shared[:] = [shared_prefix(a, b) for a, b in zip(c, r)]
-    return pairs
-
-
-def rewards_and_grads(model, batch, how):
-    model.zero_grad()
-    if how in attention.IMPLEMENTATIONS:
-        attention.register()
-        model.backbone.set_attn_implementation(attention.IMPLEMENTATIONS[how])
-    eager = getattr(model.backbone.config, "_attn_implementation", "") == "eager"
-    inputs = attention.model_inputs(batch, how, eager=eager)
-    mask, pos = inputs.pop("attention_mask"), inputs.pop("position_ids")
-    out = model(batch.input_ids, mask, batch.chosen_index, batch.rejected_index, position_ids=pos, **inputs)
-    (out.loss + 0.1 * out.chosen_rewards.sum()).backward()
-    grads = {n: p.grad.detach().clone() for n, p in model.named_parameters() if p.grad is not None}
-    return torch.cat([out.chosen_rewards, out.rejected_rewards]).detach(), grads
-
-
-def assert_equal_to_padded(got_r, got_g, ref_r, ref_g):
-    """fp32 exactness: rewards within 1e-5, every parameter gradient within 1e-4 of its largest entry."""
-    assert (got_r - ref_r).abs().max() <= 1e-5
-    assert got_g.keys() == ref_g.keys()
-    for name, g in ref_g.items():
-        scale = g.abs().max().item() or 1.0
-        assert (got_g[name] - g).abs().max().item() <= 1e-4 * scale + 1e-6, name
 
 
 def configs():
@@ -63,7 +24,7 @@ def test_rewards_and_gradients_equal_padded(arch, layout, how):
     pairs = edge_pairs()
     idx = list(range(len(pairs)))
     model = build(None, arch)
-    ref_r, ref_g = rewards_and_grads(model, layouts.padded(pairs, idx, 0), "padding")
+    ref_r, ref_g = rewards_and_grads(model, layouts.padded(pairs, idx, 0))
     batch = getattr(layouts, layout)(pairs, idx, 0, max_tokens=48)
     got_r, got_g = rewards_and_grads(model, batch, how)
     assert_equal_to_padded(got_r, got_g, ref_r, ref_g)
@@ -111,8 +72,6 @@ def test_unsupported_architectures_are_refused_with_a_reason():
     with pytest.raises(ValueError, match="--train.layout padded"):
         attention.check_support(OPTConfig(), "prefix_shared", 512)
     attention.check_support(OPTConfig(), "padded", 512)
-    from test_model import tiny_config
-
     window = tiny_config("gemma2")
     with pytest.raises(ValueError, match="sliding window"):
         attention.check_support(window, "packed", 4096)
@@ -122,11 +81,8 @@ def test_unsupported_architectures_are_refused_with_a_reason():
 
 
 def flex_rewards(model, batch):
-    attention.register()
-    model.backbone.set_attn_implementation(attention.FLEX)
-    inputs = attention.model_inputs(batch, "flex")
-    mask, pos = inputs.pop("attention_mask"), inputs.pop("position_ids")
-    out = model(batch.input_ids, mask, batch.chosen_index, batch.rejected_index, position_ids=pos, **inputs)
+    model.set_attention("flex")
+    out = model(batch)
     return out, torch.cat([out.chosen_rewards, out.rejected_rewards])
 
 
@@ -139,7 +95,7 @@ def test_flex_attention_rewards_equal_padded(arch, layout):
     model = build(None, arch)
     with torch.no_grad():
         b = layouts.padded(pairs, idx, 0)
-        ref = model(b.input_ids, b.attention_mask, b.chosen_index, b.rejected_index)
+        ref = model(b)
         ref = torch.cat([ref.chosen_rewards, ref.rejected_rewards])
         _, got = flex_rewards(model, getattr(layouts, layout)(pairs, idx, 0, max_tokens=layouts.ONE_ROW))
     assert (got - ref).abs().max() <= 1e-5
@@ -173,7 +129,7 @@ def test_flex_attention_gradients_equal_padded_on_cuda(layout):
     pairs = edge_pairs()
     idx = list(range(len(pairs)))
     model = build(None, "llama").cuda()
-    ref_r, ref_g = rewards_and_grads(model, layouts.padded(pairs, idx, 0).to("cuda"), "padding")
+    ref_r, ref_g = rewards_and_grads(model, layouts.padded(pairs, idx, 0).to("cuda"))
     model.zero_grad()
     out, got = flex_rewards(model, getattr(layouts, layout)(pairs, idx, 0, max_tokens=layouts.ONE_ROW).to("cuda"))
     (out.loss + 0.1 * out.chosen_rewards.sum()).backward()
@@ -229,7 +185,7 @@ def test_varlen_attention_equals_padded(reference_kernel, arch, layout, rows):
     pairs = edge_pairs()
     idx = list(range(len(pairs)))
     model = build(None, arch)
-    ref_r, ref_g = rewards_and_grads(model, layouts.padded(pairs, idx, 0), "padding")
+    ref_r, ref_g = rewards_and_grads(model, layouts.padded(pairs, idx, 0))
     batch = getattr(layouts, layout)(pairs, idx, 0, max_tokens=48 if rows == "rows" else layouts.ONE_ROW)
     plan = attention.varlen_plan(batch)
     assert plan.dense == (rows == "one-row")  # several rows carry padding; one row carries none
@@ -250,8 +206,6 @@ def test_varlen_plan_of_prefix_shared_pairs():
 
 
 def test_attention_choice_follows_device_dtype_and_kernel(monkeypatch):
-    from test_model import tiny_config
-
     llama = tiny_config("llama")
     bf16, fp32 = torch.bfloat16, torch.float32
     monkeypatch.setattr(attention, "varlen_kernel", lambda: ("reference", reference_varlen))
@@ -312,7 +266,7 @@ def test_varlen_attention_follows_padded_on_cuda_in_bf16(layout):
     pairs = edge_pairs()
     idx = list(range(len(pairs)))
     model = build(None, "llama").cuda().to(torch.bfloat16)
-    ref_r, ref_g = rewards_and_grads(model, layouts.padded(pairs, idx, 0).to("cuda"), "padding")
+    ref_r, ref_g = rewards_and_grads(model, layouts.padded(pairs, idx, 0).to("cuda"))
     batch = getattr(layouts, layout)(pairs, idx, 0, max_tokens=48).to("cuda")
     got_r, got_g = rewards_and_grads(model, batch, "varlen")
     assert (got_r.float() - ref_r.float()).abs().max() <= 3e-2 * (ref_r.float().abs().max() + 1)

@@ -4,77 +4,17 @@ import numpy as np
 import pytest
 import torch
 
+from helpers import ARCHS, VOCAB, build, pairs_of, random_pairs
 from rmfast import layouts
-from rmfast.data import TokenizedPairs
 from rmfast.export import write_export
 from rmfast.model import RewardModel
-from rmfast.nn import RewardHead
-
-VOCAB = 96
-
-
-def tiny_config(arch, pad_id=0, eos_id=2, bos_id=1, vocab=VOCAB):
-    import transformers as tf
-
-    common = dict(vocab_size=vocab, pad_token_id=pad_id, eos_token_id=eos_id, bos_token_id=bos_id)
-    llama_like = dict(hidden_size=32, intermediate_size=64, num_hidden_layers=2, num_attention_heads=4,
-                      num_key_value_heads=2, max_position_embeddings=128, **common)
-    if arch == "llama":
-        return tf.LlamaConfig(**llama_like)
-    if arch == "mistral":
-        return tf.MistralConfig(**llama_like, sliding_window=None)
-    if arch == "qwen2":
-        return tf.Qwen2Config(**llama_like)
-    if arch == "qwen3":
-        return tf.Qwen3Config(**llama_like, head_dim=8)
-    if arch == "gemma2":
-        return tf.Gemma2Config(**llama_like, head_dim=8, query_pre_attn_scalar=8, sliding_window=64)
-    if arch == "phi3":
-        return tf.Phi3Config(**llama_like)
-    if arch == "gpt2":
-        return tf.GPT2Config(n_embd=32, n_layer=2, n_head=4, n_positions=128, **common)
-    raise ValueError(arch)
-
-
-ARCHS = ["llama", "mistral", "qwen2", "qwen3", "gemma2", "phi3", "gpt2"]
-
-
-def build(tmp_path, arch, bias=False, seed=0, vocab=VOCAB):
-    from transformers import AutoModel
-
-    torch.manual_seed(seed)
-    backbone = AutoModel.from_config(tiny_config(arch, vocab=vocab),
-                                     attn_implementation="eager" if arch == "gemma2" else "sdpa")
-    backbone.eval()
-    head = RewardHead(backbone.config.hidden_size if hasattr(backbone.config, "hidden_size") else 32, bias=bias)
-    with torch.no_grad():
-        head.weight.normal_()
-        if bias:
-            head.bias.fill_(0.25)
-    return RewardModel(backbone, head)
-
-
-def pairs_of(seqs_c, seqs_r):
-    n = len(seqs_c)
-    return TokenizedPairs([np.array(s, np.int32) for s in seqs_c], [np.array(s, np.int32) for s in seqs_r],
-                          np.zeros(n, np.int32), np.zeros(n, np.int32), np.full(n, np.nan, np.float32),
-                          [f"row {i}" for i in range(n)])
-
-
-def random_pairs(n=4, eos=2, seed=0):
-    rng = np.random.default_rng(seed)
-    c = [list(rng.integers(3, VOCAB, rng.integers(3, 12))) + [eos] for _ in range(n)]
-    r = [list(rng.integers(3, VOCAB, rng.integers(3, 12))) + [eos] for _ in range(n)]
-    return pairs_of(c, r)
-
 
 def one_by_one(model, seqs):
     """Reward of each sequence run alone (no padding at all)."""
     out = []
     for s in seqs:
-        ids = torch.tensor([list(s)])
-        h = model.hidden_states(ids, torch.ones_like(ids))
-        out.append(model.head.rewards(h[0, -1]).item())
+        batch = layouts.padded(pairs_of([s], [s]), [0], pad_id=0)
+        out.append(model.rewards(batch, batch.chosen_index).item())
     return torch.tensor(out)
 
 
@@ -85,8 +25,7 @@ def test_padded_batch_rewards_equal_unpadded_rewards(tmp_path, arch, padding_sid
     pairs = random_pairs()
     batch = layouts.padded(pairs, [0, 1, 2, 3], pad_id=0, padding_side=padding_side)
     with torch.no_grad():
-        out = model(batch.input_ids, batch.attention_mask, batch.chosen_index, batch.rejected_index,
-                    position_ids=batch.position_ids)
+        out = model(batch)
     torch.testing.assert_close(out.chosen_rewards, one_by_one(model, pairs.chosen), atol=1e-4, rtol=1e-4)
     torch.testing.assert_close(out.rejected_rewards, one_by_one(model, pairs.rejected), atol=1e-4, rtol=1e-4)
 
@@ -96,7 +35,7 @@ def test_pad_equal_to_eos_gives_correct_rewards(tmp_path):
     pairs = random_pairs()
     batch = layouts.padded(pairs, [0, 1, 2, 3], pad_id=2)  # pad id == eos id: lengths decide, not pad ids
     with torch.no_grad():
-        out = model(batch.input_ids, batch.attention_mask, batch.chosen_index, batch.rejected_index)
+        out = model(batch)
     torch.testing.assert_close(out.chosen_rewards, one_by_one(model, pairs.chosen), atol=1e-4, rtol=1e-4)
 
 
@@ -132,13 +71,12 @@ def test_export_scores_exactly_as_the_engine(tmp_path, arch, pad_is_eos):
     ours_batch = layouts.padded(pairs, [0, 1, 2, 3], pad_id=0)  # the engine never reads pad ids
     with torch.no_grad():
         hf_scores = hf(input_ids=batch.input_ids, attention_mask=batch.attention_mask).logits.squeeze(-1)
-        ours = model(ours_batch.input_ids, ours_batch.attention_mask, ours_batch.chosen_index,
-                     ours_batch.rejected_index)
+        ours = model(ours_batch)
     # transformers' score layers have no bias; the export keeps it in its config
     hf_scores = hf_scores + hf.config.rmfast_score_bias
     assert hf.config.rmfast_score_bias == pytest.approx(bias)
     torch.testing.assert_close(hf_scores, torch.cat([ours.chosen_rewards, ours.rejected_rewards]), atol=1e-4, rtol=1e-4)
     reloaded = RewardModel.from_pretrained(path)
     with torch.no_grad():
-        again = reloaded(batch.input_ids, batch.attention_mask, batch.chosen_index, batch.rejected_index)
+        again = reloaded(batch)
     torch.testing.assert_close(again.chosen_rewards + bias, ours.chosen_rewards, atol=1e-4, rtol=1e-4)

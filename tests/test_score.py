@@ -11,7 +11,7 @@ from rmfast.data.synthetic import write_jsonl
 from rmfast.data.tokenizers import train_bpe_tokenizer
 from rmfast.export import write_export
 from rmfast.score import main as score_main
-from test_model import build
+from helpers import build
 
 
 @pytest.fixture(scope="module")

@@ -9,6 +9,7 @@ import sys
 
 import numpy as np
 
+from ..layouts import pair_costs
 from .formats import FORMATS
 from .loader import DataConfig, DataError, Source, load_source, read_pairs
 from .synthetic import generate_pairs, write_jsonl
@@ -67,10 +68,10 @@ def inspect(args):
         print(f"  tokens, prompt:   {_percentiles(p)}")
         print(f"  shared prefix:    {_percentiles(s)}  ({(s / np.maximum(np.maximum(c, r), 1)).mean():.0%} of the "
               f"longer side on average; {np.mean(s == 0):.1%} of pairs share nothing)")
-        longest = np.maximum(c, r)
+        cost = {layout: pair_costs(pairs, layout)[0].mean() for layout in ("padded", "packed", "prefix_shared")}
         print(f"  token positions per pair: padded to {args.max_length}: {2 * args.max_length:,}; padded to the "
-              f"pair's longer side: {2 * longest.mean():,.0f}; packed: {(c + r).mean():,.0f}; "
-              f"prefix shared: {(c + r - s).mean():,.0f}")
+              f"pair's longer side: {cost['padded']:,.0f}; packed: {cost['packed']:,.0f}; "
+              f"prefix shared: {cost['prefix_shared']:,.0f}")
         with_margin = np.isfinite(pairs.margin)
         if with_margin.any():
             print(f"  margins: {with_margin.mean():.0%} of pairs, mean {pairs.margin[with_margin].mean():.3g}")

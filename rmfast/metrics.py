@@ -1,0 +1,87 @@
+"""Training metrics: a window of micro-batch results kept on the device until a log step, and the writer
+of metrics.jsonl, TensorBoard and the log lines a person reads (rank 0)."""
+
+import json
+import time
+
+import torch
+import torch.distributed as dist
+
+
+class Window:
+    """Training metrics accumulated over the micro-batches since the last log line. Loss and correct pairs
+    stay on the device until reduce(), so adding a micro-batch never waits for the GPU."""
+
+    def __init__(self, device):
+        self.device = device
+        self.loss = torch.zeros((), dtype=torch.float64, device=device)
+        self.correct = torch.zeros((), dtype=torch.float64, device=device)
+        self.pairs = self.tokens = self.positions = self.batches = 0
+        self.start = time.perf_counter()
+
+    def add(self, out, batch):
+        self.loss += out.loss.detach().double()
+        self.correct += (out.chosen_rewards.detach() > out.rejected_rewards.detach()).sum()
+        self.pairs += batch.pairs
+        self.tokens += batch.tokens
+        self.positions += batch.positions
+        self.batches += 1
+
+    def reduce(self, world):
+        """The window's metrics over every rank: one all-reduce of a tensor on the trainer's device (NCCL
+        takes device tensors only) and one host sync."""
+        counts = torch.tensor([self.pairs, self.tokens, self.positions, self.batches], dtype=torch.float64,
+                              device=self.device)
+        t = torch.cat([torch.stack([self.loss, self.correct]), counts])
+        if world > 1:
+            dist.all_reduce(t)
+        loss, correct, pairs, tokens, positions, batches = t.tolist()
+        elapsed = max(time.perf_counter() - self.start, 1e-9)
+        return {"loss": loss / max(batches, 1), "accuracy": correct / max(pairs, 1),
+                "pairs_per_s": pairs / elapsed, "tokens_per_s": tokens / elapsed,
+                "positions_per_pair": positions / max(pairs, 1)}
+
+
+class MetricsLog:
+    """Writes metric records (dicts with a "step") to metrics.jsonl and TensorBoard on rank 0, and prints
+    eval results. Other ranks write nothing."""
+
+    def __init__(self, path, rank, log=print, tensorboard_dir=None):
+        self.path = path
+        self.rank = rank
+        self.log = log
+        self.tb = _tensorboard(tensorboard_dir, log) if (tensorboard_dir and rank == 0) else None
+
+    def write(self, record):
+        if self.rank != 0:
+            return
+        with open(self.path, "a") as f:
+            f.write(json.dumps(record) + "\n")
+        if self.tb is not None:
+            for k, v in record.items():
+                if isinstance(v, (int, float)) and k != "step":
+                    self.tb.add_scalar(k, v, record["step"])
+        if "eval_accuracy" in record:
+            self.log(f"eval at step {record['step']}: loss {record['eval_loss']:.4f}  "
+                     f"accuracy {record['eval_accuracy']:.3f}  margin {record['eval_margin']:.3f}")
+
+    def close(self):
+        if self.tb is not None:
+            self.tb.close()  # flushes the event file
+            self.tb = None
+
+
+def train_line(record, total_steps):
+    """The plain log line of a training record (logs and CI, where no progress bar is drawn)."""
+    return (f"step {record['step']}/{total_steps}  loss {record['loss']:.4f}  accuracy {record['accuracy']:.3f}  "
+            f"pairs/s {record['pairs_per_s']:.1f}  tokens/s {record['tokens_per_s']:.0f}  lr {record['lr']:.2e}")
+
+
+def _tensorboard(path, log):
+    try:
+        from torch.utils.tensorboard import SummaryWriter
+    except ImportError:
+        log("tensorboard is not installed: metrics go to metrics.jsonl only (pip install tensorboard, or pass "
+            "--train.tensorboard false to silence this)")
+        return None
+    return SummaryWriter(str(path), flush_secs=30)
