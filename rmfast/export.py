@@ -4,119 +4,361 @@ std in the config (``rmfast_reward_mean`` / ``rmfast_reward_std``).
 
 Plain transformers reads the reward at the rightmost token that is not the pad id. rmfast reads it at the
 last token (EOS). So that both agree, the export's pad id must differ from every real token: when the
-tokenizer has no pad token, or pads with EOS, the export adds a pad token (one more embedding row)."""
+tokenizer has no pad token, or pads with EOS, the export adds a pad token (one more embedding row).
 
+One path writes every export, streaming: a source hands over the weights one group at a time (a tensor,
+or a LoRA layer's base weight with its adapters), and ``_Export`` merges the adapters, renames the keys to
+the sequence-classification model's, casts, and appends them to safetensors shards of at most
+``max_shard_size`` bytes. Two sources feed it: a state dict (``write_export``, ``rmfast-export``), and a
+live, possibly ZeRO-3-partitioned model (``export_model``), whose parameters are gathered one group at a
+time so that no rank ever holds more than its partition plus that group, and rank 0 (which writes) never
+builds the whole model. The folder is written beside the target and renamed into place at the end."""
+
+import copy
 import json
+import os
+import shutil
 import sys
+import tempfile
+from dataclasses import dataclass, field
 from pathlib import Path
 
 import torch
 
-from .model import RewardModel
-
 PAD_TOKEN = "<|rmfast_pad|>"
+MAX_SHARD_SIZE = 2 * 1024**3  # bytes per safetensors file; rank 0 holds at most one file's tensors in memory
+_LORA = (".base_layer.", ".lora_A.", ".lora_B.")
 
 
-def _full_state_dict(model, zero_stage):
-    """A CPU state dict with every parameter whole (ZeRO-3 partitions are gathered)."""
-    if zero_stage == 3:
-        import deepspeed
+# -- LoRA: a layer's base weight and its two adapters form one group, merged as it passes
 
-        with deepspeed.zero.GatheredParameters(list(model.parameters()), modifier_rank=None):
-            return {k: v.detach().to("cpu", copy=True) for k, v in model.state_dict().items()}
-    return {k: v.detach().to("cpu", copy=True) for k, v in model.state_dict().items()}
+def _stem(key):
+    """The LoRA layer a key belongs to (its module path), or the key itself when it is no LoRA tensor."""
+    for part in _LORA:
+        if part in key:
+            return key[: key.index(part)]
+    return key
 
 
-def merge_lora(state, r, alpha):
-    """A RewardModel state dict with PEFT LoRA adapters → the plain one: W + (B @ A) · alpha / r, and the
-    PEFT key prefixes removed. The value head (head.*) passes through untouched."""
-    scale = alpha / r
+def _groups(keys):
+    """keys (a state dict's order) → lists of keys exported together: each LoRA layer's tensors form one
+    list, every other key its own. The order is deterministic, so every rank gathers the same sequence."""
+    groups = {}
+    for key in keys:
+        groups.setdefault(_stem(key), []).append(key)
+    return list(groups.values())
+
+
+def _merge_group(group, scale):
+    """One group of a PEFT LoRA RewardModel state dict → plain keys and tensors: W + (B @ A) · scale, in
+    fp32 and cast back to W's dtype; adapters dropped, PEFT prefixes removed. W: [out, in], A: [r, in],
+    B: [out, r]."""
     out = {}
-    for key, value in state.items():
+    for key, value in group.items():
         if ".lora_" in key:
             continue
         name = key.replace("backbone.base_model.model.", "backbone.").replace(".base_layer.", ".")
         if ".base_layer." in key and key.endswith(".weight"):
             stem = key[: -len(".base_layer.weight")]
-            a, b = state[f"{stem}.lora_A.default.weight"], state[f"{stem}.lora_B.default.weight"]
+            try:
+                a, b = group[f"{stem}.lora_A.default.weight"], group[f"{stem}.lora_B.default.weight"]
+            except KeyError:
+                raise ValueError(f"export: {stem} has a LoRA base layer but no lora_A/lora_B.default adapters "
+                                 f"(only Linear LoRA layers are merged)") from None
             value = (value.float() + (b.float() @ a.float()) * scale).to(value.dtype)
         out[name] = value
     return out
 
 
-def export_model(model: RewardModel, tokenizer, out_dir, eval_metrics=None, zero_stage=0, dtype=None, lora=None):
-    """Write the HF export of a RewardModel (every rank must call it under ZeRO-3; rank 0 writes).
-    lora: (r, alpha) when the backbone carries PEFT LoRA adapters; they are merged into the weights."""
-    import torch.distributed as dist
-
-    state = _full_state_dict(model, zero_stage)
-    if lora:
-        state = merge_lora(state, *lora)
-    if dist.is_initialized() and dist.get_rank() != 0:
-        dist.barrier()
-        return None
-    config = model.backbone.get_base_model().config if lora else model.backbone.config
-    path = write_export(config, state, tokenizer, out_dir, eval_metrics, dtype)
-    if dist.is_initialized():
-        dist.barrier()
-    return path
+def merge_lora(state, r, alpha):
+    """A RewardModel state dict with PEFT LoRA adapters → the plain one: W + (B @ A) · alpha / r, and the
+    PEFT key prefixes removed. The value head (head.*) passes through untouched."""
+    out = {}
+    for keys in _groups(state):
+        out.update(_merge_group({k: state[k] for k in keys}, alpha / r))
+    return out
 
 
-def write_export(backbone_config, state, tokenizer, out_dir, eval_metrics=None, dtype=None):
-    """state: RewardModel state dict (backbone.* and head.*) → HF sequence-classification folder."""
+# -- the target: names, shapes and config of the sequence-classification model, from a meta-device build
+
+@dataclass
+class _Target:
+    config: object           # the export's config (one label, pad id, grown vocabulary)
+    tokenizer: object        # a copy, with the added pad token if any
+    prefix: str              # the base model's attribute, e.g. "model" (backbone.X → model.X)
+    head: str                # "score" or "classifier": head.weight [D] → score.weight [1, D]
+    head_bias: bool          # whether that Linear has a bias
+    embedding: str           # the input embedding's key, e.g. "model.embed_tokens.weight"
+    rows: int                # embedding rows the export has (more than the trained ones when a pad is added)
+    shapes: dict             # every key the model's state dict has → its shape
+    architecture: str        # e.g. "LlamaForSequenceClassification"
+    grown: bool = False
+    written: set = field(default_factory=set)
+
+
+def _target(backbone_config, tokenizer):
+    """The export's layout, from the model built on the meta device (no memory, no zero.Init)."""
+    from torch import nn
     from transformers import AutoModelForSequenceClassification
 
-    out = Path(out_dir)
-    out.mkdir(parents=True, exist_ok=True)
-    tokenizer = _copy_tokenizer(tokenizer)
+    tokenizer = copy.deepcopy(tokenizer)
     config = backbone_config.__class__.from_dict(backbone_config.to_dict())
     config.num_labels = 1
     config.problem_type = "regression"
     grow = 0
     if tokenizer.pad_token_id is None or tokenizer.pad_token_id == tokenizer.eos_token_id:
         tokenizer.add_special_tokens({"pad_token": PAD_TOKEN})
-        grow = len(tokenizer) - config.vocab_size if len(tokenizer) > config.vocab_size else 0
-    # a new pad id beyond the current vocabulary is set after the embeddings grow
-    config.pad_token_id = tokenizer.pad_token_id if tokenizer.pad_token_id < config.vocab_size else None
-    if eval_metrics and "eval_reward_mean" in eval_metrics:
-        config.rmfast_reward_mean = eval_metrics["eval_reward_mean"]
-        config.rmfast_reward_std = eval_metrics["eval_reward_std"]
+        grow = max(len(tokenizer) - config.vocab_size, 0)
+    config.vocab_size += grow
+    config.pad_token_id = tokenizer.pad_token_id
     config.architectures = None
-    dtype = dtype or next(iter(state.values())).dtype
-    seq = AutoModelForSequenceClassification.from_config(config, dtype=torch.float32)
-    backbone_state = {k[len("backbone."):]: v for k, v in state.items() if k.startswith("backbone.")}
-    base = seq.base_model
-    missing, unexpected = base.load_state_dict(backbone_state, strict=False)
-    missing = [k for k in missing if "rotary" not in k and not k.endswith("inv_freq")]
-    if missing or unexpected:
-        raise RuntimeError(f"export: backbone weights do not fit {type(base).__name__}: missing {missing[:5]}, "
-                           f"unexpected {unexpected[:5]}")
-    score = getattr(seq, "score", None) or getattr(seq, "classifier", None)
-    with torch.no_grad():
-        score.weight.copy_(state["head.weight"].reshape(1, -1).float())
-    if "head.bias" in state:
-        # transformers' score layers have no bias: the export's rewards are the engine's minus this constant
-        # (pair orderings and accuracy are unchanged). It is kept in the config to add back.
-        bias = float(state["head.bias"].reshape(-1)[0])
-        seq.config.rmfast_score_bias = bias
-        if score.bias is not None:
-            with torch.no_grad():
-                score.bias.fill_(bias)
-            seq.config.rmfast_score_bias = 0.0
-    if grow:
-        seq.resize_token_embeddings(config.vocab_size + grow)
-    seq.config.pad_token_id = tokenizer.pad_token_id
-    seq = seq.to(dtype)
-    seq.save_pretrained(out, safe_serialization=True)
-    tokenizer.save_pretrained(out)
-    (out / "rmfast.json").write_text(json.dumps({"eval": eval_metrics or {}, "pad_token_added": bool(grow)}, indent=2))
+    # the class itself, not from_config: from_config enters zero.Init while a ZeRO-3 config is registered
+    cls = AutoModelForSequenceClassification._model_mapping[type(config)]
+    with torch.device("meta"):
+        seq = cls(config)
+    head = next(n for n in ("score", "classifier") if isinstance(getattr(seq, n, None), nn.Linear))
+    names = {id(p): n for n, p in seq.named_parameters()}
+    embedding = seq.get_input_embeddings().weight
+    return _Target(config=seq.config, tokenizer=tokenizer, prefix=seq.base_model_prefix, head=head,
+                   head_bias=getattr(seq, head).bias is not None, embedding=names[id(embedding)],
+                   rows=embedding.shape[0], shapes={k: tuple(v.shape) for k, v in seq.state_dict().items()},
+                   architecture=cls.__name__, grown=grow > 0)
+
+
+def _grow(weight, rows, dtype):
+    """Embedding [V, D] → [rows, D] in dtype; the new rows are the mean of the trained ones (transformers'
+    mean resizing, less its 1e-9-covariance noise). The added pad token is never read by a score."""
+    out = torch.empty((rows, weight.shape[1]), dtype=dtype)
+    out[: weight.shape[0]].copy_(weight)
+    out[weight.shape[0]:] = weight.mean(0, dtype=torch.float32).to(dtype)
     return out
 
 
-def _copy_tokenizer(tokenizer):
-    import copy
+# -- safetensors shards, written as the tensors arrive
 
-    return copy.deepcopy(tokenizer)
+class _Shards:
+    """Tensors appended one by one into files of at most max_bytes (a bigger tensor gets a file of its
+    own); named as transformers names them, with model.safetensors.index.json when there are several."""
+
+    def __init__(self, folder: Path, max_bytes: int):
+        self.folder, self.max_bytes = folder, max_bytes
+        self.pending, self.pending_bytes, self.storages = {}, 0, set()
+        self.files, self.total, self.count = [], 0, 0
+
+    def add(self, name, tensor):
+        size = tensor.numel() * tensor.element_size()
+        if self.pending and self.pending_bytes + size > self.max_bytes:
+            self._flush()
+        storage = tensor.untyped_storage().data_ptr()
+        # safetensors refuses tensors that share memory (a caller's tied weights, say)
+        tensor = tensor.contiguous() if storage not in self.storages else tensor.clone()
+        self.storages.add(storage)
+        self.pending[name] = tensor
+        self.pending_bytes += size
+        self.total += size
+        self.count += tensor.numel()
+
+    def _flush(self):
+        from safetensors.torch import save_file
+
+        path = self.folder / f"part-{len(self.files) + 1:05d}.safetensors"
+        save_file(self.pending, str(path), metadata={"format": "pt"})
+        self.files.append((path, list(self.pending)))
+        self.pending, self.pending_bytes, self.storages = {}, 0, set()
+
+    def close(self):
+        if self.pending or not self.files:
+            self._flush()
+        n = len(self.files)
+        if n == 1:
+            self.files[0][0].rename(self.folder / "model.safetensors")
+            return
+        weight_map = {}
+        for i, (path, keys) in enumerate(self.files, 1):
+            name = f"model-{i:05d}-of-{n:05d}.safetensors"
+            path.rename(self.folder / name)
+            weight_map.update(dict.fromkeys(keys, name))
+        index = {"metadata": {"total_parameters": self.count, "total_size": self.total}, "weight_map": weight_map}
+        (self.folder / "model.safetensors.index.json").write_text(json.dumps(index, indent=2, sort_keys=True) + "\n")
+
+
+# -- the export: feed groups, then finish
+
+def _staging(out: Path):
+    """A fresh folder beside out for the export to be written in. out may be absent, empty or an earlier
+    export (replaced at the end); anything else is refused rather than deleted."""
+    if out.exists() and any(out.iterdir()) and not (out / "rmfast.json").exists():
+        raise FileExistsError(f"export: {out} exists and is not an rmfast export; refusing to replace it")
+    out.parent.mkdir(parents=True, exist_ok=True)
+    return Path(tempfile.mkdtemp(prefix=f".{out.name}.", suffix=".tmp", dir=out.parent))
+
+
+def _publish(tmp: Path, out: Path):
+    """Rename the finished folder into place; an earlier export there is moved aside first, then removed."""
+    old = None
+    if out.exists():
+        old = out.with_name(f".{out.name}.old-{os.getpid()}")
+        out.rename(old)
+    tmp.rename(out)
+    if old is not None:
+        shutil.rmtree(old)
+
+
+class _Export:
+    """Streams a RewardModel's weights (rmfast keys: backbone.*, head.*) into a Hugging Face folder:
+    feed() one group at a time (CPU tensors, a LoRA layer's together), then finish(); abort() on failure.
+    dtype: the export's floating dtype (None: the first tensor's). lora: (r, alpha) to merge adapters."""
+
+    def __init__(self, backbone_config, tokenizer, out_dir, dtype=None, lora=None, max_shard_size=MAX_SHARD_SIZE):
+        self.out = Path(out_dir)
+        self.target = _target(backbone_config, tokenizer)
+        self.dtype, self.lora, self.score_bias = dtype, lora, None
+        self.tmp = _staging(self.out)
+        self.shards = _Shards(self.tmp, max_shard_size)
+
+    def feed(self, group):
+        """group: {rmfast key: CPU tensor}; a LoRA layer's base weight and adapters come in one group."""
+        if self.lora:
+            group = _merge_group(group, self.lora[1] / self.lora[0])
+        for key, value in group.items():
+            self.dtype = self.dtype or value.dtype
+            named = self._rename(key, value)
+            if named is not None:
+                self._put(*named)
+
+    def _rename(self, key, value):
+        """rmfast key and tensor → the sequence-classification model's key and tensor (None: kept in config)."""
+        t = self.target
+        if key.startswith("backbone."):
+            return f"{t.prefix}.{key[len('backbone.'):]}", value
+        if key == "head.weight":
+            return f"{t.head}.weight", value.reshape(1, -1)
+        if key == "head.bias":
+            # transformers' score layers have no bias: the export's rewards are the engine's minus this constant
+            # (pair orderings and accuracy are unchanged). It is kept in the config to add back.
+            self.score_bias = float(value.reshape(-1)[0])
+            if not t.head_bias:
+                return None
+            self.score_bias = 0.0
+            return f"{t.head}.bias", value.reshape(1)
+        raise ValueError(f"export: unexpected weight {key} (neither backbone.* nor head.*)")
+
+    def _put(self, name, value):
+        t = self.target
+        if name not in t.shapes:
+            raise ValueError(f"export: {name} is no weight of {t.architecture} (the backbone does not fit it)")
+        if name == t.embedding and t.rows > value.shape[0]:
+            value = _grow(value, t.rows, self.dtype)
+        elif value.is_floating_point():
+            value = value.to(self.dtype)
+        if tuple(value.shape) != t.shapes[name]:
+            raise ValueError(f"export: {name} has shape {tuple(value.shape)}, {t.architecture} wants {t.shapes[name]}")
+        t.written.add(name)
+        self.shards.add(name, value)
+
+    def finish(self, eval_metrics=None):
+        """Write the last shard, config, tokenizer and rmfast.json, and move the folder into place."""
+        t = self.target
+        missing = [k for k in t.shapes if k not in t.written and "rotary" not in k and not k.endswith("inv_freq")]
+        if missing:
+            raise ValueError(f"export: weights of {t.architecture} missing from the model: {missing[:5]}")
+        self.shards.close()
+        config = t.config
+        config.architectures = [t.architecture]
+        config.dtype = self.dtype
+        if eval_metrics and "eval_reward_mean" in eval_metrics:
+            config.rmfast_reward_mean = eval_metrics["eval_reward_mean"]
+            config.rmfast_reward_std = eval_metrics["eval_reward_std"]
+        if self.score_bias is not None:
+            config.rmfast_score_bias = self.score_bias
+        config.save_pretrained(self.tmp)
+        t.tokenizer.save_pretrained(self.tmp)
+        info = {"eval": eval_metrics or {}, "pad_token_added": t.grown}
+        (self.tmp / "rmfast.json").write_text(json.dumps(info, indent=2))
+        _publish(self.tmp, self.out)
+        return self.out
+
+    def abort(self):
+        shutil.rmtree(self.tmp, ignore_errors=True)
+
+
+def write_export(backbone_config, state, tokenizer, out_dir, eval_metrics=None, dtype=None, lora=None,
+                 max_shard_size=MAX_SHARD_SIZE, consume=False):
+    """state: RewardModel state dict (backbone.* and head.*; PEFT keys when lora=(r, alpha)) → HF
+    sequence-classification folder out_dir. dtype: the weights' dtype (default: the first tensor's).
+    consume: pop tensors from state as they are written (the caller's dict shrinks; less memory)."""
+    export = _Export(backbone_config, tokenizer, out_dir, dtype, lora, max_shard_size)
+    try:
+        for keys in _groups(list(state)):
+            export.feed({k: state.pop(k) if consume else state[k] for k in keys})
+        return export.finish(eval_metrics)
+    except BaseException:
+        export.abort()
+        raise
+
+
+def _gathered(tensors):
+    """A context in which ZeRO-3-partitioned parameters hold their full data, read-only (all ranks enter it
+    with the same list; nothing is gathered for plain tensors)."""
+    import contextlib
+
+    params = [p for p in tensors if hasattr(p, "ds_id")]
+    if not params:
+        return contextlib.nullcontext()
+    import deepspeed
+
+    # modifier_rank=None: nothing is written back, so leaving the context only frees the full copies
+    return deepspeed.zero.GatheredParameters(params, modifier_rank=None)
+
+
+def _agree(error, distributed):
+    """Every rank learns whether rank 0 failed and raises if so, instead of waiting in a collective."""
+    message = [f"{type(error).__name__}: {error}" if error is not None else None]
+    if distributed:
+        import torch.distributed as dist
+
+        dist.broadcast_object_list(message, src=0)
+    if error is not None:
+        raise error
+    if message[0] is not None:
+        raise RuntimeError(f"export failed on rank 0: {message[0]}")
+
+
+def export_model(model, tokenizer, out_dir, eval_metrics=None, zero_stage=0, dtype=None, lora=None,
+                 max_shard_size=MAX_SHARD_SIZE):
+    """Write the HF export of a RewardModel; every rank calls it, rank 0 writes (returns the folder; the
+    other ranks None). Under ZeRO-3 the parameters are gathered one group at a time (a tensor, or a LoRA
+    layer), so a rank holds its partition plus one group, and rank 0 the shard being written besides.
+    zero_stage is accepted for callers; partitioned parameters are recognised by themselves.
+    lora: (r, alpha) when the backbone carries PEFT LoRA adapters; they are merged into the weights."""
+    import torch.distributed as dist
+
+    distributed = dist.is_available() and dist.is_initialized()
+    rank = dist.get_rank() if distributed else 0
+    tensors = model.state_dict(keep_vars=True)  # the parameters themselves: nothing is copied or gathered
+    config = model.backbone.get_base_model().config if lora else model.backbone.config
+    dtype = dtype or next(iter(tensors.values())).dtype
+    export, error = None, None
+    if rank == 0:
+        try:
+            export = _Export(config, tokenizer, out_dir, dtype, lora, max_shard_size)
+        except Exception as e:  # noqa: BLE001 - every rank must hear of it before the gathers start
+            error = e
+    _agree(error, distributed)
+    for keys in _groups(list(tensors)):
+        with _gathered([tensors[k] for k in keys]):
+            if export is not None:
+                try:
+                    export.feed({k: tensors[k].detach().to("cpu", copy=True) for k in keys})
+                except Exception as e:  # noqa: BLE001 - keep gathering, so that no other rank waits forever
+                    error, export = e, export.abort()
+    if export is not None:
+        try:
+            out = export.finish(eval_metrics)
+        except Exception as e:  # noqa: BLE001
+            error, export = e, export.abort()
+    _agree(error, distributed)
+    return out if export is not None else None
 
 
 def load_checkpoint_state(checkpoint_dir):
@@ -126,13 +368,22 @@ def load_checkpoint_state(checkpoint_dir):
     zero_files = list(path.glob("*optim_states.pt"))
     stage = 0
     if states:
-        meta = torch.load(states[0], map_location="cpu", weights_only=False)
+        meta = torch.load(states[0], map_location="cpu", weights_only=True)
         stage = (meta.get("ds_config") or {}).get("zero_optimization", {}).get("stage", 0)
         if stage == 0 or not zero_files:
             return {k: v.float() for k, v in meta["module"].items()}
     from deepspeed.utils.zero_to_fp32 import get_fp32_state_dict_from_zero_checkpoint
 
     return get_fp32_state_dict_from_zero_checkpoint(str(path.parent), tag=path.name)
+
+
+def _last_eval(out_root: Path):
+    """The last evaluation record of a run's metrics.jsonl (None without one)."""
+    metrics_file = out_root / "metrics.jsonl"
+    if not metrics_file.exists():
+        return None
+    evals = [json.loads(x) for x in metrics_file.read_text().splitlines() if "eval_reward_mean" in x]
+    return evals[-1] if evals else None
 
 
 def main(argv=None):
@@ -142,11 +393,14 @@ def main(argv=None):
     from transformers import AutoConfig, AutoTokenizer
 
     from .checkpoint import resolve
+    from .model import DTYPES
 
     parser = argparse.ArgumentParser(prog="rmfast-export", description=main.__doc__)
     parser.add_argument("run", help="a training output dir (its latest checkpoint), a checkpoints dir, or a step folder")
     parser.add_argument("--out", required=True, help="where to write the Hugging Face folder")
     parser.add_argument("--dtype", default="bf16", choices=["bf16", "fp16", "fp32"])
+    parser.add_argument("--max-shard-size", type=float, default=MAX_SHARD_SIZE / 1024**3,
+                        help="GiB per safetensors file (default %(default)s)")
     args = parser.parse_args(argv)
     run = Path(args.run)
     if (run / "checkpoints").exists():
@@ -161,18 +415,12 @@ def main(argv=None):
     state = load_checkpoint_state(checkpoint)
     run_config = json.loads((out_root / "config.json").read_text()) if (out_root / "config.json").exists() else {}
     model_config = run_config.get("model", {})
-    if model_config.get("lora_r"):
-        state = merge_lora(state, model_config["lora_r"], model_config["lora_alpha"])
+    lora = (model_config["lora_r"], model_config["lora_alpha"]) if model_config.get("lora_r") else None
     tokenizer = AutoTokenizer.from_pretrained(out_root / "tokenizer")
     config = AutoConfig.from_pretrained(out_root / "backbone")
-    metrics = None
-    metrics_file = out_root / "metrics.jsonl"
-    if metrics_file.exists():
-        evals = [json.loads(x) for x in metrics_file.read_text().splitlines() if "eval_reward_mean" in x]
-        metrics = evals[-1] if evals else None
-    from .model import DTYPES
-
-    path = write_export(config, state, tokenizer, args.out, metrics, DTYPES[args.dtype])
+    # consume: each group leaves the state once written, so memory falls as the shards go out
+    path = write_export(config, state, tokenizer, args.out, _last_eval(out_root), DTYPES[args.dtype], lora=lora,
+                        max_shard_size=int(args.max_shard_size * 1024**3), consume=True)
     print(f"exported {checkpoint} to {path}")
     return 0
 
