@@ -2,8 +2,14 @@
 
 Importing this package needs triton. Under TRITON_INTERPRET=1 (set before the import) the kernels run on
 CPU tensors through Triton's interpreter, which the tests use on machines without a GPU.
+``*_op`` are the same launchers as ``torch.ops.rmfast.triton_*`` custom ops, traceable by torch.compile.
 """
 
-from .pairwise_loss import pairwise_loss_bwd, pairwise_loss_fwd
+from .pairwise_loss import (
+    pairwise_loss_fwd,
+    pairwise_loss_fwd_op,
+    pairwise_loss_hidden_grad,
+    pairwise_loss_hidden_grad_op,
+)
 
-__all__ = ["pairwise_loss_fwd", "pairwise_loss_bwd"]
+__all__ = ["pairwise_loss_fwd", "pairwise_loss_hidden_grad", "pairwise_loss_fwd_op", "pairwise_loss_hidden_grad_op"]

@@ -1,13 +1,16 @@
-"""Triton kernels of the fused pairwise reward loss (the kernel-level contract of csrc/pairwise_loss.h).
+"""Triton kernels of the fused pairwise reward loss (the kernel-level contract of rmfast/backends.py).
 
 forward:  a program takes BLOCK_P pairs, walks the hidden size in BLOCK_D tiles, gathers both rows of each
           pair, dots them with the value head, and writes both rewards and softplus(-(r_c - r_r - m)).
-backward: a program takes BLOCK_R gathered rows × BLOCK_D columns, writes those rows of d_hidden
-          (coef · w) and a partial d_weight (Σ coef · h); the partials are summed by the launcher.
+hidden_grad: a program takes BLOCK_R rows × BLOCK_D columns and writes those rows of a zero d_hidden
+          (coef · w); the backward needs no hidden state for it (d_weight is computed from the rows saved by
+          rmfast/loss.py).
 
 Runs on CUDA tensors, and on CPU tensors when TRITON_INTERPRET=1 was set before this module was imported.
 Any hidden size works: tiles are masked at the edges.
 """
+
+from typing import Optional, Tuple
 
 import torch
 import triton
@@ -56,29 +59,23 @@ def _pairwise_fwd_kernel(
 
 
 @triton.jit
-def _pairwise_bwd_kernel(
-    H, W, ROWS, COEF, DH, DWP,
-    M, D, stride_n, stride_d,
-    NEED_DH: tl.constexpr, ACC: tl.constexpr,
+def _hidden_grad_kernel(
+    W, ROWS, COEF, DH, M, D,
     BLOCK_R: tl.constexpr, BLOCK_D: tl.constexpr,
 ):
     pid_r = tl.program_id(0)
     pid_d = tl.program_id(1)
     offs_r = pid_r * BLOCK_R + tl.arange(0, BLOCK_R)
     mask_r = offs_r < M
-    rows = tl.load(ROWS + offs_r, mask=mask_r, other=-1)
+    rows = tl.load(ROWS + offs_r, mask=mask_r, other=0)
     coef = tl.load(COEF + offs_r, mask=mask_r, other=0.0)
-    valid = rows >= 0
-    rows = tl.where(valid, rows, 0)
     offs_d = pid_d * BLOCK_D + tl.arange(0, BLOCK_D)
     mask_d = offs_d < D
-    mask = valid[:, None] & mask_d[None, :]
-    h = tl.load(H + rows[:, None] * stride_n + offs_d[None, :] * stride_d, mask=mask, other=0.0).to(ACC)
-    tl.store(DWP + pid_r * D + offs_d, tl.sum(coef[:, None] * h, axis=0), mask=mask_d)
-    if NEED_DH:
-        w = tl.load(W + offs_d, mask=mask_d, other=0.0)
-        dh = coef[:, None] * w[None, :]
-        tl.store(DH + rows[:, None] * D + offs_d[None, :], dh.to(DH.dtype.element_ty), mask=mask)
+    w = tl.load(W + offs_d, mask=mask_d, other=0.0)
+    dh = coef[:, None] * w[None, :]
+    # A row listed twice carries the same coef both times, so duplicate stores write equal values.
+    tl.store(DH + rows[:, None] * D + offs_d[None, :], dh.to(DH.dtype.element_ty),
+             mask=mask_r[:, None] & mask_d[None, :])
 
 
 def _acc(dtype):
@@ -109,22 +106,41 @@ def pairwise_loss_fwd(hidden, weight, bias, chosen, rejected, margin):
     return rc, rr, loss
 
 
-def pairwise_loss_bwd(hidden, weight, rows, coef, need_hidden_grad):
-    """hidden [N, D]; weight [D] acc; rows [M] int64 (unique, -1 = skip); coef [M] acc.
-    Returns (d_hidden [N, D] contiguous, hidden's dtype — empty when not needed; d_weight [D] acc)."""
-    N, D = hidden.shape
+def pairwise_loss_hidden_grad(weight, rows, coef, n_rows, dtype):
+    """weight [D] acc; rows [M] int64 in [0, n_rows); coef [M] acc, equal for equal rows.
+    Returns d_hidden [n_rows, D] contiguous in ``dtype``: coef[i]·weight at rows[i], zeros elsewhere."""
+    D = weight.shape[0]
     M = rows.numel()
-    d_hidden = (torch.zeros((N, D), dtype=hidden.dtype, device=hidden.device) if need_hidden_grad
-                else torch.empty(0, dtype=hidden.dtype, device=hidden.device))
+    d_hidden = torch.zeros((n_rows, D), dtype=dtype, device=weight.device)
     block_r = 32
     block_d = _block_d(D, 256)
-    row_blocks = triton.cdiv(M, block_r)
-    partial = torch.empty((row_blocks, D), dtype=weight.dtype, device=hidden.device)
-    grid = (row_blocks, triton.cdiv(D, block_d))
-    _pairwise_bwd_kernel[grid](
-        hidden, weight, rows, coef, d_hidden if need_hidden_grad else partial, partial,
-        M, D, hidden.stride(0), hidden.stride(1),
-        NEED_DH=need_hidden_grad, ACC=_acc(hidden.dtype),
-        BLOCK_R=block_r, BLOCK_D=block_d, num_warps=4,
-    )
-    return d_hidden, (partial[0] if row_blocks == 1 else partial.sum(0))
+    grid = (triton.cdiv(M, block_r), triton.cdiv(D, block_d))
+    _hidden_grad_kernel[grid](weight, rows, coef, d_hidden, M, D, BLOCK_R=block_r, BLOCK_D=block_d, num_warps=4)
+    return d_hidden
+
+
+# The same launchers as torch.library custom ops with fake kernels, so that torch.compile traces through
+# them (Triton launches are opaque to dynamo). Eager code calls the launchers directly: the op's
+# dispatch costs tens of microseconds per call on the host.
+@torch.library.custom_op("rmfast::triton_pairwise_fwd", mutates_args=())
+def pairwise_loss_fwd_op(hidden: torch.Tensor, weight: torch.Tensor, bias: Optional[torch.Tensor],
+                         chosen: torch.Tensor, rejected: torch.Tensor,
+                         margin: Optional[torch.Tensor]) -> Tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    return pairwise_loss_fwd(hidden, weight, bias, chosen, rejected, margin)
+
+
+@pairwise_loss_fwd_op.register_fake
+def _(hidden, weight, bias, chosen, rejected, margin):
+    P = chosen.shape[0]
+    return weight.new_empty(P), weight.new_empty(P), weight.new_empty(P)
+
+
+@torch.library.custom_op("rmfast::triton_hidden_grad", mutates_args=())
+def pairwise_loss_hidden_grad_op(weight: torch.Tensor, rows: torch.Tensor, coef: torch.Tensor, n_rows: int,
+                                 dtype: torch.dtype) -> torch.Tensor:
+    return pairwise_loss_hidden_grad(weight, rows, coef, n_rows, dtype)
+
+
+@pairwise_loss_hidden_grad_op.register_fake
+def _(weight, rows, coef, n_rows, dtype):
+    return weight.new_empty((n_rows, weight.shape[0]), dtype=dtype)

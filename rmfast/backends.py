@@ -1,13 +1,31 @@
 """Backends of the fused loss and how one is chosen.
 
-Every compiled backend implements the kernel-level contract of ``csrc/pairwise_loss.h``:
-``forward(hidden2d, weight, bias, chosen, rejected, margin) -> (r_c, r_r, loss_p)`` and
-``backward(hidden2d, weight, rows, coef, need_hidden_grad) -> (d_hidden, d_weight)``.
-``torch`` is the differentiable reference (rmfast/reference.py) and needs neither.
+Kernel-level contract of every compiled backend (``torch`` is the differentiable reference,
+rmfast/reference.py, and needs neither); acc is float32, or float64 for float64 hidden:
+
+- ``forward(hidden2d, weight, bias, chosen, rejected, margin) -> (r_c, r_r, loss_p)``: hidden2d [N, D] of
+  any float dtype and strides; weight [D] acc; bias [1] acc or None; chosen, rejected [P] int64; margin [P]
+  acc or None. Outputs [P] acc, loss_p = softplus(-(r_c - r_r - margin)).
+- ``hidden_grad(weight, rows, coef, n_rows, dtype) -> d_hidden``: weight [D] acc; rows [M] int64 in
+  [0, n_rows); coef [M] acc, equal for equal rows. d_hidden [n_rows, D] contiguous in ``dtype``: zeros
+  except row rows[i] = coef[i]·weight. It reads no hidden state, so the autograd of rmfast/loss.py saves
+  only the gathered rows (for d_weight, a [2P, D] product it computes itself), never hidden.
+
+Each backend's kernels are torch operators with fake (meta) kernels, so ``torch.compile(fullgraph=True)``
+traces through the loss: the extension's ``torch.ops.rmfast.pairwise_loss_fwd`` / ``pairwise_loss_bwd``
+(csrc/bindings.cpp; their fake kernels are registered here once the extension is loaded) and the Triton
+launchers wrapped as ``torch.ops.rmfast.triton_pairwise_fwd`` / ``triton_hidden_grad`` (kernels/). Eager
+code calls the Triton launchers directly, skipping the custom op's host-side dispatch.
 
 Choice (``backend="auto"``): CUDA tensors → triton, cuda, torch; CPU tensors → cpu, torch.
 ``RMFAST_BACKEND`` (read here) sets the backend used when the caller passes ``"auto"``.
 A requested backend that cannot run warns once, naming why, and the auto order takes over.
+
+Index range check (``pairwise_reward_loss(..., check_indices=None)``, rmfast/loss.py): ``None`` checks on
+the host for CPU tensors (a ValueError naming the argument) and on the device for CUDA tensors
+(``torch._assert_async``: no host sync; a bad index fails the next synchronising call); ``True`` checks on
+the host everywhere (a sync on CUDA); ``False`` skips the check, for callers that build the indices
+themselves. Under torch.compile the check is always the device-side one, which keeps the graph whole.
 """
 
 import os
@@ -17,6 +35,26 @@ BACKENDS = ("torch", "triton", "cuda", "cpu")
 _AUTO_ORDER = {"cuda": ("triton", "cuda", "torch"), "cpu": ("cpu", "torch")}
 _warned = set()
 _reasons = {}
+_fakes = []
+
+
+def _register_extension_fakes():
+    """Fake kernels of the extension's ops: output shapes and dtypes only (FakeTensor, torch.compile)."""
+    import torch
+
+    if _fakes:
+        return
+    _fakes.append(True)
+
+    @torch.library.register_fake("rmfast::pairwise_loss_fwd")
+    def _fwd(hidden, weight, bias, chosen, rejected, margin):
+        P = chosen.shape[0]
+        return weight.new_empty(P), weight.new_empty(P), weight.new_empty(P)
+
+    @torch.library.register_fake("rmfast::pairwise_loss_bwd")
+    def _bwd(hidden, weight, rows, coef, need_hidden_grad):
+        d_hidden = hidden.new_empty(hidden.shape if need_hidden_grad else (0,))
+        return d_hidden, weight.new_empty(weight.shape)
 
 
 class _ExtensionKernels:
@@ -26,13 +64,16 @@ class _ExtensionKernels:
     def forward(hidden, weight, bias, chosen, rejected, margin):
         import torch
 
-        return torch.ops.rmfast.pairwise_loss_fwd(hidden, weight, bias, chosen, rejected, margin)
+        return torch.ops.rmfast.pairwise_loss_fwd.default(hidden, weight, bias, chosen, rejected, margin)
 
     @staticmethod
-    def backward(hidden, weight, rows, coef, need_hidden_grad):
+    def hidden_grad(weight, rows, coef, n_rows, dtype):
         import torch
 
-        return torch.ops.rmfast.pairwise_loss_bwd(hidden, weight, rows, coef, need_hidden_grad)
+        # The extension's backward reads hidden at the listed rows for a d_weight we compute elsewhere: a
+        # zero row expanded to [n_rows, D] (stride 0) gives it d_hidden's shape and dtype without hidden.
+        shape_only = weight.new_zeros((1, weight.shape[0]), dtype=dtype).expand(n_rows, -1)
+        return torch.ops.rmfast.pairwise_loss_bwd.default(shape_only, weight, rows, coef, True)[0]
 
 
 class _TritonKernels:
@@ -40,15 +81,22 @@ class _TritonKernels:
 
     @staticmethod
     def forward(hidden, weight, bias, chosen, rejected, margin):
+        import torch
+
         from rmfast import kernels
 
-        return kernels.pairwise_loss_fwd(hidden, weight, bias, chosen, rejected, margin)
+        fwd = kernels.pairwise_loss_fwd_op if torch.compiler.is_compiling() else kernels.pairwise_loss_fwd
+        return fwd(hidden, weight, bias, chosen, rejected, margin)
 
     @staticmethod
-    def backward(hidden, weight, rows, coef, need_hidden_grad):
+    def hidden_grad(weight, rows, coef, n_rows, dtype):
+        import torch
+
         from rmfast import kernels
 
-        return kernels.pairwise_loss_bwd(hidden, weight, rows, coef, need_hidden_grad)
+        grad = (kernels.pairwise_loss_hidden_grad_op if torch.compiler.is_compiling()
+                else kernels.pairwise_loss_hidden_grad)
+        return grad(weight, rows, coef, n_rows, dtype)
 
 
 def triton_interpreting():
@@ -84,6 +132,7 @@ def _find_reason(name, device_type):
             return f"the compiled extension is missing: {why_not}"
         if name == "cuda" and not build.get("with_cuda"):
             return "the compiled extension was built without CUDA kernels (rebuild where nvcc is found)"
+        _register_extension_fakes()
         return None
     return f"unknown backend {name!r}; choose one of auto, {', '.join(BACKENDS)}"
 

@@ -1,8 +1,8 @@
 """``pairwise_reward_loss``: last-token gather → value head → Bradley–Terry loss, fused, with its backward.
 
 The compiled backends run one forward kernel (gather, dot with the head, log-sigmoid) and one backward
-kernel (the gathered rows of d_hidden and d_weight). What is left in torch here works on [P]-sized vectors:
-the reduction, the centering term and the per-pair coefficients of the backward.
+kernel (the gathered rows of d_hidden). What is left in torch here works on [P]- or [2P, D]-sized tensors:
+the reduction, the centering term, the per-row coefficients of the backward and d_weight.
 """
 
 import math
@@ -25,37 +25,27 @@ class PairwiseRewardOutput(NamedTuple):
     rejected_rewards: torch.Tensor
 
 
-def merge_rows(chosen, rejected, g_c, g_r):
-    """Fold the 2P per-pair gradients dL/dr into one coefficient per distinct hidden row.
-
-    chosen, rejected: [P] int64; g_c, g_r: [P]. Returns rows [2P] int64 (each distinct row once, -1 for
-    entries folded into another) and coef [2P]. No host sync, so it stays cheap on CUDA."""
-    rows = torch.cat([chosen, rejected])
-    coef = torch.cat([g_c, g_r])
-    rows_sorted, order = torch.sort(rows)
-    coef_sorted = coef.index_select(0, order)
-    head = torch.ones_like(rows_sorted, dtype=torch.bool)
-    head[1:] = rows_sorted[1:] != rows_sorted[:-1]
-    segment = torch.cumsum(head, 0) - 1
-    total = torch.zeros_like(coef_sorted).index_add_(0, segment, coef_sorted)
-    return (
-        torch.where(head, rows_sorted, torch.full_like(rows_sorted, -1)),
-        torch.where(head, total.index_select(0, segment), torch.zeros_like(coef_sorted)),
-    )
-
-
 class _FusedPairwiseTerms(torch.autograd.Function):
-    """(hidden2d, weight, bias) → (r_c, r_r, loss_p) through a compiled backend's two kernels."""
+    """(hidden2d, weight, bias) → (r_c, r_r, loss_p) through a compiled backend's kernels.
+
+    Saves the gathered rows [2P, D] (only when weight needs a gradient), never hidden [N, D]: d_hidden
+    needs just the head and one coefficient per row, d_weight the rows. Dynamo traces it (the kernels are
+    ops with fake kernels, see rmfast/backends.py)."""
 
     @staticmethod
-    def forward(ctx, hidden2d, weight, bias, chosen, rejected, margin, kernels):
+    def forward(ctx, hidden2d, weight, bias, index, margin, kernels):
+        """hidden2d [N, D]; weight [D]; bias one-element or None; index [2P] int64, chosen then rejected
+        rows; margin [P] or None. Returns r_c, r_r, loss_p: [P] float32 (float64 for float64 hidden)."""
         acc = torch.float64 if hidden2d.dtype == torch.float64 else torch.float32
         w = weight.to(acc).contiguous()
         b = bias.to(acc).reshape(1) if bias is not None else None
         m = margin.to(acc).contiguous() if margin is not None else None
-        rc, rr, loss_p = kernels.forward(hidden2d, w, b, chosen, rejected, m)
-        ctx.save_for_backward(hidden2d, w, chosen, rejected, rc, rr, m)
+        P = index.shape[0] // 2
+        rc, rr, loss_p = kernels.forward(hidden2d, w, b, index[:P], index[P:], m)
+        rows = hidden2d.index_select(0, index) if ctx.needs_input_grad[1] else None
+        ctx.save_for_backward(rows, w, index, rc, rr, m)
         ctx.kernels = kernels
+        ctx.hidden_meta = (hidden2d.shape[0], hidden2d.dtype)
         ctx.weight_dtype = weight.dtype
         ctx.bias_meta = (bias.shape, bias.dtype) if bias is not None else None
         return rc, rr, loss_p
@@ -63,24 +53,25 @@ class _FusedPairwiseTerms(torch.autograd.Function):
     @staticmethod
     @torch.autograd.function.once_differentiable
     def backward(ctx, grad_rc, grad_rr, grad_loss):
-        hidden2d, w, chosen, rejected, rc, rr, m = ctx.saved_tensors
+        rows, w, index, rc, rr, m = ctx.saved_tensors
         diff = rc - rr if m is None else rc - rr - m
         # d softplus(-diff) / d r_c = -sigmoid(-diff), and the opposite for r_r.
         s = torch.sigmoid(-diff) * grad_loss
-        g_c = grad_rc - s
-        g_r = grad_rr + s
+        coef = torch.cat([grad_rc - s, grad_rr + s])  # dL/dr of each gathered row, [2P]
         need_hidden, need_weight, need_bias = ctx.needs_input_grad[:3]
-        rows, coef = merge_rows(chosen, rejected, g_c, g_r)
-        d_hidden, d_weight = ctx.kernels.backward(hidden2d, w, rows, coef, need_hidden)
-        d_bias = None
+        d_hidden = d_weight = d_bias = None
+        if need_hidden:
+            n_rows, dtype = ctx.hidden_meta
+            # A row gathered more than once gets the sum of its coefficients at each of its entries, so
+            # the kernel's writes of that row agree (no sort, no atomics).
+            total = coef.new_zeros(n_rows).index_add_(0, index, coef).index_select(0, index)
+            d_hidden = ctx.kernels.hidden_grad(w, index, total, n_rows, dtype)
+        if need_weight:
+            d_weight = torch.mv(rows.t().to(coef.dtype), coef).to(ctx.weight_dtype)
         if need_bias:
             shape, dtype = ctx.bias_meta
-            d_bias = (g_c.sum() + g_r.sum()).to(dtype).reshape(shape)
-        return (
-            d_hidden if need_hidden else None,
-            d_weight.to(ctx.weight_dtype) if need_weight else None,
-            d_bias, None, None, None, None,
-        )
+            d_bias = coef.sum().to(dtype).reshape(shape)
+        return d_hidden, d_weight, d_bias, None, None, None
 
 
 def _fail(argument, why):
@@ -99,7 +90,27 @@ def _check_index(name, index, device):
     return index.to(torch.int64)
 
 
-def _validate(hidden, weight, chosen_index, rejected_index, bias, margin, center_coef, reduction):
+def _check_range(index, P, n_rows, check):
+    """index [2P] int64 (chosen then rejected rows) against hidden's n_rows; see ``check_indices``."""
+    if check is False:
+        return
+    if torch.compiler.is_compiling() or (check is None and index.device.type != "cpu"):
+        # On the device: no host sync and no graph break; a bad index fails at the next synchronisation.
+        torch._assert_async(((index >= 0) & (index < n_rows)).all(),
+                            f"pairwise_reward_loss: a row index is outside hidden's {n_rows} rows")
+        return
+    lo, hi = torch.aminmax(index)
+    lo, hi = int(lo), int(hi)
+    if lo < 0 or hi >= n_rows:
+        chosen = index[:P]
+        bad = "chosen_index" if int(chosen.min()) < 0 or int(chosen.max()) >= n_rows else "rejected_index"
+        _fail(bad, f"holds row indices in [{lo}, {hi}] but hidden has {n_rows} rows (valid: 0..{n_rows - 1})")
+
+
+def _validate(hidden, weight, chosen_index, rejected_index, bias, margin, center_coef, reduction,
+              check_indices):
+    """The arguments checked and normalised: (weight [D], index [2P] int64 chosen then rejected rows,
+    bias tensor or None, margin [P] or None); a ValueError naming the argument otherwise."""
     if not isinstance(hidden, torch.Tensor):
         _fail("hidden", f"must be a torch.Tensor, got {type(hidden).__name__}")
     if hidden.dtype not in _FLOAT_DTYPES:
@@ -132,11 +143,10 @@ def _validate(hidden, weight, chosen_index, rejected_index, bias, margin, center
     P = chosen.shape[0]
     if P == 0:
         _fail("chosen_index", "is empty: at least one pair is needed")
-    lo, hi = torch.aminmax(torch.cat([chosen, rejected]))
-    lo, hi = int(lo), int(hi)
-    if lo < 0 or hi >= n_rows:
-        bad = "chosen_index" if int(chosen.min()) < 0 or int(chosen.max()) >= n_rows else "rejected_index"
-        _fail(bad, f"holds row indices in [{lo}, {hi}] but hidden has {n_rows} rows (valid: 0..{n_rows - 1})")
+    if not (check_indices is None or isinstance(check_indices, bool)):
+        _fail("check_indices", f"must be None, True or False, got {check_indices!r}")
+    index = torch.cat([chosen, rejected])
+    _check_range(index, P, n_rows, check_indices)
 
     if bias is not None:
         if isinstance(bias, (int, float)):
@@ -169,7 +179,7 @@ def _validate(hidden, weight, chosen_index, rejected_index, bias, margin, center
         _fail("reduction", f"must be one of {', '.join(_REDUCTIONS)}, got {reduction!r}")
     if not isinstance(center_coef, (int, float)) or isinstance(center_coef, bool) or not math.isfinite(center_coef):
         _fail("center_coef", f"must be a finite float, got {center_coef!r}")
-    return weight, chosen, rejected, bias, margin
+    return weight, index, bias, margin
 
 
 def pairwise_reward_loss(
@@ -182,6 +192,8 @@ def pairwise_reward_loss(
     center_coef: float = 0.0,
     reduction: str = "mean",
     backend: str = "auto",
+    *,
+    check_indices: Optional[bool] = None,
 ) -> PairwiseRewardOutput:
     """Bradley–Terry loss of a value head on gathered last-token hidden states, fused.
 
@@ -195,25 +207,29 @@ def pairwise_reward_loss(
         reduction: "mean" | "sum" over pairs, or "none" for [P] per-pair losses (each with its own
             center_coef·(r_c + r_r)² term, so that their mean equals the "mean" loss).
         backend: "auto" | "triton" | "cuda" | "cpu" | "torch" (see rmfast.backends).
+        check_indices: the row-index range check. None (default): on the host for CPU tensors (ValueError),
+            on the device for CUDA tensors (no host sync; torch._assert_async); True: on the host
+            everywhere (syncs CUDA); False: none, for callers that build the indices themselves. Under
+            torch.compile it is always the device-side check.
 
     Returns:
         PairwiseRewardOutput(loss, chosen_rewards [P], rejected_rewards [P]); rewards are float32
         (float64 for float64 hidden) and carry gradients too. Gradients reach hidden, weight and bias.
 
     A hidden that cannot be viewed as [N, D] without a copy (e.g. a slice of a [B, L, D] tensor along L)
-    is copied once; 2-D hidden of any strides is read in place.
+    is copied once; 2-D hidden of any strides is read in place. torch.compile(fullgraph=True) traces it.
     """
-    weight, chosen, rejected, bias, margin = _validate(
-        hidden, weight, chosen_index, rejected_index, bias, margin, center_coef, reduction
+    weight, index, bias, margin = _validate(
+        hidden, weight, chosen_index, rejected_index, bias, margin, center_coef, reduction, check_indices
     )
     hidden2d = hidden if hidden.dim() == 2 else hidden.reshape(-1, hidden.shape[-1])
     name = backends.select(backend, hidden.device.type)
     if name == "torch":
-        rc, rr, loss_p = reference.pairwise_terms(hidden2d, weight, bias, chosen, rejected, margin)
+        P = index.shape[0] // 2
+        rc, rr, loss_p = reference.pairwise_terms(hidden2d, weight, bias, index[:P], index[P:], margin)
     else:
-        rc, rr, loss_p = _FusedPairwiseTerms.apply(
-            hidden2d, weight, bias, chosen, rejected, margin, backends.kernels_for(name)
-        )
+        rc, rr, loss_p = _FusedPairwiseTerms.apply(hidden2d, weight, bias, index, margin,
+                                                   backends.kernels_for(name))
     if reduction == "mean":
         loss = loss_p.mean()
     elif reduction == "sum":

@@ -37,10 +37,11 @@ class RewardHead(nn.Module):
         return r + self.bias.to(acc) if self.bias is not None else r
 
     def forward(self, hidden, chosen_index, rejected_index, margin=None, center_coef=0.0,
-                reduction="mean", backend="auto") -> PairwiseRewardOutput:
+                reduction="mean", backend="auto", *, check_indices=None) -> PairwiseRewardOutput:
+        """hidden [..., D]; chosen_index, rejected_index [P] int64: see rmfast.pairwise_reward_loss."""
         return pairwise_reward_loss(hidden, self.weight, chosen_index, rejected_index, bias=self.bias,
                                     margin=margin, center_coef=center_coef, reduction=reduction,
-                                    backend=backend)
+                                    backend=backend, check_indices=check_indices)
 
     def extra_repr(self):
         return f"hidden_size={self.hidden_size}, bias={self.bias is not None}"
