@@ -127,16 +127,45 @@ def varlen_kernel():
         from torch.nn.attention.varlen import varlen_attn
     except ImportError:
         return None, None
+    return "torch varlen_attn", torch_varlen_adapter(varlen_attn)
+
+
+def torch_varlen_adapter(varlen_attn):
+    """The varlen_kernel contract over torch's varlen_attn, whose keywords differ between torch versions:
+    causal is `window_size=(-1, 0)` in newer ones and `is_causal=True` in older ones (both bottom-right
+    aligned, FA2 semantics); without `scale` the queries are pre-scaled; without `enable_gqa` the key and
+    value heads are repeated."""
+    import inspect
+
+    params = inspect.signature(varlen_attn).parameters
+    if "window_size" in params:
+        causal = {"window_size": (-1, 0)}  # key j is seen by query i when j <= i + max(0, m - n)
+    elif "is_causal" in params:
+        causal = {"is_causal": True}
+    else:
+        raise RuntimeError(f"torch's varlen_attn{inspect.signature(varlen_attn)} takes neither window_size nor "
+                           f"is_causal; use --train.attention flex")
+    has_scale, has_gqa = "scale" in params, "enable_gqa" in params
 
     def run_torch_varlen(q, k, v, cu_q, cu_k, max_q, max_k, scale, dropout):
         if dropout:
             raise ValueError("torch's varlen_attn has no attention dropout; install flash-attn, or use "
                              "--train.attention flex, or a model config with attention_dropout 0")
-        # window (-1, 0) is causal: key j is seen by query i when j <= i + max(0, m - n), bottom-right
-        return varlen_attn(q, k, v, cu_q, cu_k, max_q, max_k, scale=scale, window_size=(-1, 0),
-                           enable_gqa=q.shape[1] != k.shape[1])
+        kw = dict(causal)
+        if scale is not None:
+            if has_scale:
+                kw["scale"] = scale
+            else:  # the kernel's own scale is 1/sqrt(D)
+                q = q * (scale * q.shape[-1] ** 0.5)
+        if q.shape[1] != k.shape[1]:
+            if has_gqa:
+                kw["enable_gqa"] = True
+            else:
+                groups = q.shape[1] // k.shape[1]
+                k, v = k.repeat_interleave(groups, dim=1), v.repeat_interleave(groups, dim=1)
+        return varlen_attn(q, k, v, cu_q, cu_k, max_q, max_k, **kw)
 
-    return "torch varlen_attn", run_torch_varlen
+    return run_torch_varlen
 
 
 def _prefix_causal_mask(n, p, device, cache=None):

@@ -351,13 +351,17 @@ class Trainer:
         then the update. With on_nonfinite stop, the step's losses are checked once, at the boundary and
         before the update (the step's one host sync); skip checks each micro-batch (one sync each)."""
         skip = self.config.train.on_nonfinite == "skip"
-        finite = None
+        finite, skipped = None, 0
         while True:
             indices, batch, self._position = next(batches)
             out = self.forward(batch)
             ok = torch.isfinite(out.loss.detach()).all()
             if skip and not _all_finite(ok):
                 self.log(f"skipping non-finite loss at step {self.step + 1} (micro-batch of pairs {indices[:4]}…)")
+                skipped += 1
+                if skipped > len(self.sampler):
+                    raise NonFiniteLoss(f"every micro-batch of a whole epoch ({skipped}) gave a non-finite loss at "
+                                        f"step {self.step + 1}: the model diverged. Lower the learning rate")
                 continue
             finite = ok if finite is None else finite & ok
             self.engine.backward(out.loss)

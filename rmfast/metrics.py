@@ -37,7 +37,8 @@ class Window:
             dist.all_reduce(t)
         loss, correct, pairs, tokens, positions, batches = t.tolist()
         elapsed = max(time.perf_counter() - self.start, 1e-9)
-        return {"loss": loss / max(batches, 1), "accuracy": correct / max(pairs, 1),
+        return {"loss": loss / max(batches, 1), "accuracy": correct / max(pairs, 1), "pairs": int(pairs),
+                "tokens": int(tokens),
                 "pairs_per_s": pairs / elapsed, "tokens_per_s": tokens / elapsed,
                 "positions_per_pair": positions / max(pairs, 1)}
 

@@ -33,3 +33,26 @@ def backend_device_params():
                 marks.append(pytest.mark.skip(reason="no CUDA GPU"))
             params.append(pytest.param(name, device, id=f"{name}-{device}", marks=marks))
     return params
+
+
+@pytest.fixture(scope="session")
+def engine_setup(tmp_path_factory):
+    """A tiny Llama with a BPE tokenizer, and synthetic train / eval pairs."""
+    from transformers import LlamaConfig, LlamaModel
+
+    from rmfast.data import generate_pairs
+    from rmfast.data.synthetic import write_jsonl
+    from rmfast.data.tokenizers import train_bpe_tokenizer
+
+    root = tmp_path_factory.mktemp("engine")
+    rows = generate_pairs(240, seed=0, style="explicit", difficulty="easy")
+    tok = train_bpe_tokenizer([r["prompt"] + r["chosen"] for r in rows], vocab_size=400)
+    cfg = LlamaConfig(vocab_size=len(tok), hidden_size=32, intermediate_size=64, num_hidden_layers=2,
+                      num_attention_heads=4, num_key_value_heads=2, max_position_embeddings=512,
+                      bos_token_id=tok.bos_token_id, eos_token_id=tok.eos_token_id, pad_token_id=tok.pad_token_id)
+    torch.manual_seed(0)
+    LlamaModel(cfg).save_pretrained(root / "model")
+    tok.save_pretrained(root / "model")
+    write_jsonl(rows[:200], root / "train.jsonl")
+    write_jsonl(rows[200:], root / "eval.jsonl")
+    return root

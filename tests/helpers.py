@@ -125,3 +125,22 @@ def clean_env():
     return env
 
 
+def reference_varlen(q, k, v, cu_q, cu_k, max_q, max_k, scale, dropout):
+    """The varlen kernels' contract in plain torch, checking what they require of their inputs: per block,
+    causal attention aligned to the bottom right (query i of n sees keys up to i + m - n of m)."""
+    assert q.dim() == k.dim() == v.dim() == 3 and q.shape[0] == cu_q[-1] and k.shape[0] == cu_k[-1]
+    assert cu_q.dtype == cu_k.dtype == torch.int32 and len(cu_q) == len(cu_k)
+    assert isinstance(max_q, int) and isinstance(max_k, int)
+    assert max_q == int(cu_q.diff().max()) and max_k == int(cu_k.diff().max())
+    assert q.stride(-1) == k.stride(-1) == v.stride(-1) == 1 and dropout == 0
+    groups = q.shape[1] // k.shape[1]
+    out = []
+    for i in range(len(cu_q) - 1):
+        qs = q[cu_q[i]:cu_q[i + 1]].transpose(0, 1)
+        ks = k[cu_k[i]:cu_k[i + 1]].transpose(0, 1).repeat_interleave(groups, 0)
+        vs = v[cu_k[i]:cu_k[i + 1]].transpose(0, 1).repeat_interleave(groups, 0)
+        n, m = qs.shape[1], ks.shape[1]
+        mask = torch.ones(n, m, dtype=torch.bool, device=q.device).tril(diagonal=m - n)
+        out.append(torch.nn.functional.scaled_dot_product_attention(qs, ks, vs, attn_mask=mask, scale=scale)
+                   .transpose(0, 1))
+    return torch.cat(out)

@@ -1,6 +1,7 @@
 """The training config: YAML, flag overrides, DeepSpeed config generation and merging, --help."""
 
 import argparse
+import re
 import json
 import subprocess
 import sys
@@ -100,4 +101,40 @@ def test_attention_that_cannot_run_here_is_refused_before_data_is_read(tmp_path)
                           "--train.attention", "varlen"], capture_output=True, text=True, timeout=600)
     assert out.returncode != 0
     assert "rmfast-train: attention 'varlen' needs a CUDA GPU" in out.stderr
+    assert "Traceback" not in out.stderr and "missing.jsonl" not in out.stderr
+
+
+@pytest.mark.parametrize("flag,value,message", [
+    ("train.log_every", 0, "train.log_every must be ≥ 1, got 0"),
+    ("train.grad_accum", 0, "train.grad_accum must be ≥ 1, got 0"),
+    ("train.max_steps", -5, "train.max_steps must be ≥ 0, got -5"),
+    ("train.epochs", 0.0, "train.epochs must be > 0"),
+    ("train.lr", 0.0, "train.lr must be > 0"),
+    ("train.warmup_ratio", 1.5, "train.warmup_ratio must be in [0, 1]"),
+    ("train.adam_betas", [0.9], "train.adam_betas must be two values"),
+    ("train.lr", "fast", "train.lr must be float, got 'fast'"),
+    ("train.zero_stage", 5, "train.zero_stage must be one of 0, 1, 2, 3"),
+    ("train.layout", "pad", "train.layout must be one of"),
+    ("train.export", "yes", "train.export must be bool"),
+    ("model.lora_r", -1, "model.lora_r must be ≥ 0"),
+    ("model.dtype", "fp8", "model.dtype must be one of"),
+])
+def test_bad_values_are_refused_when_the_config_is_built(flag, value, message):
+    # YAML bypasses argparse's types and choices: the config checks every value itself
+    with pytest.raises(ValueError, match=re.escape(message)):
+        config_module.build(overrides={flag: value})
+
+
+def test_yaml_ints_for_floats_are_taken_as_floats(tmp_path):
+    path = tmp_path / "c.yaml"
+    path.write_text("train:\n  lr: 1\n  warmup_ratio: 0\n")
+    cfg = config_module.build(str(path))
+    assert cfg.train.lr == 1.0 and isinstance(cfg.train.lr, float)
+
+
+def test_a_bad_value_is_one_line_before_anything_loads(tmp_path):
+    out = subprocess.run([sys.executable, "-m", "rmfast.cli", "--model.name_or_path", str(tmp_path / "none"),
+                          "--data.train", str(tmp_path / "missing.jsonl"), "--train.log_every", "0"],
+                         capture_output=True, text=True, timeout=300)
+    assert out.returncode == 2 and "train.log_every must be ≥ 1, got 0" in out.stderr
     assert "Traceback" not in out.stderr and "missing.jsonl" not in out.stderr

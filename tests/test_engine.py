@@ -20,27 +20,9 @@ from helpers import clean_env, command, free_port
 pytestmark = pytest.mark.slow
 
 
-@pytest.fixture(scope="module")
-def setup(tmp_path_factory):
-    """A tiny Llama with a BPE tokenizer, and synthetic train / eval pairs."""
-    from transformers import LlamaConfig, LlamaModel
-
-    from rmfast.data import generate_pairs
-    from rmfast.data.synthetic import write_jsonl
-    from rmfast.data.tokenizers import train_bpe_tokenizer
-
-    root = tmp_path_factory.mktemp("engine")
-    rows = generate_pairs(240, seed=0, style="explicit", difficulty="easy")
-    tok = train_bpe_tokenizer([r["prompt"] + r["chosen"] for r in rows], vocab_size=400)
-    cfg = LlamaConfig(vocab_size=len(tok), hidden_size=32, intermediate_size=64, num_hidden_layers=2,
-                      num_attention_heads=4, num_key_value_heads=2, max_position_embeddings=512,
-                      bos_token_id=tok.bos_token_id, eos_token_id=tok.eos_token_id, pad_token_id=tok.pad_token_id)
-    torch.manual_seed(0)
-    LlamaModel(cfg).save_pretrained(root / "model")
-    tok.save_pretrained(root / "model")
-    write_jsonl(rows[:200], root / "train.jsonl")
-    write_jsonl(rows[200:], root / "eval.jsonl")
-    return root
+@pytest.fixture
+def setup(engine_setup):
+    return engine_setup
 
 
 def args_for(setup, out, **overrides):
@@ -251,3 +233,35 @@ def test_demo_reaches_95_percent_eval_accuracy(tmp_path):
     assert res.returncode == 0, res.stderr[-3000:]
     _, evals = metrics(tmp_path)
     assert evals[0]["eval_accuracy"] < 0.8 and evals[-1]["eval_accuracy"] >= 0.95, evals
+
+
+def test_non_finite_micro_batches_are_skipped_with_on_nonfinite_skip(setup, tmp_path):
+    # pairs whose margin overflows float32 give an infinite loss in their micro-batch only
+    rows = [json.loads(x) for x in (setup / "train.jsonl").read_text().splitlines()]
+    for row in rows[::8]:
+        row["margin"] = 1e39
+    data = tmp_path / "train.jsonl"
+    data.write_text("".join(json.dumps(r) + "\n" for r in rows))
+    res = train(setup, tmp_path / "skip", **{"data.train": data, "train.on_nonfinite": "skip"})
+    assert "skipping non-finite loss at step" in res.stdout
+    steps, _ = metrics(tmp_path / "skip")
+    assert [r["step"] for r in steps] == list(range(1, 13)) and all(np.isfinite(r["loss"]) for r in steps)
+    res = subprocess.run(command(1) + args_for(setup, tmp_path / "stop", **{"data.train": data}),
+                         capture_output=True, text=True, env=clean_env(), timeout=600)
+    assert res.returncode == 2 and "non-finite loss at step" in res.stderr
+
+
+def test_token_budget_cuts_micro_batches_by_layout_cost(setup, tmp_path):
+    train(setup, tmp_path / "budget", **{"train.token_budget": 400, "train.layout": "prefix_shared"})
+    steps, _ = metrics(tmp_path / "budget")
+    assert len(steps) == 12 and all(r["tokens"] <= 400 for r in steps)
+    assert len({r["pairs"] for r in steps}) > 1  # as many pairs as fit, not a fixed number
+
+
+def test_resume_on_another_number_of_ranks_is_refused(setup, tmp_path):
+    out = tmp_path / "run"
+    train(setup, out, **{"train.max_steps": 2})
+    res = subprocess.run(command(2) + args_for(setup, out, **{"train.max_steps": 4, "train.resume": "latest"}),
+                         capture_output=True, text=True, env=clean_env(), timeout=600)
+    assert res.returncode != 0
+    assert "was saved by 1 ranks; resume it with the same number (this run has 2)" in res.stderr

@@ -5,7 +5,8 @@ import numpy as np
 import pytest
 import torch
 
-from helpers import ARCHS, assert_equal_to_padded, build, edge_pairs, pairs_of, rewards_and_grads, tiny_config
+from helpers import (ARCHS, assert_equal_to_padded, build, edge_pairs, pairs_of, reference_varlen, rewards_and_grads,
+                     tiny_config)
 from rmfast import attention, layouts
 
 
@@ -142,27 +143,6 @@ def test_flex_attention_gradients_equal_padded_on_cuda(layout):
 # ---------------------------------------------------------------- varlen (flash-attention varlen kernels)
 
 
-def reference_varlen(q, k, v, cu_q, cu_k, max_q, max_k, scale, dropout):
-    """The varlen kernels' contract in plain torch, checking what they require of their inputs: per block,
-    causal attention aligned to the bottom right (query i of n sees keys up to i + m - n of m)."""
-    assert q.dim() == k.dim() == v.dim() == 3 and q.shape[0] == cu_q[-1] and k.shape[0] == cu_k[-1]
-    assert cu_q.dtype == cu_k.dtype == torch.int32 and len(cu_q) == len(cu_k)
-    assert isinstance(max_q, int) and isinstance(max_k, int)
-    assert max_q == int(cu_q.diff().max()) and max_k == int(cu_k.diff().max())
-    assert q.stride(-1) == k.stride(-1) == v.stride(-1) == 1 and dropout == 0
-    groups = q.shape[1] // k.shape[1]
-    out = []
-    for i in range(len(cu_q) - 1):
-        qs = q[cu_q[i]:cu_q[i + 1]].transpose(0, 1)
-        ks = k[cu_k[i]:cu_k[i + 1]].transpose(0, 1).repeat_interleave(groups, 0)
-        vs = v[cu_k[i]:cu_k[i + 1]].transpose(0, 1).repeat_interleave(groups, 0)
-        n, m = qs.shape[1], ks.shape[1]
-        mask = torch.ones(n, m, dtype=torch.bool, device=q.device).tril(diagonal=m - n)
-        out.append(torch.nn.functional.scaled_dot_product_attention(qs, ks, vs, attn_mask=mask, scale=scale)
-                   .transpose(0, 1))
-    return torch.cat(out)
-
-
 @pytest.fixture
 def reference_kernel(monkeypatch):
     monkeypatch.setattr(attention, "varlen_kernel", lambda: ("reference", reference_varlen))
@@ -272,3 +252,21 @@ def test_varlen_attention_follows_padded_on_cuda_in_bf16(layout):
     assert (got_r.float() - ref_r.float()).abs().max() <= 3e-2 * (ref_r.float().abs().max() + 1)
     for name, g in ref_g.items():
         assert (got_g[name].float() - g.float()).abs().max() <= 5e-2 * (g.float().abs().max() + 1e-3), name
+
+
+@pytest.mark.parametrize("how", ["segments", "varlen"])
+@pytest.mark.parametrize("layout", ["packed", "prefix_shared"])
+def test_gradient_checkpointing_keeps_packed_layouts_exact(reference_kernel, layout, how):
+    # the recomputed forward must get the layout's blocks again (they travel as keyword arguments)
+    pairs = edge_pairs()
+    idx = list(range(len(pairs)))
+    model = build(None, "llama")
+    ref_r, ref_g = rewards_and_grads(model, layouts.padded(pairs, idx, 0))
+    model.backbone.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
+    model.train()
+    calls, mlp = [], model.backbone.layers[0].mlp
+    forward = mlp.forward
+    mlp.forward = lambda *args: calls.append(1) or forward(*args)  # hooks do not see the recomputation
+    got_r, got_g = rewards_and_grads(model, layouts.make(layout, pairs, idx, 0, max_tokens=48), how)
+    assert len(calls) == 2  # forward, then recomputed in the backward
+    assert_equal_to_padded(got_r, got_g, ref_r, ref_g)
