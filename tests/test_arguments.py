@@ -42,6 +42,9 @@ BAD = {
     "bias of two values": ({"bias": torch.zeros(2)}, "bias", "one value"),
     "unknown reduction": ({"reduction": "avg"}, "reduction", "mean"),
     "non-finite center_coef": ({"center_coef": float("nan")}, "center_coef", "finite"),
+    "check_indices not a bool": ({"check_indices": "yes"}, "check_indices", "None, True or False"),
+    "index out of range, checked on request": ({"chosen_index": torch.tensor([0, 6]), "check_indices": True},
+                                               "chosen_index", "6 rows"),
 }
 
 
@@ -80,3 +83,34 @@ def test_loss_value_is_bradley_terry():
     torch.testing.assert_close(out.rejected_rewards, torch.tensor([-1.0, 2.0]))
     expected = -torch.nn.functional.logsigmoid(torch.tensor([3.0 - 0.5, 0.0 - 0.5]))
     torch.testing.assert_close(out.loss, expected)
+
+
+def test_check_indices_false_skips_the_host_check(monkeypatch):
+    kwargs = good()
+    ref = pairwise_reward_loss(**kwargs).loss
+
+    def no_host_check(*args, **kw):
+        raise AssertionError("the index range was checked")
+
+    monkeypatch.setattr(torch, "aminmax", no_host_check)
+    torch.testing.assert_close(pairwise_reward_loss(**kwargs, check_indices=False).loss, ref)
+    with pytest.raises(AssertionError, match="was checked"):
+        pairwise_reward_loss(**kwargs)
+
+
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="no CUDA GPU")
+@pytest.mark.parametrize("backend", ["triton", "cuda", "torch"])
+def test_cuda_default_does_not_sync_and_true_checks_on_the_host(backend):
+    kwargs = {k: v.cuda() for k, v in good().items()}
+    kwargs["hidden"].requires_grad_(True)
+    kwargs["weight"].requires_grad_(True)
+    pairwise_reward_loss(**kwargs, backend=backend).loss.backward()  # warm-up: kernel builds may sync
+    torch.cuda.synchronize()
+    torch.cuda.set_sync_debug_mode("error")
+    try:
+        pairwise_reward_loss(**kwargs, backend=backend, margin=0.5).loss.backward()
+    finally:
+        torch.cuda.set_sync_debug_mode("default")
+    kwargs["chosen_index"] = torch.tensor([0, 6], device="cuda")
+    with pytest.raises(ValueError, match="`chosen_index`.*6 rows"):
+        pairwise_reward_loss(**kwargs, backend=backend, check_indices=True)

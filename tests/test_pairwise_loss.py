@@ -247,3 +247,29 @@ def test_gradcheck(backend):
         return out.loss, out.chosen_rewards, out.rejected_rewards
 
     assert torch.autograd.gradcheck(f, (hidden, weight, bias))
+
+
+@pytest.mark.parametrize("backend,device", BACKEND_DEVICE)
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16], ids=str)
+def test_backward_saves_gathered_rows_not_hidden(backend, device, dtype):
+    """What autograd keeps for the backward is O(P·D) (the gathered rows), not O(N·D) (hidden)."""
+    require(backend, device)
+    N, D, P = 50_000, 64, 4
+    case = make_case(N, D, P, dtype=dtype, device=device)
+    hidden = case["hidden"].requires_grad_(True)
+    weight = case["weight"].requires_grad_(True)
+    bias = case["bias"].requires_grad_(True)
+    saved = []
+
+    def pack(t):
+        saved.append(t.numel() * t.element_size())
+        return t
+
+    with torch.autograd.graph.saved_tensors_hooks(pack, lambda t: t):
+        out = pairwise_reward_loss(hidden, weight, case["chosen_index"], case["rejected_index"], bias=bias,
+                                   margin=case["margin"], center_coef=0.01, backend=backend)
+    # Rows in float32 (2P·D·4) plus a few [P], [2P] and [D] vectors; hidden alone is N·D·element_size.
+    budget = 2 * P * D * 4 + 8 * D * 8 + 64 * P * 8
+    assert 0 < sum(saved) <= budget < N * D * hidden.element_size() // 100, saved
+    out.loss.backward()
+    assert hidden.grad.shape == (N, D) and weight.grad is not None and bias.grad is not None
