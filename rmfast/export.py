@@ -236,7 +236,7 @@ class _Export:
         if key == "head.bias":
             # transformers' score layers have no bias: the export's rewards are the engine's minus this constant
             # (pair orderings and accuracy are unchanged). It is kept in the config to add back.
-            self.score_bias = float(value.reshape(-1)[0])
+            self.score_bias = float(value.detach().reshape(-1)[0])
             if not t.head_bias:
                 return None
             self.score_bias = 0.0

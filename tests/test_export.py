@@ -242,3 +242,182 @@ def test_a_failed_export_leaves_no_folder_and_keeps_the_previous_one(tmp_path, b
     with pytest.raises(FileExistsError, match="not an rmfast export"):
         write_export(model.backbone.config, model.state_dict(), tok, tmp_path / "mine")
     assert sorted(p.name for p in tmp_path.iterdir()) == ["export", "mine"]
+
+
+# -- two ranks (torchrun, gloo, DeepSpeed on CPU)
+
+ZERO_SCRIPT = r'''
+"""argv: out folder, mode ('memory': a 46 MB Llama; 'lora': a tiny one with adapters, an optimizer and a
+checkpoint), ZeRO stage. Exports with export_model and records each rank's memory around the export."""
+import copy
+import gc
+import json
+import sys
+from pathlib import Path
+
+import deepspeed
+import torch
+import torch.distributed as dist
+from safetensors.torch import save_file
+from transformers import AutoTokenizer, LlamaConfig, LlamaModel
+
+from rmfast.export import export_model
+from rmfast.model import RewardModel
+from rmfast.nn import RewardHead
+
+out, mode, stage = Path(sys.argv[1]), sys.argv[2], int(sys.argv[3])
+deepspeed.init_distributed(dist_backend="gloo")
+rank = dist.get_rank()
+tok = AutoTokenizer.from_pretrained(out / "tokenizer")
+big = mode == "memory"
+cfg = LlamaConfig(vocab_size=1024 if big else len(tok), hidden_size=512 if big else 64,
+                  intermediate_size=512 if big else 128, num_hidden_layers=8 if big else 2, num_attention_heads=8,
+                  num_key_value_heads=2, max_position_embeddings=256, bos_token_id=tok.bos_token_id,
+                  eos_token_id=tok.eos_token_id, pad_token_id=tok.pad_token_id)
+torch.manual_seed(0)
+model = RewardModel(LlamaModel(cfg), RewardHead(cfg.hidden_size, bias=True))
+with torch.no_grad():
+    model.head.weight.normal_()
+    model.head.bias.fill_(0.25)
+lora = (4, 8) if mode == "lora" else None
+if lora:
+    from peft import LoraConfig, get_peft_model
+
+    model.backbone = get_peft_model(model.backbone, LoraConfig(r=4, lora_alpha=8, target_modules=["q_proj", "v_proj"]))
+    with torch.no_grad():
+        for name, p in model.named_parameters():
+            if "lora_B" in name:
+                p.normal_(std=0.1)  # PEFT starts B at zero, where merging changes nothing
+if rank == 0:  # the full weights, for the test to compare with; PEFT's own merge for the merged ones
+    save_file({k: v.detach().clone() for k, v in model.state_dict().items()}, str(out / "reference.safetensors"))
+    if lora:
+        merged = {f"backbone.{k}": v for k, v in copy.deepcopy(model.backbone).merge_and_unload().state_dict().items()}
+        merged.update({f"head.{k}": v for k, v in model.head.state_dict().items()})
+        save_file({k: v.detach().clone() for k, v in merged.items()}, str(out / "merged.safetensors"))
+        del merged
+    cfg.save_pretrained(out / "backbone")
+ds_config = {"train_micro_batch_size_per_gpu": 1, "zero_allow_untested_optimizer": True,
+             "zero_optimization": {"stage": stage, "stage3_param_persistence_threshold": 0}}
+if lora:  # an optimizer and a transformers schedule, as rmfast-train has, and a checkpoint of them
+    from transformers import get_scheduler
+
+    optimizer = torch.optim.AdamW([p for p in model.parameters() if p.requires_grad], lr=1e-3)
+    scheduler = get_scheduler("cosine", optimizer, num_warmup_steps=1, num_training_steps=4)
+    engine, *_ = deepspeed.initialize(model=model, optimizer=optimizer, lr_scheduler=scheduler, config=ds_config)
+    engine.save_checkpoint(str(out / "checkpoints"), tag="step-1", save_latest=False)
+else:
+    engine, *_ = deepspeed.initialize(model=model, config=ds_config)
+del model
+gc.collect()
+params = list(engine.module.parameters())
+if stage == 3:
+    assert all(hasattr(p, "ds_id") and p.numel() == 0 for p in params)  # partitioned: the full data is gone
+held = sum(p.ds_tensor.numel() * p.ds_tensor.element_size() for p in params) if stage == 3 else 0
+largest = max(p.ds_numel * p.ds_tensor.element_size() for p in params) if stage == 3 else 0
+
+
+def status(field):
+    """A /proc/self/status memory field in bytes (VmRSS: resident now; VmHWM: its peak)."""
+    for line in open("/proc/self/status"):
+        if line.startswith(field + ":"):
+            return int(line.split()[1]) * 1024
+
+
+dist.barrier()
+open("/proc/self/clear_refs", "w").write("5")  # VmHWM := VmRSS, so VmHWM below is the export's peak
+before = status("VmRSS")
+export_model(engine.module, tok, out / "export", {"eval_reward_mean": 0.5, "eval_reward_std": 2.0},
+             zero_stage=stage, lora=lora, max_shard_size=SHARD)
+peak = status("VmHWM")
+(out / f"memory-{rank}.json").write_text(json.dumps({"before": before, "peak": peak, "held": held, "largest": largest}))
+'''
+SHARD = 4 * 2**20  # bytes per file in the ZeRO runs: the memory test's model writes 12 of them
+ALLOWANCE = 8 * 2**20  # bytes: allocator slack, gloo's buffers, first-call imports
+
+
+def free_port():
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+def clean_env():
+    env = {k: v for k, v in os.environ.items() if k not in ("RANK", "WORLD_SIZE", "LOCAL_RANK", "MASTER_PORT")}
+    env["OMP_NUM_THREADS"] = "1"
+    # big allocations mmapped and unmapped when freed, so the resident size follows what is alive
+    env["MALLOC_MMAP_THRESHOLD_"] = "65536"
+    return env
+
+
+def run_two_ranks(tmp_path, bpe, mode, stage):
+    """Runs ZERO_SCRIPT on two ranks; returns its folder and each rank's memory record."""
+    out = tmp_path / "run"
+    bpe.save_pretrained(out / "tokenizer")
+    script = tmp_path / "zero_export.py"
+    script.write_text(ZERO_SCRIPT.replace("max_shard_size=SHARD", f"max_shard_size={SHARD}"))
+    cmd = [sys.executable, "-m", "torch.distributed.run", "--nproc_per_node", "2", "--master_port", str(free_port()),
+           str(script), str(out), mode, str(stage)]
+    res = subprocess.run(cmd, capture_output=True, text=True, env=clean_env(), timeout=900)
+    assert res.returncode == 0, res.stdout[-3000:] + res.stderr[-5000:]
+    return out, [json.loads((out / f"memory-{r}.json").read_text()) for r in (0, 1)]
+
+
+def exported_weights(path):
+    """{key: tensor} of an export, whether one file or shards."""
+    from safetensors.torch import load_file
+
+    state = {}
+    for f in sorted(Path(path).glob("*.safetensors")):
+        state.update(load_file(f))
+    return state
+
+
+def assert_export_holds(path, reference, prefix="model"):
+    """The export's tensors are reference's (a RewardModel state dict) under transformers' names."""
+    got = exported_weights(path)
+    want = {f"{prefix}.{k[len('backbone.'):]}": v for k, v in reference.items() if k.startswith("backbone.")}
+    want["score.weight"] = reference["head.weight"].reshape(1, -1)
+    assert got.keys() == want.keys()
+    for k in want:
+        assert torch.equal(got[k], want[k]), k
+
+
+@pytest.mark.slow
+def test_zero3_export_gathers_one_tensor_at_a_time(tmp_path, bpe):
+    from safetensors.torch import load_file
+
+    out, memory = run_two_ranks(tmp_path, bpe, "memory", 3)
+    reference = load_file(out / "reference.safetensors")
+    full = sum(v.numel() * v.element_size() for v in reference.values())
+    assert 30 * 2**20 < full < 60 * 2**20
+    for rank, m in enumerate(memory):
+        # rank 0 holds the file being filled, a gathered tensor and its CPU copy; rank 1 the gathered tensor
+        bound = (SHARD if rank == 0 else 0) + 2 * m["largest"] + ALLOWANCE
+        grew = m["peak"] - m["before"]
+        assert grew < bound, f"rank {rank}: the export took {grew / 2**20:.1f} MiB, more than {bound / 2**20:.1f}"
+        assert m["held"] < full * 0.55 and grew < m["held"] / 2  # far from a whole model
+    assert len(list((out / "export").glob("model-*-of-*.safetensors"))) > 5
+    assert_export_holds(out / "export", reference)
+    config = json.loads((out / "export" / "config.json").read_text())
+    assert config["rmfast_score_bias"] == 0.25 and config["rmfast_reward_mean"] == 0.5
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("stage", [3, 0])
+def test_lora_export_on_two_ranks_and_rmfast_export_agree(tmp_path, bpe, stage):
+    from safetensors.torch import load_file
+
+    out, _ = run_two_ranks(tmp_path, bpe, "lora", stage)
+    assert_export_holds(out / "export", load_file(out / "merged.safetensors"))
+    # the checkpoint (model states read with weights_only=True) holds the trained weights, adapters apart
+    checkpoint = load_checkpoint_state(out / "checkpoints" / "step-1")
+    reference = load_file(out / "reference.safetensors")
+    assert checkpoint.keys() == reference.keys() and all(torch.equal(checkpoint[k], reference[k]) for k in reference)
+    # rmfast-export from that checkpoint writes the end-of-run export's weights and config
+    (out / "checkpoints" / "latest").write_text("step-1")
+    (out / "config.json").write_text(json.dumps({"model": {"lora_r": 4, "lora_alpha": 8}}))
+    (out / "metrics.jsonl").write_text(json.dumps({"step": 1, **METRICS}) + "\n")
+    assert export_main([str(out), "--out", str(tmp_path / "again"), "--dtype", "fp32"]) == 0
+    a, b = exported_weights(out / "export"), exported_weights(tmp_path / "again")
+    assert a.keys() == b.keys() and all(torch.equal(a[k], b[k]) for k in a)
+    assert json.loads((out / "export" / "config.json").read_text()) == json.loads((tmp_path / "again" / "config.json").read_text())
