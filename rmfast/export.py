@@ -14,6 +14,7 @@ live, possibly ZeRO-3-partitioned model (``export_model``), whose parameters are
 time so that no rank ever holds more than its partition plus that group, and rank 0 (which writes) never
 builds the whole model. The folder is written beside the target and renamed into place at the end."""
 
+import contextlib
 import copy
 import json
 import os
@@ -96,8 +97,25 @@ class _Target:
     written: set = field(default_factory=set)
 
 
+@contextlib.contextmanager
+def _no_zero3_init():
+    """While a ZeRO-3 config is registered with transformers (the Trainer's, at ZeRO-3), from_config builds
+    models inside zero.Init, whose collectives would wait for the other ranks: not for a meta-device model."""
+    try:
+        from transformers.integrations import deepspeed as hf_deepspeed
+    except ImportError:
+        yield
+        return
+    registered = getattr(hf_deepspeed, "_hf_deepspeed_config_weak_ref", None)
+    hf_deepspeed._hf_deepspeed_config_weak_ref = None
+    try:
+        yield
+    finally:
+        hf_deepspeed._hf_deepspeed_config_weak_ref = registered
+
+
 def _target(backbone_config, tokenizer):
-    """The export's layout, from the model built on the meta device (no memory, no zero.Init)."""
+    """The export's layout, from the model built on the meta device (no memory, no zero.Init, no collective)."""
     from torch import nn
     from transformers import AutoModelForSequenceClassification
 
@@ -112,17 +130,15 @@ def _target(backbone_config, tokenizer):
     config.vocab_size += grow
     config.pad_token_id = tokenizer.pad_token_id
     config.architectures = None
-    # the class itself, not from_config: from_config enters zero.Init while a ZeRO-3 config is registered
-    cls = AutoModelForSequenceClassification._model_mapping[type(config)]
-    with torch.device("meta"):
-        seq = cls(config)
+    with torch.device("meta"), _no_zero3_init():
+        seq = AutoModelForSequenceClassification.from_config(config)
     head = next(n for n in ("score", "classifier") if isinstance(getattr(seq, n, None), nn.Linear))
     names = {id(p): n for n, p in seq.named_parameters()}
     embedding = seq.get_input_embeddings().weight
     return _Target(config=seq.config, tokenizer=tokenizer, prefix=seq.base_model_prefix, head=head,
                    head_bias=getattr(seq, head).bias is not None, embedding=names[id(embedding)],
                    rows=embedding.shape[0], shapes={k: tuple(v.shape) for k, v in seq.state_dict().items()},
-                   architecture=cls.__name__, grown=grow > 0)
+                   architecture=type(seq).__name__, grown=grow > 0)
 
 
 def _grow(weight, rows, dtype):
@@ -190,6 +206,9 @@ def _staging(out: Path):
     if out.exists() and any(out.iterdir()) and not (out / "rmfast.json").exists():
         raise FileExistsError(f"export: {out} exists and is not an rmfast export; refusing to replace it")
     out.parent.mkdir(parents=True, exist_ok=True)
+    # what a crashed export to the same target left beside it
+    for stale in [*out.parent.glob(f".{out.name}.*.tmp"), *out.parent.glob(f".{out.name}.old-*")]:
+        shutil.rmtree(stale, ignore_errors=True)
     return Path(tempfile.mkdtemp(prefix=f".{out.name}.", suffix=".tmp", dir=out.parent))
 
 
@@ -265,7 +284,9 @@ class _Export:
         self.shards.close()
         config = t.config
         config.architectures = [t.architecture]
-        config.dtype = self.dtype
+        # as save_pretrained records it: transformers 5 as `dtype`, 4.x as `torch_dtype` (then no property)
+        key = "dtype" if isinstance(getattr(type(config), "torch_dtype", None), property) else "torch_dtype"
+        setattr(config, key, str(self.dtype).split(".")[1])
         if eval_metrics and "eval_reward_mean" in eval_metrics:
             config.rmfast_reward_mean = eval_metrics["eval_reward_mean"]
             config.rmfast_reward_std = eval_metrics["eval_reward_std"]
@@ -300,8 +321,6 @@ def write_export(backbone_config, state, tokenizer, out_dir, eval_metrics=None, 
 def _gathered(tensors):
     """A context in which ZeRO-3-partitioned parameters hold their full data, read-only (all ranks enter it
     with the same list; nothing is gathered for plain tensors)."""
-    import contextlib
-
     params = [p for p in tensors if hasattr(p, "ds_id")]
     if not params:
         return contextlib.nullcontext()

@@ -208,6 +208,22 @@ def test_export_model_in_one_process_writes_what_write_export_writes(tmp_path, b
     assert a.keys() == b.keys() and all(torch.equal(a[k], b[k]) for k in a)
 
 
+def test_export_builds_no_model_while_a_zero3_config_is_registered(tmp_path, bpe):
+    # the Trainer's ZeRO-3 runs register their DeepSpeed config with transformers, whose from_config would
+    # then enter zero.Init (collectives) on rank 0 alone; the export's meta-device layout must not
+    from transformers.integrations import HfDeepSpeedConfig
+    from transformers.integrations.deepspeed import unset_hf_deepspeed_config
+
+    model = build(len(bpe))
+    registered = HfDeepSpeedConfig({"train_micro_batch_size_per_gpu": 1, "zero_optimization": {"stage": 3}})
+    try:
+        path = write_export(model.backbone.config, model.state_dict(), tokenizer_for(bpe, "own"), tmp_path / "e")
+    finally:
+        unset_hf_deepspeed_config()
+        del registered
+    assert (path / "model.safetensors").exists()
+
+
 def test_a_failed_export_leaves_no_folder_and_keeps_the_previous_one(tmp_path, bpe, monkeypatch):
     import rmfast.export as export
 
