@@ -8,12 +8,15 @@ Contenders, on hidden states [2P, L, D] of P pairs (chosen rows first, right pad
   eager      index the last tokens → nn.Linear → logsigmoid
   compile    torch.compile of eager (where it compiles)
 
-Times are medians over --repeats rounds that run every contender once each, in a shuffled order. Peak memory is what a
-fresh forward+backward adds on top of the inputs (CUDA: the allocator's peak; CPU: the process's peak RSS,
-reset through /proc/self/clear_refs). Writes benchmarks/results/bench_loss_<tag>.{csv,md,png}.
+The value head's weight is a trained leaf (requires grad) for every contender. Times are medians over --repeats
+rounds that run every contender once each, in a shuffled order. Peak memory is what a fresh forward+backward adds on
+top of the inputs (CUDA: the allocator's peak; CPU: the process's peak RSS, reset through /proc/self/clear_refs).
+torch.compile is compiled once for all shapes (dynamic shapes), not cold per shape.
+Writes benchmarks/results/bench_loss_<tag>.{csv,md,png}.
 
     python benchmarks/bench_loss.py                 # CPU sweep
     python benchmarks/bench_loss.py --device cuda   # GPU sweep
+    python benchmarks/bench_loss.py --shapes "16,64,512,float32" --no-compile --repeats 51   # one quick shape
 """
 
 import argparse
@@ -36,6 +39,8 @@ from rmfast import backends, pairwise_reward_loss
 RESULTS = Path(__file__).resolve().parent / "results"
 
 CPU_SHAPES = [  # pairs, seq_len, hidden, dtype
+    (16, 64, 512, "float32"),  # small: 2,048 rows, where the fixed cost per call shows
+    (32, 64, 1024, "float32"),  # 4,096 rows
     (16, 512, 2048, "float32"),
     (256, 64, 1024, "float32"),
     (8, 256, 512, "float32"),
@@ -134,6 +139,17 @@ def eager_loss(hidden, weight, chosen, rejected):
     return -F.logsigmoid(rc - rr).mean()
 
 
+_compiled = {}
+
+
+def compiled_eager():
+    """torch.compile of eager_loss, built once per process with dynamic shapes: each new shape reuses it
+    (a new dtype or device recompiles once) instead of paying a cold compile."""
+    if "fn" not in _compiled:
+        _compiled["fn"] = torch.compile(eager_loss, dynamic=True)
+    return _compiled["fn"]
+
+
 def contenders(device, hidden, ids, chosen, rejected, weight, with_compile):
     out = {"floor": None}
     for name in backends.BACKENDS:
@@ -142,10 +158,11 @@ def contenders(device, hidden, ids, chosen, rejected, weight, with_compile):
     out["dschat"] = lambda h: dschat_loss(h, weight, ids)
     out["eager"] = lambda h: eager_loss(h, weight, chosen, rejected)
     if with_compile:
-        compiled = torch.compile(eager_loss, dynamic=False)
+        compiled = compiled_eager()
         try:
             probe = hidden.detach().requires_grad_(True)
             compiled(probe, weight, chosen, rejected).backward()
+            weight.grad = None
             out["compile"] = lambda h: compiled(h, weight, chosen, rejected)
         except Exception as exc:  # report, don't abort the sweep
             print(f"  compile: skipped ({type(exc).__name__}: {str(exc).splitlines()[0][:120]})")
@@ -157,10 +174,10 @@ def sync(device):
         torch.cuda.synchronize()
 
 
-def run_once(fn, hidden, device, read=False):
+def run_once(fn, hidden, weight, device, read=False):
     """Seconds for one forward+backward (or, for the floor, one zeros_like); with read=True, followed by
     a full read of d_hidden, as the backbone's backward would do."""
-    hidden.grad = None
+    hidden.grad = weight.grad = None
     sync(device)
     t0 = time.perf_counter()
     if fn is None:
@@ -173,7 +190,7 @@ def run_once(fn, hidden, device, read=False):
     sync(device)
     elapsed = time.perf_counter() - t0
     del grad
-    hidden.grad = None
+    hidden.grad = weight.grad = None
     return elapsed
 
 
@@ -185,9 +202,9 @@ def _rss_bytes(field):
     raise RuntimeError(f"{field} not in /proc/self/status")
 
 
-def peak_extra_bytes(fn, hidden, device):
+def peak_extra_bytes(fn, hidden, weight, device):
     """Memory a forward+backward adds at its peak, the gradient it leaves included."""
-    hidden.grad = None
+    hidden.grad = weight.grad = None
     gc.collect()
     if device == "cuda":
         torch.cuda.synchronize()
@@ -201,7 +218,7 @@ def peak_extra_bytes(fn, hidden, device):
     sync(device)
     peak = torch.cuda.max_memory_allocated() if device == "cuda" else _rss_bytes("VmHWM:")
     del grad
-    hidden.grad = None
+    hidden.grad = weight.grad = None
     return max(peak - base, 0)
 
 
@@ -209,6 +226,7 @@ def bench_shape(device, pairs, seq_len, hidden_size, dtype_name, repeats, warmup
     dtype = getattr(torch, dtype_name)
     hidden, ids, chosen, rejected, weight = make_inputs(pairs, seq_len, hidden_size, dtype, device)
     hidden.requires_grad_(True)
+    weight.requires_grad_(True)
     fns = contenders(device, hidden, ids, chosen, rejected, weight, with_compile)
     ref = pairwise_reward_loss(hidden, weight, chosen, rejected, backend="torch").loss.item()
     for name in ("eager", "compile") + tuple(n for n in fns if n.startswith("rmfast-")):
@@ -224,12 +242,12 @@ def bench_shape(device, pairs, seq_len, hidden_size, dtype_name, repeats, warmup
         shuffle(order)  # no contender always follows the same one (page-fault costs depend on it)
         for name in order:
             fn = fns[name]
-            t = run_once(fn, hidden, device)
-            t_read = run_once(fn, hidden, device, read=True)
+            t = run_once(fn, hidden, weight, device)
+            t_read = run_once(fn, hidden, weight, device, read=True)
             if i >= warmup:
                 times[name].append(t)
                 times_read[name].append(t_read)
-    memory = {name: peak_extra_bytes(fn, hidden, device) for name, fn in fns.items()}
+    memory = {name: peak_extra_bytes(fn, hidden, weight, device) for name, fn in fns.items()}
     floor = statistics.median(times["floor"])
     floor_read = statistics.median(times_read["floor"])
     rows = []
@@ -295,6 +313,9 @@ def main(argv=None):
     parser.add_argument("--repeats", type=int, default=21)
     parser.add_argument("--warmup", type=int, default=3)
     parser.add_argument("--no-compile", action="store_true", help="leave torch.compile out")
+    parser.add_argument("--no-pin", action="store_true",
+                        help="CPU: leave glibc's mmap threshold alone (buffers it has seen are then reused from "
+                             "the heap, as in a plain training loop) instead of pinning it at 1 MiB")
     parser.add_argument("--shapes", default=None,
                         help="P,L,D,dtype;... (default: the built-in sweep for the device)")
     parser.add_argument("--tag", default=None, help="results file suffix (default: the device)")
@@ -306,7 +327,7 @@ def main(argv=None):
     if args.shapes:
         shapes = [(int(p), int(L), int(D), dt) for p, L, D, dt in (s.split(",") for s in args.shapes.split(";"))]
     machine = machine_description(args.device)
-    if args.device == "cpu" and pin_cpu_allocator():
+    if args.device == "cpu" and not args.no_pin and pin_cpu_allocator():
         machine += "; glibc mmap threshold pinned at 1 MiB"
     print(f"machine: {machine}", flush=True)
     rows = []

@@ -70,9 +70,10 @@ class _ExtensionKernels:
     def hidden_grad(weight, rows, coef, n_rows, dtype):
         import torch
 
-        # The extension's backward reads hidden at the listed rows for a d_weight we compute elsewhere: a
-        # zero row expanded to [n_rows, D] (stride 0) gives it d_hidden's shape and dtype without hidden.
-        shape_only = weight.new_zeros((1, weight.shape[0]), dtype=dtype).expand(n_rows, -1)
+        # The extension's backward reads hidden at the listed rows for a d_weight computed elsewhere: one
+        # row expanded to [n_rows, D] (stride 0) gives it d_hidden's shape and dtype without hidden.
+        row = weight if weight.dtype == dtype else weight.new_zeros(weight.shape, dtype=dtype)
+        shape_only = row.expand(n_rows, -1)
         return torch.ops.rmfast.pairwise_loss_bwd.default(shape_only, weight, rows, coef, True)[0]
 
 

@@ -25,6 +25,29 @@ class PairwiseRewardOutput(NamedTuple):
     rejected_rewards: torch.Tensor
 
 
+def _as(t, dtype):
+    """t in dtype; no dispatcher call when it already is (this path runs on every step)."""
+    return t if t.dtype == dtype else t.to(dtype)
+
+
+def _reward_grads(rc, rr, m, grad_rc, grad_rr, grad_loss):
+    """dL/dr of each gathered row, [2P] (chosen then rejected), from rc, rr, m [P] and the upstream
+    gradients of r_c, r_r and loss_p ([P] each, None for an output that received none)."""
+    P = rc.shape[0]
+    if grad_loss is None:
+        coef = rc.new_zeros(2 * P)
+    else:
+        # d softplus(-(r_c - r_r - m)) / d r_c = -sigmoid(r_r - r_c + m); the opposite for r_r.
+        s = (rr - rc) if m is None else (rr - rc).add_(m)
+        s = s.sigmoid_().mul_(grad_loss)
+        coef = torch.cat([-s, s])
+    if grad_rc is not None:
+        coef[:P] += grad_rc
+    if grad_rr is not None:
+        coef[P:] += grad_rr
+    return coef
+
+
 class _FusedPairwiseTerms(torch.autograd.Function):
     """(hidden2d, weight, bias) → (r_c, r_r, loss_p) through a compiled backend's kernels.
 
@@ -33,17 +56,17 @@ class _FusedPairwiseTerms(torch.autograd.Function):
     ops with fake kernels, see rmfast/backends.py)."""
 
     @staticmethod
-    def forward(ctx, hidden2d, weight, bias, index, margin, kernels):
-        """hidden2d [N, D]; weight [D]; bias one-element or None; index [2P] int64, chosen then rejected
-        rows; margin [P] or None. Returns r_c, r_r, loss_p: [P] float32 (float64 for float64 hidden)."""
+    def forward(ctx, hidden2d, weight, bias, chosen, rejected, index, margin, kernels):
+        """hidden2d [N, D]; weight [D]; bias one-element or None; chosen, rejected [P] int64; index [2P],
+        their concatenation; margin [P] or None. Returns r_c, r_r, loss_p: [P] float32 (float64 for float64 hidden)."""
         acc = torch.float64 if hidden2d.dtype == torch.float64 else torch.float32
-        w = weight.to(acc).contiguous()
-        b = bias.to(acc).reshape(1) if bias is not None else None
-        m = margin.to(acc).contiguous() if margin is not None else None
-        P = index.shape[0] // 2
-        rc, rr, loss_p = kernels.forward(hidden2d, w, b, index[:P], index[P:], m)
+        w = _as(weight, acc).contiguous()
+        b = _as(bias, acc).reshape(1) if bias is not None else None
+        m = _as(margin, acc).contiguous() if margin is not None else None
+        rc, rr, loss_p = kernels.forward(hidden2d, w, b, chosen, rejected, m)
         rows = hidden2d.index_select(0, index) if ctx.needs_input_grad[1] else None
         ctx.save_for_backward(rows, w, index, rc, rr, m)
+        ctx.set_materialize_grads(False)  # outputs nobody used get None, not zeros to add
         ctx.kernels = kernels
         ctx.hidden_meta = (hidden2d.shape[0], hidden2d.dtype)
         ctx.weight_dtype = weight.dtype
@@ -54,10 +77,7 @@ class _FusedPairwiseTerms(torch.autograd.Function):
     @torch.autograd.function.once_differentiable
     def backward(ctx, grad_rc, grad_rr, grad_loss):
         rows, w, index, rc, rr, m = ctx.saved_tensors
-        diff = rc - rr if m is None else rc - rr - m
-        # d softplus(-diff) / d r_c = -sigmoid(-diff), and the opposite for r_r.
-        s = torch.sigmoid(-diff) * grad_loss
-        coef = torch.cat([grad_rc - s, grad_rr + s])  # dL/dr of each gathered row, [2P]
+        coef = _reward_grads(rc, rr, m, grad_rc, grad_rr, grad_loss)
         need_hidden, need_weight, need_bias = ctx.needs_input_grad[:3]
         d_hidden = d_weight = d_bias = None
         if need_hidden:
@@ -67,11 +87,11 @@ class _FusedPairwiseTerms(torch.autograd.Function):
             total = coef.new_zeros(n_rows).index_add_(0, index, coef).index_select(0, index)
             d_hidden = ctx.kernels.hidden_grad(w, index, total, n_rows, dtype)
         if need_weight:
-            d_weight = torch.mv(rows.t().to(coef.dtype), coef).to(ctx.weight_dtype)
+            d_weight = _as(coef @ _as(rows, coef.dtype), ctx.weight_dtype)  # [2P] @ [2P, D]
         if need_bias:
             shape, dtype = ctx.bias_meta
-            d_bias = coef.sum().to(dtype).reshape(shape)
-        return d_hidden, d_weight, d_bias, None, None, None
+            d_bias = _as(coef.sum(), dtype).reshape(shape)
+        return d_hidden, d_weight, d_bias, None, None, None, None, None
 
 
 def _fail(argument, why):
@@ -87,7 +107,7 @@ def _check_index(name, index, device):
         _fail(name, f"must be 1-D [P], got shape {tuple(index.shape)}")
     if index.device != device:
         _fail(name, f"is on {index.device} but hidden is on {device}; move both to one device")
-    return index.to(torch.int64)
+    return _as(index, torch.int64)
 
 
 def _check_range(index, P, n_rows, check):
@@ -109,8 +129,8 @@ def _check_range(index, P, n_rows, check):
 
 def _validate(hidden, weight, chosen_index, rejected_index, bias, margin, center_coef, reduction,
               check_indices):
-    """The arguments checked and normalised: (weight [D], index [2P] int64 chosen then rejected rows,
-    bias tensor or None, margin [P] or None); a ValueError naming the argument otherwise."""
+    """The arguments checked and normalised: (weight [D], chosen, rejected [P] int64, index [2P] (chosen
+    then rejected), bias tensor or None, margin [P] or None); a ValueError naming the argument otherwise."""
     if not isinstance(hidden, torch.Tensor):
         _fail("hidden", f"must be a torch.Tensor, got {type(hidden).__name__}")
     if hidden.dtype not in _FLOAT_DTYPES:
@@ -179,7 +199,7 @@ def _validate(hidden, weight, chosen_index, rejected_index, bias, margin, center
         _fail("reduction", f"must be one of {', '.join(_REDUCTIONS)}, got {reduction!r}")
     if not isinstance(center_coef, (int, float)) or isinstance(center_coef, bool) or not math.isfinite(center_coef):
         _fail("center_coef", f"must be a finite float, got {center_coef!r}")
-    return weight, index, bias, margin
+    return weight, chosen, rejected, index, bias, margin
 
 
 def pairwise_reward_loss(
@@ -219,16 +239,15 @@ def pairwise_reward_loss(
     A hidden that cannot be viewed as [N, D] without a copy (e.g. a slice of a [B, L, D] tensor along L)
     is copied once; 2-D hidden of any strides is read in place. torch.compile(fullgraph=True) traces it.
     """
-    weight, index, bias, margin = _validate(
+    weight, chosen, rejected, index, bias, margin = _validate(
         hidden, weight, chosen_index, rejected_index, bias, margin, center_coef, reduction, check_indices
     )
     hidden2d = hidden if hidden.dim() == 2 else hidden.reshape(-1, hidden.shape[-1])
     name = backends.select(backend, hidden.device.type)
     if name == "torch":
-        P = index.shape[0] // 2
-        rc, rr, loss_p = reference.pairwise_terms(hidden2d, weight, bias, index[:P], index[P:], margin)
+        rc, rr, loss_p = reference.pairwise_terms(hidden2d, weight, bias, chosen, rejected, margin)
     else:
-        rc, rr, loss_p = _FusedPairwiseTerms.apply(hidden2d, weight, bias, index, margin,
+        rc, rr, loss_p = _FusedPairwiseTerms.apply(hidden2d, weight, bias, chosen, rejected, index, margin,
                                                    backends.kernels_for(name))
     if reduction == "mean":
         loss = loss_p.mean()
