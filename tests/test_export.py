@@ -346,6 +346,17 @@ export_model(engine.module, tok, out / "export", {"eval_reward_mean": 0.5, "eval
              zero_stage=stage, lora=lora, max_shard_size=SHARD)
 peak = status("VmHWM")
 (out / f"memory-{rank}.json").write_text(json.dumps({"before": before, "peak": peak, "held": held, "largest": largest}))
+if lora:  # rank 0 refuses a folder that is no export: every rank must raise, none wait in a gather
+    if rank == 0:
+        (out / "mine").mkdir()
+        (out / "mine" / "notes.txt").write_text("keep")
+    dist.barrier()
+    try:
+        export_model(engine.module, tok, out / "mine", lora=lora)
+        raised = None
+    except Exception as e:
+        raised = type(e).__name__
+    (out / f"refused-{rank}.txt").write_text(str(raised))
 '''
 SHARD = 4 * 2**20  # bytes per file in the ZeRO runs: the memory test's model writes 12 of them
 ALLOWANCE = 8 * 2**20  # bytes: allocator slack, gloo's buffers, first-call imports
@@ -425,6 +436,7 @@ def test_lora_export_on_two_ranks_and_rmfast_export_agree(tmp_path, bpe, stage):
 
     out, _ = run_two_ranks(tmp_path, bpe, "lora", stage)
     assert_export_holds(out / "export", load_file(out / "merged.safetensors"))
+    assert [(out / f"refused-{r}.txt").read_text() for r in (0, 1)] == ["FileExistsError", "RuntimeError"]
     # the checkpoint (model states read with weights_only=True) holds the trained weights, adapters apart
     checkpoint = load_checkpoint_state(out / "checkpoints" / "step-1")
     reference = load_file(out / "reference.safetensors")
