@@ -7,6 +7,7 @@ previous ``latest`` in place, pointing at a checkpoint that loads."""
 
 import json
 import os
+import pickle
 import random
 import re
 import shutil
@@ -68,29 +69,50 @@ def save_checkpoint(engine, root: Path, step, state, rank, keep_last=2):
         if stale.exists():  # an earlier, interrupted save of the same step
             shutil.rmtree(stale)
     dist.barrier()
-    engine.save_checkpoint(str(root), tag=tag, save_latest=False)
-    torch.save(_rng_state(), root / tag / f"rng_rank{rank}.pt")
-    dist.barrier()
-    if rank == 0:
-        _write_atomic(root / tag / "rmfast_state.json", json.dumps(state))
-        _write_atomic(root / tag / MARKER, "")
-        _write_atomic(root / "latest", tag)
+    try:
+        engine.save_checkpoint(str(root), tag=tag, save_latest=False)
+        torch.save(_rng_state(), root / tag / f"rng_rank{rank}.pt")
+        dist.barrier()
+        if rank == 0:
+            _write_atomic(root / tag / "rmfast_state.json", json.dumps(state))
+            _write_atomic(root / tag / MARKER, "")
+            _write_atomic(root / "latest", tag)
+    except (OSError, RuntimeError) as exc:
+        from .errors import CheckpointError, describe
+
+        intact = checkpoint_tags(root)
+        raise CheckpointError(f"could not write checkpoint {root / tag}: {describe(exc)[1]}. "
+                              + (f"The last complete one, {root / intact[-1]}, is intact." if intact
+                                 else "No complete checkpoint exists yet.")) from exc
         for old in checkpoint_tags(root)[:-keep_last] if keep_last > 0 else []:
             shutil.rmtree(root / old, ignore_errors=True)
     dist.barrier()
     return tag
 
 
+def _latest(root: Path):
+    """The checkpoint `root/latest` names — a step-N folder inside root, nothing else (its text is never
+    followed as a path) — or, without a `latest`, the newest complete checkpoint; None if there is none."""
+    latest = root / "latest"
+    if latest.exists():
+        tag = latest.read_text().strip()
+        if not re.fullmatch(r"step-\d+", tag):
+            raise ValueError(f"{latest} names {tag!r}, not a checkpoint of this folder (step-N); delete it, or "
+                             f"resume from a checkpoint folder: --train.resume {root}/step-N")
+        return root / tag
+    tags = checkpoint_tags(root)
+    return root / tags[-1] if tags else None
+
+
 def resolve(root: Path, where):
     """A checkpoint folder from 'latest' or a path (a step folder, or a checkpoints folder)."""
-    if where == "latest":
-        latest = root / "latest"
-        if not latest.exists():
-            raise FileNotFoundError(f"--train.resume latest: no {latest}; nothing to resume from")
-        return root / latest.read_text().strip()
-    path = Path(where)
-    if (path / "latest").exists():
-        return path / (path / "latest").read_text().strip()
+    path = root if where == "latest" else Path(where)
+    if where == "latest" or (path / "latest").exists() or (not (path / MARKER).exists() and checkpoint_tags(path)):
+        found = _latest(path)
+        if found is None:
+            raise FileNotFoundError(f"--train.resume {where}: no complete checkpoint in {path}; nothing to "
+                                    f"resume from")
+        return found
     return path
 
 
@@ -103,7 +125,15 @@ def read_state(path: Path):
 
 def load_checkpoint(engine, path: Path, rank):
     """Load weights, optimizer and scheduler into a DeepSpeed engine, and this rank's RNG state."""
-    load_path, _ = engine.load_checkpoint(str(path.parent), tag=path.name)
-    if load_path is None:
-        raise RuntimeError(f"DeepSpeed could not load {path}")
-    _set_rng_state(torch.load(path / f"rng_rank{rank}.pt", weights_only=True))
+    from .errors import CheckpointError
+
+    try:
+        load_path, _ = engine.load_checkpoint(str(path.parent), tag=path.name)
+        if load_path is None:
+            raise RuntimeError("DeepSpeed found nothing to load")
+        _set_rng_state(torch.load(path / f"rng_rank{rank}.pt", weights_only=True))
+    except (OSError, RuntimeError, EOFError, KeyError, ValueError, pickle.UnpicklingError) as exc:
+        others = [t for t in checkpoint_tags(path.parent) if t != path.name]
+        hint = f"; resume from another: --train.resume {path.parent / others[-1]}" if others else ""
+        raise CheckpointError(f"{path} cannot be loaded ({type(exc).__name__}: "
+                              f"{str(exc).strip().splitlines()[0] if str(exc).strip() else ''}){hint}") from exc

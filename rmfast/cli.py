@@ -18,6 +18,7 @@ import sys
 from pathlib import Path
 
 from . import config as config_module
+from . import errors
 
 
 def demo_setup(out_dir, pairs=3000, seed=0, max_operand=9, max_history=2, difficulty="easy"):
@@ -50,7 +51,7 @@ def demo_setup(out_dir, pairs=3000, seed=0, max_operand=9, max_history=2, diffic
         "data.train": [str(data)], "data.eval": [str(evald)], "data.max_length": 256,
         "train.output_dir": str(out), "train.pairs_per_batch": 32, "train.lr": 2e-3, "train.epochs": 2.0,
         "train.warmup_ratio": 0.05, "train.use_margin": False, "train.eval_every": 50, "train.save_every": 0, "train.weight_decay": 0.0,
-        "train.log_every": 5, "train.tensorboard": False,
+        "train.log_every": 5, "train.tensorboard": False, "train.overwrite": True,
     }
 
 
@@ -60,9 +61,13 @@ def main(argv=None):
     parser.add_argument("config", nargs="?", help="YAML config (sections model, data, train)")
     parser.add_argument("--demo", action="store_true",
                         help="train a tiny model on synthetic arithmetic pairs on CPU (output: runs/demo)")
+    parser.add_argument("--verbose", action="store_true",
+                        help="show the libraries' own messages (DeepSpeed, torch, transformers)")
     parser.add_argument("--local_rank", "--local-rank", type=int, default=None, help=argparse.SUPPRESS)
     config_module.add_arguments(parser)
     args = parser.parse_args(argv)
+    if not args.verbose:
+        quiet_libraries()
     overrides = {k: v for k, v in vars(args).items() if "." in k}
     if args.demo:
         out = overrides.get("train.output_dir", "runs/demo")
@@ -78,26 +83,53 @@ def main(argv=None):
     if not config.data.train:
         parser.error("data.train is not set: give at least one source")
 
-    logging.getLogger("DeepSpeed").setLevel(logging.WARNING)
     warnings.filterwarnings("ignore", message=r".*reduce_scatter_tensor.*")  # DeepSpeed's, once per step
-    from .data import DataError
-    from .engine import NonFiniteLoss, Trainer
-
     rank = int(os.environ.get("RANK", "0"))
 
     def log(message):
         if rank == 0:
-            print(message, flush=True)
+            from tqdm.auto import tqdm
 
+            tqdm.write(message)  # above the progress bar, never into it
+            sys.stdout.flush()
+
+    def body():
+        from .engine import Trainer
+
+        final = Trainer(config, log=log).train()
+        if rank == 0 and "eval_accuracy" in final:
+            print(f"final eval: accuracy {final['eval_accuracy']:.3f}, loss {final['eval_loss']:.4f}", flush=True)
+
+    return errors.run("rmfast-train", body, interrupted=lambda: _resume_hint(config.train.output_dir),
+                      quiet=rank != 0)
+
+
+def quiet_libraries():
+    """The libraries' start-up noise off (--verbose keeps it): DeepSpeed's accelerator and op-build messages,
+    torch's CUDA_HOME note, transformers' loading bars and advice. Their errors still show."""
+    logging.disable(logging.WARNING)  # DeepSpeed logs the accelerator it picked while it is imported
     try:
-        trainer = Trainer(config, log=log)
-        final = trainer.train()
-    except (DataError, NonFiniteLoss, FileNotFoundError, ValueError) as exc:
-        print(f"rmfast-train: {exc}", file=sys.stderr)
-        return 2
-    if rank == 0 and "eval_accuracy" in final:
-        print(f"final eval: accuracy {final['eval_accuracy']:.3f}, loss {final['eval_loss']:.4f}", flush=True)
-    return 0
+        import deepspeed  # noqa: F401
+        import torch.utils.cpp_extension  # noqa: F401
+    finally:
+        logging.disable(logging.NOTSET)
+    for name in ("DeepSpeed", "torch.utils.cpp_extension", "torch.distributed", "torch._dynamo"):
+        logging.getLogger(name).setLevel(logging.ERROR)
+    from transformers.utils import logging as hf_logging
+
+    hf_logging.set_verbosity_error()
+    hf_logging.disable_progress_bar()
+    warnings.filterwarnings("ignore", category=FutureWarning, module="transformers")
+
+
+def _resume_hint(output_dir):
+    from .checkpoint import checkpoint_tags
+
+    root = Path(output_dir) / "checkpoints"
+    tags = checkpoint_tags(root)
+    if not tags:
+        return "no checkpoint was saved (--train.save_every N saves during a run)"
+    return f"the last complete checkpoint is {root / tags[-1]}; continue with --train.resume latest"
 
 
 if __name__ == "__main__":

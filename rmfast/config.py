@@ -104,6 +104,11 @@ class TrainConfig:
     save_every: int = _f(0, "checkpoint every N optimizer steps (0: only at the end)")
     keep_last: int = _f(2, "checkpoints to keep")
     resume: Optional[str] = _f(None, "'latest' or a checkpoint folder to continue from")
+    resume_allow_changes: bool = _f(False, "let a resume go on with other data, model path, layout, batch size "
+                                           "or grad_accum than the run that saved it (never another architecture, "
+                                           "tokenizer, LoRA setting or number of ranks)")
+    overwrite: bool = _f(False, "start a new run in an output_dir that holds one, deleting its checkpoints, "
+                                "metrics and export")
     on_nonfinite: str = _f("stop", "a NaN/inf loss stops the run, or skips that step", choices=["stop", "skip"])
     export: bool = _f(True, "export a Hugging Face model to OUTPUT_DIR/export at the end")
     tensorboard: bool = _f(True, "log to TensorBoard when it is installed")
@@ -188,8 +193,15 @@ def build(yaml_path=None, overrides=None):
     if yaml_path:
         import yaml
 
-        with open(yaml_path) as f:
-            loaded = yaml.safe_load(f) or {}
+        try:
+            with open(yaml_path) as f:
+                loaded = yaml.safe_load(f) or {}
+        except yaml.YAMLError as exc:
+            mark = getattr(exc, "problem_mark", None)
+            where = f" at line {mark.line + 1}, column {mark.column + 1}" if mark else ""
+            raise ValueError(f"{yaml_path}: not valid YAML{where}: {getattr(exc, 'problem', None) or exc}") from None
+        if not isinstance(loaded, dict) or not all(isinstance(v, (dict, type(None))) for v in loaded.values()):
+            raise ValueError(f"{yaml_path}: expected sections (model:, data:, train:) holding options")
         unknown = set(loaded) - set(SECTIONS)
         if unknown:
             raise ValueError(f"{yaml_path}: unknown sections {sorted(unknown)}; use {', '.join(SECTIONS)}")

@@ -4,6 +4,9 @@ Read top to bottom: the process group and DeepSpeed's configuration, the builder
 sampler, engine), then ``Trainer``: its ``__init__`` calls the builders, ``train`` runs ``train_step``
 until the last step. Metrics (metrics.py), checkpoints (checkpoint.py) and export (export.py) live beside it."""
 
+import contextlib
+import hashlib
+import io
 import json
 import math
 import os
@@ -16,18 +19,19 @@ import numpy as np
 import torch
 import torch.distributed as dist
 
-from . import layouts
+from . import layouts, rundir
 from .attention import row_tokens
 from .checkpoint import load_checkpoint, read_state, resolve, save_checkpoint
 from .config import Config
 from .data import load_data
 from .data.sampler import PairSampler
+from .errors import Failure
 from .metrics import MetricsLog, Window, train_line
 from .model import DTYPES
 
 
-class NonFiniteLoss(RuntimeError):
-    pass
+class NonFiniteLoss(Failure):
+    """The loss was NaN or infinite: the run stopped before the update."""
 
 
 # ---------------------------------------------------------------- process group and devices
@@ -48,7 +52,9 @@ def init_distributed():
         os.environ.update(RANK="0", LOCAL_RANK="0", WORLD_SIZE="1", MASTER_ADDR="127.0.0.1")
         os.environ.setdefault("MASTER_PORT", str(_free_port()))
     if not dist.is_initialized():
-        deepspeed.init_distributed(dist_backend="nccl" if torch.cuda.is_available() else "gloo")
+        # on CPU DeepSpeed prints that it built its shared-memory op; its errors are raised, not printed
+        with contextlib.redirect_stdout(io.StringIO()):
+            deepspeed.init_distributed(dist_backend="nccl" if torch.cuda.is_available() else "gloo")
     local = int(os.environ.get("LOCAL_RANK", 0))
     if torch.cuda.is_available():
         torch.cuda.set_device(local)
@@ -183,7 +189,7 @@ def _finish_zero3_load(model, dtype, log):
     parted = [p for p in model.parameters() if hasattr(p, "ds_tensor")]
     held = sum(p.ds_tensor.numel() for p in parted)
     dtypes = sorted({str(p.ds_tensor.dtype).replace("torch.", "") for p in parted})
-    log(f"ZeRO-3: backbone loaded partitioned; this rank holds {held:,} of {sum(p.ds_numel for p in parted):,} "
+    log(f"ZeRO-3: backbone loaded partitioned; rank 0 holds {held:,} of {sum(p.ds_numel for p in parted):,} "
         f"elements ({', '.join(dtypes)})")
 
 
@@ -238,15 +244,19 @@ class Trainer:
                              "use bf16 or fp32 on CPU")
         seed_everything(t.seed)
         self.out = Path(t.output_dir)
-        if self.rank == 0:
-            self.out.mkdir(parents=True, exist_ok=True)
+        # one run per folder, locked while it trains (rank 0 holds the lock; every rank sees a refusal)
+        self._lock = on_rank0(self.rank, lambda: rundir.claim(self.out, t.resume, t.overwrite))
         # layout and attention from the model's config alone: a bad choice is reported before any data is
         # tokenized or weights are loaded
+        check_model_path(m.name_or_path, "model.name_or_path")
+        if m.tokenizer:
+            check_model_path(m.tokenizer, "model.tokenizer")
         backbone_config = AutoConfig.from_pretrained(m.name_or_path, trust_remote_code=m.trust_remote_code)
         self.layout, self.attention = choose_layout(backbone_config, config, self.device.type,
                                                     self.log if self.rank == 0 else None)
         self.tokenizer, grew = build_tokenizer(m)
         self.train_pairs, self.eval_pairs = build_data(config, self.tokenizer, self.rank, self.log)
+        self.identity = run_identity(config, backbone_config, self.tokenizer, self.world)
         self.ds_config = deepspeed_config(config, self.world)
         self.model = build_model(config, self.ds_config, self.dtype, len(self.tokenizer) if grew else 0,
                                  self.log if self.rank == 0 else (lambda _: None))
@@ -272,9 +282,10 @@ class Trainer:
 
     # -- resumable state
     def state_dict(self):
-        return {"step": self.step, "sampler": self._position, "world_size": self.world}
+        return {"step": self.step, "sampler": self._position, "world_size": self.world, "run": self.identity}
 
     def load_state_dict(self, state, where="the checkpoint"):
+        rundir.check_resume(state.get("run"), self.identity, where, self.config.train.resume_allow_changes)
         if state["world_size"] != self.world:
             raise ValueError(f"{where} was saved by {state['world_size']} ranks; resume it with the same number "
                              f"(this run has {self.world})")
@@ -313,7 +324,8 @@ class Trainer:
 
     def forward(self, batch):
         # the layouts build valid indices, so the op's own range check (a host sync on CUDA) is not needed
-        return self.engine(batch, center_coef=self.config.train.center_coef, backend=self.config.train.loss_backend)
+        return self.engine(batch, center_coef=self.config.train.center_coef, backend=self.config.train.loss_backend,
+                           check_indices=False)
 
     # -- the loop
     def train(self):
@@ -433,7 +445,49 @@ class Trainer:
         path = resolve(self.out / "checkpoints", where)
         self.load_state_dict(read_state(path), where=str(path))
         load_checkpoint(self.engine, path, self.rank)
+        if self.rank == 0:
+            rundir.cut_metrics(self.metrics.path, self.step)
         self.log(f"resumed from {path.name} at step {self.step}")
+
+
+def check_model_path(path, flag):
+    """A model or tokenizer reference must be a folder with a config, or look like a hub id (org/name)."""
+    p = Path(path).expanduser()
+    if p.exists():
+        if not p.is_dir() or not any((p / f).exists() for f in ("config.json", "tokenizer.json", "tokenizer_config.json")):
+            raise ValueError(f"{flag} {path}: not a model folder (no config.json or tokenizer files in it)")
+        return
+    if str(path).startswith((".", "/", "~")) or str(path).count("/") != 1:
+        raise ValueError(f"{flag} {path}: no such folder (and not a hub id like org/name)")
+
+
+def on_rank0(rank, fn):
+    """fn() on rank 0, its ValueError raised on every rank (so that no rank waits for the others forever)."""
+    result, error = None, None
+    if rank == 0:
+        try:
+            result = fn()
+        except ValueError as exc:
+            error = str(exc)
+    if dist.get_world_size() > 1:
+        box = [error]
+        dist.broadcast_object_list(box, src=0)
+        error = box[0]
+    if error:
+        raise rundir.RunDirError(error)
+    return result
+
+
+def run_identity(config, backbone_config, tokenizer, world):
+    """What this run's checkpoints record of it, for a resume to be checked against (rundir.identity)."""
+    from .data.loader import Source, tokenizer_fingerprint
+    from .data.sources import fingerprint
+
+    data = []
+    for spec in config.data.train:
+        source = Source.parse(spec)
+        data.append([str(spec), hashlib.sha256(fingerprint(source.path, source.split).encode()).hexdigest()[:16]])
+    return rundir.identity(config, backbone_config, tokenizer_fingerprint(tokenizer), data, world)
 
 
 def eval_metrics(rc, rr, margin, complete=True):

@@ -104,13 +104,15 @@ class RewardModel(nn.Module):
         out = self.backbone(input_ids=batch.input_ids, use_cache=False, **self.backbone_inputs(batch))
         return out.last_hidden_state
 
-    def forward(self, batch, center_coef=0.0, backend="auto") -> PairwiseRewardOutput:
+    def forward(self, batch, center_coef=0.0, backend="auto", check_indices=None) -> PairwiseRewardOutput:
         """The fused loss and both rewards of a Batch: one forward for all its chosen and rejected rows,
-        read at batch.chosen_index / rejected_index ([P] flat row indices into R·L)."""
+        read at batch.chosen_index / rejected_index ([P] flat row indices into R·L). check_indices: the
+        op's own range check (pairwise_reward_loss); the layouts build valid indices, so the trainer
+        passes False."""
         hidden = self.hidden_states(batch)
         return pairwise_reward_loss(hidden, self.head.weight, batch.chosen_index, batch.rejected_index,
                                     bias=self.head.bias, margin=batch.margin, center_coef=center_coef,
-                                    backend=backend)
+                                    backend=backend, check_indices=check_indices)
 
     @torch.no_grad()
     def rewards(self, batch, index):

@@ -36,6 +36,7 @@ class Scorer:
         from transformers import AutoConfig, AutoTokenizer
 
         self.device = _device(device)
+        check_reward_model(model_dir)
         self.tokenizer = AutoTokenizer.from_pretrained(model_dir)
         self.model = RewardModel.from_pretrained(model_dir, dtype=dtype).to(self.device).eval()
         config = AutoConfig.from_pretrained(model_dir)
@@ -67,6 +68,29 @@ class Scorer:
     def score_sequences(self, seqs):
         batch = layouts.pack_sequences(seqs, self.tokenizer.pad_token_id, max_tokens=self.row_tokens)
         return self._rewards(batch, batch.chosen_index)
+
+
+def check_reward_model(model_dir):
+    """Refuse a folder that is not a whole one-label reward model (a bare backbone would be scored with an
+    untrained head), naming what is missing."""
+    path = Path(model_dir)
+    what = "give an rmfast export (rmfast-train's OUTPUT_DIR/export, or rmfast-export --out DIR)"
+    if not (path / "config.json").is_file():
+        raise ValueError(f"{model_dir}: not a model folder (no config.json); {what}")
+    weights = ("model.safetensors", "model.safetensors.index.json", "pytorch_model.bin", "pytorch_model.bin.index.json")
+    if not any((path / w).is_file() for w in weights):
+        raise ValueError(f"{model_dir}: no weights (model.safetensors); a half-written export? {what}")
+    if not any((path / t).is_file() for t in ("tokenizer.json", "tokenizer_config.json")):
+        raise ValueError(f"{model_dir}: no tokenizer files; {what}")
+    try:
+        config = json.loads((path / "config.json").read_text())
+    except json.JSONDecodeError as exc:
+        raise ValueError(f"{model_dir}/config.json is not valid JSON ({exc.msg}); {what}") from None
+    archs = config.get("architectures") or []
+    labels = len(config.get("id2label") or {}) or config.get("num_labels", 2)  # transformers saves id2label
+    if not any(a.endswith("ForSequenceClassification") for a in archs) or labels != 1:
+        raise ValueError(f"{model_dir}: not a reward model (a one-label *ForSequenceClassification; this one is "
+                         f"{', '.join(archs) or 'a bare backbone'}), so its head would be untrained; {what}")
 
 
 def _token_batches(costs, budget):
@@ -144,7 +168,9 @@ def main(argv=None):
     args = parser.parse_args(argv)
     from tqdm.auto import tqdm
 
-    try:
+    from .errors import run
+
+    def body():
         scorer = Scorer(args.model, args.device, args.dtype, args.attention)
         records = []
         if _is_pairs(args.sources[0]):
@@ -180,11 +206,9 @@ def main(argv=None):
             print(f"{len(records)} sequences scored", file=sys.stderr)
         records.sort(key=lambda x: _order(x["location"]))
         _write(records, args.out)
-    except (DataError, FileNotFoundError, ValueError) as exc:
-        print(f"rmfast-score: {exc}", file=sys.stderr)
-        return 2
-    print(f"wrote {args.out}", file=sys.stderr)
-    return 0
+        print(f"wrote {args.out}", file=sys.stderr)
+
+    return run("rmfast-score", body)
 
 
 def _order(location):

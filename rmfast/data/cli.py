@@ -112,11 +112,9 @@ def main(argv=None):
     s.add_argument("--seed", type=int, default=0)
     s.set_defaults(func=synth)
     args = parser.parse_args(argv)
-    try:
-        return args.func(args)
-    except (DataError, FileNotFoundError, ValueError) as exc:
-        print(f"rmfast-data: {exc}", file=sys.stderr)
-        return 2
+    from ..errors import run
+
+    return run("rmfast-data", lambda: args.func(args))
 
 
 if __name__ == "__main__":

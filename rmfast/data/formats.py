@@ -18,6 +18,7 @@ REASONS = {
     "malformed_csv": "malformed CSV",
     "not_object": "row is not an object",
     "undecodable": "undecodable bytes (not UTF-8)",
+    "truncated": "the file breaks off (a cut or corrupt .gz?)",
     "empty_file": "empty file",
     "missing_field": "missing field",
     "null_field": "null field",

@@ -8,6 +8,7 @@ import hashlib
 import json
 import os
 import sys
+import zipfile
 from collections import Counter
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
@@ -19,7 +20,7 @@ from . import sources
 from .formats import FORMATS, REASONS, BadRow, parse_row
 from .tokenize import LengthPolicy, TokenizedPairs, tokenize_pairs_parallel
 
-CACHE_VERSION = 1
+CACHE_VERSION = 2  # 2: no pickled arrays
 BAD_ROW_MODES = ("error", "skip")
 
 
@@ -165,7 +166,10 @@ def load_source(source: Source, tokenizer, config: DataConfig, tokenizer_fp=None
         report = DataReport(meta["rows"], meta["pairs"], Counter(meta["bad"]), meta["bad_examples"],
                             meta["truncated"], Counter(meta["dropped"]), cached=True)
         _check_bad(report, config, source.path)
-        return TokenizedPairs.load(data_path), report
+        try:
+            return TokenizedPairs.load(data_path), report
+        except (ValueError, OSError, KeyError, zipfile.BadZipFile) as exc:  # unreadable: tokenize again
+            print(f"rmfast: ignoring the unreadable cache file {data_path} ({exc})", file=sys.stderr)
     pairs, report = read_pairs(source, config)
     _check_bad(report, config, source.path)
     bar = None
@@ -199,7 +203,8 @@ def _check_bad(report: DataReport, config: DataConfig, name):
     more = f"\n  … and {total - len(report.bad_examples)} more" if total > len(report.bad_examples) else ""
     counts = ", ".join(f"{REASONS[r]}: {n}" for r, n in report.bad.most_common())
     raise DataError(f"{name}: {total} bad row(s) ({counts}):\n{listing}{more}\n"
-                    f"Fix them, or pass --on-bad-row skip to skip them (they are counted and reported).")
+                    f"Fix them, or skip them (they are counted and reported): rmfast-train --data.on_bad_row skip, "
+                    f"rmfast-score --on-bad-row skip.")
 
 
 def _weighted(pairs: TokenizedPairs, weight, rng):

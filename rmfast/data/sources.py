@@ -8,6 +8,7 @@ and an empty file yields one such row, so that nothing is lost without a word.""
 import csv
 import gzip
 import json
+import zlib
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Iterator, Optional
@@ -85,23 +86,31 @@ def iter_rows(source: str, split: str = "train") -> Iterator[RawRow]:
         yield from _READERS[_kind(file)](file)
 
 
+_BROKEN = (EOFError, zlib.error, gzip.BadGzipFile)  # a cut or corrupt compressed file
+
+
 def _lines(path: Path):
-    """(line number, text or None, error detail) for each line, decoding each line on its own."""
+    """(line number, text or None, reason, error detail) for each line, decoding each line on its own; a
+    file that breaks off ends with one "truncated" line (the lines before it are good)."""
+    number = 0
     with _open_bytes(path) as f:
-        for number, raw in enumerate(f, start=1):
-            try:
-                yield number, raw.decode("utf-8"), ""
-            except UnicodeDecodeError as exc:
-                yield number, None, f"invalid UTF-8 at byte {exc.start}"
+        try:
+            for number, raw in enumerate(f, start=1):
+                try:
+                    yield number, raw.decode("utf-8"), None, ""
+                except UnicodeDecodeError as exc:
+                    yield number, None, "undecodable", f"invalid UTF-8 at byte {exc.start}"
+        except _BROKEN as exc:
+            yield number + 1, None, "truncated", f"the file breaks off after line {number} ({exc})"
 
 
 def _read_jsonl(path: Path):
     seen = False
-    for number, text, error in _lines(path):
+    for number, text, reason, error in _lines(path):
         location = f"{path}:{number}"
         if text is None:
             seen = True
-            yield RawRow(location, None, "undecodable", error)
+            yield RawRow(location, None, reason, error)
             continue
         if not text.strip():
             continue
@@ -120,8 +129,12 @@ def _read_jsonl(path: Path):
 
 
 def _read_json(path: Path):
-    with _open_bytes(path) as f:
-        raw = f.read()
+    try:
+        with _open_bytes(path) as f:
+            raw = f.read()
+    except _BROKEN as exc:
+        yield RawRow(f"{path}:0", None, "truncated", f"the file breaks off ({exc})")
+        return
     try:
         text = raw.decode("utf-8")
     except UnicodeDecodeError as exc:
@@ -192,7 +205,7 @@ def _read_csv(path: Path):
     bad_lines = {}
 
     def text_lines():
-        for number, text, error in _lines(path):
+        for number, text, reason, error in _lines(path):
             if text is None:
                 bad_lines[number] = error
                 yield ""

@@ -145,17 +145,17 @@ class TokenizedPairs:
         c, co = flat(self.chosen)
         r, ro = flat(self.rejected)
         np.savez(path, chosen=c, chosen_offsets=co, rejected=r, rejected_offsets=ro, prompt=self.prompt,
-                 shared=self.shared, margin=self.margin, locations=np.array(self.locations, dtype=object))
+                 shared=self.shared, margin=self.margin, locations=np.array(self.locations, dtype=str))
 
     @staticmethod
     def load(path):
-        z = np.load(path, allow_pickle=True)
+        z = np.load(path, allow_pickle=False)  # a cache file must never be able to run code
 
         def split(data, offsets):
             return [data[offsets[i]:offsets[i + 1]] for i in range(len(offsets) - 1)]
 
         return TokenizedPairs(split(z["chosen"], z["chosen_offsets"]), split(z["rejected"], z["rejected_offsets"]),
-                              z["prompt"], z["shared"], z["margin"], list(z["locations"]))
+                              z["prompt"], z["shared"], z["margin"], z["locations"].tolist())
 
 
 def tokenize_pairs(pairs, tokenizer, policy: LengthPolicy, chat_template=None, batch_size=512, progress=None):

@@ -1,0 +1,66 @@
+"""One error path for the command-line tools: every error ends in a line or two naming the file, field or
+flag and what to do; exit status 2 for a user's mistake (config, data, paths, a refused resume), 1 for a
+failure (disk full, a corrupt checkpoint, a diverged run, anything unexpected), 130 for Ctrl-C. No
+traceback unless RMFAST_DEBUG=1 (read here, and only here)."""
+
+import errno
+import os
+import sys
+
+USAGE = 2
+FAILURE = 1
+INTERRUPTED = 130
+
+
+class Failure(RuntimeError):
+    """A failure whose message says all a person needs (exit status 1, no traceback)."""
+
+
+class CheckpointError(Failure):
+    """A checkpoint could not be written or read: the message names it and what is still intact."""
+
+
+def debugging():
+    return os.environ.get("RMFAST_DEBUG", "").strip().lower() not in ("", "0", "false", "no")
+
+
+def describe(exc):
+    """(exit status, message) for an exception that reached a command-line tool."""
+    if isinstance(exc, OSError) and exc.errno == errno.ENOSPC:
+        where = f" writing {exc.filename}" if exc.filename else ""
+        return FAILURE, f"no space left on device{where}; free some space and run again"
+    if isinstance(exc, RuntimeError) and any(s in str(exc) for s in ("unexpected pos", "PytorchStreamWriter",
+                                                                     "file write failed")):
+        return FAILURE, f"writing a file failed, most likely a full disk (torch: {_first_line(exc)})"
+    if isinstance(exc, (ValueError, FileNotFoundError, NotADirectoryError, IsADirectoryError, PermissionError)):
+        return USAGE, str(exc)
+    if isinstance(exc, (Failure, OSError)):
+        return FAILURE, str(exc)
+    return FAILURE, f"{type(exc).__name__}: {_first_line(exc)} (RMFAST_DEBUG=1 shows where)"
+
+
+def run(prog, body, interrupted=None, quiet=False):
+    """Run a tool's body; returns its exit status. interrupted(): what to say after Ctrl-C (e.g. how to
+    resume); quiet: print nothing (ranks other than 0)."""
+    try:
+        return body() or 0
+    except KeyboardInterrupt:
+        if debugging():
+            raise
+        if not quiet:
+            print(f"\n{prog}: interrupted" + (f"; {interrupted()}" if interrupted else ""), file=sys.stderr)
+        return INTERRUPTED
+    except SystemExit:
+        raise
+    except Exception as exc:  # noqa: BLE001 — the one place every error of a tool is turned into a message
+        if debugging():
+            raise
+        status, message = describe(exc)
+        if not quiet:
+            print(f"{prog}: {message}", file=sys.stderr)
+        return status
+
+
+def _first_line(exc):
+    text = str(exc).strip()
+    return text.splitlines()[0] if text else type(exc).__name__
