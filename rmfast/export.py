@@ -409,11 +409,6 @@ def main(argv=None):
     """rmfast-export: a Hugging Face model from an rmfast checkpoint."""
     import argparse
 
-    from transformers import AutoConfig, AutoTokenizer
-
-    from .checkpoint import resolve
-    from .model import DTYPES
-
     parser = argparse.ArgumentParser(prog="rmfast-export", description=main.__doc__)
     parser.add_argument("run", help="a training output dir (its latest checkpoint), a checkpoints dir, or a step folder")
     parser.add_argument("--out", required=True, help="where to write the Hugging Face folder")
@@ -421,16 +416,33 @@ def main(argv=None):
     parser.add_argument("--max-shard-size", type=float, default=MAX_SHARD_SIZE / 1024**3,
                         help="GiB per safetensors file (default %(default)s)")
     args = parser.parse_args(argv)
-    run = Path(args.run)
+    from .errors import run as run_tool
+
+    return run_tool("rmfast-export", lambda: _export_run(Path(args.run), args))
+
+
+def _export_run(run, args):
+    """rmfast-export's body: the checkpoint of `run`, refused unless complete and beside its run's files."""
+    from transformers import AutoConfig, AutoTokenizer
+
+    from .checkpoint import MARKER, resolve
+    from .model import DTYPES
+
+    if not run.exists():
+        raise FileNotFoundError(f"{run}: no such folder (give a training output dir, its checkpoints dir or a step folder)")
     if (run / "checkpoints").exists():
         checkpoint = resolve(run / "checkpoints", "latest")
         out_root = run
     else:
         checkpoint = resolve(run, "latest") if (run / "latest").exists() else run
         out_root = checkpoint.parent.parent
-    if not (out_root / "backbone").exists():
-        print(f"rmfast-export: {out_root} has no backbone/ config (is it an rmfast run?)", file=sys.stderr)
-        return 2
+    if not (checkpoint / MARKER).exists():
+        raise ValueError(f"{checkpoint} is not a complete checkpoint (no {MARKER} marker: its save was "
+                         f"interrupted); export an earlier one")
+    for needed in ("backbone", "tokenizer"):
+        if not (out_root / needed).is_dir():
+            raise ValueError(f"{out_root} has no {needed}/ folder, which rmfast-train writes beside its checkpoints "
+                             f"(is it an rmfast run, copied whole?)")
     state = load_checkpoint_state(checkpoint)
     run_config = json.loads((out_root / "config.json").read_text()) if (out_root / "config.json").exists() else {}
     model_config = run_config.get("model", {})
@@ -441,7 +453,6 @@ def main(argv=None):
     path = write_export(config, state, tokenizer, args.out, _last_eval(out_root), DTYPES[args.dtype], lora=lora,
                         max_shard_size=int(args.max_shard_size * 1024**3), consume=True)
     print(f"exported {checkpoint} to {path}")
-    return 0
 
 
 if __name__ == "__main__":
