@@ -166,49 +166,60 @@ def main(argv=None):
                         help="attention of the packed batches (auto: varlen on CUDA in bf16/fp16 when available, "
                              "else flex on CUDA; segments on CPU)")
     args = parser.parse_args(argv)
-    from tqdm.auto import tqdm
-
     from .errors import run
 
     def body():
         scorer = Scorer(args.model, args.device, args.dtype, args.attention)
-        records = []
-        if _is_pairs(args.sources[0]):
-            config = DataConfig(train=args.sources, format=args.format, max_length=args.max_length,
-                                on_bad_row=args.on_bad_row)
-            pairs, _, report = load_data(config, scorer.tokenizer)
-            for line in report.lines():
-                print(f"data: {line}", file=sys.stderr)
-            costs, _ = layouts.pair_costs(pairs, "prefix_shared")
-            budget = max(args.token_budget, int(costs.max()))
-            for batch in tqdm(_token_batches(costs, budget), desc="scoring pairs", unit="batch"):
-                c, r = scorer.score_pairs(pairs, batch)
-                if args.normalize:
-                    c, r = scorer.normalize(c), scorer.normalize(r)
-                for i, rc, rr in zip(batch, c, r):
-                    records.append({"location": pairs.locations[i], "chosen_reward": float(rc),
-                                    "rejected_reward": float(rr), "margin": float(rc - rr), "correct": bool(rc > rr)})
-            acc = np.mean([x["correct"] for x in records])
-            print(f"{len(records)} pairs: accuracy {acc:.4f}, mean margin "
-                  f"{np.mean([x['margin'] for x in records]):.4f}", file=sys.stderr)
-        else:
-            seqs, locations, bad = _read_sequences(args.sources, scorer.tokenizer, args.max_length, args.on_bad_row)
-            if bad:
-                print(f"skipped {len(bad)} bad row(s)", file=sys.stderr)
-            costs = np.array([len(s) for s in seqs])
-            budget = max(args.token_budget, int(costs.max()))
-            for batch in tqdm(_token_batches(costs, budget), desc="scoring", unit="batch"):
-                rewards = scorer.score_sequences([seqs[i] for i in batch])
-                if args.normalize:
-                    rewards = scorer.normalize(rewards)
-                for i, r in zip(batch, rewards):
-                    records.append({"location": locations[i], "reward": float(r)})
-            print(f"{len(records)} sequences scored", file=sys.stderr)
+        records = _score_pairs(scorer, args) if _is_pairs(args.sources[0]) else _score_texts(scorer, args)
         records.sort(key=lambda x: _order(x["location"]))
         _write(records, args.out)
         print(f"wrote {args.out}", file=sys.stderr)
 
     return run("rmfast-score", body)
+
+
+def _score_pairs(scorer, args):
+    """One record per pair (rewards, margin, correct), read like training data, prefix-shared batches."""
+    from tqdm.auto import tqdm
+
+    config = DataConfig(train=args.sources, format=args.format, max_length=args.max_length, on_bad_row=args.on_bad_row)
+    pairs, _, report = load_data(config, scorer.tokenizer)
+    for line in report.lines():
+        print(f"data: {line}", file=sys.stderr)
+    costs, _ = layouts.pair_costs(pairs, "prefix_shared")
+    records = []
+    for batch in tqdm(_token_batches(costs, max(args.token_budget, int(costs.max()))), desc="scoring pairs",
+                      unit="batch"):
+        c, r = scorer.score_pairs(pairs, batch)
+        if args.normalize:
+            c, r = scorer.normalize(c), scorer.normalize(r)
+        for i, rc, rr in zip(batch, c, r):
+            records.append({"location": pairs.locations[i], "chosen_reward": float(rc), "rejected_reward": float(rr),
+                            "margin": float(rc - rr), "correct": bool(rc > rr)})
+    print(f"{len(records)} pairs: accuracy {np.mean([x['correct'] for x in records]):.4f}, mean margin "
+          f"{np.mean([x['margin'] for x in records]):.4f}", file=sys.stderr)
+    return records
+
+
+def _score_texts(scorer, args):
+    """One record per single sequence (rows with `text` or `messages`), packed batches."""
+    from tqdm.auto import tqdm
+
+    seqs, locations, bad = _read_sequences(args.sources, scorer.tokenizer, args.max_length, args.on_bad_row)
+    if bad:
+        print(f"skipped {len(bad)} bad row(s)", file=sys.stderr)
+    if not seqs:
+        raise DataError(f"{', '.join(map(str, args.sources))}: no rows with a `text` or `messages` field to score")
+    costs = np.array([len(s) for s in seqs])
+    records = []
+    for batch in tqdm(_token_batches(costs, max(args.token_budget, int(costs.max()))), desc="scoring", unit="batch"):
+        rewards = scorer.score_sequences([seqs[i] for i in batch])
+        if args.normalize:
+            rewards = scorer.normalize(rewards)
+        for i, r in zip(batch, rewards):
+            records.append({"location": locations[i], "reward": float(r)})
+    print(f"{len(records)} sequences scored", file=sys.stderr)
+    return records
 
 
 def _order(location):
