@@ -144,6 +144,8 @@ def build_data(config: Config, tokenizer, rank, log):
         dist.barrier()
         for line in report.lines():
             log(f"data: {line}")
+        if eval_pairs is None or len(eval_pairs) == 0:
+            log("data: no eval set (give --data.eval or --data.eval_fraction): training metrics only")
     return train_pairs, eval_pairs
 
 

@@ -55,7 +55,10 @@ class BadRow(Exception):
 def _field(row, name, column, required=True):
     if column not in row:
         if required:
-            raise BadRow("missing_field", f"no {column!r}" + (f" (the {name} column)" if column != name else ""))
+            has = ", ".join(map(repr, sorted(row)[:8])) + (", …" if len(row) > 8 else "")
+            raise BadRow("missing_field", f"no {column!r}" + (f" (the {name} column)" if column != name else "")
+                         + f"; the row has {has or 'no fields'} (map yours with --data.columns "
+                           f"'{{\"{name}\": \"your_column\"}}')")
         return None
     value = row[column]
     if value is None and required:

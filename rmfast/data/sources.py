@@ -8,6 +8,7 @@ and an empty file yields one such row, so that nothing is lost without a word.""
 import csv
 import gzip
 import json
+import sys
 import zlib
 from dataclasses import dataclass
 from pathlib import Path
@@ -43,13 +44,22 @@ def _is_datasets_dir(path: Path) -> bool:
         path / "state.json").exists()
 
 
+_told = set()
+
+
 def files_of(source: str):
     """The data files a path names (a folder: its supported files, recursively, in sorted order)."""
     path = Path(source)
     if path.is_dir():
-        files = sorted(p for p in path.rglob("*") if p.is_file() and _kind(p))
+        every = [p for p in path.rglob("*") if p.is_file() and not p.name.startswith(".")]
+        files = sorted(p for p in every if _kind(p))
         if not files:
             raise FileNotFoundError(f"{source}: folder holds no {', '.join(FILE_SUFFIXES)} files")
+        others = sorted(p.name for p in every if not _kind(p))
+        if others and str(path) not in _told:  # once per folder, however often it is listed
+            _told.add(str(path))
+            print(f"rmfast: {source}: skipping {len(others)} file(s) that are not data ({', '.join(others[:3])}"
+                  f"{', …' if len(others) > 3 else ''})", file=sys.stderr)
         return files
     if _kind(path) is None:
         raise ValueError(f"{source}: unsupported file type; use {', '.join(FILE_SUFFIXES)} (optionally .gz), "
