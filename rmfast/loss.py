@@ -30,9 +30,10 @@ def _as(t, dtype):
     return t if t.dtype == dtype else t.to(dtype)
 
 
-def _reward_grads(rc, rr, m, grad_rc, grad_rr, grad_loss):
+def _reward_grads(rc, rr, m, grad_rc, grad_rr, grad_loss, reduction):
     """dL/dr of each gathered row, [2P] (chosen then rejected), from rc, rr, m [P] and the upstream
-    gradients of r_c, r_r and loss_p ([P] each, None for an output that received none)."""
+    gradients of r_c, r_r ([P]) and of the reduced loss ([P] for "none", else a scalar); None for an output
+    that received none."""
     P = rc.shape[0]
     if grad_loss is None:
         coef = rc.new_zeros(2 * P)
@@ -40,6 +41,8 @@ def _reward_grads(rc, rr, m, grad_rc, grad_rr, grad_loss):
         # d softplus(-(r_c - r_r - m)) / d r_c = -sigmoid(r_r - r_c + m); the opposite for r_r.
         s = (rr - rc) if m is None else (rr - rc).add_(m)
         s = s.sigmoid_().mul_(grad_loss)
+        if reduction == "mean":
+            s.div_(P)
         coef = torch.cat([-s, s])
     if grad_rc is not None:
         coef[:P] += grad_rc
@@ -49,16 +52,18 @@ def _reward_grads(rc, rr, m, grad_rc, grad_rr, grad_loss):
 
 
 class _FusedPairwiseTerms(torch.autograd.Function):
-    """(hidden2d, weight, bias) → (r_c, r_r, loss_p) through a compiled backend's kernels.
+    """(hidden2d, weight, bias) → (r_c, r_r, loss) through a compiled backend's kernels; the reduction is
+    inside too (one autograd node less on every step).
 
     Saves the gathered rows [2P, D] (only when weight needs a gradient), never hidden [N, D]: d_hidden
     needs just the head and one coefficient per row, d_weight the rows. Dynamo traces it (the kernels are
     ops with fake kernels, see rmfast/backends.py)."""
 
     @staticmethod
-    def forward(ctx, hidden2d, weight, bias, chosen, rejected, index, margin, kernels):
+    def forward(ctx, hidden2d, weight, bias, chosen, rejected, index, margin, reduction, kernels):
         """hidden2d [N, D]; weight [D]; bias one-element or None; chosen, rejected [P] int64; index [2P],
-        their concatenation; margin [P] or None. Returns r_c, r_r, loss_p: [P] float32 (float64 for float64 hidden)."""
+        their concatenation; margin [P] or None. Returns r_c, r_r [P] and the loss reduced by ``reduction``
+        (mean, sum, none), float32 (float64 for float64 hidden)."""
         acc = torch.float64 if hidden2d.dtype == torch.float64 else torch.float32
         w = _as(weight, acc).contiguous()
         b = _as(bias, acc).reshape(1) if bias is not None else None
@@ -68,16 +73,21 @@ class _FusedPairwiseTerms(torch.autograd.Function):
         ctx.save_for_backward(rows, w, index, rc, rr, m)
         ctx.set_materialize_grads(False)  # outputs nobody used get None, not zeros to add
         ctx.kernels = kernels
+        ctx.reduction = reduction
         ctx.hidden_meta = (hidden2d.shape[0], hidden2d.dtype)
         ctx.weight_dtype = weight.dtype
         ctx.bias_meta = (bias.shape, bias.dtype) if bias is not None else None
+        if reduction == "mean":
+            loss_p = loss_p.mean()
+        elif reduction == "sum":
+            loss_p = loss_p.sum()
         return rc, rr, loss_p
 
     @staticmethod
     @torch.autograd.function.once_differentiable
     def backward(ctx, grad_rc, grad_rr, grad_loss):
         rows, w, index, rc, rr, m = ctx.saved_tensors
-        coef = _reward_grads(rc, rr, m, grad_rc, grad_rr, grad_loss)
+        coef = _reward_grads(rc, rr, m, grad_rc, grad_rr, grad_loss, ctx.reduction)
         need_hidden, need_weight, need_bias = ctx.needs_input_grad[:3]
         d_hidden = d_weight = d_bias = None
         if need_hidden:
@@ -91,7 +101,7 @@ class _FusedPairwiseTerms(torch.autograd.Function):
         if need_bias:
             shape, dtype = ctx.bias_meta
             d_bias = _as(coef.sum(), dtype).reshape(shape)
-        return d_hidden, d_weight, d_bias, None, None, None, None, None
+        return d_hidden, d_weight, d_bias, None, None, None, None, None, None
 
 
 def _fail(argument, why):
@@ -125,6 +135,38 @@ def _check_range(index, P, n_rows, check):
         chosen = index[:P]
         bad = "chosen_index" if int(chosen.min()) < 0 or int(chosen.max()) >= n_rows else "rejected_index"
         _fail(bad, f"holds row indices in [{lo}, {hi}] but hidden has {n_rows} rows (valid: 0..{n_rows - 1})")
+
+
+def _check_bias_margin(bias, margin, P, device):
+    """bias as a one-element tensor or None, margin as a [P] tensor or None; a ValueError otherwise."""
+    if bias is not None:
+        if isinstance(bias, (int, float)):
+            bias = torch.tensor(float(bias), device=device)
+        if not isinstance(bias, torch.Tensor) or not bias.is_floating_point():
+            _fail("bias", "must be None, a float, or a one-element floating tensor")
+        if bias.numel() != 1:
+            _fail("bias", f"must hold one value, got shape {tuple(bias.shape)}")
+        if bias.device != device:
+            _fail("bias", f"is on {bias.device} but hidden is on {device}; move both to one device")
+
+    if margin is not None:
+        if isinstance(margin, (int, float)) and not isinstance(margin, bool):
+            if not math.isfinite(margin):
+                _fail("margin", f"must be finite, got {margin}")
+            margin = torch.full((P,), float(margin), device=device)
+        elif isinstance(margin, torch.Tensor):
+            if not margin.is_floating_point() and margin.dtype not in (torch.int32, torch.int64):
+                _fail("margin", f"must be a float or a numeric tensor, got dtype {margin.dtype}")
+            if margin.dim() == 0 or margin.shape == (1,):
+                margin = margin.reshape(1).expand(P)
+            if margin.shape != (P,):
+                _fail("margin", f"must be a float or a tensor [P={P}], got shape {tuple(margin.shape)}")
+            if margin.device != device:
+                _fail("margin", f"is on {margin.device} but hidden is on {device}; move both to one device")
+        else:
+            _fail("margin", f"must be None, a float or a tensor [P], got {type(margin).__name__}")
+
+    return bias, margin
 
 
 def _validate(hidden, weight, chosen_index, rejected_index, bias, margin, center_coef, reduction,
@@ -168,33 +210,7 @@ def _validate(hidden, weight, chosen_index, rejected_index, bias, margin, center
     index = torch.cat([chosen, rejected])
     _check_range(index, P, n_rows, check_indices)
 
-    if bias is not None:
-        if isinstance(bias, (int, float)):
-            bias = torch.tensor(float(bias), device=device)
-        if not isinstance(bias, torch.Tensor) or not bias.is_floating_point():
-            _fail("bias", "must be None, a float, or a one-element floating tensor")
-        if bias.numel() != 1:
-            _fail("bias", f"must hold one value, got shape {tuple(bias.shape)}")
-        if bias.device != device:
-            _fail("bias", f"is on {bias.device} but hidden is on {device}; move both to one device")
-
-    if margin is not None:
-        if isinstance(margin, (int, float)) and not isinstance(margin, bool):
-            if not math.isfinite(margin):
-                _fail("margin", f"must be finite, got {margin}")
-            margin = torch.full((P,), float(margin), device=device)
-        elif isinstance(margin, torch.Tensor):
-            if not margin.is_floating_point() and margin.dtype not in (torch.int32, torch.int64):
-                _fail("margin", f"must be a float or a numeric tensor, got dtype {margin.dtype}")
-            if margin.dim() == 0 or margin.shape == (1,):
-                margin = margin.reshape(1).expand(P)
-            if margin.shape != (P,):
-                _fail("margin", f"must be a float or a tensor [P={P}], got shape {tuple(margin.shape)}")
-            if margin.device != device:
-                _fail("margin", f"is on {margin.device} but hidden is on {device}; move both to one device")
-        else:
-            _fail("margin", f"must be None, a float or a tensor [P], got {type(margin).__name__}")
-
+    bias, margin = _check_bias_margin(bias, margin, P, device)
     if reduction not in _REDUCTIONS:
         _fail("reduction", f"must be one of {', '.join(_REDUCTIONS)}, got {reduction!r}")
     if not isinstance(center_coef, (int, float)) or isinstance(center_coef, bool) or not math.isfinite(center_coef):
@@ -245,16 +261,12 @@ def pairwise_reward_loss(
     hidden2d = hidden if hidden.dim() == 2 else hidden.reshape(-1, hidden.shape[-1])
     name = backends.select(backend, hidden.device.type)
     if name == "torch":
-        rc, rr, loss_p = reference.pairwise_terms(hidden2d, weight, bias, chosen, rejected, margin)
+        rc, rr, loss = reference.pairwise_terms(hidden2d, weight, bias, chosen, rejected, margin)
+        if reduction != "none":
+            loss = loss.mean() if reduction == "mean" else loss.sum()
     else:
-        rc, rr, loss_p = _FusedPairwiseTerms.apply(hidden2d, weight, bias, chosen, rejected, index, margin,
-                                                   backends.kernels_for(name))
-    if reduction == "mean":
-        loss = loss_p.mean()
-    elif reduction == "sum":
-        loss = loss_p.sum()
-    else:
-        loss = loss_p
+        rc, rr, loss = _FusedPairwiseTerms.apply(hidden2d, weight, bias, chosen, rejected, index, margin,
+                                                 reduction, backends.kernels_for(name))
     if center_coef:
         center = (rc + rr).square()
         loss = loss + center_coef * (center if reduction == "none" else center.mean())
