@@ -17,9 +17,10 @@ Reported, over the timed steps (each step timed between two CUDA synchronization
              suffix of r': r'·prefix + r'(r'+1)/2); 12 = 2 matmuls (QKᵀ, PV) · 2 FLOP · 3 (forward +
              backward, no recomputation counted); "MFU with attention" adds it to the 6·N·tokens term
 
---token-budget auto (the default) sizes the micro-batch to the card: two probe steps at 4,096 tokens give
-the memory the states take and what activations cost per token, and the budget is what fits in 88% of
-the card (at most 65,536, a multiple of 4,096). An out-of-memory step halves the budget and goes on.
+--token-budget auto (the default) sizes the micro-batch to the card: after a first step (the optimizer's
+states), the peak memory of a step at 4,096 and at 12,288 tokens gives what the states and a step take
+whatever its size, and what each token adds; the budget is what fits in 88% of the card (at most
+65,536, a multiple of 4,096). An out-of-memory step halves the budget and goes on.
 
     python benchmarks/bench_mfu.py                          # on a GPU
     python benchmarks/bench_mfu.py --gradient-checkpointing --token-budget 65536
@@ -216,13 +217,21 @@ def main(argv=None):
         step()  # allocates the optimizer's states
         torch.cuda.synchronize()
         base = torch.cuda.memory_allocated()
-        torch.cuda.reset_peak_memory_stats()
-        _, tokens, _, _ = step()
-        per_token = max(torch.cuda.max_memory_allocated() - base, 1) / tokens
-        budget = int((0.88 * total - base) / per_token) // 4096 * 4096
+        probes = []
+        for probe_budget in (PROBE_TOKENS, 3 * PROBE_TOKENS):  # peak memory at two sizes: its slope per token
+            if probe_budget != PROBE_TOKENS:
+                use_budget(probe_budget)
+            torch.cuda.reset_peak_memory_stats()
+            _, tokens, _, _ = step()
+            probes.append((tokens, torch.cuda.max_memory_allocated()))
+        (t1, p1), (t2, p2) = probes
+        per_token = (p2 - p1) / (t2 - t1) if t2 > t1 and p2 > p1 else max(p2 - base, 1) / t2
+        fixed_bytes = max(base, p2 - per_token * t2)  # states and what a step needs whatever its size
+        budget = int((0.88 * total - fixed_bytes) / per_token) // 4096 * 4096
         budget = max(4096, min(args.max_budget, budget))
-        notes.append(f"auto budget: states {base / 2**30:.1f} GiB, activations {per_token / 2**10:.0f} KiB per "
-                     f"token (probe of {tokens} tokens) → {budget} tokens per micro-batch")
+        notes.append(f"auto budget: states {base / 2**30:.1f} GiB, fixed {fixed_bytes / 2**30:.1f} GiB, "
+                     f"{per_token / 2**10:.0f} KiB per token (probes of {t1} and {t2} tokens) → {budget} tokens "
+                     f"per micro-batch")
         print(notes[-1], flush=True)
         use_budget(budget)
     elif fixed is None:

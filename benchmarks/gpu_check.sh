@@ -2,7 +2,7 @@
 # The GPU check, for the lent GPU machine (one H100 / H200, no network, python3 = 3.12 with torch, triton and
 # transformers, but no deepspeed, datasets, pydantic, hjson; see benchmarks/carry_wheels.sh, which fills the
 # carry folder .whl/ with their wheels and the HH-RLHF sample). Stages, in order, each under its own timeout
-# cut to what is left of one overall budget (GPU_CHECK_BUDGET seconds, default 400: under 7 minutes):
+# cut to what is left of one overall budget (GPU_CHECK_BUDGET seconds, default 410: under 7 minutes):
 #   env         GPU, driver, versions; installs the carried wheels (offline) and import-checks them
 #   build       the extension for the visible GPU only (TORCH_CUDA_ARCH_LIST from nvidia-smi), pip -e
 #   tests       the CUDA tests against the float64 reference (pytest -k cuda: loss, backends, layouts)
@@ -24,6 +24,7 @@
 # Usage: bash benchmarks/gpu_check.sh [--dry-run] [DIR]
 # On the device tool: carry [".whl"], command `bash benchmarks/gpu_check.sh`, timeout_s 480.
 set -uo pipefail
+{ # the whole script is one block: bash reads it all before running it, so editing the file meanwhile is safe
 cd "$(dirname "$0")/.."
 ROOT=$PWD
 DRY=0
@@ -45,7 +46,7 @@ if (( DRY )); then
   export TRITON_INTERPRET=1 CUDA_VISIBLE_DEVICES=""
 else
   PY=${PYTHON:-python3}
-  BUDGET=${GPU_CHECK_BUDGET:-400}
+  BUDGET=${GPU_CHECK_BUDGET:-410}
 fi
 case $PY in /*) ;; */*) PY=$ROOT/$PY ;; *) PY=$(command -v "$PY") ;; esac   # absolute, symlinks kept (a venv)
 W=$(mktemp -d /tmp/rmfast-gpu-check.XXXXXX)
@@ -110,7 +111,7 @@ bad = []
 for n in names:
     try:
         m = importlib.import_module(n)
-        v = getattr(m, "__version__", None) or md.version(n.replace("_", "-"))
+        v = getattr(m, "__version__", None) or md.version({"cpuinfo": "py-cpuinfo"}.get(n, n.replace("_", "-")))
         print(f"{n:18} {v}  ({getattr(m, '__file__', '') or ''})")
     except Exception as exc:  # noqa: BLE001
         print(f"{n:18} NOT IMPORTABLE: {type(exc).__name__}: {exc}")
@@ -125,7 +126,7 @@ EOF
   local ok=$?
   cat "$R/env.txt"
   local gpu; gpu=$(nvidia-smi --query-gpu=name,memory.total,driver_version --format=csv,noheader 2>/dev/null | head -1)
-  echo "${gpu:-no GPU}; $(grep -E '^(torch|triton|transformers|deepspeed) ' "$R/env.txt" | awk '{print $1, $2}' | tr '\n' ' ')" \
+  echo "${gpu:-no GPU}; $(grep -E '^(torch|triton|transformers|deepspeed) +[0-9]' "$R/env.txt" | awk '{print $1, $2}' | tr '\n' ' ')" \
     > "$W/result.env"
   return $ok
 }
@@ -156,7 +157,7 @@ stage_build() {
 stage_tests() {
   local extra=()
   if (( ! DRY )); then
-    "$PY" -c "import xdist" 2>/dev/null && extra+=(-n 4)
+    "$PY" -c "import xdist" 2>/dev/null && extra+=(-n 8)
     "$PY" -c "import pytest_timeout" 2>/dev/null && extra+=(--timeout 120)
   fi
   "$PY" -m pytest -q -p no:cacheprovider -rfE "${extra[@]}" -k cuda \
@@ -229,7 +230,7 @@ stage_bench_train() {
     args=(--device cpu --hidden 64 --layers 2 --vocab 500 --pairs 4 --steps 2 --warmup 1) tag=dryrun
   else
     # 18 layers of 768: 127M parameters outside the embeddings, 134M in all with the 8,000-token BPE
-    args=(--device cuda --dtype bf16 --hidden 768 --layers 18 --vocab 8000 --pairs 8 --steps 10 --warmup 2) tag=cuda
+    args=(--device cuda --dtype bf16 --hidden 768 --layers 18 --vocab 8000 --pairs 8 --steps 8 --warmup 2) tag=cuda
   fi
   : > "$W/result.bench_train"
   # two invocations: a contender that breaks (bench_train stops at the first) costs only its own line;
@@ -309,6 +310,9 @@ run_stage bench_train "$(cap 130 240)" stage_bench_train
 run_stage mfu "$(cap 130 120)" stage_mfu
 run_stage bench_loss 60 stage_bench_loss
 echo "" >> "$R/summary.md"
-echo "total $SECONDS s; work folder $W" >> "$R/summary.md"
+echo "total $SECONDS s" >> "$R/summary.md"
+[ -n "${GPU_CHECK_KEEP:-}" ] && echo "work folder kept: $W" >> "$R/summary.md" || rm -rf "$W"   # models, runs
 cat "$R/summary.md"
 ! grep -qE "\| (FAILED|TIMEOUT|SKIPPED)" "$R/summary.md"
+exit $?
+}
