@@ -5,7 +5,7 @@ PY     := $(VENV)/bin/python
 PIP    := $(PY) -m pip
 TORCH  ?= torch==2.14.1
 
-.PHONY: setup demo demo-loss test test-fast bench env clean
+.PHONY: setup demo demo-loss test test-fast lint bench env clean
 
 # Marker files keep `make test` from reinstalling; csrc changes rebuild the extension.
 $(VENV)/.torch:
@@ -29,6 +29,9 @@ demo-loss: setup
 
 test: setup
 	$(PY) -m pytest tests
+
+lint: setup
+	$(VENV)/bin/ruff check .
 
 test-fast: setup
 	$(PY) -m pytest tests -m "not slow"

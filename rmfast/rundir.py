@@ -75,13 +75,18 @@ def identity(config, backbone_config, tokenizer_fp, data_fps, world_size):
     """What a checkpoint records of its run, to compare a resume with (JSON-able)."""
     m, t = config.model, config.train
     arch = {k: v for k, v in backbone_config.to_dict().items() if not k.startswith("_") and k != "transformers_version"}
-    return {
+    return _as_json({
         "architecture": arch, "tokenizer": tokenizer_fp, "world_size": world_size,
         "lora": [m.lora_r, m.lora_alpha, sorted(m.lora_target_modules)] if m.lora_r else None,
         "model.name_or_path": m.name_or_path, "data.train": data_fps, "data.max_length": config.data.max_length,
         "train.layout": t.layout, "train.pairs_per_batch": t.pairs_per_batch, "train.token_budget": t.token_budget,
         "train.grad_accum": t.grad_accum,
-    }
+    })
+
+
+def _as_json(value):
+    """As it reads back from the checkpoint's JSON (tuples become lists), so that equal runs compare equal."""
+    return json.loads(json.dumps(value, default=str))
 
 
 def check_resume(saved, now, where, allow_changes):

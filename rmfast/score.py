@@ -89,8 +89,10 @@ def check_reward_model(model_dir):
     archs = config.get("architectures") or []
     labels = len(config.get("id2label") or {}) or config.get("num_labels", 2)  # transformers saves id2label
     if not any(a.endswith("ForSequenceClassification") for a in archs) or labels != 1:
+        seq = any(a.endswith("ForSequenceClassification") for a in archs)
+        this = f"{', '.join(archs)} with {labels} labels" if seq else f"a bare backbone ({', '.join(archs) or '?'})"
         raise ValueError(f"{model_dir}: not a reward model (a one-label *ForSequenceClassification; this one is "
-                         f"{', '.join(archs) or 'a bare backbone'}), so its head would be untrained; {what}")
+                         f"{this}), so its head would be untrained; {what}")
 
 
 def _token_batches(costs, budget):

@@ -6,7 +6,6 @@ import errno
 import gzip
 import json
 import os
-import pickle
 import subprocess
 import sys
 
@@ -281,10 +280,14 @@ def test_a_corrupt_checkpoint_file_is_named(engine_setup, finished, tmp_path):
 
 
 def test_a_terminal_shows_the_bar_and_log_lines_apart_without_library_noise(engine_setup, tmp_path):
+    import fcntl
     import pty
     import select
+    import struct
+    import termios
 
     leader, follower = pty.openpty()
+    fcntl.ioctl(follower, termios.TIOCSWINSZ, struct.pack("HHHH", 40, 120, 0, 0))  # a 120-column terminal
     proc = subprocess.Popen(command(1) + args_for(engine_setup, tmp_path / "run", **{"train.max_steps": 6,
                                                                                       "train.eval_every": 2}),
                             stdin=follower, stdout=follower, stderr=follower, env=clean_env(), close_fds=True)
