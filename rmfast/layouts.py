@@ -40,8 +40,9 @@ class Batch:
         return self.input_ids.numel()
 
     def _map(self, fn):
-        return Batch(**{k: (fn(v) if isinstance(v, torch.Tensor) else v) for k, v in self.__dict__.items()
-                        if k != "inputs"})
+        # type(self): a subclass (rmfast.groups.GroupBatch) keeps its own fields through to() / pin_memory()
+        return type(self)(**{k: (fn(v) if isinstance(v, torch.Tensor) else v) for k, v in self.__dict__.items()
+                             if k != "inputs"})
 
     def to(self, device):
         """The batch on `device` (asynchronous from pinned memory); attention inputs are left to be rebuilt

@@ -28,6 +28,13 @@ REASONS = {
     "empty_text": "empty chosen or rejected",
     "identical": "chosen identical to rejected",
     "bad_margin": "margin is not a finite number",
+    # groups (rmfast.data.groups): a prompt with K ranked or scored responses
+    "few_responses": "fewer than 2 responses",
+    "empty_response": "empty response",
+    "bad_scores": "scores of the wrong length or not finite numbers",
+    "bad_ranking": "ranking is not a permutation of the response indices",
+    "ambiguous_preference": "both scores and a ranking given",
+    "all_tied": "every response tied (nothing to compare)",
 }
 
 Text = Union[str, list]

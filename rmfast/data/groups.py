@@ -1,0 +1,181 @@
+"""Group rows: a prompt with K ≥ 2 responses and what says which is better, detected, mapped and validated.
+
+Row shapes (column names mapped through ``columns`` as for pairs; ``"a[].b"`` reads ``b`` from each element
+of the list ``a``):
+
+- scored:          ``{"prompt", "responses": [...], "scores": [...]}``, higher is better;
+- ranked:          ``{"prompt", "responses": [...], "ranking": [...]}``: the response indices best first,
+                   so ``ranking[0]`` is the index of the best response (a permutation of 0..K-1);
+- conversational:  the prompt and each response as lists of {role, content} messages (rendered with the
+                   tokenizer's chat template, as for pairs); without a prompt, each response is a whole
+                   conversation;
+- UltraFeedback:   ``{"instruction", "completions": [{"response", "overall_score"}, ...]}`` through
+                   ``columns=ULTRAFEEDBACK``;
+- RewardBench 2:   ``{"prompt", "chosen": [...], "rejected": [...], "subset"}``: every chosen beats every
+                   rejected; chosen among themselves, and rejected among themselves, are unordered;
+- a pair row (any shape rmfast.data.formats reads): the group of 2, chosen over rejected (its ``margin``
+  is not carried: a group's margins come from its score differences, see rmfast.group_loss).
+
+Every shape becomes one score per response (a ranking: K-1 for the best down to 0; RewardBench 2: 1 for
+chosen, 0 for rejected); equal scores give no comparison. A bad row raises BadRow with a reason code."""
+
+import math
+from dataclasses import dataclass
+from typing import Optional
+
+import numpy as np
+
+from .formats import BadRow, Text, _field, _messages, parse_row
+
+ULTRAFEEDBACK = {"prompt": "instruction", "responses": "completions[].response",
+                 "scores": "completions[].overall_score"}
+GROUP_COLUMNS = ("prompt", "responses", "scores", "ranking", "chosen", "rejected", "subset")
+
+
+@dataclass
+class Group:
+    """One validated group, before tokenization. responses: K texts (or message lists); scores: K floats,
+    higher is better; tag: where it came from within its dataset (RewardBench 2's subset), or None."""
+
+    location: str
+    format: str  # "explicit" | "implicit" (no prompt: full texts) | "conversational"
+    prompt: Optional[Text]
+    responses: list
+    scores: list
+    tag: Optional[str] = None
+
+
+def comparisons(scores):
+    """The comparisons of a group: ([C, 2] int64 (better, worse) response indices, [C] float32 score
+    differences (> 0), number of tied response pairs, which give none). Order: i < j, row-major."""
+    s = np.asarray(scores, dtype=np.float64)
+    i, j = np.triu_indices(len(s), k=1)
+    diff = s[i] - s[j]
+    keep = diff != 0
+    better = np.where(diff > 0, i, j)[keep]
+    worse = np.where(diff > 0, j, i)[keep]
+    return (np.stack([better, worse], axis=1).astype(np.int64), np.abs(diff[keep]).astype(np.float32),
+            int((~keep).sum()))
+
+
+def read_column(row, name, spec, required=True):
+    """The value of the `name` column (prompt, responses, ...) of a row, read from ``spec``: "a", or
+    "a[].b" for field b of every element of list a."""
+    head, sep, tail = spec.partition("[].")
+    value = _field(row, name, head, required)
+    if not sep or value is None:
+        return value
+    if not isinstance(value, list):
+        raise BadRow("missing_field", f"{head!r} must be a list of objects with {tail!r} (the {name} column)")
+    out = []
+    for k, item in enumerate(value):
+        if not isinstance(item, dict) or tail not in item:
+            raise BadRow("missing_field", f"{head!r}[{k}] has no {tail!r} (the {name} column)")
+        out.append(item[tail])
+    return out
+
+
+def _check_scores(values, K, column):
+    if not isinstance(values, list) or len(values) != K:
+        n = len(values) if isinstance(values, list) else type(values).__name__
+        raise BadRow("bad_scores", f"{column!r} must list {K} numbers, one per response; got {n}")
+    out = []
+    for k, v in enumerate(values):
+        try:
+            x = float(v) if not isinstance(v, bool) else math.nan
+        except (TypeError, ValueError):
+            x = math.nan
+        if not math.isfinite(x):
+            raise BadRow("bad_scores", f"{column!r}[{k}] is {v!r}, not a finite number")
+        out.append(x)
+    return out
+
+
+def _ranking_scores(ranking, K, column):
+    """Scores from a ranking (response indices best first): K-1 for the best, down to 0 for the worst."""
+    ok = isinstance(ranking, list) and all(isinstance(r, int) and not isinstance(r, bool) for r in ranking)
+    if not ok or sorted(ranking) != list(range(K)):
+        raise BadRow("bad_ranking", f"{column!r} is {ranking!r}; it must list the response indices 0..{K - 1} "
+                                    f"once each, best first")
+    scores = [0.0] * K
+    for place, r in enumerate(ranking):
+        scores[r] = float(K - 1 - place)
+    return scores
+
+
+def _responses(values, column):
+    """K texts or K message lists, validated; the format they make."""
+    if not isinstance(values, list) or len(values) < 2:
+        n = len(values) if isinstance(values, list) else type(values).__name__
+        raise BadRow("few_responses", f"{column!r} holds {n}; a group needs at least 2 responses")
+    if all(isinstance(v, list) for v in values):
+        out = [_messages(v, f"{column}[{k}]") for k, v in enumerate(values)]
+        for k, v in enumerate(out):
+            if not any(m["content"].strip() for m in v):
+                raise BadRow("empty_response", f"{column!r}[{k}] has no non-empty message")
+        return out, "conversational"
+    for k, v in enumerate(values):
+        if not isinstance(v, str):
+            raise BadRow("not_text", f"{column!r}[{k}] is {type(v).__name__}, not a string")
+        if not v.strip():
+            raise BadRow("empty_response", f"{column!r}[{k}] is empty")
+    return list(values), "explicit"
+
+
+def _prompt(value, fmt, column):
+    if value is None:
+        return None, ("conversational" if fmt == "conversational" else "implicit")
+    if fmt == "conversational":
+        return _messages(value, column), fmt
+    if not isinstance(value, str):
+        raise BadRow("not_text", f"{column!r} is {type(value).__name__}, not a string")
+    return value, fmt
+
+
+def _finish(location, fmt, prompt, responses, scores, tag=None):
+    if len(set(scores)) == 1:
+        raise BadRow("all_tied", f"all {len(scores)} responses score {scores[0]:g}")
+    return Group(location, fmt, prompt, responses, scores, tag)
+
+
+def _scored(location, row, col):
+    responses, fmt = _responses(read_column(row, "responses", col["responses"]), col["responses"])
+    prompt, fmt = _prompt(read_column(row, "prompt", col["prompt"], required=False), fmt, col["prompt"])
+    scores = read_column(row, "scores", col["scores"], required=False)
+    ranking = read_column(row, "ranking", col["ranking"], required=False)
+    if scores is not None and ranking is not None:
+        raise BadRow("ambiguous_preference", f"give {col['scores']!r} or {col['ranking']!r}, not both")
+    if scores is None and ranking is None:
+        read_column(row, "scores", col["scores"])  # raises missing_field, naming the columns to map
+    K = len(responses)
+    scores = (_check_scores(scores, K, col["scores"]) if scores is not None
+              else _ranking_scores(ranking, K, col["ranking"]))
+    return _finish(location, fmt, prompt, responses, scores)
+
+
+def _chosen_rejected_lists(location, row, col):
+    """RewardBench 2: every chosen beats every rejected (scores 1 and 0; ties within each side)."""
+    chosen, rejected = row[col["chosen"]], row[col["rejected"]]
+    if not isinstance(rejected, list):
+        raise BadRow("bad_messages", f"{col['rejected']!r} must be a list of responses like {col['chosen']!r}")
+    responses, fmt = _responses(chosen + rejected, f"{col['chosen']}+{col['rejected']}")
+    prompt, fmt = _prompt(read_column(row, "prompt", col["prompt"], required=False), fmt, col["prompt"])
+    scores = [1.0] * len(chosen) + [0.0] * len(rejected)
+    tag = row.get(col["subset"])
+    return _finish(location, fmt, prompt, responses, scores, None if tag is None else str(tag))
+
+
+def parse_group_row(location, row, fmt="auto", columns=None) -> Group:
+    """Validate one row of any shape above and return its Group; raises BadRow with the reason. ``fmt``
+    applies to pair rows (rmfast.data.formats.FORMATS)."""
+    columns = columns or {}
+    col = {k: columns.get(k, k) for k in GROUP_COLUMNS}
+    if col["responses"].partition("[].")[0] in row:
+        return _scored(location, row, col)
+    chosen = row.get(col["chosen"])
+    if isinstance(chosen, list) and chosen and not isinstance(chosen[0], dict):  # a list of responses
+        return _chosen_rejected_lists(location, row, col)
+    if "responses" not in columns and col["chosen"] not in row:
+        read_column(row, "responses", col["responses"])  # neither shape: name the group columns
+    pair = parse_row(location, row, fmt, columns)
+    return Group(location, pair.format, pair.prompt, [pair.chosen, pair.rejected], [1.0, 0.0])

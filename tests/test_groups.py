@@ -1,0 +1,248 @@
+"""Groups (a prompt with K ranked or scored responses) in one forward: the prefix-shared group layout's
+structure, its exactness against every response padded alone (rewards and every parameter gradient, on
+every supported architecture, with dense, segment and varlen attention), the group loss's weightings and
+margin, and K = 2 being today's pair path."""
+
+import numpy as np
+import pytest
+import torch
+
+from helpers import ARCHS, assert_equal_to_padded, build, edge_pairs, reference_varlen, rewards_and_grads
+from rmfast import attention, layouts
+from rmfast.data.group_tokens import TokenizedGroups, common_prefix_all
+from rmfast.group_loss import comparison_weights, group_forward, group_reward_loss
+from rmfast.groups import GroupBatch, group_costs, padded_groups, prefix_shared_groups
+from rmfast.loss import pairwise_reward_loss
+
+
+def groups_of(seqsets, scores, weights=None):
+    """TokenizedGroups from whole sequences (lists of id lists), the prompt being their longest common
+    prefix capped so that each response keeps a token, as tokenization makes it."""
+    prompts, responses = [], []
+    for seqs in seqsets:
+        s = min(common_prefix_all(seqs), min(len(x) for x in seqs) - 1)
+        prompts.append(np.array(seqs[0][:s], np.int32))
+        responses.append([np.array(x[s:], np.int32) for x in seqs])
+    return TokenizedGroups(prompts, responses, [np.array(x, np.float32) for x in scores], weights)
+
+
+def edge_groups(seed=0):
+    rng = np.random.default_rng(seed)
+    seqsets, scores = [], []
+    for K in (3, 4, 2, 5):  # a shared prompt, then K different responses, distinct scores
+        p = list(rng.integers(3, 96, rng.integers(2, 9)))
+        seqsets.append([p + list(rng.integers(3, 96, rng.integers(1, 6))) + [2] for _ in range(K)])
+        scores.append(list(rng.permutation(K)))
+    seqsets.append([[5, 6, 7, 2], [5, 6, 7, 8, 2], [5, 6, 7, 8, 9, 2]])  # responses prefixes of one another
+    scores.append([0, 2, 1])
+    seqsets.append([[5, 6, 2], [5, 6, 7, 2], [5, 6, 8, 2]])  # one-token responses ([2] alone)
+    scores.append([1, 0, 2])
+    seqsets.append([[5, 6], [5, 6, 7]])  # the prompt capped so that each response keeps a token
+    scores.append([1, 0])
+    seqsets.append([[4, 3, 9, 2], [4, 3, 8, 2], [4, 3, 7, 7, 2], [4, 3, 6, 2]])  # ties: 4 comparisons of 6
+    scores.append([1, 1, 0, 0])
+    seqsets.append([[9, 2], [10, 2], [11, 12, 2]])  # nothing in common
+    scores.append([0.5, 3.0, -1.0])
+    weights = np.linspace(0.5, 2.0, len(seqsets))
+    return groups_of(seqsets, scores, weights)
+
+
+def group_rewards_and_grads(model, batch, how="dense", **loss):
+    """Rewards of every comparison's better then worse response ([2C]) and every parameter's gradient."""
+    model.zero_grad()
+    model.set_attention(how)
+    out = group_forward(model, batch, **loss)
+    (out.loss + 0.1 * out.chosen_rewards.sum()).backward()
+    grads = {n: p.grad.detach().clone() for n, p in model.named_parameters() if p.grad is not None}
+    return torch.cat([out.chosen_rewards, out.rejected_rewards]).detach(), grads
+
+
+@pytest.fixture
+def reference_kernel(monkeypatch):
+    monkeypatch.setattr(attention, "varlen_kernel", lambda: ("reference", reference_varlen))
+
+
+def configs():
+    for arch in ARCHS:
+        for how, rows in (("dense", 40), ("segments", 40), ("segments", layouts.ONE_ROW), ("varlen", 40),
+                          ("varlen", layouts.ONE_ROW)):
+            if how != "dense" and arch in attention.DENSE_ONLY:
+                continue
+            yield pytest.param(arch, how, rows, id=f"{arch}-{how}-{'one-row' if rows == layouts.ONE_ROW else 'rows'}")
+
+
+# ---------------------------------------------------------------- exactness against every response padded alone
+
+
+@pytest.mark.parametrize("arch,how,rows", list(configs()))
+def test_group_rewards_and_gradients_equal_padded(reference_kernel, arch, how, rows):
+    groups = edge_groups()
+    idx = list(range(len(groups)))
+    model = build(None, arch)
+    ref_r, ref_g = group_rewards_and_grads(model, padded_groups(groups, idx, 0))
+    batch = prefix_shared_groups(groups, idx, 0, max_tokens=rows)
+    if rows == layouts.ONE_ROW:
+        assert batch.input_ids.shape[0] == 1
+    got_r, got_g = group_rewards_and_grads(model, batch, how)
+    assert_equal_to_padded(got_r, got_g, ref_r, ref_g)
+
+
+@pytest.mark.parametrize("weighting", ["comparison", "group"])
+@pytest.mark.parametrize("margin_scale", [0.0, 0.5])
+def test_every_loss_option_is_exact_too(weighting, margin_scale):
+    groups = edge_groups(1)
+    idx = list(range(len(groups)))
+    model = build(None, "qwen3", bias=True)
+    loss = dict(weighting=weighting, margin_scale=margin_scale, center_coef=0.01)
+    ref_r, ref_g = group_rewards_and_grads(model, padded_groups(groups, idx, 0), **loss)
+    got_r, got_g = group_rewards_and_grads(model, prefix_shared_groups(groups, idx, 0, max_tokens=40), "segments",
+                                           **loss)
+    assert_equal_to_padded(got_r, got_g, ref_r, ref_g)
+
+
+def test_every_response_reward_equals_padded():
+    groups = edge_groups(2)
+    idx = list(range(len(groups)))
+    model = build(None, "llama")
+    ref = model.rewards(padded := padded_groups(groups, idx, 0), padded.response_index)
+    model.set_attention("segments")
+    got = model.rewards(batch := prefix_shared_groups(groups, idx, 0), batch.response_index)
+    assert (got - ref).abs().max() <= 1e-5
+    assert torch.equal(batch.response_group, padded.response_group)
+
+
+# ---------------------------------------------------------------- structure
+
+
+def test_group_layout_positions_blocks_and_indices():
+    # prompt [1 5] once, then r1 [6 7 2], r2 [8 2], r3 [2]; scores rank r2 > r1 > r3
+    groups = groups_of([[[1, 5, 6, 7, 2], [1, 5, 8, 2], [1, 5, 2]]], [[1.0, 2.0, 0.0]])
+    b = prefix_shared_groups(groups, [0], pad_id=0)
+    assert b.input_ids.tolist() == [[1, 5, 6, 7, 2, 8, 2, 2]]
+    assert b.position_ids.tolist() == [[0, 1, 2, 3, 4, 2, 3, 2]]  # each response restarts at the prompt length
+    assert b.blocks == [layouts.Block(0, 0, 5), layouts.Block(0, 5, 7, (0, 2)), layouts.Block(0, 7, 8, (0, 2))]
+    assert b.response_index.tolist() == [4, 6, 7]
+    # comparisons (better, worse) in row-major order of the response pairs: (r2, r1), (r1, r3), (r2, r3)
+    assert b.chosen_index.tolist() == [6, 4, 6] and b.rejected_index.tolist() == [4, 7, 7]
+    assert b.score_diff.tolist() == [1.0, 1.0, 2.0] and b.comparison_group.tolist() == [0, 0, 0]
+    mask = layouts.dense_mask(b)[0, 0]
+    assert mask[6].tolist() == [True, True, False, False, False, True, True, False]  # r2: prompt and itself
+    assert mask[7].tolist() == [True, True, False, False, False, False, False, True]  # r3: never r1 or r2
+    assert b.tokens == b.positions == 8 and b.pairs == 3 and b.groups == 1
+
+
+def test_ties_give_no_comparison():
+    groups = groups_of([[[4, 3, 9, 2], [4, 3, 8, 2], [4, 3, 7, 2], [4, 3, 6, 2]]], [[1, 1, 0, 0]])
+    b = prefix_shared_groups(groups, [0], 0)
+    better, worse = b.chosen_index.tolist(), b.rejected_index.tolist()
+    assert len(better) == 4 and set(better) == set(b.response_index[:2].tolist())
+    assert set(worse) == set(b.response_index[2:].tolist())
+
+
+def test_groups_pack_first_fit_and_a_group_too_long_is_refused_not_split():
+    groups = edge_groups()
+    b = prefix_shared_groups(groups, range(len(groups)), 0, max_tokens=40)
+    assert b.input_ids.shape[1] <= 40 and b.input_ids.shape[0] > 1
+    longest = int(group_costs(groups, "prefix_shared")[0].max())
+    with pytest.raises(ValueError, match=f"takes {longest} tokens.*raise max_tokens.*to at least {longest}"):
+        prefix_shared_groups(groups, range(len(groups)), 0, max_tokens=longest - 1)
+
+
+def test_prefix_sharing_computes_each_prompt_once():
+    groups = edge_groups()
+    idx = list(range(len(groups)))
+    shared, padded = prefix_shared_groups(groups, idx, 0), padded_groups(groups, idx, 0)
+    prompts = sum(len(p) * (len(r) - 1) for p, r in zip(groups.prompt, groups.responses))
+    assert shared.tokens == padded.tokens - prompts
+    costs, combine = group_costs(groups, "prefix_shared")
+    assert combine == "sum" and int(costs.sum()) == shared.tokens
+    assert group_costs(groups, "padded")[1] == "max"
+
+
+def test_group_batch_keeps_its_fields_on_the_way_to_a_device():
+    b = prefix_shared_groups(edge_groups(), [0, 1], 0)
+    moved = b.to("cpu")
+    assert isinstance(moved, GroupBatch) and torch.equal(moved.comparison_group, b.comparison_group)
+    assert torch.equal(moved.group_weight, b.group_weight)
+
+
+# ---------------------------------------------------------------- K = 2 is the pair path
+
+
+def test_groups_of_two_lay_out_exactly_as_prefix_shared_pairs():
+    pairs = edge_pairs()
+    idx = list(range(len(pairs)))
+    pair_batch = layouts.prefix_shared(pairs, idx, 0, max_tokens=48)
+    group_batch = prefix_shared_groups(TokenizedGroups.from_pairs(pairs), idx, 0, max_tokens=48)
+    for name in ("input_ids", "attention_mask", "position_ids", "chosen_index", "rejected_index"):
+        assert torch.equal(getattr(group_batch, name), getattr(pair_batch, name)), name
+    assert group_batch.blocks == pair_batch.blocks and group_batch.tokens == pair_batch.tokens
+
+
+@pytest.mark.parametrize("weighting", ["comparison", "group"])
+def test_groups_of_two_give_the_pair_loss_and_gradients(weighting):
+    pairs = edge_pairs(3)
+    idx = list(range(len(pairs)))
+    model = build(None, "mistral")
+    ref_r, ref_g = rewards_and_grads(model, layouts.prefix_shared(pairs, idx, 0), "segments")
+    batch = prefix_shared_groups(TokenizedGroups.from_pairs(pairs), idx, 0)
+    got_r, got_g = group_rewards_and_grads(model, batch, "segments", weighting=weighting)
+    assert_equal_to_padded(got_r, got_g, ref_r, ref_g)
+
+
+# ---------------------------------------------------------------- the loss's options
+
+
+def per_comparison(batch, margin=None):
+    hidden = torch.randn(batch.input_ids.numel(), 8, generator=torch.Generator().manual_seed(0))
+    weight = torch.randn(8, generator=torch.Generator().manual_seed(1))
+    terms = pairwise_reward_loss(hidden, weight, batch.chosen_index, batch.rejected_index, margin=margin,
+                                 reduction="none").loss
+    return hidden, weight, terms
+
+
+def test_each_comparison_counts_the_same_by_default():
+    groups = edge_groups()
+    groups.weight[:] = 1.0
+    batch = prefix_shared_groups(groups, range(len(groups)), 0)
+    hidden, weight, terms = per_comparison(batch)
+    assert torch.allclose(group_reward_loss(hidden, weight, batch).loss, terms.mean())
+
+
+def test_each_group_counts_the_same_with_group_weighting():
+    groups = edge_groups()
+    batch = prefix_shared_groups(groups, range(len(groups)), 0)
+    hidden, weight, terms = per_comparison(batch)
+    g = batch.comparison_group
+    means = torch.stack([terms[g == k].mean() for k in range(batch.groups)])  # InstructGPT: per-group mean
+    expected = (means * batch.group_weight).sum() / batch.group_weight.sum()
+    assert torch.allclose(group_reward_loss(hidden, weight, batch, weighting="group").loss, expected)
+    assert torch.allclose(comparison_weights(batch, "group").sum(), torch.tensor(1.0))
+    with pytest.raises(ValueError, match="weighting"):
+        comparison_weights(batch, "pair")
+
+
+def test_margin_is_the_scaled_score_difference_and_off_by_default():
+    groups = edge_groups()
+    groups.weight[:] = 1.0
+    batch = prefix_shared_groups(groups, range(len(groups)), 0)
+    hidden, weight, terms = per_comparison(batch, margin=0.5 * batch.score_diff)
+    assert torch.allclose(group_reward_loss(hidden, weight, batch, margin_scale=0.5).loss, terms.mean())
+    assert batch.margin is None
+
+
+# ---------------------------------------------------------------- FlexAttention: not yet for K > 2
+
+
+@pytest.mark.parametrize("K", [2, pytest.param(3, marks=pytest.mark.xfail(
+    strict=True, reason="attention.block_mask marks a unit's tokens only as prefix / chosen / rejected, so a "
+                        "third response sees the second; it needs a per-response kind (see the issue note)"))])
+def test_flex_attention_rewards_equal_padded(K):
+    groups = edge_groups() if K == 3 else TokenizedGroups.from_pairs(edge_pairs())
+    idx = [i for i in range(len(groups)) if len(groups.responses[i]) <= K]
+    model = build(None, "llama")
+    with torch.no_grad():
+        ref = model.rewards(p := padded_groups(groups, idx, 0), p.response_index)
+        model.set_attention("flex")
+        got = model.rewards(b := prefix_shared_groups(groups, idx, 0, layouts.ONE_ROW), b.response_index)
+    assert (got - ref).abs().max() <= 1e-5
