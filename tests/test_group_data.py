@@ -7,7 +7,7 @@ import json
 import numpy as np
 import pytest
 
-from rmfast.data import REASONS, DataConfig, DataError, generate_pairs, load_data
+from rmfast.data import REASONS, DataConfig, DataError, generate_groups, generate_pairs, load_data
 from rmfast.data import tokenize as pair_tokenize
 from rmfast.data.formats import BadRow
 from rmfast.data.group_tokens import TokenizedGroups, fit_group_length, load_groups, tokenize_groups
@@ -188,7 +188,29 @@ def test_truncation_cuts_the_prompt_from_the_left_then_responses_from_the_right(
 def test_with_two_responses_the_length_policy_is_fit_length(seed):
     rng = np.random.default_rng(seed)
     p = [1] + list(rng.integers(3, 50, rng.integers(0, 20)))
-    c, r = p + list(rng.integers(3, 50, rng.integers(1, 15))) + [2], p + list(rng.integers(3, 50, rng.integers(1, 15))) + [2]
+    c, r = (p + list(rng.integers(3, 50, rng.integers(1, 15))) + [2] for _ in range(2))
     policy = pair_tokenize.LengthPolicy(max_length=int(rng.integers(4, 30)), min_prompt_tokens=int(rng.integers(0, 5)))
     c2, r2, _, truncated = pair_tokenize.fit_length(c, r, len(p), policy, 1)
     assert fit_group_length([c, r], len(p), policy, 1) == ([c2, r2], [0, 1], truncated)
+
+
+# ---------------------------------------------------------------- synthetic groups
+
+
+@pytest.mark.parametrize("style", ["conversational", "explicit"])
+@pytest.mark.parametrize("k", [2, 4, 6])
+def test_synthetic_groups_rank_answers_by_their_distance_from_the_truth(style, k):
+    rows = generate_groups(20, k=k, style=style, seed=1)
+    ranked = generate_groups(20, k=k, style=style, seed=1, shape="ranking")
+    for row, other in zip(rows, ranked):
+        group = parse_group_row("x", row)
+        assert len(group.responses) == k and len(set(group.scores)) == k and max(group.scores) == 0.0
+        assert other["ranking"] == sorted(range(k), key=lambda i: -group.scores[i])  # the same order, ranked
+
+
+def test_synthetic_groups_load_and_share_their_prompt(tmp_path, tokenizer, cfg):
+    path = write(tmp_path / "groups.jsonl", generate_groups(30, k=4))
+    groups, report, counts = load_groups(str(path), tokenizer, cfg())
+    assert len(groups) == 30 and counts.comparisons == 30 * 6 and counts.ties == 0 and not report.bad
+    whole = sum(len(groups.sequence(g, i)) for g in range(30) for i in range(4))
+    assert sum(len(p) for p in groups.prompt) * 3 > whole / 2  # most tokens are prompt, computed once

@@ -11,6 +11,7 @@ from helpers import ARCHS, assert_equal_to_padded, build, edge_pairs, reference_
 from rmfast import attention, layouts
 from rmfast.data.group_tokens import TokenizedGroups, common_prefix_all
 from rmfast.group_loss import comparison_weights, group_forward, group_reward_loss
+from rmfast.group_metrics import group_metrics
 from rmfast.groups import GroupBatch, group_costs, padded_groups, prefix_shared_groups
 from rmfast.loss import pairwise_reward_loss
 
@@ -246,3 +247,28 @@ def test_flex_attention_rewards_equal_padded(K):
         model.set_attention("flex")
         got = model.rewards(b := prefix_shared_groups(groups, idx, 0, layouts.ONE_ROW), b.response_index)
     assert (got - ref).abs().max() <= 1e-5
+
+
+# ---------------------------------------------------------------- evaluation metrics
+
+
+@pytest.mark.parametrize("order,expected", [
+    ("scores", (1.0, 1.0, 1.0)),       # rewards in the scores' order: everything right
+    ("reversed", (0.0, 0.0, -1.0)),    # every comparison reversed
+])
+def test_group_metrics_of_perfect_and_reversed_rewards(order, expected):
+    groups = edge_groups()
+    batch = prefix_shared_groups(groups, range(len(groups)), 0)
+    rewards = batch.response_scores * (1 if order == "scores" else -1)
+    m = group_metrics(rewards, batch)
+    assert (m["comparison_accuracy"], m["top1_accuracy"], m["kendall_tau"]) == expected
+    assert m["comparisons"] == batch.pairs and m["groups"] == len(groups)
+
+
+def test_kendall_tau_is_per_group_then_averaged():
+    # group 0: 3 comparisons, one reversed (τ = 1/3); group 1: one comparison, right (τ = 1)
+    groups = groups_of([[[5, 2], [6, 2], [7, 2]], [[8, 2], [9, 2]]], [[2, 1, 0], [1, 0]])
+    batch = padded_groups(groups, [0, 1], 0)
+    m = group_metrics(torch.tensor([2.0, 0.0, 1.0, 1.0, 0.0]), batch)
+    assert m["kendall_tau"] == pytest.approx((1 / 3 + 1) / 2) and m["comparison_accuracy"] == 0.75
+    assert m["top1_accuracy"] == 1.0

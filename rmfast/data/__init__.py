@@ -4,7 +4,8 @@ learnable synthetic generator. ``load_data(DataConfig(...), tokenizer)`` is the 
 from .formats import REASONS, Pair
 from .loader import DataConfig, DataError, DataReport, Source, load_data, load_source
 from .synthetic import generate_pairs
+from .synthetic_groups import generate_groups
 from .tokenize import LengthPolicy, TokenizedPairs, shared_prefix
 
 __all__ = ["DataConfig", "DataError", "DataReport", "Source", "load_data", "load_source", "generate_pairs",
-           "LengthPolicy", "TokenizedPairs", "shared_prefix", "Pair", "REASONS"]
+           "generate_groups", "LengthPolicy", "TokenizedPairs", "shared_prefix", "Pair", "REASONS"]
