@@ -108,7 +108,8 @@ def run_trainer(pairs, order, args, tok, rows):
     write_jsonl([rows[i] for i in order], work / "pairs.jsonl")
     steps = args.warmup + args.steps
     config = config_module.build(overrides={
-        "model.name_or_path": str(work / "model"), "model.dtype": "bf16" if model_dtype(args) == torch.bfloat16 else "fp32",
+        "model.name_or_path": str(work / "model"),
+        "model.dtype": "bf16" if model_dtype(args) == torch.bfloat16 else "fp32",
         "data.train": [str(work / "pairs.jsonl")], "data.max_length": 512, "data.cache_dir": str(work / "cache"),
         "train.output_dir": str(work / "run"), "train.layout": "prefix_shared", "train.attention": args.attention,
         "train.pairs_per_batch": args.pairs, "train.max_steps": steps, "train.lr": 1e-4, "train.warmup_ratio": 0.0,
@@ -207,7 +208,8 @@ def main(argv=None):
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--data", default=str(DEFAULT_DATA))
     parser.add_argument("--pairs", type=int, default=8, help="pairs per step, for every contender")
-    parser.add_argument("--steps", type=int, default=32, help="timed steps (32 × 8 pairs: about the sample's average lengths)")
+    parser.add_argument("--steps", type=int, default=32,
+                        help="timed steps (32 × 8 pairs: about the sample's average lengths)")
     parser.add_argument("--warmup", type=int, default=2)
     parser.add_argument("--hidden", type=int, default=256)
     parser.add_argument("--layers", type=int, default=6)

@@ -377,7 +377,8 @@ def varlen_attention_fn(module, query, key, value, attention_mask, scaling=None,
     if plan is None:
         raise RuntimeError("varlen attention needs the layout's plan (pass rmfast_varlen=varlen_plan(batch))")
     if plan.kernel is None:
-        raise RuntimeError("no flash-attention varlen kernel: install flash-attn or a torch that has torch.nn.attention.varlen")
+        raise RuntimeError("no flash-attention varlen kernel: install flash-attn or a torch that has "
+                           "torch.nn.attention.varlen")
     B, Hq, L, D = query.shape
     flat = lambda t: t.transpose(1, 2).reshape(B * L, t.shape[1], D)  # noqa: E731  [B·L, H, D]
     q, k, v = flat(query), flat(key), flat(value)

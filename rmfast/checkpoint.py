@@ -55,7 +55,8 @@ def checkpoint_tags(root: Path):
     """Complete checkpoints under root, oldest first."""
     if not root.exists():
         return []
-    tags = [p.name for p in root.iterdir() if p.is_dir() and re.fullmatch(r"step-\d+", p.name) and (p / MARKER).exists()]
+    tags = [p.name for p in root.iterdir()
+            if p.is_dir() and re.fullmatch(r"step-\d+", p.name) and (p / MARKER).exists()]
     return sorted(tags, key=lambda t: int(t.split("-")[1]))
 
 

@@ -31,11 +31,13 @@ def demo_setup(out_dir, pairs=3000, seed=0, max_operand=9, max_history=2, diffic
     from .data.tokenizers import train_bpe_tokenizer
 
     out = Path(out_dir)
-    data = write_jsonl(generate_pairs(pairs, seed=seed, max_operand=max_operand, max_history=max_history, difficulty=difficulty), out / "demo-data" / "train.jsonl")
-    evald = write_jsonl(generate_pairs(400, seed=seed + 1, max_operand=max_operand, max_history=max_history, difficulty=difficulty), out / "demo-data" / "eval.jsonl")
+    kw = {"max_operand": max_operand, "max_history": max_history, "difficulty": difficulty}
+    data = write_jsonl(generate_pairs(pairs, seed=seed, **kw), out / "demo-data" / "train.jsonl")
+    evald = write_jsonl(generate_pairs(400, seed=seed + 1, **kw), out / "demo-data" / "eval.jsonl")
     model_dir = out / "demo-model"
     if not (model_dir / "config.json").exists():
-        texts = [m["content"] for r in generate_pairs(2000, seed=seed + 2) for m in r["prompt"] + r["chosen"] + r["rejected"]]
+        texts = [m["content"] for r in generate_pairs(2000, seed=seed + 2)
+                 for m in r["prompt"] + r["chosen"] + r["rejected"]]
         tok = train_bpe_tokenizer(texts, vocab_size=512)
         cfg = LlamaConfig(vocab_size=len(tok), hidden_size=128, intermediate_size=256, num_hidden_layers=2,
                           num_attention_heads=4, num_key_value_heads=4, max_position_embeddings=512,
@@ -50,7 +52,8 @@ def demo_setup(out_dir, pairs=3000, seed=0, max_operand=9, max_history=2, diffic
         "model.name_or_path": str(model_dir), "model.dtype": "fp32",
         "data.train": [str(data)], "data.eval": [str(evald)], "data.max_length": 256,
         "train.output_dir": str(out), "train.pairs_per_batch": 32, "train.lr": 2e-3, "train.epochs": 2.0,
-        "train.warmup_ratio": 0.05, "train.use_margin": False, "train.eval_every": 50, "train.save_every": 0, "train.weight_decay": 0.0,
+        "train.warmup_ratio": 0.05, "train.use_margin": False, "train.eval_every": 50, "train.save_every": 0,
+        "train.weight_decay": 0.0,
         "train.log_every": 5, "train.tensorboard": False, "train.overwrite": True,
     }
 

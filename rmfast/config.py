@@ -44,7 +44,8 @@ def _require(ok, message):
 
 @dataclass
 class ModelConfig:
-    name_or_path: str = _f("", "backbone: a local folder or hub id (a *ForSequenceClassification checkpoint keeps its head)")
+    name_or_path: str = _f("", "backbone: a local folder or hub id (a *ForSequenceClassification checkpoint keeps "
+                               "its head)")
     tokenizer: Optional[str] = _f(None, "tokenizer folder or id (default: the model's)")
     dtype: str = _f("bf16", "training precision", choices=["bf16", "fp16", "fp32"])
     head_bias: bool = _f(False, "give the value head a bias")

@@ -456,7 +456,8 @@ def check_model_path(path, flag):
     """A model or tokenizer reference must be a folder with a config, or look like a hub id (org/name)."""
     p = Path(path).expanduser()
     if p.exists():
-        if not p.is_dir() or not any((p / f).exists() for f in ("config.json", "tokenizer.json", "tokenizer_config.json")):
+        files = ("config.json", "tokenizer.json", "tokenizer_config.json")
+        if not p.is_dir() or not any((p / f).exists() for f in files):
             raise ValueError(f"{flag} {path}: not a model folder (no config.json or tokenizer files in it)")
         return
     if str(path).startswith((".", "/", "~")) or str(path).count("/") != 1:

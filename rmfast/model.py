@@ -55,7 +55,8 @@ class RewardModel(nn.Module):
             seq = AutoModelForSequenceClassification.from_pretrained(name_or_path, **kwargs)
             score = _score_linear(seq)
             if score is None:
-                raise ValueError(f"{name_or_path}: a sequence-classification checkpoint without a one-output score head")
+                raise ValueError(f"{name_or_path}: a sequence-classification checkpoint without a one-output "
+                                 f"score head")
             head = RewardHead(score.in_features, bias=score.bias is not None, dtype=torch_dtype)
             with torch.no_grad(), _gathered([score.weight, score.bias]):
                 head.weight.copy_(score.weight.reshape(-1))

@@ -2,10 +2,8 @@
 export after ZeRO-3, the non-finite guard, and the demo. Each run is its own process, as in real use."""
 
 import json
-import os
 import re
 import signal
-import socket
 import subprocess
 import sys
 import time
@@ -80,8 +78,10 @@ def test_deepspeed_launcher_runs_as_torchrun_does(setup, tmp_path):
     bindir = Path(sys.executable).parent
     out = tmp_path / "launcher"
     run = {"train.zero_stage": 3, "train.max_steps": 6, "model.dtype": "bf16", "model.lora_r": 4}
-    cmd = [str(bindir / "deepspeed"), "--num_gpus", "2", "--master_port", str(free_port()), str(bindir / "rmfast-train")]
-    res = subprocess.run(cmd + args_for(setup, out, **run), capture_output=True, text=True, env=clean_env(), timeout=900)
+    cmd = [str(bindir / "deepspeed"), "--num_gpus", "2", "--master_port", str(free_port()),
+           str(bindir / "rmfast-train")]
+    res = subprocess.run(cmd + args_for(setup, out, **run), capture_output=True, text=True, env=clean_env(),
+                         timeout=900)
     assert res.returncode == 0, res.stdout[-3000:] + res.stderr[-5000:]
     assert "(bfloat16)" in res.stdout + res.stderr
     train(setup, tmp_path / "torchrun", nproc=2, **run)
@@ -210,7 +210,8 @@ def test_lora_run_exports_merged_weights_and_its_trained_head(setup, tmp_path, n
     # the value head is trained and saved (not re-initialised on save)
     torch.testing.assert_close(exported["score.weight"].reshape(-1), trained["head.weight"].float(), rtol=0, atol=1e-6)
     # adapters merged into the attention weights; weights without adapters untouched
-    assert not torch.allclose(exported["model.layers.0.self_attn.q_proj.weight"], base["layers.0.self_attn.q_proj.weight"])
+    q_proj = "layers.0.self_attn.q_proj.weight"
+    assert not torch.allclose(exported[f"model.{q_proj}"], base[q_proj])
     torch.testing.assert_close(exported["model.layers.0.mlp.up_proj.weight"], base["layers.0.mlp.up_proj.weight"])
     # rmfast-export from the checkpoint merges the same way
     subprocess.run([sys.executable, "-m", "rmfast.export", str(out), "--out", str(tmp_path / "again"),

@@ -1,7 +1,6 @@
 """Packed and prefix-shared layouts: structure, exactness against padded on every supported architecture
 (rewards and parameter gradients, dense-mask, segment and varlen attention), and refusals."""
 
-import numpy as np
 import pytest
 import torch
 
@@ -48,7 +47,7 @@ def test_packed_rows_restart_positions_and_respect_capacity():
     pairs = pairs_of([[3, 4, 2], [5, 2]], [[6, 7, 8, 2], [9, 2]])
     b = layouts.packed(pairs, [0, 1], pad_id=0, max_tokens=6)
     assert b.input_ids.shape[1] <= 6
-    for row, pos in zip(b.input_ids.tolist(), b.position_ids.tolist()):
+    for pos in b.position_ids.tolist():
         starts = [i for i, p in enumerate(pos) if p == 0]
         assert starts[0] == 0
     flat = b.input_ids.reshape(-1)

@@ -1,6 +1,5 @@
 """RewardModel on tiny transformers models: last-token rewards, padding, and the Hugging Face export."""
 
-import numpy as np
 import pytest
 import torch
 

@@ -215,7 +215,7 @@ def _read_csv(path: Path):
     bad_lines = {}
 
     def text_lines():
-        for number, text, reason, error in _lines(path):
+        for number, text, _, error in _lines(path):
             if text is None:
                 bad_lines[number] = error
                 yield ""

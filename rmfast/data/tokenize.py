@@ -179,7 +179,7 @@ def tokenize_pairs(pairs, tokenizer, policy: LengthPolicy, chat_template=None, b
             enc = tokenizer(texts, add_special_tokens=not special, return_offsets_mapping=True)
             for k, i in enumerate(idx):
                 encoded[i] = (enc["input_ids"][k], enc["input_ids"][len(idx) + k], enc["offset_mapping"][k])
-        for pair, (chosen_text, _, prompt_text, _), (ids_c, ids_r, offsets) in zip(batch, rendered, encoded):
+        for pair, (_, _, prompt_text, _), (ids_c, ids_r, offsets) in zip(batch, rendered, encoded):
             ids_c, ids_r = list(ids_c), list(ids_r)
             if prompt_text is None:
                 prompt_len = common_prefix(ids_c, ids_r)
@@ -230,7 +230,8 @@ def tokenize_pairs_parallel(pairs, tokenizer, policy: LengthPolicy, chat_templat
     chunks = [pairs[i:i + size] for i in range(0, len(pairs), size)]
     parts, counts = [], {}
     with ProcessPoolExecutor(num_proc, mp_context=multiprocessing.get_context("fork")) as pool:
-        for (part, part_counts), chunk in zip(pool.map(_tokenize_chunk, [(c, tokenizer, policy, chat_template) for c in chunks]), chunks):
+        results = pool.map(_tokenize_chunk, [(c, tokenizer, policy, chat_template) for c in chunks])
+        for (part, part_counts), chunk in zip(results, chunks):
             parts.append(part)
             for k, v in part_counts.items():
                 counts[k] = counts.get(k, 0) + v
