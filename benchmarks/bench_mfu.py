@@ -261,6 +261,9 @@ def main(argv=None):
         done += 1
     state["batches"].close()
     pool.shutdown(wait=False, cancel_futures=True)
+    import shutil
+
+    shutil.rmtree(work, ignore_errors=True)  # the model folder (2 GB at the default size) and the run
     elapsed = sum(times)
     tok_s = sum(tokens) / elapsed
     peak_flops = args.peak_tflops * 1e12
