@@ -254,19 +254,24 @@ def flex_attention_fn(module, query, key, value, attention_mask, scaling=None, d
 
 
 def _unit_and_kind(batch):
-    """Per position: its unit (sequence, or pair; -1 for padding) and kind (0 prefix / whole sequence,
-    1 chosen suffix, 2 rejected suffix), [R, L] int64 each."""
+    """Per position: its unit (sequence, pair or group; -1 for padding) and kind (0 the shared prefix or a
+    whole sequence, then 1, 2, … for the unit's first, second, … response: chosen / rejected for a pair),
+    [R, L] int64 each. A token sees earlier tokens of its unit of kind 0 or of its own kind."""
     R, L = batch.input_ids.shape
     unit = torch.full((R, L), -1, dtype=torch.long)
     kind = torch.zeros((R, L), dtype=torch.long)
     for u, b in enumerate(x for x in batch.blocks if x.prefix is None):
         unit[b.row, b.q0:b.q1] = u
+    later = {}  # (row, prefix start) → responses laid after the first
     for b in batch.blocks:
         if b.prefix is not None:
             p0, p1 = b.prefix
+            n = later.get((b.row, p0), 0)
+            later[b.row, p0] = n + 1
             unit[b.row, b.q0:b.q1] = unit[b.row, p0]
-            kind[b.row, p1:b.q0] = 1
-            kind[b.row, b.q0:b.q1] = 2
+            if n == 0:  # the first response shares its block with the prefix
+                kind[b.row, p1:b.q0] = 1
+            kind[b.row, b.q0:b.q1] = 2 + n
     return unit, kind
 
 
@@ -287,7 +292,7 @@ def block_tiles(batch, size, unit, kind):
     diag = np.arange(T)
     any_[:, diag, diag] = True  # padding sees itself
     # a tile is full when all its queries and keys belong to one unit, every key precedes every query, and
-    # no rejected query meets a chosen key
+    # no query meets a key of another response
     unit, kind = unit.numpy(), kind.numpy()
     pad = T * size - L
     unit = np.pad(unit, ((0, 0), (0, pad)), constant_values=-1).reshape(R, T, size)
@@ -295,15 +300,19 @@ def block_tiles(batch, size, unit, kind):
     one = (unit.min(-1) == unit.max(-1)) & (unit.min(-1) >= 0)  # [R, T]
     same = one[:, :, None] & one[:, None, :] & (unit[:, :, None, 0] == unit[:, None, :, 0])
     before = diag[None, :] < diag[:, None]  # key tile strictly before query tile: every key precedes
-    clash = (kind == 2).any(-1)[:, :, None] & (kind == 1).any(-1)[:, None, :]
-    full = same & before[None] & ~clash & any_
+    # every key visible to every query: the key tile is all prefix, or it and the query tile are one response
+    top = kind.max(-1)  # [R, T]
+    low = np.where(kind == 0, np.iinfo(np.int64).max, kind).min(-1)  # smallest response kind in the tile
+    single = (kind.min(-1) == top)[:, :, None] & (low == top)[:, None, :] & (top[:, :, None] == top[:, None, :])
+    visible = (top == 0)[:, None, :] | single
+    full = same & before[None] & visible & any_
     return torch.from_numpy(any_), torch.from_numpy(full)
 
 
 def block_mask(batch, device=None, size=128):
     """A FlexAttention BlockMask for a packed batch: a token sees earlier tokens of its own unit (a
-    sequence, or a pair), except that rejected-suffix tokens never see chosen-suffix ones; padding sees
-    itself only. The tiles come from the blocks (block_tiles), so no L×L mask is ever evaluated."""
+    sequence, a pair or a group) that are its prefix or its own response (a rejected response never sees
+    the chosen one, nor one response of a group another); padding sees itself only. The tiles come from the blocks (block_tiles), so no L×L mask is ever evaluated."""
     from torch.nn.attention.flex_attention import BlockMask
 
     R, L = batch.input_ids.shape
@@ -313,7 +322,7 @@ def block_mask(batch, device=None, size=128):
     unit, kind = unit_cpu.to(device), kind_cpu.to(device)
 
     def mask_mod(b, h, q, k):
-        same = (unit[b, q] == unit[b, k]) & (k <= q) & ~((kind[b, q] == 2) & (kind[b, k] == 1))
+        same = (unit[b, q] == unit[b, k]) & (k <= q) & ((kind[b, k] == 0) | (kind[b, k] == kind[b, q]))
         return (same & (unit[b, q] >= 0)) | (q == k)
 
     def sparse(tiles):  # [R, T, T] bool → counts [R, 1, T] int32, indices [R, 1, T, T] int32 (listed first)

@@ -232,12 +232,10 @@ def test_margin_is_the_scaled_score_difference_and_off_by_default():
     assert batch.margin is None
 
 
-# ---------------------------------------------------------------- FlexAttention: not yet for K > 2
+# ---------------------------------------------------------------- FlexAttention (forward on CPU)
 
 
-@pytest.mark.parametrize("K", [2, pytest.param(3, marks=pytest.mark.xfail(
-    strict=True, reason="attention.block_mask marks a unit's tokens only as prefix / chosen / rejected, so a "
-                        "third response sees the second; it needs a per-response kind (see the issue note)"))])
+@pytest.mark.parametrize("K", [2, 3])
 def test_flex_attention_rewards_equal_padded(K):
     groups = edge_groups() if K == 3 else TokenizedGroups.from_pairs(edge_pairs())
     idx = [i for i in range(len(groups)) if len(groups.responses[i]) <= K]
@@ -272,3 +270,22 @@ def test_kendall_tau_is_per_group_then_averaged():
     m = group_metrics(torch.tensor([2.0, 0.0, 1.0, 1.0, 0.0]), batch)
     assert m["kendall_tau"] == pytest.approx((1 / 3 + 1) / 2) and m["comparison_accuracy"] == 0.75
     assert m["top1_accuracy"] == 1.0
+
+
+@pytest.mark.parametrize("rows", [48, layouts.ONE_ROW], ids=["rows", "one-row"])
+def test_flex_block_mask_of_groups_equals_evaluating_the_mask(rows):
+    # as for pairs (tests/test_layouts.py): the tiles built from the blocks are those create_block_mask finds
+    from torch.nn.attention.flex_attention import create_block_mask
+
+    groups = edge_groups(1)
+    batch = prefix_shared_groups(groups, list(range(len(groups))), 0, rows)
+    R, L = batch.input_ids.shape
+    ours = attention.block_mask(batch, size=4)
+    ref = create_block_mask(ours.mask_mod, R, None, L, L, device="cpu", BLOCK_SIZE=4)
+
+    def tiles(counts, indices):
+        return [[sorted(indices[r, 0, t, :counts[r, 0, t]].tolist()) for t in range(counts.shape[-1])]
+                for r in range(R)]
+
+    assert tiles(ours.kv_num_blocks, ours.kv_indices) == tiles(ref.kv_num_blocks, ref.kv_indices)
+    assert tiles(ours.full_kv_num_blocks, ours.full_kv_indices) == tiles(ref.full_kv_num_blocks, ref.full_kv_indices)
