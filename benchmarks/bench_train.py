@@ -79,7 +79,7 @@ def make_step(name, model, pairs, pad_id, device="cpu", how="segments"):
             return -F.logsigmoid(rc - rr).mean(), b.positions, b.tokens
         return step
     layout = {"rmfast-padded": "padded", "rmfast-packed": "packed", "rmfast-prefix": "prefix_shared"}[name]
-    model.set_attention(how)
+    model.set_attention(how if layout != "padded" else "dense")
 
     def step(idx):  # packed layouts in one row: segment / flex attention pays nothing for it, no padding
         b = layouts.make(layout, pairs, idx, pad_id, max_tokens=layouts.ONE_ROW).to(device)

@@ -312,7 +312,8 @@ def block_tiles(batch, size, unit, kind):
 def block_mask(batch, device=None, size=128):
     """A FlexAttention BlockMask for a packed batch: a token sees earlier tokens of its own unit (a
     sequence, a pair or a group) that are its prefix or its own response (a rejected response never sees
-    the chosen one, nor one response of a group another); padding sees itself only. The tiles come from the blocks (block_tiles), so no L×L mask is ever evaluated."""
+    the chosen one, nor one response of a group another); padding sees itself only. The tiles come from
+    the blocks (block_tiles), so no L×L mask is ever evaluated."""
     from torch.nn.attention.flex_attention import BlockMask
 
     R, L = batch.input_ids.shape
@@ -322,7 +323,8 @@ def block_mask(batch, device=None, size=128):
     unit, kind = unit_cpu.to(device), kind_cpu.to(device)
 
     def mask_mod(b, h, q, k):
-        same = (unit[b, q] == unit[b, k]) & (k <= q) & ((kind[b, k] == 0) | (kind[b, k] == kind[b, q]))
+        own = (kind[b, k] == 0) | (kind[b, k] == kind[b, q])  # the prefix, or the query's own response
+        same = (unit[b, q] == unit[b, k]) & (k <= q) & own
         return (same & (unit[b, q] >= 0)) | (q == k)
 
     def sparse(tiles):  # [R, T, T] bool → counts [R, 1, T] int32, indices [R, 1, T, T] int32 (listed first)
@@ -427,7 +429,10 @@ def register():
 
 def model_inputs(batch, attention, dtype=torch.float32, eager=False):
     """The attention-related inputs of a backbone forward for `batch` under `attention`."""
-    if batch.blocks is None:  # padded
+    if batch.blocks is None:  # padded: the backbone's own attention (RewardModel.set_attention("dense"))
+        if attention in IMPLEMENTATIONS:
+            raise ValueError(f"a padded batch needs the backbone's own attention, not {attention!r}: "
+                             f"set_attention('dense') first")
         return {"attention_mask": batch.attention_mask, "position_ids": batch.position_ids}
     if attention == "segments":
         return {"attention_mask": None, "position_ids": batch.position_ids, "rmfast_blocks": batch.blocks,

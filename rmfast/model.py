@@ -70,7 +70,7 @@ class RewardModel(nn.Module):
     def set_attention(self, kind):
         """Run packed batches with attention `kind`: dense, segments, flex or varlen (rmfast.attention). The
         backbone is switched to rmfast's implementation for segments / flex / varlen and back to its own for
-        dense; padded batches (no blocks) always go through the backbone's attention with their 2-D mask."""
+        dense. Padded batches (no blocks) need the backbone's own attention with their 2-D mask: dense."""
         from .attention import IMPLEMENTATIONS, register
 
         if self._native_attention is None:
