@@ -8,8 +8,10 @@
 // backward(hidden [N, D], weight [D] acc, rows [M] int64, coef [M] acc, need_hidden_grad)
 //   -> (d_hidden [N, D] contiguous in hidden's dtype (zeros except the listed rows; empty when not
 //       needed), d_weight [D] acc)
-//   rows holds each gathered row once (-1 marks an entry to skip), coef the summed dL/dr of that row,
-//   so rows never collide and no atomics are needed.
+//   rows lists gathered rows (-1 marks an entry to skip) and coef the summed dL/dr of each; a row may be
+//   listed more than once only with the same coefficient (rmfast/loss.py sums them first), so d_hidden
+//   rows are written, never accumulated, and the writes of repeated entries agree: no atomics are needed.
+//   hidden may be a stride-0 expansion of one row (the head, when only d_hidden is wanted).
 #pragma once
 
 #include <torch/types.h>
