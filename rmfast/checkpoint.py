@@ -117,6 +117,34 @@ def resolve(root: Path, where):
     return path
 
 
+# The plain-data classes DeepSpeed pickles into its own checkpoint files (loss scalers, ZeRO's stage enum,
+# fragment addresses). Anything else in a checkpoint file is refused before DeepSpeed unpickles it.
+DEEPSPEED_CLASSES = {
+    "deepspeed.runtime.fp16.loss_scaler.LossScaler", "deepspeed.runtime.fp16.loss_scaler.DynamicLossScaler",
+    "deepspeed.runtime.zero.config.ZeroStageEnum", "deepspeed.utils.tensor_fragment.fragment_address",
+}
+
+
+def vet(path: Path):
+    """Refuse a checkpoint whose .pt files name anything beyond tensors, plain values and DEEPSPEED_CLASSES:
+    DeepSpeed loads its files with pickle, which would run code a crafted file names. The scan reads the
+    pickles' opcodes without running them. RMFAST_TRUST_CLASSES (comma-separated names, read here) adds to
+    the list, for a DeepSpeed version that saves another class."""
+    from .errors import CheckpointError
+
+    extra = os.environ.get("RMFAST_TRUST_CLASSES", "")
+    allowed = DEEPSPEED_CLASSES | {c.strip() for c in extra.split(",") if c.strip()}
+    for file in sorted(path.glob("*.pt")):
+        try:
+            names = set(torch.serialization.get_unsafe_globals_in_checkpoint(file))
+        except Exception as exc:  # noqa: BLE001 — whatever breaks the scan, the file is not loaded
+            raise CheckpointError(f"{file} cannot be read ({type(exc).__name__}: {exc})") from None
+        if names - allowed:
+            raise CheckpointError(f"{file} names {', '.join(sorted(names - allowed))}, which is not plain data; "
+                                  f"not loading it (unpickling it could run code). If DeepSpeed itself saved it, "
+                                  f"allow the class with RMFAST_TRUST_CLASSES=<name>")
+
+
 def read_state(path: Path):
     """The trainer state saved in a complete checkpoint folder."""
     if not (path / MARKER).exists():
@@ -128,6 +156,7 @@ def load_checkpoint(engine, path: Path, rank):
     """Load weights, optimizer and scheduler into a DeepSpeed engine, and this rank's RNG state."""
     from .errors import CheckpointError
 
+    vet(path)
     try:
         load_path, _ = engine.load_checkpoint(str(path.parent), tag=path.name)
         if load_path is None:

@@ -382,7 +382,10 @@ def export_model(model, tokenizer, out_dir, eval_metrics=None, zero_stage=0, dty
 
 def load_checkpoint_state(checkpoint_dir):
     """A RewardModel state dict (fp32, whole) from an rmfast checkpoint folder of any ZeRO stage."""
+    from .checkpoint import vet
+
     path = Path(checkpoint_dir)
+    vet(path)  # zero_to_fp32 unpickles the optimizer files: nothing but plain data may be in them
     states = sorted(path.glob("*model_states.pt"))
     zero_files = list(path.glob("*optim_states.pt"))
     stage = 0
@@ -410,7 +413,8 @@ def main(argv=None):
     import argparse
 
     parser = argparse.ArgumentParser(prog="rmfast-export", description=main.__doc__)
-    parser.add_argument("run", help="a training output dir (its latest checkpoint), a checkpoints dir, or a step folder")
+    parser.add_argument("run", help="a training output dir (its latest checkpoint), a checkpoints dir, or a step "
+                                    "folder")
     parser.add_argument("--out", required=True, help="where to write the Hugging Face folder")
     parser.add_argument("--dtype", default="bf16", choices=["bf16", "fp16", "fp32"])
     parser.add_argument("--max-shard-size", type=float, default=MAX_SHARD_SIZE / 1024**3,
@@ -429,7 +433,8 @@ def _export_run(run, args):
     from .model import DTYPES
 
     if not run.exists():
-        raise FileNotFoundError(f"{run}: no such folder (give a training output dir, its checkpoints dir or a step folder)")
+        raise FileNotFoundError(f"{run}: no such folder (give a training output dir, its checkpoints dir or a "
+                                f"step folder)")
     if (run / "checkpoints").exists():
         checkpoint = resolve(run / "checkpoints", "latest")
         out_root = run

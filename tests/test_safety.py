@@ -113,7 +113,8 @@ def test_a_crafted_rng_file_is_never_unpickled(engine_setup, finished, tmp_path)
     torch.save({"python": _Marker(marker)}, out / "checkpoints" / tag / "rng_rank0.pt")
     res = rmfast_train(engine_setup, out, **{"train.max_steps": 3, "train.resume": "latest"})
     assert not marker.exists()
-    assert res.returncode == 1 and "cannot be loaded" in res.stderr and "Traceback" not in res.stderr
+    assert res.returncode == 1 and "which is not plain data; not loading it" in res.stderr
+    assert "Traceback" not in res.stderr
 
 
 def test_a_crafted_tokenization_cache_is_never_unpickled(engine_setup, tmp_path):
@@ -319,3 +320,66 @@ def _visible(line):
     for part in line.split("\r"):
         shown = part + shown[len(part):]
     return shown.rstrip()
+
+
+def test_a_crafted_deepspeed_file_is_never_unpickled_by_export(finished, tmp_path):
+    import shutil
+
+    run = tmp_path / "run"
+    shutil.copytree(finished, run)
+    tag = (run / "checkpoints" / "latest").read_text()
+    marker = tmp_path / "pwned"
+    torch.save({"optimizer": _Marker(marker)}, run / "checkpoints" / tag / "zero_pp_rank_0_mp_rank_00_optim_states.pt")
+    res = tool("rmfast.export", run, "--out", tmp_path / "e")
+    assert not marker.exists()
+    assert res.returncode == 1 and "not plain data" in res.stderr and "Traceback" not in res.stderr
+
+
+def test_export_refuses_an_incomplete_checkpoint(finished, tmp_path):
+    import shutil
+
+    run = tmp_path / "run"
+    shutil.copytree(finished, run)
+    tag = (run / "checkpoints" / "latest").read_text()
+    (run / "checkpoints" / tag / checkpoint.MARKER).unlink()
+    res = tool("rmfast.export", run / "checkpoints" / tag, "--out", tmp_path / "e")
+    assert res.returncode == 2 and "not a complete checkpoint" in res.stderr
+    assert not (tmp_path / "e").exists()
+
+
+def test_ctrl_c_names_the_last_checkpoint_and_how_to_resume(engine_setup, tmp_path):
+    import signal
+    import time
+
+    out = tmp_path / "run"
+    proc = subprocess.Popen(command(1) + args_for(engine_setup, out, **{"train.max_steps": 400, "train.save_every": 2}),
+                            stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, env=clean_env())
+    deadline = time.time() + 300
+    while time.time() < deadline and proc.poll() is None and not checkpoint.checkpoint_tags(out / "checkpoints"):
+        time.sleep(0.05)
+    time.sleep(0.5)
+    proc.send_signal(signal.SIGINT)
+    _, err = proc.communicate(timeout=120)
+    assert proc.returncode == 130, err[-2000:]
+    assert "rmfast-train: interrupted; the last complete checkpoint is" in err and "--train.resume latest" in err
+    assert "Traceback" not in err and "KeyboardInterrupt" not in err
+
+
+def test_data_mistakes_say_what_the_data_has_and_which_flag_helps(engine_setup, tmp_path, capsys):
+    import pyarrow as pa
+    import pyarrow.parquet as pq
+
+    from rmfast.data import DataConfig, DataError, load_data
+    from transformers import AutoTokenizer
+
+    tok = AutoTokenizer.from_pretrained(engine_setup / "model")
+    folder = tmp_path / "data"
+    folder.mkdir()
+    pq.write_table(pa.Table.from_pylist([{"question": "q", "good": "a", "bad": "b"}]), folder / "x.parquet")
+    (folder / "notes.txt").write_text("not data")
+    with pytest.raises(DataError) as info:
+        load_data(DataConfig(train=[str(folder)], cache_dir=str(tmp_path / "c")), tok, progress=False)
+    message = str(info.value)
+    assert "the row has 'bad', 'good', 'question'" in message and "--data.columns" in message
+    assert "--data.on_bad_row skip" in message
+    assert "skipping 1 file(s) that are not data (notes.txt)" in capsys.readouterr().err
