@@ -64,7 +64,7 @@ def _extensions():
         raise SystemExit(
             "rmfast build: torch is not installed in this environment. Install it first "
             "(pip install torch==2.14.1), then: pip install --no-build-isolation -e ."
-        )
+        ) from None
 
     cxx_flags = ["-O3", "-fopenmp-simd"]
     sources = [os.path.join("csrc", f) for f in ("bindings.cpp", "pairwise_loss_cpu.cpp")]

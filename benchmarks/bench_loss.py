@@ -154,7 +154,8 @@ def contenders(device, hidden, ids, chosen, rejected, weight, with_compile):
     out = {"floor": None}
     for name in backends.BACKENDS:
         if backends.unavailable_reason(name, device) is None:
-            out[f"rmfast-{name}"] = (lambda h, b=name: pairwise_reward_loss(h, weight, chosen, rejected, backend=b).loss)
+            out[f"rmfast-{name}"] = (
+                lambda h, b=name: pairwise_reward_loss(h, weight, chosen, rejected, backend=b).loss)
     out["dschat"] = lambda h: dschat_loss(h, weight, ids)
     out["eager"] = lambda h: eager_loss(h, weight, chosen, rejected)
     if with_compile:

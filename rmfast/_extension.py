@@ -63,7 +63,8 @@ def load():
 
                 _state.update(module=_C, source="compiled")
             except ImportError as exc:
-                reasons.append(f"rmfast._C not importable ({exc}); build it with `pip install --no-build-isolation -e .`")
+                reasons.append(f"rmfast._C not importable ({exc}); build it with "
+                               f"`pip install --no-build-isolation -e .`")
         if _state["module"] is None and mode in ("auto", "jit"):
             try:
                 _state.update(module=_jit_build(), source="jit")

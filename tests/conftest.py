@@ -56,3 +56,13 @@ def engine_setup(tmp_path_factory):
     write_jsonl(rows[:200], root / "train.jsonl")
     write_jsonl(rows[200:], root / "eval.jsonl")
     return root
+
+
+@pytest.fixture
+def reference_kernel(monkeypatch):
+    """The varlen kernel replaced by helpers.reference_varlen: the flash kernels' contract in plain torch,
+    checking their input requirements (they need CUDA and half precision)."""
+    from helpers import reference_varlen
+    from rmfast import attention
+
+    monkeypatch.setattr(attention, "varlen_kernel", lambda: ("reference", reference_varlen))

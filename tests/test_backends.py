@@ -103,8 +103,10 @@ def test_import_without_extension_falls_back_to_torch_with_a_warning(tmp_path):
         "from rmfast import backends\n"
         "warnings.simplefilter('always')\n"
         "with warnings.catch_warnings(record=True) as w:\n"
-        "    out = rmfast.pairwise_reward_loss(torch.randn(4, 3), torch.randn(3), torch.tensor([0]), torch.tensor([1]))\n"
-        "print(backends.select('auto', 'cpu'), out.loss.item() > 0, any('extension is missing' in str(x.message) for x in w))\n"
+        "    out = rmfast.pairwise_reward_loss(torch.randn(4, 3), torch.randn(3), torch.tensor([0]), "
+        "torch.tensor([1]))\n"
+        "print(backends.select('auto', 'cpu'), out.loss.item() > 0, "
+        "any('extension is missing' in str(x.message) for x in w))\n"
     )
     env = dict(os.environ, RMFAST_EXTENSION="none")
     out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, env=env, check=True)
@@ -116,8 +118,10 @@ def test_jit_build_takes_over_when_the_compiled_module_is_absent(tmp_path):
     code = (
         "import torch, rmfast\n"
         "from rmfast import _extension, backends\n"
-        "h = torch.randn(6, 7, requires_grad=True); w = torch.randn(7); c = torch.tensor([0, 2]); r = torch.tensor([1, 3])\n"
-        "a = rmfast.pairwise_reward_loss(h, w, c, r, backend='cpu'); a.loss.backward(); g = h.grad.clone(); h.grad = None\n"
+        "h = torch.randn(6, 7, requires_grad=True); w = torch.randn(7)\n"
+        "c = torch.tensor([0, 2]); r = torch.tensor([1, 3])\n"
+        "a = rmfast.pairwise_reward_loss(h, w, c, r, backend='cpu'); a.loss.backward()\n"
+        "g = h.grad.clone(); h.grad = None\n"
         "b = rmfast.pairwise_reward_loss(h, w, c, r, backend='torch'); b.loss.backward()\n"
         "torch.testing.assert_close(a.loss, b.loss); torch.testing.assert_close(g, h.grad)\n"
         "print(_extension.info()[0], backends.select('auto', 'cpu'))\n"

@@ -54,7 +54,7 @@ def assert_same(got, want):
     names = ["loss", "chosen_rewards", "rejected_rewards", "d_hidden", "d_weight", "d_bias"]
     for name, a, b in zip(names, got, want):
         assert a is not None, f"{name} is missing"
-        torch.testing.assert_close(a, b, rtol=1e-5, atol=1e-6, msg=lambda m: f"{name}: {m}")
+        torch.testing.assert_close(a, b, rtol=1e-5, atol=1e-6, msg=lambda m, name=name: f"{name}: {m}")
 
 
 @pytest.mark.parametrize("backend", COMPILED)

@@ -16,7 +16,8 @@ from rmfast.data.tokenizers import train_bpe_tokenizer
 
 HH = Path(__file__).resolve().parents[2] / "shared" / "data" / "hh-rlhf-harmless-sample.jsonl.gz"
 ROWS = [
-    {"prompt": "\n\nHuman: What is 2 plus 2?\n\nAssistant:", "chosen": " 2 plus 2 is 4.", "rejected": " 2 plus 2 is 5."},
+    {"prompt": "\n\nHuman: What is 2 plus 2?\n\nAssistant:", "chosen": " 2 plus 2 is 4.",
+     "rejected": " 2 plus 2 is 5."},
     {"prompt": "\n\nHuman: Say hi.\n\nAssistant:", "chosen": " Hi!", "rejected": " No.", "margin": 1.5},
 ]
 

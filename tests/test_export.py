@@ -75,7 +75,8 @@ def reference_export(backbone_config, state, tokenizer, out, eval_metrics=None, 
         tokenizer.add_special_tokens({"pad_token": "<|rmfast_pad|>"})
         grow = max(len(tokenizer) - config.vocab_size, 0)
     config.pad_token_id = tokenizer.pad_token_id if tokenizer.pad_token_id < config.vocab_size else None
-    config.rmfast_reward_mean, config.rmfast_reward_std = eval_metrics["eval_reward_mean"], eval_metrics["eval_reward_std"]
+    config.rmfast_reward_mean = eval_metrics["eval_reward_mean"]
+    config.rmfast_reward_std = eval_metrics["eval_reward_std"]
     config.architectures = None
     dtype = dtype or next(iter(state.values())).dtype
     seq = AutoModelForSequenceClassification.from_config(config, dtype=torch.float32)
@@ -248,7 +249,8 @@ def test_a_failed_export_leaves_no_folder_and_keeps_the_previous_one(tmp_path, b
     monkeypatch.setattr(export._Shards, "_flush", failing)
     with pytest.raises(OSError):
         write_export(model.backbone.config, build(len(bpe), seed=1).state_dict(), tok, out, max_shard_size=20_000)
-    assert {p.name: p.read_bytes() for p in out.iterdir()} == before and [p.name for p in tmp_path.iterdir()] == ["export"]
+    assert {p.name: p.read_bytes() for p in out.iterdir()} == before
+    assert [p.name for p in tmp_path.iterdir()] == ["export"]
     # a successful export replaces the earlier one whole; a folder that is no export is not replaced
     monkeypatch.setattr(export._Shards, "_flush", flush)
     write_export(model.backbone.config, build(len(bpe), seed=1).state_dict(), tok, out, max_shard_size=20_000)
@@ -448,4 +450,5 @@ def test_lora_export_on_two_ranks_and_rmfast_export_agree(tmp_path, bpe, stage):
     assert export_main([str(out), "--out", str(tmp_path / "again"), "--dtype", "fp32"]) == 0
     a, b = exported_weights(out / "export"), exported_weights(tmp_path / "again")
     assert a.keys() == b.keys() and all(torch.equal(a[k], b[k]) for k in a)
-    assert json.loads((out / "export" / "config.json").read_text()) == json.loads((tmp_path / "again" / "config.json").read_text())
+    exported = json.loads((out / "export" / "config.json").read_text())
+    assert exported == json.loads((tmp_path / "again" / "config.json").read_text())

@@ -7,7 +7,7 @@ import numpy as np
 import pytest
 import torch
 
-from helpers import ARCHS, assert_equal_to_padded, build, edge_pairs, reference_varlen, rewards_and_grads
+from helpers import ARCHS, assert_equal_to_padded, build, edge_pairs, rewards_and_grads
 from rmfast import attention, layouts
 from rmfast.data.group_tokens import TokenizedGroups, common_prefix_all
 from rmfast.group_loss import comparison_weights, group_forward, group_reward_loss
@@ -56,11 +56,6 @@ def group_rewards_and_grads(model, batch, how="dense", **loss):
     (out.loss + 0.1 * out.chosen_rewards.sum()).backward()
     grads = {n: p.grad.detach().clone() for n, p in model.named_parameters() if p.grad is not None}
     return torch.cat([out.chosen_rewards, out.rejected_rewards]).detach(), grads
-
-
-@pytest.fixture
-def reference_kernel(monkeypatch):
-    monkeypatch.setattr(attention, "varlen_kernel", lambda: ("reference", reference_varlen))
 
 
 def configs():

@@ -142,11 +142,6 @@ def test_flex_attention_gradients_equal_padded_on_cuda(layout):
 # ---------------------------------------------------------------- varlen (flash-attention varlen kernels)
 
 
-@pytest.fixture
-def reference_kernel(monkeypatch):
-    monkeypatch.setattr(attention, "varlen_kernel", lambda: ("reference", reference_varlen))
-
-
 def varlen_configs():
     for arch in ARCHS:
         if arch in attention.DENSE_ONLY:

@@ -60,7 +60,8 @@ def test_resume_with_other_settings_is_refused():
 @pytest.mark.parametrize("budget", [None, 1500])
 def test_shards_are_disjoint_and_take_equal_steps(world_size, budget):
     kw = {"token_budget": budget} if budget else {"pairs_per_batch": 6}
-    shards = [PairSampler(COSTS, seed=4, rank=r, world_size=world_size, drop_last=True, **kw) for r in range(world_size)]
+    shards = [PairSampler(COSTS, seed=4, rank=r, world_size=world_size, drop_last=True, **kw)
+              for r in range(world_size)]
     batches = [epoch(s) for s in shards]
     assert len({len(b) for b in batches}) == 1
     seen = [i for bs in batches for b in bs for i in b]

@@ -114,7 +114,8 @@ def parse_row(location, row, fmt="auto", columns=None) -> Pair:
         if chosen == rejected:
             raise BadRow("identical")
     else:
-        for name, value in (("chosen", chosen), ("rejected", rejected)) + ((("prompt", prompt),) if prompt is not None else ()):
+        texts = (("chosen", chosen), ("rejected", rejected)) + ((("prompt", prompt),) if prompt is not None else ())
+        for name, value in texts:
             if not isinstance(value, str):
                 raise BadRow("not_text", f"{col[name]!r} is {type(value).__name__}, not a string")
         if not chosen.strip() or not rejected.strip():
