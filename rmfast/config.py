@@ -42,6 +42,28 @@ def _require(ok, message):
         raise ValueError(message)
 
 
+DATA_KINDS = ("pairs", "groups")
+
+
+@dataclass
+class DataSection(DataConfig):
+    """The data section of the training config: rmfast.data.loader.DataConfig and what kind of rows the
+    sources hold (the loader's own options are checked by DataConfig)."""
+
+    kind: str = _f("pairs", "pairs (chosen / rejected rows), or groups: a prompt with K ranked or scored responses, "
+                            "every comparison of a group in one step and its prompt computed once",
+                   choices=list(DATA_KINDS))
+
+    def __post_init__(self):
+        super().__post_init__()
+        _require(isinstance(self.kind, str) and self.kind in DATA_KINDS,
+                 f"data.kind must be one of {', '.join(DATA_KINDS)}, got {self.kind!r}")
+
+    def loader_config(self):
+        """The plain DataConfig (what the pair loader and its cache key see)."""
+        return DataConfig(**{f.name: getattr(self, f.name) for f in dataclasses.fields(DataConfig)})
+
+
 @dataclass
 class ModelConfig:
     name_or_path: str = _f("", "backbone: a local folder or hub id (a *ForSequenceClassification checkpoint keeps "
@@ -72,7 +94,7 @@ class TrainConfig:
     epochs: float = _f(1.0, "passes over the training pairs (ignored when max_steps > 0)")
     max_steps: int = _f(0, "optimizer steps to run (0: from epochs)")
     layout: str = _f("auto", "padded, packed, or prefix_shared (the prompt computed once); auto: prefix_shared "
-                             "where the architecture supports it, else padded",
+                             "where the architecture supports it, else padded (groups: prefix_shared or padded)",
                      choices=["auto", "padded", "packed", "prefix_shared"])
     attention: str = _f("auto", "attention of the packed layouts: varlen (flash-attention varlen kernel, CUDA, "
                                 "bf16/fp16), flex (FlexAttention BlockMask, CUDA), segments (one sdpa per block) "
@@ -81,7 +103,8 @@ class TrainConfig:
                         choices=["auto", "varlen", "flex", "segments", "dense"])
     row_tokens: int = _f(0, "packed layouts: tokens per packed row (0: one row per micro-batch with segment "
                             "attention, rows as long as the longest sequence or pair with the dense mask)")
-    pairs_per_batch: int = _f(8, "pairs per micro-batch per rank (when token_budget is 0)")
+    pairs_per_batch: int = _f(8, "pairs per micro-batch per rank (when token_budget is 0); with data.kind groups: "
+                                 "groups per micro-batch")
     token_budget: int = _f(0, "tokens per micro-batch per rank instead of a fixed number of pairs")
     grad_accum: int = _f(1, "micro-batches per optimizer step")
     lr: float = _f(1e-5, "peak learning rate")
@@ -94,13 +117,18 @@ class TrainConfig:
     max_grad_norm: float = _f(1.0, "gradient clipping (0: off)")
     use_margin: bool = _f(True, "pass the data's margin column to the loss")
     center_coef: float = _f(0.0, "reward centering: center_coef · mean((r_c + r_r)²)")
+    group_weighting: str = _f("comparison", "data.kind groups: every comparison counts the same (comparison), or "
+                                            "every group the same, its loss divided by its comparisons (group)",
+                              choices=["comparison", "group"])
+    margin_scale: float = _f(0.0, "data.kind groups: margin margin_scale · (score_better − score_worse) in the loss "
+                                  "(0: no margin)")
     loss_backend: str = _f("auto", "fused-loss backend", choices=["auto", "triton", "cuda", "cpu", "torch"])
     zero_stage: int = _f(0, "DeepSpeed ZeRO stage", choices=[0, 1, 2, 3])
     offload_optimizer: bool = _f(False, "keep optimizer states on CPU (ZeRO ≥ 1)")
     offload_params: bool = _f(False, "keep parameters on CPU (ZeRO 3)")
     deepspeed_config: Optional[str] = _f(None, "your DeepSpeed JSON, merged over the generated one")
     eval_every: int = _f(0, "evaluate every N optimizer steps (0: only at the end)")
-    eval_pairs_per_batch: int = _f(16, "pairs per evaluation micro-batch")
+    eval_pairs_per_batch: int = _f(16, "pairs per evaluation micro-batch (groups with data.kind groups)")
     log_every: int = _f(10, "write metrics every N optimizer steps (each waits for the GPU once)")
     save_every: int = _f(0, "checkpoint every N optimizer steps (0: only at the end)")
     keep_last: int = _f(2, "checkpoints to keep")
@@ -120,7 +148,7 @@ class TrainConfig:
         for name in ("grad_accum", "log_every", "pairs_per_batch", "eval_pairs_per_batch"):
             _require(getattr(self, name) >= 1, f"train.{name} must be ≥ 1, got {getattr(self, name)}")
         for name in ("max_steps", "token_budget", "row_tokens", "eval_every", "save_every", "keep_last",
-                     "weight_decay", "max_grad_norm", "center_coef"):
+                     "weight_decay", "max_grad_norm", "center_coef", "margin_scale"):
             _require(getattr(self, name) >= 0, f"train.{name} must be ≥ 0, got {getattr(self, name)}")
         _require(self.max_steps > 0 or self.epochs > 0,
                  f"train.epochs must be > 0 (or set train.max_steps), got {self.epochs}")
@@ -137,14 +165,18 @@ class TrainConfig:
 @dataclass
 class Config:
     model: ModelConfig = field(default_factory=ModelConfig)
-    data: DataConfig = field(default_factory=DataConfig)
+    data: DataSection = field(default_factory=DataSection)
     train: TrainConfig = field(default_factory=TrainConfig)
+
+    def __post_init__(self):
+        _require(not (getattr(self.data, "kind", "pairs") == "groups" and self.train.layout == "packed"),
+                 "train.layout packed is for pairs; groups use prefix_shared (the default) or padded")
 
     def to_dict(self):
         return dataclasses.asdict(self)
 
 
-SECTIONS = {"model": ModelConfig, "data": DataConfig, "train": TrainConfig}
+SECTIONS = {"model": ModelConfig, "data": DataSection, "train": TrainConfig}
 
 _DATA_HELP = {
     "train": "training sources: files, folders, datasets dirs or hub names (PATH or PATH@WEIGHT)",

@@ -5,6 +5,7 @@ sampler, engine), then ``Trainer``: its ``__init__`` calls the builders, ``train
 until the last step. Metrics (metrics.py), checkpoints (checkpoint.py) and export (export.py) live beside it."""
 
 import contextlib
+import functools
 import hashlib
 import io
 import json
@@ -135,14 +136,86 @@ def build_tokenizer(model_config):
     return tokenizer, ensure_pad_token(tokenizer)
 
 
+def data_kind(config: Config):
+    """'pairs' or 'groups' (a Config built with a plain DataConfig holds pairs)."""
+    return getattr(config.data, "kind", "pairs")
+
+
+def _loader_config(data):
+    return data.loader_config() if hasattr(data, "loader_config") else data
+
+
+def load_group_data(data, tokenizer):
+    """Train and eval groups for a DataConfig (rmfast.data.group_tokens.load_groups per source; eval from
+    data.eval, else a seeded data.eval_fraction of each train source; source weights as for pairs). Returns
+    (train TokenizedGroups, eval or None, DataReport, GroupCounts summed over the sources). Not cached."""
+    from .data import DataError, DataReport
+    from .data.group_tokens import GroupCounts, TokenizedGroups, load_groups
+    from .data.loader import Source
+
+    if not data.train:
+        raise ValueError("no training data: give at least one source (a file, folder, datasets dir or hub name)")
+    rng = np.random.default_rng(data.seed)
+    report, counts = DataReport(cached=False), GroupCounts()
+
+    def load(spec):
+        groups, rep, c = load_groups(spec, tokenizer, data)
+        report.merge(rep)
+        for name in ("groups", "comparisons", "ties", "merged", "truncated", "dropped_responses_too_long"):
+            setattr(counts, name, getattr(counts, name) + getattr(c, name))
+        for reason, n in c.dropped.items():
+            counts.dropped[reason] = counts.dropped.get(reason, 0) + n
+        return groups
+
+    train_parts, eval_parts = [], []
+    for spec in data.train:
+        source = Source.parse(spec)
+        groups = load(spec)
+        if data.eval_fraction and not data.eval:
+            order = rng.permutation(len(groups))
+            n_eval = int(round(data.eval_fraction * len(groups)))
+            eval_parts.append(groups.subset(np.sort(order[:n_eval])))
+            groups = groups.subset(np.sort(order[n_eval:]))
+        if source.weight < 0:
+            raise ValueError(f"a source weight must be ≥ 0, got {source.weight}")
+        whole, frac = int(source.weight), source.weight - int(source.weight)
+        idx = [np.arange(len(groups))] * whole
+        if frac > 0:
+            idx.append(np.sort(rng.permutation(len(groups))[: int(round(frac * len(groups)))]))
+        train_parts.append(groups.subset(np.concatenate(idx) if idx else np.zeros(0, np.int64)))
+    for spec in data.eval:
+        eval_parts.append(load(spec))
+    train = TokenizedGroups.concat(train_parts)
+    if len(train) == 0:
+        raise DataError("no training groups left after validation and the length policy:\n"
+                        + "\n".join(report.lines()))
+    return train, (TokenizedGroups.concat(eval_parts) if eval_parts else None), report, counts
+
+
+def group_report_lines(report, counts):
+    """The data report of group sources: the pair report's lines (its pairs are the comparisons), then what
+    the groups hold."""
+    lines = report.lines()
+    lines.insert(1, f"{counts.groups} groups, {counts.comparisons} comparisons; {counts.ties} tied response "
+                    f"pairs (no comparison), {counts.merged} identical responses merged, "
+                    f"{counts.dropped_responses_too_long} responses dropped as too long")
+    return lines
+
+
 def build_data(config: Config, tokenizer, rank, log):
-    """(train pairs, eval pairs or None). Rank 0 tokenizes first; the others then read its cache."""
+    """(train pairs, eval pairs or None); with data.kind groups, TokenizedGroups. Rank 0 tokenizes first;
+    the others then read its cache."""
     if rank != 0:
         dist.barrier()
-    train_pairs, eval_pairs, report = load_data(config.data, tokenizer, progress=rank == 0)
+    if data_kind(config) == "groups":
+        train_pairs, eval_pairs, report, counts = load_group_data(config.data, tokenizer)
+        lines = group_report_lines(report, counts)
+    else:
+        train_pairs, eval_pairs, report = load_data(_loader_config(config.data), tokenizer, progress=rank == 0)
+        lines = report.lines()
     if rank == 0:
         dist.barrier()
-        for line in report.lines():
+        for line in lines:
             log(f"data: {line}")
         if eval_pairs is None or len(eval_pairs) == 0:
             log("data: no eval set (give --data.eval or --data.eval_fraction): training metrics only")
@@ -197,8 +270,19 @@ def _finish_zero3_load(model, dtype, log):
 
 def build_sampler(config: Config, pairs, layout, rank, world):
     """With a token budget, micro-batches are cut by what pairs cost in the layout; with a fixed number of
-    pairs they are grouped by length alone, so that every layout sees the same batches in the same order."""
+    pairs they are grouped by length alone, so that every layout sees the same batches in the same order.
+    Groups (data.kind groups) the same way: cut by what they cost in the layout (rmfast.groups.group_costs),
+    or pairs_per_batch groups grouped by their prefix-shared length whatever the layout."""
     t = config.train
+    if data_kind(config) == "groups":
+        from .groups import group_costs, group_lengths
+
+        if t.token_budget:
+            costs, combine = group_costs(pairs, layout)
+            return PairSampler(costs, token_budget=t.token_budget, combine=combine, seed=t.seed, rank=rank,
+                               world_size=world)
+        return PairSampler(group_lengths(pairs), pairs_per_batch=t.pairs_per_batch, seed=t.seed, rank=rank,
+                           world_size=world)
     if t.token_budget:
         costs, combine = layouts.pair_costs(pairs, layout)
         return PairSampler(costs, token_budget=t.token_budget, combine=combine, seed=t.seed, rank=rank,
@@ -239,6 +323,9 @@ class Trainer:
 
         self.config, self.log = config, log
         t, m = config.train, config.model
+        self.groups = data_kind(config) == "groups"
+        if self.groups and t.layout == "packed":
+            raise ValueError("train.layout packed is for pairs; groups use prefix_shared (the default) or padded")
         self.rank, self.world, self.device = init_distributed()
         self.dtype = DTYPES[m.dtype]  # what the model computes in (DeepSpeed casts to it)
         if m.dtype == "fp16" and self.device.type != "cuda":
@@ -264,6 +351,8 @@ class Trainer:
                                  self.log if self.rank == 0 else (lambda _: None))
         if self.layout != "padded":
             self.model.set_attention(self.attention)
+        if self.groups:  # the engine's forward (ZeRO-3's gathering included) computes the group loss
+            self.model.forward = functools.partial(_group_module_forward, self.model)
         self.sampler = build_sampler(config, self.train_pairs, self.layout, self.rank, self.world)
         steps_per_epoch = max(1, len(self.sampler) // t.grad_accum)
         self.total_steps = t.max_steps or max(1, math.ceil(t.epochs * steps_per_epoch))
@@ -287,7 +376,11 @@ class Trainer:
         return {"step": self.step, "sampler": self._position, "world_size": self.world, "run": self.identity}
 
     def load_state_dict(self, state, where="the checkpoint"):
-        rundir.check_resume(state.get("run"), self.identity, where, self.config.train.resume_allow_changes)
+        saved = state.get("run")
+        if saved is not None and saved.get("data.kind", "pairs") != self.identity["data.kind"]:
+            raise rundir.RunDirError(f"cannot resume {where}: it trained on data.kind {saved.get('data.kind', 'pairs')}"
+                                     f", this run on {self.identity['data.kind']}")
+        rundir.check_resume(saved, self.identity, where, self.config.train.resume_allow_changes)
         if state["world_size"] != self.world:
             raise ValueError(f"{where} was saved by {state['world_size']} ranks; resume it with the same number "
                              f"(this run has {self.world})")
@@ -301,8 +394,13 @@ class Trainer:
         host memory first on CUDA, so that the copy does not wait)."""
         t = self.config.train
         rows = t.row_tokens or row_tokens(self.attention, self.device.type)
-        batch = layouts.make(self.layout, pairs, indices, self.tokenizer.pad_token_id, max_tokens=rows,
-                             use_margin=t.use_margin)
+        if self.groups:
+            from .groups import make_groups
+
+            batch = make_groups(self.layout, pairs, indices, self.tokenizer.pad_token_id, max_tokens=rows)
+        else:
+            batch = layouts.make(self.layout, pairs, indices, self.tokenizer.pad_token_id, max_tokens=rows,
+                                 use_margin=t.use_margin)
         if self.device.type == "cuda":
             batch = batch.pin_memory()
         return self.model.prepare(batch.to(self.device))
@@ -326,6 +424,10 @@ class Trainer:
 
     def forward(self, batch):
         # the layouts build valid indices, so the op's own range check (a host sync on CUDA) is not needed
+        t = self.config.train
+        if self.groups:
+            return self.engine(batch, weighting=t.group_weighting, margin_scale=t.margin_scale,
+                               center_coef=t.center_coef, backend=t.loss_backend, check_indices=False)
         return self.engine(batch, center_coef=self.config.train.center_coef, backend=self.config.train.loss_backend,
                            check_indices=False)
 
@@ -371,7 +473,8 @@ class Trainer:
             out = self.forward(batch)
             ok = torch.isfinite(out.loss.detach()).all()
             if skip and not _all_finite(ok):
-                self.log(f"skipping non-finite loss at step {self.step + 1} (micro-batch of pairs {indices[:4]}…)")
+                self.log(f"skipping non-finite loss at step {self.step + 1} (micro-batch of {self._unit} "
+                         f"{indices[:4]}…)")
                 skipped += 1
                 if skipped > len(self.sampler):
                     raise NonFiniteLoss(f"every micro-batch of a whole epoch ({skipped}) gave a non-finite loss at "
@@ -381,7 +484,7 @@ class Trainer:
             self.engine.backward(out.loss)
             boundary = self.engine.is_gradient_accumulation_boundary()
             if boundary and not skip and not _all_finite(finite):
-                raise NonFiniteLoss(f"non-finite loss at step {self.step + 1} (its last micro-batch: pairs "
+                raise NonFiniteLoss(f"non-finite loss at step {self.step + 1} (its last micro-batch: {self._unit} "
                                     f"{indices[:4]}…); nothing was trained on it. Lower the learning rate, use "
                                     f"bf16/fp32, or pass --train.on_nonfinite skip")
             self.engine.step()
@@ -413,12 +516,18 @@ class Trainer:
                 self.log(f"exported to {self.out / 'export'}")
         return final
 
+    @property
+    def _unit(self):
+        return "groups" if self.groups else "pairs"
+
     # -- evaluation over the whole eval set, sharded and gathered
     @torch.no_grad()
     def evaluate(self):
         pairs = self.eval_pairs
         if pairs is None or len(pairs) == 0:
             return {"step": self.step, "eval": "no eval set"}
+        if self.groups:
+            return self._evaluate_groups()
         self.engine.eval()
         size = self.config.train.eval_pairs_per_batch
         batches = [list(range(i, min(i + size, len(pairs)))) for i in range(0, len(pairs), size)]
@@ -437,6 +546,31 @@ class Trainer:
         self.engine.train()
         margin = torch.from_numpy(np.nan_to_num(pairs.margin, nan=0.0)) if self.config.train.use_margin else 0
         return {"step": self.step, **eval_metrics(rc, rr, margin, complete=rc.numel() == len(pairs))}
+
+    def _evaluate_groups(self):
+        """Every response of every eval group scored (sharded like the pair eval, gathered), then
+        eval_group_metrics over all of them."""
+        groups = self.eval_pairs
+        self.engine.eval()
+        size = self.config.train.eval_pairs_per_batch
+        batches = [list(range(i, min(i + size, len(groups)))) for i in range(0, len(groups), size)]
+        n = -(-len(batches) // self.world) * self.world  # the same number of forwards on every rank
+        parts = []
+        for k in range(self.rank, n, self.world):
+            batch = self.make_batch(groups, batches[k % len(batches)])
+            rewards = self.engine(batch, rewards_only=True).float().cpu()
+            if k < len(batches):
+                parts.append(_eval_part(rewards, batch._map(torch.Tensor.cpu)))
+        gathered = [None] * self.world
+        dist.all_gather_object(gathered, parts)
+        self.engine.train()
+        t = self.config.train
+        record = eval_group_metrics([p for g in gathered for p in g], t.group_weighting, t.margin_scale)
+        if self.rank == 0:
+            self.log(f"eval groups at step {self.step}: top-1 accuracy {record['eval_top1_accuracy']:.3f}  "
+                     f"Kendall tau {record['eval_kendall_tau']:.3f}  ({record['eval_groups']} groups, "
+                     f"{record['eval_pairs']} comparisons)")
+        return {"step": self.step, **record}
 
     # -- checkpoints
     def save(self):
@@ -490,7 +624,9 @@ def run_identity(config, backbone_config, tokenizer, world):
     for spec in config.data.train:
         source = Source.parse(spec)
         data.append([str(spec), hashlib.sha256(fingerprint(source.path, source.split).encode()).hexdigest()[:16]])
-    return rundir.identity(config, backbone_config, tokenizer_fingerprint(tokenizer), data, world)
+    ident = rundir.identity(config, backbone_config, tokenizer_fingerprint(tokenizer), data, world)
+    ident["data.kind"] = data_kind(config)
+    return ident
 
 
 def eval_metrics(rc, rr, margin, complete=True):
@@ -506,6 +642,61 @@ def eval_metrics(rc, rr, margin, complete=True):
         "eval_chosen_mean": float(rc.mean()), "eval_chosen_std": float(rc.std()) if rc.numel() > 1 else 0.0,
         "eval_rejected_mean": float(rr.mean()), "eval_rejected_std": float(rr.std()) if rr.numel() > 1 else 0.0,
         "eval_reward_mean": float(both.mean()), "eval_reward_std": float(both.std()),
+    }
+
+
+def _group_module_forward(model, batch, rewards_only=False, **kwargs):
+    """RewardModel's forward for GroupBatches (set on the model when data.kind is groups, so that DeepSpeed's
+    engine(batch, ...) runs it with its hooks): rmfast.group_loss.group_forward, or with rewards_only the
+    reward of every response ([S] float32, batch.response_index order)."""
+    from .group_loss import group_forward
+
+    if rewards_only:
+        hidden = model.hidden_states(batch)
+        return model.head.rewards(hidden.reshape(-1, hidden.shape[-1]).index_select(0, batch.response_index))
+    return group_forward(model, batch, **kwargs)
+
+
+def _eval_part(rewards, batch):
+    """What the group eval needs of one scored GroupBatch (CPU tensors, small enough to gather): the
+    response rewards, and per comparison the better and worse reward, its group and score difference."""
+    from .group_metrics import group_metrics
+
+    where = {int(r): i for i, r in enumerate(batch.response_index.tolist())}
+    better = torch.tensor([where[int(r)] for r in batch.chosen_index.tolist()], dtype=torch.long)
+    worse = torch.tensor([where[int(r)] for r in batch.rejected_index.tolist()], dtype=torch.long)
+    return {"rewards": rewards, "better": rewards[better], "worse": rewards[worse],
+            "group": batch.comparison_group.clone(), "score_diff": batch.score_diff.float(),
+            "group_weight": batch.group_weight.float(), "metrics": group_metrics(rewards, batch)}
+
+
+def eval_group_metrics(parts, weighting="comparison", margin_scale=0.0, complete=True):
+    """Eval metrics of scored eval batches of groups (_eval_part each): eval_accuracy (the share of
+    comparisons in order), eval_top1_accuracy, eval_kendall_tau (mean over groups), eval_loss (the training
+    loss's weighting and margin over the whole set), eval_margin (mean better − worse reward) and the reward
+    mean / std over every response; eval_pairs counts the comparisons."""
+    C = sum(p["metrics"]["comparisons"] for p in parts)
+    G = sum(p["metrics"]["groups"] for p in parts)
+    loss_sum, weight_sum = 0.0, 0.0
+    for p in parts:
+        w = p["group_weight"][p["group"]]
+        if weighting == "group":
+            w = w / torch.bincount(p["group"], minlength=p["group_weight"].shape[0]).float()[p["group"]]
+        margin = p["score_diff"] * margin_scale if margin_scale else 0.0
+        loss_sum += float((w * torch.nn.functional.softplus(-(p["better"] - p["worse"] - margin))).sum())
+        weight_sum += float(w.sum())
+    diff = torch.cat([p["better"] - p["worse"] for p in parts])
+    rewards = torch.cat([p["rewards"] for p in parts])
+    return {
+        "eval_pairs": C, "eval_groups": G,
+        "eval_loss": loss_sum / weight_sum if complete and weight_sum > 0 else float("nan"),
+        "eval_accuracy": sum(p["metrics"]["comparison_accuracy"] * p["metrics"]["comparisons"] for p in parts)
+        / max(C, 1),
+        "eval_top1_accuracy": sum(p["metrics"]["top1_accuracy"] * p["metrics"]["groups"] for p in parts) / max(G, 1),
+        "eval_kendall_tau": sum(p["metrics"]["kendall_tau"] * p["metrics"]["groups"] for p in parts) / max(G, 1),
+        "eval_margin": float(diff.mean()),
+        "eval_reward_mean": float(rewards.mean()), "eval_reward_std": float(rewards.std()) if rewards.numel() > 1
+        else 0.0,
     }
 
 

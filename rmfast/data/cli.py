@@ -2,6 +2,7 @@
 
     rmfast-data inspect data/train.jsonl [more sources…] [--tokenizer DIR] [--max-length 1024]
     rmfast-data synth --pairs 2000 --out data/arith.jsonl [--style conversational]
+    rmfast-data synth --groups 4 --pairs 500 --out data/groups.jsonl   # 500 ranked groups of 4 answers
 """
 
 import argparse
@@ -13,10 +14,20 @@ from ..layouts import pair_costs
 from .formats import FORMATS
 from .loader import DataConfig, DataError, Source, load_source, read_pairs
 from .synthetic import generate_pairs, write_jsonl
+from .synthetic_groups import generate_groups
 from .tokenize import OVERLONG
 
 
-def _tokenizer(args, sources):
+def _texts(value):
+    """The texts of a prompt or response: a string, or a list of {role, content} messages."""
+    if value is None:
+        return []
+    if isinstance(value, str):
+        return [value]
+    return [m["content"] for m in value]
+
+
+def _tokenizer(args, sources, groups=False):
     if args.tokenizer:
         from transformers import AutoTokenizer
 
@@ -24,7 +35,13 @@ def _tokenizer(args, sources):
     from .tokenizers import train_bpe_tokenizer
 
     texts = []
-    for spec in sources:
+    for spec in sources if groups else ():
+        from .group_tokens import read_groups
+
+        rows, _ = read_groups(spec, DataConfig(train=[spec.path], format=args.format, on_bad_row="skip"))
+        for g in rows[:5000]:
+            texts += _texts(g.prompt) + [t for r in g.responses for t in _texts(r)]
+    for spec in () if groups else sources:
         pairs, _ = read_pairs(spec, DataConfig(train=[spec.path], format=args.format, on_bad_row="skip"))
         for p in pairs[:5000]:
             if p.format == "conversational":
@@ -44,13 +61,69 @@ def _percentiles(x):
     return "  ".join(f"{name} {v:,.0f}" for name, v in zip(("min", "p50", "p90", "p99", "max"), p))
 
 
+def _holds_groups(source):
+    """Whether a source's first row is a group (K responses, or RewardBench 2's lists of chosen/rejected)."""
+    from . import sources as source_rows
+
+    for raw in source_rows.iter_rows(source.path, source.split):
+        if raw.reason or not isinstance(raw.data, dict):
+            continue
+        chosen = raw.data.get("chosen")
+        return ("responses" in raw.data or "completions" in raw.data
+                or (isinstance(chosen, list) and bool(chosen) and not isinstance(chosen[0], dict)))
+    return False
+
+
+def inspect_groups(args, sources, tokenizer, config):
+    """Groups: group sizes, comparisons, lengths and token positions per comparison in each layout."""
+    from ..groups import group_costs
+    from .group_tokens import load_groups
+
+    total_bad = 0
+    for source in sources:
+        groups, report, counts = load_groups(source, tokenizer, config)
+        print(f"\n{source.path} (groups)")
+        for line in report.lines():
+            print(f"  {line}")
+        print(f"  {counts.groups} groups, {counts.comparisons} comparisons; {counts.ties} tied response pairs (no "
+              f"comparison), {counts.merged} identical responses merged, {counts.dropped_responses_too_long} "
+              f"responses dropped as too long")
+        for example in report.bad_examples:
+            print(f"    e.g. {example}")
+        total_bad += sum(report.bad.values())
+        if len(groups) == 0:
+            continue
+        sizes = groups.sizes
+        values, n = np.unique(sizes, return_counts=True)
+        print("  responses per group: " + ", ".join(f"{v}: {c} groups" for v, c in zip(values, n)))
+        prompt = np.array([len(p) for p in groups.prompt])
+        response = np.array([len(r) for rs in groups.responses for r in rs])
+        print(f"  tokens, prompt:   {_percentiles(prompt)}")
+        print(f"  tokens, response: {_percentiles(response)}  (after the shared prompt)")
+        C, as_pairs = 0, 0  # as_pairs: each comparison as its own prefix-shared pair (prompt + both responses)
+        for i in range(len(groups)):
+            rs = [len(r) for r in groups.responses[i]]
+            for better, worse in groups.comparisons(i)[0]:
+                C += 1
+                as_pairs += len(groups.prompt[i]) + rs[better] + rs[worse]
+        cost = {layout: group_costs(groups, layout)[0].sum() / max(C, 1) for layout in ("padded", "prefix_shared")}
+        print(f"  token positions per comparison: padded (every response its own row, padded to the group's "
+              f"longest): {cost['padded']:,.1f}; prefix shared (the prompt once, every response once): "
+              f"{cost['prefix_shared']:,.1f}; each comparison as its own prefix-shared pair: "
+              f"{as_pairs / max(C, 1):,.1f}")
+    return 1 if total_bad and args.strict else 0
+
+
 def inspect(args):
     sources = [Source.parse(s) for s in args.sources]
-    tokenizer, tok_desc = _tokenizer(args, sources)
+    groups = args.kind == "groups" or (args.kind == "auto" and any(_holds_groups(s) for s in sources))
+    tokenizer, tok_desc = _tokenizer(args, sources, groups)
     config = DataConfig(train=args.sources, format=args.format, max_length=args.max_length,
                         overlong=args.overlong, on_bad_row="skip", chat_template=args.chat_template,
                         cache_dir=args.cache_dir)
     print(f"tokenizer: {tok_desc}")
+    if groups:
+        return inspect_groups(args, sources, tokenizer, config)
     total_bad = 0
     for source in sources:
         pairs, report = load_source(source, tokenizer, config)
@@ -79,8 +152,17 @@ def inspect(args):
 
 
 def synth(args):
+    if args.groups:
+        if args.style == "implicit":
+            raise DataError("--groups writes conversational or explicit groups, not implicit ones")
+        rows = generate_groups(args.pairs, k=args.groups, seed=args.seed, max_operand=args.max_operand,
+                               ops=args.ops.split(","), max_history=args.max_history, style=args.style,
+                               shape=args.shape)
+        path = write_jsonl(rows, args.out)
+        print(f"wrote {len(rows)} {args.style} groups of {args.groups} responses ({args.shape}) to {path}")
+        return 0
     rows = generate_pairs(args.pairs, seed=args.seed, max_operand=args.max_operand, ops=args.ops.split(","),
-                          style=args.style, difficulty=args.difficulty)
+                          max_history=args.max_history, style=args.style, difficulty=args.difficulty)
     path = write_jsonl(rows, args.out)
     print(f"wrote {len(rows)} {args.style} pairs to {path}")
     return 0
@@ -100,13 +182,21 @@ def main(argv=None):
     p.add_argument("--chat-template", help="a Jinja chat template file for conversational rows")
     p.add_argument("--cache-dir", help="tokenization cache (default ~/.cache/rmfast/tokenized)")
     p.add_argument("--strict", action="store_true", help="exit with status 1 when any row is bad")
+    p.add_argument("--kind", default="auto", choices=["auto", "pairs", "groups"],
+                   help="what the rows are (auto: groups when the first row holds K responses)")
     p.set_defaults(func=inspect)
     s = sub.add_parser("synth", help="write learnable synthetic arithmetic preference pairs as JSON Lines")
-    s.add_argument("--pairs", type=int, default=2000)
+    s.add_argument("--pairs", type=int, default=2000, help="rows to write (groups with --groups)")
+    s.add_argument("--groups", type=int, default=0, metavar="K",
+                   help="write groups of K answers instead of pairs: the right one and K-1 wrong ones, ranked by "
+                        "how far they are from the truth (rmfast.data.generate_groups)")
+    s.add_argument("--shape", default="ranking", choices=["ranking", "scores"],
+                   help="with --groups: a ranking (response indices best first) or scores (−|error|)")
     s.add_argument("--out", required=True)
     s.add_argument("--style", default="conversational", choices=["conversational", "explicit", "implicit"])
     s.add_argument("--max-operand", type=int, default=9)
     s.add_argument("--ops", default="plus", help="comma-separated: plus, minus, times")
+    s.add_argument("--max-history", type=int, default=3, help="earlier chat turns before the question: 0 to this")
     s.add_argument("--difficulty", default="hard", choices=["hard", "easy"],
                    help="hard: wrong answers off by 1-3; easy: off by 7-12")
     s.add_argument("--seed", type=int, default=0)
