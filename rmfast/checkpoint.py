@@ -85,6 +85,7 @@ def save_checkpoint(engine, root: Path, step, state, rank, keep_last=2):
         raise CheckpointError(f"could not write checkpoint {root / tag}: {describe(exc)[1]}. "
                               + (f"The last complete one, {root / intact[-1]}, is intact." if intact
                                  else "No complete checkpoint exists yet.")) from exc
+    if rank == 0:  # only the run's own checkpoints are here (rundir.claim), and only complete ones are kept
         for old in checkpoint_tags(root)[:-keep_last] if keep_last > 0 else []:
             shutil.rmtree(root / old, ignore_errors=True)
     dist.barrier()

@@ -10,6 +10,7 @@ import subprocess
 import sys
 
 import numpy as np
+from pathlib import Path
 import pytest
 import torch
 
@@ -383,3 +384,16 @@ def test_data_mistakes_say_what_the_data_has_and_which_flag_helps(engine_setup, 
     assert "the row has 'bad', 'good', 'question'" in message and "--data.columns" in message
     assert "--data.on_bad_row skip" in message
     assert "skipping 1 file(s) that are not data (notes.txt)" in capsys.readouterr().err
+
+
+def test_only_the_last_keep_last_checkpoints_are_kept(monkeypatch, tmp_path):
+    class Engine:
+        def save_checkpoint(self, root, tag, save_latest):
+            (Path(root) / tag).mkdir(parents=True, exist_ok=True)
+
+    monkeypatch.setattr(torch.distributed, "barrier", lambda: None)
+    root = tmp_path / "checkpoints"
+    for step in (2, 4, 6, 8):
+        checkpoint.save_checkpoint(Engine(), root, step, {}, rank=0, keep_last=2)
+    assert checkpoint.checkpoint_tags(root) == ["step-6", "step-8"]
+    assert (root / "latest").read_text() == "step-8"
