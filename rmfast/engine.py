@@ -5,7 +5,6 @@ sampler, engine), then ``Trainer``: its ``__init__`` calls the builders, ``train
 until the last step. Metrics (metrics.py), checkpoints (checkpoint.py) and export (export.py) live beside it."""
 
 import contextlib
-import functools
 import hashlib
 import io
 import json
@@ -27,6 +26,7 @@ from .config import Config
 from .data import load_data
 from .data.sampler import PairSampler
 from .errors import Failure
+from .group_train import data_kind, eval_group_metrics, eval_part, group_report_lines, load_group_data, loader_config
 from .metrics import MetricsLog, Window, train_line
 from .model import DTYPES
 
@@ -136,72 +136,6 @@ def build_tokenizer(model_config):
     return tokenizer, ensure_pad_token(tokenizer)
 
 
-def data_kind(config: Config):
-    """'pairs' or 'groups' (a Config built with a plain DataConfig holds pairs)."""
-    return getattr(config.data, "kind", "pairs")
-
-
-def _loader_config(data):
-    return data.loader_config() if hasattr(data, "loader_config") else data
-
-
-def load_group_data(data, tokenizer):
-    """Train and eval groups for a DataConfig (rmfast.data.group_tokens.load_groups per source; eval from
-    data.eval, else a seeded data.eval_fraction of each train source; source weights as for pairs). Returns
-    (train TokenizedGroups, eval or None, DataReport, GroupCounts summed over the sources). Not cached."""
-    from .data import DataError, DataReport
-    from .data.group_tokens import GroupCounts, TokenizedGroups, load_groups
-    from .data.loader import Source
-
-    if not data.train:
-        raise ValueError("no training data: give at least one source (a file, folder, datasets dir or hub name)")
-    rng = np.random.default_rng(data.seed)
-    report, counts = DataReport(cached=False), GroupCounts()
-
-    def load(spec):
-        groups, rep, c = load_groups(spec, tokenizer, data)
-        report.merge(rep)
-        for name in ("groups", "comparisons", "ties", "merged", "truncated", "dropped_responses_too_long"):
-            setattr(counts, name, getattr(counts, name) + getattr(c, name))
-        for reason, n in c.dropped.items():
-            counts.dropped[reason] = counts.dropped.get(reason, 0) + n
-        return groups
-
-    train_parts, eval_parts = [], []
-    for spec in data.train:
-        source = Source.parse(spec)
-        groups = load(spec)
-        if data.eval_fraction and not data.eval:
-            order = rng.permutation(len(groups))
-            n_eval = int(round(data.eval_fraction * len(groups)))
-            eval_parts.append(groups.subset(np.sort(order[:n_eval])))
-            groups = groups.subset(np.sort(order[n_eval:]))
-        if source.weight < 0:
-            raise ValueError(f"a source weight must be ≥ 0, got {source.weight}")
-        whole, frac = int(source.weight), source.weight - int(source.weight)
-        idx = [np.arange(len(groups))] * whole
-        if frac > 0:
-            idx.append(np.sort(rng.permutation(len(groups))[: int(round(frac * len(groups)))]))
-        train_parts.append(groups.subset(np.concatenate(idx) if idx else np.zeros(0, np.int64)))
-    for spec in data.eval:
-        eval_parts.append(load(spec))
-    train = TokenizedGroups.concat(train_parts)
-    if len(train) == 0:
-        raise DataError("no training groups left after validation and the length policy:\n"
-                        + "\n".join(report.lines()))
-    return train, (TokenizedGroups.concat(eval_parts) if eval_parts else None), report, counts
-
-
-def group_report_lines(report, counts):
-    """The data report of group sources: the pair report's lines (its pairs are the comparisons), then what
-    the groups hold."""
-    lines = report.lines()
-    lines.insert(1, f"{counts.groups} groups, {counts.comparisons} comparisons; {counts.ties} tied response "
-                    f"pairs (no comparison), {counts.merged} identical responses merged, "
-                    f"{counts.dropped_responses_too_long} responses dropped as too long")
-    return lines
-
-
 def build_data(config: Config, tokenizer, rank, log):
     """(train pairs, eval pairs or None); with data.kind groups, TokenizedGroups. Rank 0 tokenizes first;
     the others then read its cache."""
@@ -211,7 +145,7 @@ def build_data(config: Config, tokenizer, rank, log):
         train_pairs, eval_pairs, report, counts = load_group_data(config.data, tokenizer)
         lines = group_report_lines(report, counts)
     else:
-        train_pairs, eval_pairs, report = load_data(_loader_config(config.data), tokenizer, progress=rank == 0)
+        train_pairs, eval_pairs, report = load_data(loader_config(config.data), tokenizer, progress=rank == 0)
         lines = report.lines()
     if rank == 0:
         dist.barrier()
@@ -351,8 +285,6 @@ class Trainer:
                                  self.log if self.rank == 0 else (lambda _: None))
         if self.layout != "padded":
             self.model.set_attention(self.attention)
-        if self.groups:  # the engine's forward (ZeRO-3's gathering included) computes the group loss
-            self.model.forward = functools.partial(_group_module_forward, self.model)
         self.sampler = build_sampler(config, self.train_pairs, self.layout, self.rank, self.world)
         steps_per_epoch = max(1, len(self.sampler) // t.grad_accum)
         self.total_steps = t.max_steps or max(1, math.ceil(t.epochs * steps_per_epoch))
@@ -558,9 +490,9 @@ class Trainer:
         parts = []
         for k in range(self.rank, n, self.world):
             batch = self.make_batch(groups, batches[k % len(batches)])
-            rewards = self.engine(batch, rewards_only=True).float().cpu()
+            rewards = self.engine(batch, rewards_at=batch.response_index).float().cpu()
             if k < len(batches):
-                parts.append(_eval_part(rewards, batch._map(torch.Tensor.cpu)))
+                parts.append(eval_part(rewards, batch._map(torch.Tensor.cpu)))
         gathered = [None] * self.world
         dist.all_gather_object(gathered, parts)
         self.engine.train()
@@ -642,61 +574,6 @@ def eval_metrics(rc, rr, margin, complete=True):
         "eval_chosen_mean": float(rc.mean()), "eval_chosen_std": float(rc.std()) if rc.numel() > 1 else 0.0,
         "eval_rejected_mean": float(rr.mean()), "eval_rejected_std": float(rr.std()) if rr.numel() > 1 else 0.0,
         "eval_reward_mean": float(both.mean()), "eval_reward_std": float(both.std()),
-    }
-
-
-def _group_module_forward(model, batch, rewards_only=False, **kwargs):
-    """RewardModel's forward for GroupBatches (set on the model when data.kind is groups, so that DeepSpeed's
-    engine(batch, ...) runs it with its hooks): rmfast.group_loss.group_forward, or with rewards_only the
-    reward of every response ([S] float32, batch.response_index order)."""
-    from .group_loss import group_forward
-
-    if rewards_only:
-        hidden = model.hidden_states(batch)
-        return model.head.rewards(hidden.reshape(-1, hidden.shape[-1]).index_select(0, batch.response_index))
-    return group_forward(model, batch, **kwargs)
-
-
-def _eval_part(rewards, batch):
-    """What the group eval needs of one scored GroupBatch (CPU tensors, small enough to gather): the
-    response rewards, and per comparison the better and worse reward, its group and score difference."""
-    from .group_metrics import group_metrics
-
-    where = {int(r): i for i, r in enumerate(batch.response_index.tolist())}
-    better = torch.tensor([where[int(r)] for r in batch.chosen_index.tolist()], dtype=torch.long)
-    worse = torch.tensor([where[int(r)] for r in batch.rejected_index.tolist()], dtype=torch.long)
-    return {"rewards": rewards, "better": rewards[better], "worse": rewards[worse],
-            "group": batch.comparison_group.clone(), "score_diff": batch.score_diff.float(),
-            "group_weight": batch.group_weight.float(), "metrics": group_metrics(rewards, batch)}
-
-
-def eval_group_metrics(parts, weighting="comparison", margin_scale=0.0, complete=True):
-    """Eval metrics of scored eval batches of groups (_eval_part each): eval_accuracy (the share of
-    comparisons in order), eval_top1_accuracy, eval_kendall_tau (mean over groups), eval_loss (the training
-    loss's weighting and margin over the whole set), eval_margin (mean better − worse reward) and the reward
-    mean / std over every response; eval_pairs counts the comparisons."""
-    C = sum(p["metrics"]["comparisons"] for p in parts)
-    G = sum(p["metrics"]["groups"] for p in parts)
-    loss_sum, weight_sum = 0.0, 0.0
-    for p in parts:
-        w = p["group_weight"][p["group"]]
-        if weighting == "group":
-            w = w / torch.bincount(p["group"], minlength=p["group_weight"].shape[0]).float()[p["group"]]
-        margin = p["score_diff"] * margin_scale if margin_scale else 0.0
-        loss_sum += float((w * torch.nn.functional.softplus(-(p["better"] - p["worse"] - margin))).sum())
-        weight_sum += float(w.sum())
-    diff = torch.cat([p["better"] - p["worse"] for p in parts])
-    rewards = torch.cat([p["rewards"] for p in parts])
-    return {
-        "eval_pairs": C, "eval_groups": G,
-        "eval_loss": loss_sum / weight_sum if complete and weight_sum > 0 else float("nan"),
-        "eval_accuracy": sum(p["metrics"]["comparison_accuracy"] * p["metrics"]["comparisons"] for p in parts)
-        / max(C, 1),
-        "eval_top1_accuracy": sum(p["metrics"]["top1_accuracy"] * p["metrics"]["groups"] for p in parts) / max(G, 1),
-        "eval_kendall_tau": sum(p["metrics"]["kendall_tau"] * p["metrics"]["groups"] for p in parts) / max(G, 1),
-        "eval_margin": float(diff.mean()),
-        "eval_reward_mean": float(rewards.mean()), "eval_reward_std": float(rewards.std()) if rewards.numel() > 1
-        else 0.0,
     }
 
 

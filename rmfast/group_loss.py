@@ -50,7 +50,6 @@ def group_reward_loss(hidden, weight, batch, bias=None, weighting="comparison", 
 
 
 def group_forward(model, batch, **kwargs) -> PairwiseRewardOutput:
-    """RewardModel.forward for a GroupBatch: one backbone forward, then group_reward_loss (kwargs: its
-    weighting, margin_scale, center_coef, backend, check_indices)."""
-    hidden = model.hidden_states(batch)
-    return group_reward_loss(hidden, model.head.weight, batch, bias=model.head.bias, **kwargs)
+    """A RewardModel's loss on a GroupBatch (RewardModel.forward dispatches on the batch; kwargs: weighting,
+    margin_scale, center_coef, backend, check_indices)."""
+    return model(batch, **kwargs)
