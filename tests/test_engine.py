@@ -237,20 +237,47 @@ def test_demo_reaches_95_percent_eval_accuracy(tmp_path):
     assert evals[0]["eval_accuracy"] < 0.8 and evals[-1]["eval_accuracy"] >= 0.95, evals
 
 
-def test_non_finite_micro_batches_are_skipped_with_on_nonfinite_skip(setup, tmp_path):
-    # pairs whose margin overflows float32 give an infinite loss in their micro-batch only
-    rows = [json.loads(x) for x in (setup / "train.jsonl").read_text().splitlines()]
-    for row in rows[::8]:
-        row["margin"] = 1e39
-    data = tmp_path / "train.jsonl"
-    data.write_text("".join(json.dumps(r) + "\n" for r in rows))
-    res = train(setup, tmp_path / "skip", **{"data.train": data, "train.on_nonfinite": "skip"})
-    assert "skipping non-finite loss at step" in res.stdout
-    steps, _ = metrics(tmp_path / "skip")
-    assert [r["step"] for r in steps] == list(range(1, 13)) and all(np.isfinite(r["loss"]) for r in steps)
-    res = subprocess.run(command(1) + args_for(setup, tmp_path / "stop", **{"data.train": data}),
-                         capture_output=True, text=True, env=clean_env(), timeout=600)
-    assert res.returncode == 1 and "non-finite loss at step" in res.stderr
+_NAN_AT_THIRD = r'''
+import json, sys
+from rmfast import config as config_module
+from rmfast.engine import NonFiniteLoss, Trainer
+
+trainer = Trainer(config_module.build(overrides=json.loads(sys.argv[1])), log=print)
+forward, calls = trainer.forward, [0]
+
+
+def third_is_nan(batch):  # the third micro-batch's loss is NaN, as a diverging batch's would be
+    calls[0] += 1
+    out = forward(batch)
+    return out._replace(loss=out.loss * float("nan")) if calls[0] == 3 else out
+
+
+trainer.forward = third_is_nan
+try:
+    trainer.train()
+except NonFiniteLoss as exc:
+    print("STOPPED", exc)
+'''
+
+
+@pytest.mark.parametrize("mode", ["skip", "stop"])
+def test_a_non_finite_micro_batch_is_skipped_or_stops_the_run(setup, tmp_path, mode):
+    out = tmp_path / mode
+    overrides = {"model.name_or_path": str(setup / "model"), "model.dtype": "fp32",
+                 "data.train": [str(setup / "train.jsonl")], "data.cache_dir": str(setup / "cache"),
+                 "train.output_dir": str(out), "train.pairs_per_batch": 4, "train.max_steps": 6,
+                 "train.log_every": 1, "train.export": False, "train.tensorboard": False,
+                 "train.on_nonfinite": mode}
+    res = subprocess.run([sys.executable, "-c", _NAN_AT_THIRD, json.dumps(overrides)], capture_output=True,
+                         text=True, env=clean_env(), timeout=600)
+    assert res.returncode == 0, res.stderr[-3000:]
+    steps, _ = metrics(out)
+    if mode == "skip":
+        assert "skipping non-finite loss at step 3" in res.stdout and "STOPPED" not in res.stdout
+        assert [r["step"] for r in steps] == list(range(1, 7)) and all(np.isfinite(r["loss"]) for r in steps)
+    else:
+        assert "STOPPED non-finite loss at step 3" in res.stdout
+        assert [r["step"] for r in steps] == [1, 2]  # nothing trained on step 3
 
 
 def test_token_budget_cuts_micro_batches_by_layout_cost(setup, tmp_path):
