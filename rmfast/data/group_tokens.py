@@ -14,7 +14,6 @@ from dataclasses import dataclass, field
 
 import numpy as np
 
-from .formats import BadRow
 from .groups import comparisons, parse_group_row
 from .tokenize import LengthPolicy, check_chat_template, common_prefix
 
@@ -216,22 +215,9 @@ def tokenize_groups(groups, tokenizer, policy: LengthPolicy, chat_template=None,
 def read_groups(source, config):
     """Read and validate one source's group rows (rmfast.data.loader.Source, DataConfig: format, columns).
     Returns (groups, DataReport) — bad rows are counted with file:line and reason, never silently lost."""
-    from . import sources
-    from .loader import DataReport
+    from .loader import read_rows
 
-    report, groups = DataReport(), []
-    for raw in sources.iter_rows(source.path, source.split):
-        if raw.reason != "empty_file":
-            report.rows += 1
-        try:
-            if raw.reason:
-                raise BadRow(raw.reason, raw.detail)
-            groups.append(parse_group_row(raw.location, raw.data, config.format, config.columns))
-        except BadRow as bad:
-            report.bad[bad.reason] += 1
-            if len(report.bad_examples) < 10:
-                report.bad_examples.append(f"{raw.location}: {bad}")
-    return groups, report
+    return read_rows(source, config, parse_group_row)
 
 
 def load_groups(source, tokenizer, config):

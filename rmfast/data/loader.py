@@ -139,6 +139,12 @@ def _cache_key(source: Source, tokenizer_fp, config: DataConfig):
 
 def read_pairs(source: Source, config: DataConfig):
     """Read and validate one source. Returns (pairs, report) — bad rows are counted, never silently lost."""
+    return read_rows(source, config, parse_row)
+
+
+def read_rows(source: Source, config: DataConfig, parse):
+    """Read one source's rows through parse(location, data, format, columns), which raises BadRow for a
+    bad one. Returns (parsed rows, DataReport) — bad rows are counted with file:line and reason."""
     report = DataReport()
     pairs = []
     for raw in sources.iter_rows(source.path, source.split):
@@ -147,7 +153,7 @@ def read_pairs(source: Source, config: DataConfig):
         try:
             if raw.reason:
                 raise BadRow(raw.reason, raw.detail)
-            pairs.append(parse_row(raw.location, raw.data, config.format, config.columns))
+            pairs.append(parse(raw.location, raw.data, config.format, config.columns))
         except BadRow as bad:
             report.bad[bad.reason] += 1
             if len(report.bad_examples) < 10:
