@@ -26,7 +26,7 @@ from .config import Config
 from .data import load_data
 from .data.sampler import PairSampler
 from .errors import Failure
-from .group_train import data_kind, eval_group_metrics, eval_part, group_report_lines, load_group_data, loader_config
+from .group_train import data_kind, eval_group_metrics, eval_part, loader_config
 from .metrics import MetricsLog, Window, train_line
 from .model import DTYPES
 
@@ -141,15 +141,11 @@ def build_data(config: Config, tokenizer, rank, log):
     the others then read its cache."""
     if rank != 0:
         dist.barrier()
-    if data_kind(config) == "groups":
-        train_pairs, eval_pairs, report, counts = load_group_data(config.data, tokenizer)
-        lines = group_report_lines(report, counts)
-    else:
-        train_pairs, eval_pairs, report = load_data(loader_config(config.data), tokenizer, progress=rank == 0)
-        lines = report.lines()
+    train_pairs, eval_pairs, report = load_data(loader_config(config.data), tokenizer, progress=rank == 0,
+                                                kind=data_kind(config))
     if rank == 0:
         dist.barrier()
-        for line in lines:
+        for line in report.lines():
             log(f"data: {line}")
         if eval_pairs is None or len(eval_pairs) == 0:
             log("data: no eval set (give --data.eval or --data.eval_fraction): training metrics only")

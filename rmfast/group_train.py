@@ -1,7 +1,6 @@
-"""What training on groups (data.kind groups) adds to the engine: loading group sources with an eval split
-and source weights, their report lines, and the eval metrics over scored eval groups."""
+"""What training on groups (data.kind groups) adds to the engine: which kind a config trains on, and the eval
+metrics over scored eval groups (rmfast.data.load_data(kind="groups") loads them)."""
 
-import numpy as np
 import torch
 
 
@@ -13,63 +12,6 @@ def data_kind(config):
 def loader_config(data):
     """The plain DataConfig the pair loader takes (config.DataSection also carries data.kind)."""
     return data.loader_config() if hasattr(data, "loader_config") else data
-
-
-def load_group_data(data, tokenizer):
-    """Train and eval groups for a DataConfig (rmfast.data.group_tokens.load_groups per source; eval from
-    data.eval, else a seeded data.eval_fraction of each train source; source weights as for pairs). Returns
-    (train TokenizedGroups, eval or None, DataReport, GroupCounts summed over the sources). Not cached."""
-    from .data import DataError, DataReport
-    from .data.group_tokens import GroupCounts, TokenizedGroups, load_groups
-    from .data.loader import Source
-
-    if not data.train:
-        raise ValueError("no training data: give at least one source (a file, folder, datasets dir or hub name)")
-    rng = np.random.default_rng(data.seed)
-    report, counts = DataReport(cached=False), GroupCounts()
-
-    def load(spec):
-        groups, rep, c = load_groups(spec, tokenizer, data)
-        report.merge(rep)
-        for name in ("groups", "comparisons", "ties", "merged", "truncated", "dropped_responses_too_long"):
-            setattr(counts, name, getattr(counts, name) + getattr(c, name))
-        for reason, n in c.dropped.items():
-            counts.dropped[reason] = counts.dropped.get(reason, 0) + n
-        return groups
-
-    train_parts, eval_parts = [], []
-    for spec in data.train:
-        source = Source.parse(spec)
-        groups = load(spec)
-        if data.eval_fraction and not data.eval:
-            order = rng.permutation(len(groups))
-            n_eval = int(round(data.eval_fraction * len(groups)))
-            eval_parts.append(groups.subset(np.sort(order[:n_eval])))
-            groups = groups.subset(np.sort(order[n_eval:]))
-        if source.weight < 0:
-            raise ValueError(f"a source weight must be ≥ 0, got {source.weight}")
-        whole, frac = int(source.weight), source.weight - int(source.weight)
-        idx = [np.arange(len(groups))] * whole
-        if frac > 0:
-            idx.append(np.sort(rng.permutation(len(groups))[: int(round(frac * len(groups)))]))
-        train_parts.append(groups.subset(np.concatenate(idx) if idx else np.zeros(0, np.int64)))
-    for spec in data.eval:
-        eval_parts.append(load(spec))
-    train = TokenizedGroups.concat(train_parts)
-    if len(train) == 0:
-        raise DataError("no training groups left after validation and the length policy:\n"
-                        + "\n".join(report.lines()))
-    return train, (TokenizedGroups.concat(eval_parts) if eval_parts else None), report, counts
-
-
-def group_report_lines(report, counts):
-    """The data report of group sources: the pair report's lines (its pairs are the comparisons), then what
-    the groups hold."""
-    lines = report.lines()
-    lines.insert(1, f"{counts.groups} groups, {counts.comparisons} comparisons; {counts.ties} tied response "
-                    f"pairs (no comparison), {counts.merged} identical responses merged, "
-                    f"{counts.dropped_responses_too_long} responses dropped as too long")
-    return lines
 
 
 def eval_part(rewards, batch):

@@ -1,14 +1,19 @@
 """rmfast-score: score data with a trained (exported) reward model.
 
   rmfast-score MODEL_DIR pairs.jsonl --out scores.jsonl        # pairs: rewards, margin, accuracy
+  rmfast-score MODEL_DIR groups.jsonl --out scores.jsonl       # groups: a reward per response, the best one
   rmfast-score MODEL_DIR texts.jsonl --out scores.parquet      # rows with a `text` (or `messages`) field
 
-Pairs are read like training data (same formats, checks and --on-bad-row) and scored with the
-prefix-shared layout; single sequences are packed. Batches hold up to --token-budget tokens.
---normalize subtracts the export's eval reward mean and divides by its std.
+Pairs and groups are read like training data (same formats, checks and --on-bad-row) and scored with the
+prefix-shared layouts: a group's prompt is computed once for all its responses. A group row is a prompt
+and N responses (`responses`, with `scores` or a `ranking` when known; RewardBench 2's `chosen` / `rejected`
+lists; UltraFeedback with --columns ultrafeedback); with scores or a ranking, comparison accuracy, top-1,
+Kendall tau and best-of-N credit are reported, per `subset` too. Single sequences are packed. Batches hold
+up to --token-budget tokens. --normalize subtracts the export's eval reward mean and divides by its std.
 """
 
 import argparse
+import functools
 import json
 import sys
 from pathlib import Path
@@ -18,6 +23,7 @@ import torch
 
 from . import attention, layouts
 from .data import DataConfig, DataError, load_data
+from .data.groups import ULTRAFEEDBACK
 from .data.sampler import PairSampler
 from .data.sources import iter_rows
 from .model import RewardModel
@@ -64,6 +70,14 @@ class Scorer:
         batch = layouts.prefix_shared(pairs, indices, self.tokenizer.pad_token_id, max_tokens=self.row_tokens)
         r = self._rewards(batch, torch.cat([batch.chosen_index, batch.rejected_index]))
         return r[: len(indices)], r[len(indices):]
+
+    def score_groups(self, groups, indices):
+        """Rewards of every response of groups `indices` (a TokenizedGroups), one [K] array per group."""
+        from .groups import prefix_shared_groups
+
+        batch = prefix_shared_groups(groups, indices, self.tokenizer.pad_token_id, max_tokens=self.row_tokens)
+        r = self._rewards(batch, batch.response_index)
+        return np.split(r, np.cumsum(groups.sizes[np.asarray(indices)])[:-1])
 
     def score_sequences(self, seqs):
         batch = layouts.pack_sequences(seqs, self.tokenizer.pad_token_id, max_tokens=self.row_tokens)
@@ -129,11 +143,33 @@ def _read_sequences(sources, tokenizer, max_length, on_bad_row):
     return ids, locations, bad
 
 
-def _is_pairs(source):
+def _kind(source, columns):
+    """What the first readable row of `source` holds: 'groups', 'pairs' or 'texts'."""
+    col = lambda name: columns.get(name, name).partition("[].")[0]  # noqa: E731
     for raw in iter_rows(source):
-        if raw.data is not None:
-            return "chosen" in raw.data or "rejected" in raw.data
-    return False
+        if raw.data is None:
+            continue
+        chosen = raw.data.get(col("chosen"))
+        if col("responses") in raw.data or (isinstance(chosen, list) and chosen and not isinstance(chosen[0], dict)):
+            return "groups"
+        return "pairs" if col("chosen") in raw.data or col("rejected") in raw.data else "texts"
+    return "texts"
+
+
+def _columns(text):
+    """--columns: a JSON object of column names, or `ultrafeedback`."""
+    if text is None:
+        return {}
+    if text.strip().lower() == "ultrafeedback":
+        return dict(ULTRAFEEDBACK)
+    try:
+        value = json.loads(text)
+    except json.JSONDecodeError:
+        value = None
+    if not isinstance(value, dict) or not all(isinstance(v, str) for v in value.values()):
+        raise argparse.ArgumentTypeError(f"{text!r} is not a JSON object of column names (e.g. "
+                                         '\'{"prompt": "instruction"}\') or ultrafeedback')
+    return value
 
 
 def _write(records, out):
@@ -161,6 +197,12 @@ def main(argv=None):
     parser.add_argument("--normalize", action="store_true", help="(r - eval mean) / eval std from the export")
     parser.add_argument("--on-bad-row", default="error", choices=["error", "skip"])
     parser.add_argument("--format", default="auto", choices=["auto", "explicit", "implicit", "conversational"])
+    parser.add_argument("--kind", default="auto", choices=["auto", "pairs", "groups", "texts"],
+                        help="what the rows are (auto: from the first row)")
+    parser.add_argument("--columns", type=_columns, default={},
+                        help='column names as JSON ({"prompt": "instruction", "responses": "completions[].response"}) '
+                             "or ultrafeedback")
+    parser.add_argument("--summary", help="also write the metrics of pairs or groups to this JSON file")
     parser.add_argument("--device", default="auto")
     parser.add_argument("--dtype", default="fp32", choices=["fp32", "bf16", "fp16"],
                         help="weights and activations (fp32 scores exactly; bf16 is faster on a GPU)")
@@ -172,8 +214,13 @@ def main(argv=None):
 
     def body():
         scorer = Scorer(args.model, args.device, args.dtype, args.attention)
-        records = _score_pairs(scorer, args) if _is_pairs(args.sources[0]) else _score_texts(scorer, args)
+        kind = args.kind if args.kind != "auto" else _kind(args.sources[0], args.columns)
+        score = {"pairs": _score_pairs, "groups": _score_groups, "texts": _score_texts}[kind]
+        records, summary = score(scorer, args)
         records.sort(key=lambda x: _order(x["location"]))
+        if args.summary:
+            Path(args.summary).parent.mkdir(parents=True, exist_ok=True)
+            Path(args.summary).write_text(json.dumps(summary, indent=2) + "\n")
         _write(records, args.out)
         print(f"wrote {args.out}", file=sys.stderr)
 
@@ -184,7 +231,8 @@ def _score_pairs(scorer, args):
     """One record per pair (rewards, margin, correct), read like training data, prefix-shared batches."""
     from tqdm.auto import tqdm
 
-    config = DataConfig(train=args.sources, format=args.format, max_length=args.max_length, on_bad_row=args.on_bad_row)
+    config = DataConfig(train=args.sources, format=args.format, columns=args.columns, max_length=args.max_length,
+                        on_bad_row=args.on_bad_row)
     pairs, _, report = load_data(config, scorer.tokenizer)
     for line in report.lines():
         print(f"data: {line}", file=sys.stderr)
@@ -198,9 +246,115 @@ def _score_pairs(scorer, args):
         for i, rc, rr in zip(batch, c, r):
             records.append({"location": pairs.locations[i], "chosen_reward": float(rc), "rejected_reward": float(rr),
                             "margin": float(rc - rr), "correct": bool(rc > rr)})
-    print(f"{len(records)} pairs: accuracy {np.mean([x['correct'] for x in records]):.4f}, mean margin "
-          f"{np.mean([x['margin'] for x in records]):.4f}", file=sys.stderr)
-    return records
+    summary = {"pairs": len(records), "accuracy": float(np.mean([x["correct"] for x in records])),
+               "mean_margin": float(np.mean([x["margin"] for x in records]))}
+    print(f"{len(records)} pairs: accuracy {summary['accuracy']:.4f}, mean margin {summary['mean_margin']:.4f}",
+          file=sys.stderr)
+    return records, summary
+
+
+def _read_groups(args, tokenizer):
+    """Group rows of every source, validated (rows without scores or ranking, and single responses, are
+    taken: they are scored) and tokenized. Returns (TokenizedGroups, {location: the row's scores or None})."""
+    from .data.group_tokens import TokenizedGroups, tokenize_groups
+    from .data.groups import parse_group_row
+    from .data.loader import Source, _check_bad, read_rows
+
+    config = DataConfig(train=args.sources, format=args.format, columns=args.columns, max_length=args.max_length,
+                        on_bad_row=args.on_bad_row)
+    parts, scores = [], {}
+    for spec in args.sources:
+        source = Source.parse(spec)
+        rows, report = read_rows(source, config, functools.partial(parse_group_row, preference=False))
+        _check_bad(report, config, source.path)
+        groups, counts = tokenize_groups(rows, tokenizer, config.policy(), config.chat_template, scoring=True)
+        print(f"data: {source.path}: {report.rows} rows read, {len(groups)} groups, {sum(report.bad.values())} bad "
+              f"rows skipped; {counts.truncated} truncated, {counts.merged} identical responses merged, "
+              f"{counts.dropped_responses_too_long} responses dropped as too long", file=sys.stderr)
+        scores.update({g.location: g.scores for g in rows})
+        parts.append(groups)
+    groups = TokenizedGroups.concat(parts)
+    if len(groups) == 0:
+        raise DataError(f"{', '.join(map(str, args.sources))}: no groups to score")
+    return groups, scores
+
+
+def _group_record(groups, i, rewards, scores):
+    """One output record: the reward of every response as read (None where the length policy dropped it;
+    identical responses share theirs), the best one's index, and the group's metrics when it has scores."""
+    from .group_metrics import rank_metrics
+
+    origin = groups.origin[i]
+    per_response = [float(rewards[o]) if o >= 0 else None for o in origin]
+    kept = np.flatnonzero(origin >= 0)
+    record = {"location": groups.locations[i], "rewards": per_response,
+              "best": int(kept[np.argmax(rewards[origin[kept]])])}
+    if groups.tags[i] is not None:
+        record["subset"] = groups.tags[i]
+    if scores is not None:
+        metrics = rank_metrics(rewards[origin[kept]], np.asarray(scores)[kept])
+        if metrics is not None:
+            record.update(metrics)
+    return record
+
+
+def _score_groups(scorer, args):
+    """One record per group (a reward per response, the best index, the group's metrics), prefix-shared
+    groups: each prompt computed once. Prints and returns the metrics, overall and per subset."""
+    from tqdm.auto import tqdm
+
+    from .groups import group_lengths
+
+    groups, scores = _read_groups(args, scorer.tokenizer)
+    costs = group_lengths(groups)
+    records = []
+    for batch in tqdm(_token_batches(costs, max(args.token_budget, int(costs.max()))), desc="scoring groups",
+                      unit="batch"):
+        for i, rewards in zip(batch, scorer.score_groups(groups, batch)):
+            if args.normalize:
+                rewards = scorer.normalize(rewards)
+            records.append(_group_record(groups, i, rewards, scores[groups.locations[i]]))
+    summary = group_summary(records)
+    for line in group_summary_lines(summary, int(groups.sizes.sum())):
+        print(line, file=sys.stderr)
+    return records, summary
+
+
+METRIC_KEYS = ("comparisons", "correct", "kendall_tau", "top1", "best_of_n")
+
+
+def group_summary(records):
+    """Metrics over scored group records: overall, per subset, and the mean of the subsets' best-of-N
+    (RewardBench 2's score; its Ties subset has a scoring of its own, not this one)."""
+    from .group_metrics import summarize
+
+    def metrics(rs):
+        return summarize([{k: r[k] for k in METRIC_KEYS} if "comparisons" in r else None for r in rs])
+
+    summary = {"groups": len(records), "overall": metrics(records)}
+    subsets = sorted({r["subset"] for r in records if "subset" in r})
+    if subsets:
+        summary["subsets"] = {s: metrics([r for r in records if r.get("subset") == s]) for s in subsets}
+        scored = [m["best_of_n"] for m in summary["subsets"].values() if m["groups"]]
+        summary["subset_mean_best_of_n"] = float(np.mean(scored)) if scored else None
+    return summary
+
+
+def group_summary_lines(summary, responses):
+    lines = [f"{summary['groups']} groups, {responses} responses scored (each prompt computed once)"]
+
+    def describe(m):
+        return (f"comparison accuracy {m['comparison_accuracy']:.4f} ({m['comparisons']} comparisons), top-1 "
+                f"{m['top1_accuracy']:.4f}, Kendall tau {m['kendall_tau']:.4f}, best-of-N {m['best_of_n']:.4f} "
+                f"({m['groups']} groups)")
+
+    if summary["overall"]["groups"]:
+        lines.append(describe(summary["overall"]))
+    for name, m in summary.get("subsets", {}).items():
+        lines.append(f"  {name}: " + (describe(m) if m["groups"] else "no scores or ranking"))
+    if summary.get("subset_mean_best_of_n") is not None:
+        lines.append(f"mean best-of-N over {len(summary['subsets'])} subsets: {summary['subset_mean_best_of_n']:.4f}")
+    return lines
 
 
 def _score_texts(scorer, args):
@@ -221,7 +375,7 @@ def _score_texts(scorer, args):
         for i, r in zip(batch, rewards):
             records.append({"location": locations[i], "reward": float(r)})
     print(f"{len(records)} sequences scored", file=sys.stderr)
-    return records
+    return records, {"sequences": len(records)}
 
 
 def _order(location):

@@ -214,3 +214,30 @@ def test_synthetic_groups_load_and_share_their_prompt(tmp_path, tokenizer, cfg):
     assert len(groups) == 30 and counts.comparisons == 30 * 6 and counts.ties == 0 and not report.bad
     whole = sum(len(groups.sequence(g, i)) for g in range(30) for i in range(4))
     assert sum(len(p) for p in groups.prompt) * 3 > whole / 2  # most tokens are prompt, computed once
+
+
+def test_groups_are_cached_like_pairs(tmp_path, tokenizer, cfg):
+    """The second load reads the cache: the same groups (tags, merged responses and their origin kept),
+    the same counts; a pair load of the same file does not take the group cache file."""
+    rows = [{"prompt": "Q: hi", "chosen": [" hello", " hi"], "rejected": [" go away", " hello"], "subset": "s1"},
+            {"prompt": "Q: yo", "responses": [" a", " b", " c"], "ranking": [2, 0, 1]}]
+    path = write(tmp_path / "groups.jsonl", rows)
+    config = cfg()
+    first, report1, counts1 = load_groups(str(path), tokenizer, config)
+    second, report2, counts2 = load_groups(str(path), tokenizer, config)
+    assert not report1.cached and report2.cached and counts1 == counts2 and counts1.merged == 1
+    assert len(list((tmp_path / "cache").glob("*.npz"))) == 1
+    a, b = first, second
+    assert a.locations == b.locations and a.tags == b.tags == ["s1", None]
+    assert [x.tolist() for x in a.prompt] == [x.tolist() for x in b.prompt]
+    assert [[r.tolist() for r in rs] for rs in a.responses] == [[r.tolist() for r in rs] for rs in b.responses]
+    assert [s.tolist() for s in a.scores] == [s.tolist() for s in b.scores]
+    assert [o.tolist() for o in a.origin] == [o.tolist() for o in b.origin] == [[0, 1, 2, 0], [0, 1, 2]]
+    np.testing.assert_array_equal(a.weight, b.weight)
+    # " hello" chosen and rejected: merged, scored 0.5, between " hi" (1) and " go away" (0): 3 + 3 comparisons
+    assert report2.lines()[0] == report1.lines()[0] == "2 rows read, 2 groups kept (6 comparisons); 0 truncated, " \
+                                                        "0 dropped, 0 bad"
+    pair_path = write(tmp_path / "pairs.jsonl", [{"prompt": "Q: hi", "chosen": " hello", "rejected": " bye"}])
+    load_groups(str(pair_path), tokenizer, config)
+    load_data(DataConfig(train=[str(pair_path)], cache_dir=config.cache_dir), tokenizer)
+    assert len(list((tmp_path / "cache").glob("*.npz"))) == 3  # a pair file read as groups and as pairs

@@ -77,7 +77,8 @@ def test_groups_learn_to_rank_held_out_groups(tmp_path):
                "train.pairs_per_batch": 16, "train.lr": 2e-3, "train.epochs": 6.0, "train.warmup_ratio": 0.05,
                "train.log_every": 10, "train.export": True, "train.tensorboard": False}, env)
     assert "layout: prefix_shared" in res.stdout
-    assert "data: 700 groups, 4200 comparisons; 0 tied response pairs" in res.stdout
+    assert "data: 700 rows read, 700 groups kept (4200 comparisons); 0 truncated" in res.stdout
+    assert "data: 0 tied response pairs (no comparison), 0 identical responses merged" in res.stdout
     assert "eval groups at step 0: top-1 accuracy" in res.stdout
     steps, evals = metrics(out)
     first, last = evals[0], evals[-1]
@@ -91,6 +92,17 @@ def test_groups_learn_to_rank_held_out_groups(tmp_path):
     assert exported["rmfast_reward_mean"] == pytest.approx(last["eval_reward_mean"])
     saved = json.loads((out / "config.json").read_text())
     assert saved["data"]["kind"] == "groups"
+    # rmfast-score on the export measures the held-out groups as the engine's last eval did
+    from rmfast.score import main as score_main
+
+    summary = tmp_path / "summary.json"
+    assert score_main([str(out / "export"), str(held_out), "--out", str(tmp_path / "scores.jsonl"),
+                       "--summary", str(summary)]) == 0
+    scored = json.loads(summary.read_text())["overall"]
+    assert scored["groups"] == 100 and scored["comparisons"] == 600
+    assert scored["comparison_accuracy"] == pytest.approx(last["eval_accuracy"], abs=1 / 600)
+    assert scored["top1_accuracy"] == pytest.approx(last["eval_top1_accuracy"], abs=1 / 100)
+    assert scored["kendall_tau"] == pytest.approx(last["eval_kendall_tau"], abs=2 / 600)
 
 
 def test_prefix_shared_group_training_follows_padded_groups(engine_setup, groups_data, tmp_path):
@@ -110,6 +122,29 @@ def test_prefix_shared_group_training_follows_padded_groups(engine_setup, groups
     for key in ("eval_loss", "eval_accuracy", "eval_top1_accuracy", "eval_kendall_tau", "eval_reward_mean"):
         assert evals["prefix_shared"][key] == pytest.approx(evals["padded"][key], abs=1e-4), key
     assert evals["padded"]["eval_groups"] == 20 and evals["padded"]["eval_pairs"] == 10 * 6 + 10 * 3
+
+
+@pytest.mark.slow
+def test_two_ranks_zero3_on_groups_follow_one_rank_zero0(engine_setup, groups_data, tmp_path):
+    """Groups sharded over two ranks (gloo) at ZeRO-3 follow one rank at ZeRO-0 that takes both ranks'
+    micro-batches in one step; the eval over the two ranks' shards, gathered, is the one-rank eval."""
+    runs = {}
+    for nproc, stage, accum in ((1, 0, 2), (2, 3, 1)):
+        out = tmp_path / f"zero{stage}"
+        args = base_args(engine_setup, out, **{
+            "data.kind": "groups", "data.train": groups_data / "train.jsonl", "data.eval": groups_data / "eval.jsonl",
+            "train.zero_stage": stage, "train.grad_accum": accum, "train.eval_every": 8})
+        flat = [x for k, v in args.items() for x in (f"--{k}", str(v))]
+        res = subprocess.run(command(nproc) + flat, capture_output=True, text=True, env=clean_env(), timeout=900)
+        assert res.returncode == 0, res.stdout[-3000:] + res.stderr[-5000:]
+        runs[nproc] = metrics(out)
+    (one, one_eval), (two, two_eval) = runs[1], runs[2]
+    assert [r["step"] for r in two] == list(range(1, 9)) and [r["pairs"] for r in two] == [r["pairs"] for r in one]
+    # fp32; the tolerance covers the different order of gradient reductions over 8 steps
+    np.testing.assert_allclose([r["loss"] for r in two], [r["loss"] for r in one], rtol=0, atol=2e-4)
+    for key in ("eval_pairs", "eval_groups", "eval_accuracy", "eval_top1_accuracy"):
+        assert two_eval[-1][key] == one_eval[-1][key], key
+    assert two_eval[-1]["eval_loss"] == pytest.approx(one_eval[-1]["eval_loss"], abs=1e-3)
 
 
 def test_groups_of_two_from_pair_rows_train_as_the_pair_path(engine_setup, tmp_path):
@@ -165,5 +200,6 @@ def test_rmfast_data_synth_groups_and_inspect(tmp_path):
     res = subprocess.run([sys.executable, "-m", "rmfast.data.cli", "inspect", str(path), "--vocab-size", "300"],
                          capture_output=True, text=True, env=clean_env(), timeout=300)
     assert res.returncode == 0, res.stderr
-    assert "30 groups, 180 comparisons" in res.stdout and "responses per group: 4: 30 groups" in res.stdout
+    assert "30 rows read, 30 groups kept (180 comparisons)" in res.stdout
+    assert "responses per group: 4: 30 groups" in res.stdout
     assert "token positions per comparison: padded" in res.stdout and "prefix shared" in res.stdout

@@ -89,3 +89,80 @@ def test_bad_rows_stop_or_are_skipped(exported, tmp_path):
     assert score_main([str(path), str(bad), "--out", str(tmp_path / "x.jsonl")]) == 2
     assert score_main([str(path), str(bad), "--out", str(tmp_path / "x.jsonl"), "--on-bad-row", "skip"]) == 0
     assert len(read_jsonl(tmp_path / "x.jsonl")) == 1
+
+
+# ---- groups: a reward per response, the prompt computed once ----
+
+def _group_rows(rows):
+    """Rows of 3 responses from the pair rows: RewardBench 2's shape (one chosen, two rejected), with
+    a subset tag, and the plain shape without scores (best-of-N over sampled responses)."""
+    rb2, plain = [], []
+    for i, r in enumerate(rows):
+        third = rows[(i + 1) % len(rows)]["rejected"]
+        rb2.append({"prompt": r["prompt"], "chosen": [r["chosen"]], "rejected": [r["rejected"], third],
+                    "subset": "math" if i % 2 else "focus"})
+        plain.append({"prompt": r["prompt"], "responses": [r["rejected"], r["chosen"], third]})
+    return rb2, plain
+
+
+def test_groups_are_scored_as_transformers_scores_each_response(exported, tmp_path):
+    root, path, rows = exported
+    rb2, plain = _group_rows(rows)
+    write_jsonl(plain, tmp_path / "plain.jsonl")
+    out = tmp_path / "plain-scores.jsonl"
+    assert score_main([str(path), str(tmp_path / "plain.jsonl"), "--out", str(out), "--token-budget", "300"]) == 0
+    got = read_jsonl(out)
+    assert len(got) == len(rows) and got[0]["location"].endswith("plain.jsonl:1")
+    want = np.stack([hf_scores(path, [g["prompt"] + x for x in g["responses"]]) for g in plain])
+    np.testing.assert_allclose([g["rewards"] for g in got], want, atol=1e-4)
+    assert [g["best"] for g in got] == list(want.argmax(1))
+    assert "comparisons" not in got[0]  # no scores given: no metrics
+
+
+def test_rewardbench2_groups_give_per_subset_accuracy_and_best_of_n(exported, tmp_path):
+    from rmfast.group_metrics import rank_metrics
+
+    root, path, rows = exported
+    rb2, _ = _group_rows(rows)
+    write_jsonl(rb2, tmp_path / "rb2.jsonl")
+    out, summary = tmp_path / "rb2-scores.jsonl", tmp_path / "summary.json"
+    assert score_main([str(path), str(tmp_path / "rb2.jsonl"), "--out", str(out), "--summary", str(summary)]) == 0
+    got, summary = read_jsonl(out), json.loads(summary.read_text())
+    want = np.stack([hf_scores(path, [g["prompt"] + x for x in g["chosen"] + g["rejected"]]) for g in rb2])
+    np.testing.assert_allclose([g["rewards"] for g in got], want, atol=1e-4)
+    for subset in ("focus", "math"):
+        mine = [w for w, g in zip(want, rb2) if g["subset"] == subset]
+        wins = [float(w[0] > w[1:].max()) for w in mine]  # one chosen: best-of-N is "chosen beats every rejected"
+        correct = sum(int(w[0] > w[1]) + int(w[0] > w[2]) for w in mine)
+        m = summary["subsets"][subset]
+        assert m["groups"] == len(mine) and m["comparisons"] == 2 * len(mine)
+        assert m["best_of_n"] == pytest.approx(np.mean(wins))
+        assert m["comparison_accuracy"] == pytest.approx(correct / (2 * len(mine)))
+    assert summary["subset_mean_best_of_n"] == pytest.approx(
+        np.mean([summary["subsets"][s]["best_of_n"] for s in ("focus", "math")]))
+    assert {g["subset"] for g in got} == {"focus", "math"}
+    # a reward tie at the top splits the credit: 1 / the number tied when a best response is among them
+    assert rank_metrics([2.0, 2.0, 0.0, 1.0], [1, 0, 0, 0])["best_of_n"] == 0.5
+    assert rank_metrics([2.0, 2.0, 2.0, 1.0], [0, 0, 1, 0])["best_of_n"] == pytest.approx(1 / 3)
+    assert rank_metrics([1.0, 2.0, 0.0], [1, 0, 0])["best_of_n"] == 0.0
+    assert rank_metrics([1.0, 2.0], [1, 1]) is None  # all tied: nothing to measure
+
+
+def test_groups_keep_every_response_as_read(exported, tmp_path):
+    """Identical responses are computed once but each gets its reward; UltraFeedback rows through
+    --columns ultrafeedback; a bad row stops the run or is skipped."""
+    root, path, rows = exported
+    r = rows[0]
+    rated = [(r["chosen"], 9.0), (r["rejected"], 3.0), (r["chosen"], 8.0)]
+    uf = [{"instruction": r["prompt"], "completions": [{"response": x, "overall_score": s} for x, s in rated]},
+          {"instruction": r["prompt"], "completions": [{"response": r["chosen"]}]}]
+    write_jsonl(uf, tmp_path / "uf.jsonl")
+    out = tmp_path / "uf-scores.jsonl"
+    base = [str(path), str(tmp_path / "uf.jsonl"), "--out", str(out), "--columns", "ultrafeedback"]
+    assert score_main(base) == 2  # the second row has no overall_score
+    assert score_main(base + ["--on-bad-row", "skip"]) == 0
+    got = read_jsonl(out)
+    assert len(got) == 1 and len(got[0]["rewards"]) == 3
+    c, rj = hf_scores(path, [r["prompt"] + r["chosen"], r["prompt"] + r["rejected"]])
+    np.testing.assert_allclose(got[0]["rewards"], [c, rj, c], atol=1e-4)
+    assert got[0]["comparisons"] == 3  # 9 > 3, 9 > 8, 8 > 3 — the identical pair scores a reward tie

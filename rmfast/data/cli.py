@@ -81,13 +81,10 @@ def inspect_groups(args, sources, tokenizer, config):
 
     total_bad = 0
     for source in sources:
-        groups, report, counts = load_groups(source, tokenizer, config)
+        groups, report, _ = load_groups(source, tokenizer, config)
         print(f"\n{source.path} (groups)")
         for line in report.lines():
             print(f"  {line}")
-        print(f"  {counts.groups} groups, {counts.comparisons} comparisons; {counts.ties} tied response pairs (no "
-              f"comparison), {counts.merged} identical responses merged, {counts.dropped_responses_too_long} "
-              f"responses dropped as too long")
         for example in report.bad_examples:
             print(f"    e.g. {example}")
         total_bad += sum(report.bad.values())

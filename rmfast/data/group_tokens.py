@@ -23,7 +23,9 @@ class TokenizedGroups:
     """Tokenized groups, columnar. prompt: [n] int32 arrays (what every response of the group shares);
     responses: [n] lists of K_g int32 arrays (each response's own tokens; prompt + response is the whole
     sequence, ending in EOS); scores: [n] float32 arrays [K_g], higher is better; weight: float32 [n],
-    each group's loss weight; locations: where each came from; tags: RewardBench 2's subset or None."""
+    each group's loss weight; locations: where each came from; tags: RewardBench 2's subset or None;
+    origin: [n] int64 arrays, for each response of the row as read, the response it became (identical ones
+    merged) or -1 where the length policy dropped it."""
 
     prompt: list
     responses: list
@@ -31,9 +33,12 @@ class TokenizedGroups:
     weight: np.ndarray = None
     locations: list = None
     tags: list = None
+    origin: list = None
 
     def __post_init__(self):
         n = len(self.prompt)
+        if self.origin is None:
+            self.origin = [np.arange(len(r), dtype=np.int64) for r in self.responses]
         self.weight = np.ones(n, np.float32) if self.weight is None else np.asarray(self.weight, np.float32)
         self.locations = self.locations if self.locations is not None else [f"group {i}" for i in range(n)]
         self.tags = self.tags if self.tags is not None else [None] * n
@@ -59,7 +64,8 @@ class TokenizedGroups:
         idx = [int(i) for i in indices]
         return TokenizedGroups([self.prompt[i] for i in idx], [self.responses[i] for i in idx],
                                [self.scores[i] for i in idx], self.weight[idx],
-                               [self.locations[i] for i in idx], [self.tags[i] for i in idx])
+                               [self.locations[i] for i in idx], [self.tags[i] for i in idx],
+                               [self.origin[i] for i in idx])
 
     @staticmethod
     def concat(parts):
@@ -67,7 +73,40 @@ class TokenizedGroups:
         return TokenizedGroups([x for p in parts for x in p.prompt], [x for p in parts for x in p.responses],
                                [x for p in parts for x in p.scores],
                                np.concatenate([p.weight for p in parts] or [np.zeros(0, np.float32)]),
-                               [x for p in parts for x in p.locations], [x for p in parts for x in p.tags])
+                               [x for p in parts for x in p.locations], [x for p in parts for x in p.tags],
+                               [x for p in parts for x in p.origin])
+
+    def save(self, path):
+        """To an .npz of flat arrays (read back with allow_pickle=False: a cache file cannot run code)."""
+        def flat(seqs, dtype):
+            offsets = np.zeros(len(seqs) + 1, dtype=np.int64)
+            np.cumsum([len(s) for s in seqs], out=offsets[1:])
+            return (np.concatenate(seqs).astype(dtype) if seqs else np.zeros(0, dtype)), offsets
+
+        responses = [r for rs in self.responses for r in rs]
+        arrays = {}
+        for name, seqs, dtype in (("prompt", self.prompt, np.int32), ("responses", responses, np.int32),
+                                  ("scores", self.scores, np.float32), ("origin", self.origin, np.int64)):
+            arrays[name], arrays[f"{name}_offsets"] = flat(seqs, dtype)
+        np.savez(path, **arrays, sizes=self.sizes, weight=self.weight, locations=np.array(self.locations, dtype=str),
+                 tags=np.array(["" if t is None else t for t in self.tags], dtype=str),
+                 tagged=np.array([t is not None for t in self.tags], dtype=bool))
+
+    @staticmethod
+    def load(path):
+        z = np.load(path, allow_pickle=False)
+
+        def split(name):
+            data, offsets = z[name], z[f"{name}_offsets"]
+            return [data[offsets[i]:offsets[i + 1]] for i in range(len(offsets) - 1)]
+
+        flat, at, responses = split("responses"), 0, []
+        for k in z["sizes"].tolist():
+            responses.append(flat[at:at + k])
+            at += k
+        tags = [t if tagged else None for t, tagged in zip(z["tags"].tolist(), z["tagged"].tolist())]
+        return TokenizedGroups(split("prompt"), responses, split("scores"), z["weight"], z["locations"].tolist(),
+                               tags, split("origin"))
 
     @staticmethod
     def from_pairs(pairs):
@@ -107,8 +146,8 @@ def fit_group_length(seqs, prompt_len, policy: LengthPolicy, bos_id):
 
 def merge_identical(seqs, scores):
     """Identical sequences merged into one (first place kept), its score the mean of theirs. Returns
-    (seqs, scores float32 [K'], how many were merged away)."""
-    where, out, sums, counts = {}, [], [], []
+    (seqs, scores float32 [K'], how many were merged away, [K] the merged sequence each input became)."""
+    where, out, sums, counts, slot = {}, [], [], [], []
     for s, x in zip(seqs, scores):
         key = tuple(s)
         if key not in where:
@@ -118,7 +157,8 @@ def merge_identical(seqs, scores):
             counts.append(0)
         sums[where[key]] += x
         counts[where[key]] += 1
-    return out, np.array(sums, np.float64) / np.array(counts), len(seqs) - len(out)
+        slot.append(where[key])
+    return out, np.array(sums, np.float64) / np.array(counts), len(seqs) - len(out), slot
 
 
 def render_group(group, tokenizer, chat_template=None):
@@ -168,18 +208,22 @@ def _encode(texts, prompt_text, special, tokenizer, eos_id):
     return seqs, prompt_len
 
 
-def _tokenize_one(group, tokenizer, policy, chat_template, counts):
-    """(prompt ids, response ids, scores) of one group, or None when it is dropped (counted)."""
+def _tokenize_one(group, tokenizer, policy, chat_template, counts, scoring=False):
+    """(prompt ids, response ids, scores, origin) of one group, or None when it is dropped (counted).
+    scoring: keep groups with one response or no order (they are scored, not trained on)."""
     texts, prompt_text, special = render_group(group, tokenizer, chat_template)
     seqs, prompt_len = _encode(texts, prompt_text, special, tokenizer, tokenizer.eos_token_id)
     seqs, kept, truncated = fit_group_length(seqs, prompt_len, policy, tokenizer.bos_token_id)
     counts.dropped_responses_too_long += len(texts) - len(kept)
-    seqs, scores, merged = merge_identical(seqs, [group.scores[k] for k in kept])
+    given = group.scores if group.scores is not None else [0.0] * len(texts)
+    seqs, scores, merged, slot = merge_identical(seqs, [given[k] for k in kept])
     counts.merged += merged
-    if len(seqs) < 2:
-        counts.drop("fewer_than_two_responses")
+    origin = np.full(len(texts), -1, np.int64)
+    origin[kept] = slot
+    if len(seqs) < (1 if scoring else 2):
+        counts.drop("fewer_than_two_responses" if not scoring else "all_responses_too_long")
         return None
-    if np.all(scores == scores[0]):
+    if not scoring and np.all(scores == scores[0]):
         counts.drop("all_tied")
         return None
     counts.truncated += truncated
@@ -189,27 +233,33 @@ def _tokenize_one(group, tokenizer, policy, chat_template, counts):
     counts.comparisons += len(pairs)
     counts.ties += ties
     return (np.asarray(seqs[0][:shared], np.int32), [np.asarray(s[shared:], np.int32) for s in seqs],
-            scores.astype(np.float32))
+            scores.astype(np.float32), origin)
 
 
-def tokenize_groups(groups, tokenizer, policy: LengthPolicy, chat_template=None, weights=None):
+def tokenize_groups(groups, tokenizer, policy: LengthPolicy, chat_template=None, weights=None, scoring=False,
+                    progress=None):
     """Tokenize validated Groups. Returns (TokenizedGroups, GroupCounts). weights: one loss weight per
-    group (default 1)."""
+    group (default 1). scoring: groups of one response, or without an order, are kept. progress: a tqdm
+    bar advanced per group."""
     if any(g.format == "conversational" for g in groups):
         check_chat_template(tokenizer, chat_template)
     counts = GroupCounts()
-    prompt, responses, scores, weight, locations, tags = [], [], [], [], [], []
+    prompt, responses, scores, weight, locations, tags, origin = [], [], [], [], [], [], []
     for i, group in enumerate(groups):
-        out = _tokenize_one(group, tokenizer, policy, chat_template, counts)
+        out = _tokenize_one(group, tokenizer, policy, chat_template, counts, scoring)
+        if progress is not None:
+            progress.update(1)
         if out is None:
             continue
         prompt.append(out[0])
         responses.append(out[1])
         scores.append(out[2])
+        origin.append(out[3])
         weight.append(1.0 if weights is None else weights[i])
         locations.append(group.location)
         tags.append(group.tag)
-    return TokenizedGroups(prompt, responses, scores, np.array(weight, np.float32), locations, tags), counts
+    return TokenizedGroups(prompt, responses, scores, np.array(weight, np.float32), locations, tags,
+                           origin), counts
 
 
 def read_groups(source, config):
@@ -220,16 +270,34 @@ def read_groups(source, config):
     return read_rows(source, config, parse_group_row)
 
 
-def load_groups(source, tokenizer, config):
-    """One source of group rows, validated (on_bad_row as for pairs: error stops with file:line and reason)
-    and tokenized. Returns (TokenizedGroups, DataReport, GroupCounts). Not cached yet."""
-    from .loader import Source, _check_bad
+def tokenize_group_source(source, tokenizer, config, progress=True):
+    """Read, validate and tokenize one source of groups (no cache; rmfast.data.loader.load_source caches
+    it). Returns (TokenizedGroups, DataReport with its `groups` counts)."""
+    from collections import Counter
 
-    source = Source.parse(source)
+    from .loader import _check_bad, progress_bar
+
     groups, report = read_groups(source, config)
     _check_bad(report, config, source.path)
-    tokenized, counts = tokenize_groups(groups, tokenizer, config.policy(), config.chat_template)
+    bar = progress_bar(progress, len(groups), source.path, "group")
+    tokenized, counts = tokenize_groups(groups, tokenizer, config.policy(), config.chat_template, progress=bar)
+    if bar is not None:
+        bar.close()
     report.pairs = counts.comparisons
     report.truncated = counts.truncated
     report.dropped.update(counts.dropped)
+    report.groups = Counter(groups=counts.groups, comparisons=counts.comparisons, ties=counts.ties,
+                            merged=counts.merged, responses_dropped=counts.dropped_responses_too_long)
+    return tokenized, report
+
+
+def load_groups(source, tokenizer, config, progress=True):
+    """One source of group rows, validated (on_bad_row as for pairs: error stops with file:line and reason)
+    and tokenized, from the cache when seen before. Returns (TokenizedGroups, DataReport, GroupCounts)."""
+    from .loader import Source, load_source
+
+    tokenized, report = load_source(Source.parse(source), tokenizer, config, progress=progress, kind="groups")
+    g = report.groups
+    counts = GroupCounts(g["groups"], g["comparisons"], g["ties"], g["merged"], report.truncated,
+                         g["responses_dropped"], dict(report.dropped))
     return tokenized, report, counts

@@ -35,7 +35,8 @@ GROUP_COLUMNS = ("prompt", "responses", "scores", "ranking", "chosen", "rejected
 @dataclass
 class Group:
     """One validated group, before tokenization. responses: K texts (or message lists); scores: K floats,
-    higher is better; tag: where it came from within its dataset (RewardBench 2's subset), or None."""
+    higher is better (None: rows read for scoring that say nothing about the order); tag: where it came
+    from within its dataset (RewardBench 2's subset), or None."""
 
     location: str
     format: str  # "explicit" | "implicit" (no prompt: full texts) | "conversational"
@@ -103,11 +104,12 @@ def _ranking_scores(ranking, K, column):
     return scores
 
 
-def _responses(values, column):
+def _responses(values, column, least=2):
     """K texts or K message lists, validated; the format they make."""
-    if not isinstance(values, list) or len(values) < 2:
+    if not isinstance(values, list) or len(values) < least:
         n = len(values) if isinstance(values, list) else type(values).__name__
-        raise BadRow("few_responses", f"{column!r} holds {n}; a group needs at least 2 responses")
+        raise BadRow("few_responses", f"{column!r} holds {n}; a group needs at least {least} response"
+                                      f"{'s' if least > 1 else ''}")
     if all(isinstance(v, list) for v in values):
         out = [_messages(v, f"{column}[{k}]") for k, v in enumerate(values)]
         for k, v in enumerate(out):
@@ -133,19 +135,22 @@ def _prompt(value, fmt, column):
 
 
 def _finish(location, fmt, prompt, responses, scores, tag=None):
-    if len(set(scores)) == 1:
+    if scores is not None and len(scores) > 1 and len(set(scores)) == 1:
         raise BadRow("all_tied", f"all {len(scores)} responses score {scores[0]:g}")
     return Group(location, fmt, prompt, responses, scores, tag)
 
 
-def _scored(location, row, col):
-    responses, fmt = _responses(read_column(row, "responses", col["responses"]), col["responses"])
+def _scored(location, row, col, preference=True):
+    responses, fmt = _responses(read_column(row, "responses", col["responses"]), col["responses"],
+                                2 if preference else 1)
     prompt, fmt = _prompt(read_column(row, "prompt", col["prompt"], required=False), fmt, col["prompt"])
     scores = read_column(row, "scores", col["scores"], required=False)
     ranking = read_column(row, "ranking", col["ranking"], required=False)
     if scores is not None and ranking is not None:
         raise BadRow("ambiguous_preference", f"give {col['scores']!r} or {col['ranking']!r}, not both")
     if scores is None and ranking is None:
+        if not preference:
+            return Group(location, fmt, prompt, responses, None)
         read_column(row, "scores", col["scores"])  # raises missing_field, naming the columns to map
     K = len(responses)
     scores = (_check_scores(scores, K, col["scores"]) if scores is not None
@@ -165,13 +170,14 @@ def _chosen_rejected_lists(location, row, col):
     return _finish(location, fmt, prompt, responses, scores, None if tag is None else str(tag))
 
 
-def parse_group_row(location, row, fmt="auto", columns=None) -> Group:
+def parse_group_row(location, row, fmt="auto", columns=None, preference=True) -> Group:
     """Validate one row of any shape above and return its Group; raises BadRow with the reason. ``fmt``
-    applies to pair rows (rmfast.data.formats.FORMATS)."""
+    applies to pair rows (rmfast.data.formats.FORMATS). preference=False (scoring): a row of responses
+    without scores or ranking is taken (its Group's scores are None), and so is a single response."""
     columns = columns or {}
     col = {k: columns.get(k, k) for k in GROUP_COLUMNS}
     if col["responses"].partition("[].")[0] in row:
-        return _scored(location, row, col)
+        return _scored(location, row, col, preference)
     chosen = row.get(col["chosen"])
     if isinstance(chosen, list) and chosen and not isinstance(chosen[0], dict):  # a list of responses
         return _chosen_rejected_lists(location, row, col)

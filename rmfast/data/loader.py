@@ -92,6 +92,7 @@ class DataReport:
     truncated: int = 0
     dropped: Counter = field(default_factory=Counter)
     cached: bool = False
+    groups: Optional[Counter] = None  # group sources: groups, comparisons, ties, merged, responses_dropped
 
     def merge(self, other):
         self.rows += other.rows
@@ -101,10 +102,18 @@ class DataReport:
         self.truncated += other.truncated
         self.dropped.update(other.dropped)
         self.cached = self.cached and other.cached
+        if other.groups is not None:
+            self.groups = (self.groups or Counter()) + other.groups + Counter()  # + Counter(): keeps zeros out
 
     def lines(self):
-        out = [f"{self.rows} rows read, {self.pairs} pairs kept; {self.truncated} truncated, "
-               f"{sum(self.dropped.values())} dropped, {sum(self.bad.values())} bad"]
+        tail = f"{self.truncated} truncated, {sum(self.dropped.values())} dropped, {sum(self.bad.values())} bad"
+        if self.groups is None:
+            out = [f"{self.rows} rows read, {self.pairs} pairs kept; {tail}"]
+        else:
+            g = self.groups
+            out = [f"{self.rows} rows read, {g['groups']} groups kept ({self.pairs} comparisons); {tail}",
+                   f"{g['ties']} tied response pairs (no comparison), {g['merged']} identical responses merged, "
+                   f"{g['responses_dropped']} responses dropped as too long"]
         for reason, n in sorted(self.dropped.items()):
             out.append(f"  dropped ({reason.replace('_', ' ')}): {n}")
         for reason, n in self.bad.most_common():
@@ -129,11 +138,13 @@ def tokenizer_fingerprint(tokenizer):
     return h.hexdigest()
 
 
-def _cache_key(source: Source, tokenizer_fp, config: DataConfig):
+def _cache_key(source: Source, tokenizer_fp, config: DataConfig, kind="pairs"):
     ignored = ("train", "eval", "eval_fraction", "cache_dir", "seed", "num_proc")  # they don't change the tokens
     options = {k: v for k, v in asdict(config).items() if k not in ignored}
     payload = {"version": CACHE_VERSION, "data": sources.fingerprint(source.path, source.split),
                "tokenizer": tokenizer_fp, "options": options}
+    if kind != "pairs":
+        payload["kind"] = kind
     return hashlib.sha256(json.dumps(payload, sort_keys=True, default=str).encode()).hexdigest()[:32]
 
 
@@ -161,29 +172,58 @@ def read_rows(source: Source, config: DataConfig, parse):
     return pairs, report
 
 
-def load_source(source: Source, tokenizer, config: DataConfig, tokenizer_fp=None, progress=True):
-    """One source, tokenized; from the on-disk cache when the same data, tokenizer and options were seen."""
+def load_source(source: Source, tokenizer, config: DataConfig, tokenizer_fp=None, progress=True, kind="pairs"):
+    """One source, tokenized as pairs (TokenizedPairs) or groups (rmfast.data.group_tokens.TokenizedGroups;
+    the report's `groups` holds their counts); from the on-disk cache when the same data, tokenizer and
+    options were seen. Returns (tokenized, DataReport)."""
+    if kind == "groups":
+        from .group_tokens import TokenizedGroups, tokenize_group_source
+
+        cls, tokenize_source = TokenizedGroups, tokenize_group_source
+    else:
+        cls, tokenize_source = TokenizedPairs, _tokenize_pair_source
     tokenizer_fp = tokenizer_fp or tokenizer_fingerprint(tokenizer)
     root = cache_root(config)
-    key = _cache_key(source, tokenizer_fp, config)
+    key = _cache_key(source, tokenizer_fp, config, kind)
     data_path, meta_path = root / f"{key}.npz", root / f"{key}.json"
     if data_path.exists() and meta_path.exists():
         meta = json.loads(meta_path.read_text())
         report = DataReport(meta["rows"], meta["pairs"], Counter(meta["bad"]), meta["bad_examples"],
-                            meta["truncated"], Counter(meta["dropped"]), cached=True)
+                            meta["truncated"], Counter(meta["dropped"]), cached=True,
+                            groups=Counter(meta["groups"]) if meta.get("groups") is not None else None)
         _check_bad(report, config, source.path)
         try:
-            return TokenizedPairs.load(data_path), report
+            return cls.load(data_path), report
         except (ValueError, OSError, KeyError, zipfile.BadZipFile) as exc:  # unreadable: tokenize again
             print(f"rmfast: ignoring the unreadable cache file {data_path} ({exc})", file=sys.stderr)
+    tokenized, report = tokenize_source(source, tokenizer, config, progress)
+    root.mkdir(parents=True, exist_ok=True)
+    tmp = root / f"{key}.tmp.{os.getpid()}.npz"
+    tokenized.save(tmp)
+    os.replace(tmp, data_path)
+    meta = {"source": source.path, "rows": report.rows, "pairs": report.pairs, "bad": dict(report.bad),
+            "bad_examples": report.bad_examples, "truncated": report.truncated, "dropped": dict(report.dropped),
+            "groups": dict(report.groups) if report.groups is not None else None}
+    meta_path.write_text(json.dumps(meta, indent=1))
+    return tokenized, report
+
+
+def progress_bar(progress, total, name, unit):
+    """A tqdm bar for tokenizing `total` rows of `name` (None without progress; hidden off a terminal and
+    under 2,000 rows)."""
+    if not progress:
+        return None
+    from tqdm.auto import tqdm
+
+    return tqdm(total=total, desc=f"tokenizing {Path(name).name}", unit=unit,
+                disable=not sys.stderr.isatty() or total < 2000)
+
+
+def _tokenize_pair_source(source: Source, tokenizer, config: DataConfig, progress=True):
+    """Read, validate and tokenize one source of pairs (no cache). Returns (TokenizedPairs, DataReport)."""
     pairs, report = read_pairs(source, config)
     _check_bad(report, config, source.path)
-    bar = None
-    if progress:
-        from tqdm.auto import tqdm
-
-        bar = tqdm(total=len(pairs), desc=f"tokenizing {Path(source.path).name}", unit="pair",
-                   disable=not sys.stderr.isatty() or len(pairs) < 2000)
+    bar = progress_bar(progress, len(pairs), source.path, "pair")
     num_proc = config.num_proc or (min(8, os.cpu_count() or 1) if len(pairs) >= 20000 else 1)
     tokenized, counts = tokenize_pairs_parallel(pairs, tokenizer, config.policy(), config.chat_template, num_proc, bar)
     if bar is not None:
@@ -191,13 +231,6 @@ def load_source(source: Source, tokenizer, config: DataConfig, tokenizer_fp=None
     report.pairs = len(tokenized)
     report.truncated = counts["truncated"]
     report.dropped = Counter({k[len("dropped_"):]: v for k, v in counts.items() if k.startswith("dropped_") and v})
-    root.mkdir(parents=True, exist_ok=True)
-    tmp = root / f"{key}.tmp.{os.getpid()}.npz"
-    tokenized.save(tmp)
-    os.replace(tmp, data_path)
-    meta = {"source": source.path, "rows": report.rows, "pairs": report.pairs, "bad": dict(report.bad),
-            "bad_examples": report.bad_examples, "truncated": report.truncated, "dropped": dict(report.dropped)}
-    meta_path.write_text(json.dumps(meta, indent=1))
     return tokenized, report
 
 
@@ -213,40 +246,48 @@ def _check_bad(report: DataReport, config: DataConfig, name):
                     f"rmfast-score --on-bad-row skip.")
 
 
-def _weighted(pairs: TokenizedPairs, weight, rng):
+def _weighted(data, weight, rng):
+    """`data` (pairs or groups) repeated `weight` times: whole copies, then a seeded share of one more."""
     if weight < 0:
         raise ValueError(f"a source weight must be ≥ 0, got {weight}")
     whole = int(weight)
-    idx = [np.arange(len(pairs))] * whole
+    idx = [np.arange(len(data))] * whole
     frac = weight - whole
     if frac > 0:
-        idx.append(np.sort(rng.permutation(len(pairs))[: int(round(frac * len(pairs)))]))
-    return pairs.subset(np.concatenate(idx) if idx else np.zeros(0, np.int64))
+        idx.append(np.sort(rng.permutation(len(data))[: int(round(frac * len(data)))]))
+    return data.subset(np.concatenate(idx) if idx else np.zeros(0, np.int64))
 
 
-def load_data(config: DataConfig, tokenizer, progress=True):
-    """Train and eval pairs for a config. Returns (train, eval or None, report)."""
+def load_data(config: DataConfig, tokenizer, progress=True, kind="pairs"):
+    """Train and eval data for a config: pairs (TokenizedPairs) or groups (TokenizedGroups), each source
+    cached, weighted (PATH@WEIGHT) and split (eval sources, else a seeded eval_fraction of each train
+    source). Returns (train, eval or None, DataReport)."""
     if not config.train:
         raise ValueError("no training data: give at least one source (a file, folder, datasets dir or hub name)")
+    if kind == "groups":
+        from .group_tokens import TokenizedGroups as cls
+    else:
+        cls = TokenizedPairs
     rng = np.random.default_rng(config.seed)
     tokenizer_fp = tokenizer_fingerprint(tokenizer)
     report = DataReport(cached=True)
     train_parts, eval_parts = [], []
     for spec in config.train:
         source = Source.parse(spec)
-        pairs, rep = load_source(source, tokenizer, config, tokenizer_fp, progress)
+        data, rep = load_source(source, tokenizer, config, tokenizer_fp, progress, kind)
         report.merge(rep)
         if config.eval_fraction and not config.eval:
-            order = rng.permutation(len(pairs))
-            n_eval = int(round(config.eval_fraction * len(pairs)))
-            eval_parts.append(pairs.subset(np.sort(order[:n_eval])))
-            pairs = pairs.subset(np.sort(order[n_eval:]))
-        train_parts.append(_weighted(pairs, source.weight, rng))
+            order = rng.permutation(len(data))
+            n_eval = int(round(config.eval_fraction * len(data)))
+            eval_parts.append(data.subset(np.sort(order[:n_eval])))
+            data = data.subset(np.sort(order[n_eval:]))
+        train_parts.append(_weighted(data, source.weight, rng))
     for spec in config.eval:
-        pairs, rep = load_source(Source.parse(spec), tokenizer, config, tokenizer_fp, progress)
+        data, rep = load_source(Source.parse(spec), tokenizer, config, tokenizer_fp, progress, kind)
         report.merge(rep)
-        eval_parts.append(pairs)
-    train = TokenizedPairs.concat(train_parts)
+        eval_parts.append(data)
+    train = cls.concat(train_parts)
     if len(train) == 0:
-        raise DataError("no training pairs left after validation and the length policy:\n" + "\n".join(report.lines()))
-    return train, (TokenizedPairs.concat(eval_parts) if eval_parts else None), report
+        raise DataError(f"no training {kind} left after validation and the length policy:\n" +
+                        "\n".join(report.lines()))
+    return train, (cls.concat(eval_parts) if eval_parts else None), report
