@@ -5,7 +5,7 @@
 # cut to what is left of one overall budget (GPU_CHECK_BUDGET seconds, default 410: under 7 minutes):
 #   env         GPU, driver, versions; installs the carried wheels (offline) and import-checks them
 #   build       the extension for the visible GPU only (TORCH_CUDA_ARCH_LIST from nvidia-smi), pip -e
-#   tests       the CUDA tests against the float64 reference (pytest -k cuda: loss, backends, layouts)
+#   tests       the CUDA tests against the float64 reference (pytest -k cuda: loss, backends, layouts, groups)
 #   smoke       20 bf16 steps of a tiny Llama on synthetic pairs through `python3 -m rmfast.cli`, for each of
 #               padded, packed+varlen, prefix_shared+varlen, prefix_shared+flex (in parallel): loss falls?
 #   bench_train end to end on the HH sample, a 134M-parameter Llama: DeepSpeed-Chat-style, TRL-style,
@@ -161,7 +161,7 @@ stage_tests() {
     "$PY" -c "import pytest_timeout" 2>/dev/null && extra+=(--timeout 120)
   fi
   "$PY" -m pytest -q -p no:cacheprovider -rfE "${extra[@]}" -k cuda \
-    tests/test_pairwise_loss.py tests/test_backends.py tests/test_layouts.py > "$R/tests.log" 2>&1
+    tests/test_pairwise_loss.py tests/test_backends.py tests/test_layouts.py tests/test_groups.py > "$R/tests.log" 2>&1
   local rc=$?
   tail -1 "$R/tests.log" | tr -d '=' | sed 's/^ *//' > "$W/result.tests"
   grep -qE "passed|skipped" "$R/tests.log" || return 1

@@ -237,6 +237,7 @@ def _score_pairs(scorer, args):
     for line in report.lines():
         print(f"data: {line}", file=sys.stderr)
     costs, _ = layouts.pair_costs(pairs, "prefix_shared")
+    subsets = _subsets(args.sources, args.columns.get("subset", "subset"))
     records = []
     for batch in tqdm(_token_batches(costs, max(args.token_budget, int(costs.max()))), desc="scoring pairs",
                       unit="batch"):
@@ -246,11 +247,37 @@ def _score_pairs(scorer, args):
         for i, rc, rr in zip(batch, c, r):
             records.append({"location": pairs.locations[i], "chosen_reward": float(rc), "rejected_reward": float(rr),
                             "margin": float(rc - rr), "correct": bool(rc > rr)})
-    summary = {"pairs": len(records), "accuracy": float(np.mean([x["correct"] for x in records])),
-               "mean_margin": float(np.mean([x["margin"] for x in records]))}
+            if pairs.locations[i] in subsets:
+                records[-1]["subset"] = subsets[pairs.locations[i]]
+
+    def metrics(rs):
+        return {"pairs": len(rs), "accuracy": float(np.mean([x["correct"] for x in rs])),
+                "mean_margin": float(np.mean([x["margin"] for x in rs]))}
+
+    summary = metrics(records)
     print(f"{len(records)} pairs: accuracy {summary['accuracy']:.4f}, mean margin {summary['mean_margin']:.4f}",
           file=sys.stderr)
+    names = sorted({x["subset"] for x in records if "subset" in x})
+    if names:
+        summary["subsets"] = {n: metrics([x for x in records if x.get("subset") == n]) for n in names}
+        for n, m in summary["subsets"].items():
+            print(f"  {n}: accuracy {m['accuracy']:.4f} ({m['pairs']} pairs)", file=sys.stderr)
+        summary["subset_mean_accuracy"] = float(np.mean([m["accuracy"] for m in summary["subsets"].values()]))
+        print(f"mean accuracy over {len(names)} subsets: {summary['subset_mean_accuracy']:.4f}", file=sys.stderr)
     return records, summary
+
+
+def _subsets(specs, column):
+    """{location: the row's `column` value as a string} for the rows of the sources that have one."""
+    from .data.loader import Source
+
+    out = {}
+    for spec in specs:
+        source = Source.parse(spec)
+        for raw in iter_rows(source.path, source.split):
+            if isinstance(raw.data, dict) and raw.data.get(column) is not None:
+                out[raw.location] = str(raw.data[column])
+    return out
 
 
 def _read_groups(args, tokenizer):

@@ -166,3 +166,26 @@ def test_groups_keep_every_response_as_read(exported, tmp_path):
     c, rj = hf_scores(path, [r["prompt"] + r["chosen"], r["prompt"] + r["rejected"]])
     np.testing.assert_allclose(got[0]["rewards"], [c, rj, c], atol=1e-4)
     assert got[0]["comparisons"] == 3  # 9 > 3, 9 > 8, 8 > 3 — the identical pair scores a reward tie
+
+
+def test_pairs_with_a_subset_column_give_per_subset_accuracy(exported, tmp_path):
+    root, path, rows = exported
+    tagged = [dict(r, subset="even" if i % 2 == 0 else "odd") for i, r in enumerate(rows)]
+    write_jsonl(tagged, tmp_path / "tagged.jsonl")
+    out, summary = tmp_path / "tagged-scores.jsonl", tmp_path / "summary.json"
+    assert score_main([str(path), str(tmp_path / "tagged.jsonl"), "--out", str(out), "--summary", str(summary)]) == 0
+    got, summary = read_jsonl(out), json.loads(summary.read_text())
+    correct = hf_scores(path, [r["prompt"] + r["chosen"] for r in rows]) > \
+        hf_scores(path, [r["prompt"] + r["rejected"] for r in rows])
+    assert [g["subset"] for g in got] == [t["subset"] for t in tagged]
+    assert summary["subsets"]["even"]["accuracy"] == pytest.approx(correct[0::2].mean())
+    assert summary["subsets"]["odd"]["accuracy"] == pytest.approx(correct[1::2].mean())
+    assert summary["accuracy"] == pytest.approx(correct.mean()) and summary["pairs"] == len(rows)
+    # groups with a subset column (not RewardBench 2's shape) are split by it too
+    groups = [{"prompt": r["prompt"], "responses": [r["chosen"], r["rejected"]], "scores": [1, 0],
+               "subset": t["subset"]} for r, t in zip(rows, tagged)]
+    write_jsonl(groups, tmp_path / "groups.jsonl")
+    assert score_main([str(path), str(tmp_path / "groups.jsonl"), "--out", str(out), "--summary",
+                       str(tmp_path / "g.json")]) == 0
+    by_subset = json.loads((tmp_path / "g.json").read_text())["subsets"]
+    assert by_subset["even"]["comparison_accuracy"] == pytest.approx(correct[0::2].mean())

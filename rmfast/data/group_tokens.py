@@ -23,7 +23,7 @@ class TokenizedGroups:
     """Tokenized groups, columnar. prompt: [n] int32 arrays (what every response of the group shares);
     responses: [n] lists of K_g int32 arrays (each response's own tokens; prompt + response is the whole
     sequence, ending in EOS); scores: [n] float32 arrays [K_g], higher is better; weight: float32 [n],
-    each group's loss weight; locations: where each came from; tags: RewardBench 2's subset or None;
+    each group's loss weight; locations: where each came from; tags: the row's `subset` or None;
     origin: [n] int64 arrays, for each response of the row as read, the response it became (identical ones
     merged) or -1 where the length policy dropped it."""
 

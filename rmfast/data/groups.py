@@ -35,8 +35,8 @@ GROUP_COLUMNS = ("prompt", "responses", "scores", "ranking", "chosen", "rejected
 @dataclass
 class Group:
     """One validated group, before tokenization. responses: K texts (or message lists); scores: K floats,
-    higher is better (None: rows read for scoring that say nothing about the order); tag: where it came
-    from within its dataset (RewardBench 2's subset), or None."""
+    higher is better (None: rows read for scoring that say nothing about the order); tag: the row's
+    `subset` (where it came from within its dataset, as in RewardBench), or None."""
 
     location: str
     format: str  # "explicit" | "implicit" (no prompt: full texts) | "conversational"
@@ -150,12 +150,12 @@ def _scored(location, row, col, preference=True):
         raise BadRow("ambiguous_preference", f"give {col['scores']!r} or {col['ranking']!r}, not both")
     if scores is None and ranking is None:
         if not preference:
-            return Group(location, fmt, prompt, responses, None)
+            return Group(location, fmt, prompt, responses, None, _tag(row, col))
         read_column(row, "scores", col["scores"])  # raises missing_field, naming the columns to map
     K = len(responses)
     scores = (_check_scores(scores, K, col["scores"]) if scores is not None
               else _ranking_scores(ranking, K, col["ranking"]))
-    return _finish(location, fmt, prompt, responses, scores)
+    return _finish(location, fmt, prompt, responses, scores, _tag(row, col))
 
 
 def _chosen_rejected_lists(location, row, col):
@@ -166,8 +166,13 @@ def _chosen_rejected_lists(location, row, col):
     responses, fmt = _responses(chosen + rejected, f"{col['chosen']}+{col['rejected']}")
     prompt, fmt = _prompt(read_column(row, "prompt", col["prompt"], required=False), fmt, col["prompt"])
     scores = [1.0] * len(chosen) + [0.0] * len(rejected)
+    return _finish(location, fmt, prompt, responses, scores, _tag(row, col))
+
+
+def _tag(row, col):
+    """The row's `subset` (the mapped column), as a string, or None."""
     tag = row.get(col["subset"])
-    return _finish(location, fmt, prompt, responses, scores, None if tag is None else str(tag))
+    return None if tag is None else str(tag)
 
 
 def parse_group_row(location, row, fmt="auto", columns=None, preference=True) -> Group:
@@ -184,4 +189,4 @@ def parse_group_row(location, row, fmt="auto", columns=None, preference=True) ->
     if "responses" not in columns and col["chosen"] not in row:
         read_column(row, "responses", col["responses"])  # neither shape: name the group columns
     pair = parse_row(location, row, fmt, columns)
-    return Group(location, pair.format, pair.prompt, [pair.chosen, pair.rejected], [1.0, 0.0])
+    return Group(location, pair.format, pair.prompt, [pair.chosen, pair.rejected], [1.0, 0.0], _tag(row, col))
