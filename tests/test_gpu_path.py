@@ -87,7 +87,15 @@ def _new_varlen_attn(query, key, value, cu_seq_q, cu_seq_k, max_q, max_k, *, ret
     return reference_varlen(query, key, value, cu_seq_q, cu_seq_k, max_q, max_k, scale, 0.0)
 
 
-@pytest.mark.parametrize("stand_in", [_old_varlen_attn, _new_varlen_attn], ids=["older", "newer"])
+def _torch_2_11_varlen_attn(query, key, value, cu_seq_q, cu_seq_k, max_q, max_k, *, return_aux=None, scale=None,
+                            window_size=(-1, -1)):
+    """torch 2.11's signature (the lent GPU machine's): scale and window, but no enable_gqa (equal heads)."""
+    assert window_size == (-1, 0) and key.shape[1] == query.shape[1] and return_aux is None
+    return reference_varlen(query, key, value, cu_seq_q, cu_seq_k, max_q, max_k, scale, 0.0)
+
+
+@pytest.mark.parametrize("stand_in", [_old_varlen_attn, _torch_2_11_varlen_attn, _new_varlen_attn],
+                         ids=["older", "torch-2.11", "newer"])
 def test_torch_varlen_call_adapts_to_the_installed_signature(stand_in):
     torch.manual_seed(0)
     run = attention.torch_varlen_adapter(stand_in)
