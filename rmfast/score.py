@@ -23,7 +23,8 @@ import torch
 
 from . import attention, layouts
 from .data import DataConfig, DataError, load_data
-from .data.groups import ULTRAFEEDBACK
+from .data.groups import ULTRAFEEDBACK, source_kind
+from .data.loader import Source
 from .data.sampler import PairSampler
 from .data.sources import iter_rows
 from .model import RewardModel
@@ -143,19 +144,6 @@ def _read_sequences(sources, tokenizer, max_length, on_bad_row):
     return ids, locations, bad
 
 
-def _kind(source, columns):
-    """What the first readable row of `source` holds: 'groups', 'pairs' or 'texts'."""
-    col = lambda name: columns.get(name, name).partition("[].")[0]  # noqa: E731
-    for raw in iter_rows(source):
-        if raw.data is None:
-            continue
-        chosen = raw.data.get(col("chosen"))
-        if col("responses") in raw.data or (isinstance(chosen, list) and chosen and not isinstance(chosen[0], dict)):
-            return "groups"
-        return "pairs" if col("chosen") in raw.data or col("rejected") in raw.data else "texts"
-    return "texts"
-
-
 def _columns(text):
     """--columns: a JSON object of column names, or `ultrafeedback`."""
     if text is None:
@@ -214,7 +202,8 @@ def main(argv=None):
 
     def body():
         scorer = Scorer(args.model, args.device, args.dtype, args.attention)
-        kind = args.kind if args.kind != "auto" else _kind(args.sources[0], args.columns)
+        source = Source.parse(args.sources[0])
+        kind = args.kind if args.kind != "auto" else source_kind(source.path, source.split, args.columns) or "texts"
         score = {"pairs": _score_pairs, "groups": _score_groups, "texts": _score_texts}[kind]
         records, summary = score(scorer, args)
         records.sort(key=lambda x: _order(x["location"]))
@@ -269,8 +258,6 @@ def _score_pairs(scorer, args):
 
 def _subsets(specs, column):
     """{location: the row's `column` value as a string} for the rows of the sources that have one."""
-    from .data.loader import Source
-
     out = {}
     for spec in specs:
         source = Source.parse(spec)
@@ -285,7 +272,7 @@ def _read_groups(args, tokenizer):
     taken: they are scored) and tokenized. Returns (TokenizedGroups, {location: the row's scores or None})."""
     from .data.group_tokens import TokenizedGroups, tokenize_groups
     from .data.groups import parse_group_row
-    from .data.loader import Source, _check_bad, read_rows
+    from .data.loader import _check_bad, read_rows
 
     config = DataConfig(train=args.sources, format=args.format, columns=args.columns, max_length=args.max_length,
                         on_bad_row=args.on_bad_row)

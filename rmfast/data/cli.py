@@ -12,6 +12,7 @@ import numpy as np
 
 from ..layouts import pair_costs
 from .formats import FORMATS
+from .groups import source_kind
 from .loader import DataConfig, DataError, Source, load_source, read_pairs
 from .synthetic import generate_pairs, write_jsonl
 from .synthetic_groups import generate_groups
@@ -61,90 +62,67 @@ def _percentiles(x):
     return "  ".join(f"{name} {v:,.0f}" for name, v in zip(("min", "p50", "p90", "p99", "max"), p))
 
 
-def _holds_groups(source):
-    """Whether a source's first row is a group (K responses, or RewardBench 2's lists of chosen/rejected)."""
-    from . import sources as source_rows
-
-    for raw in source_rows.iter_rows(source.path, source.split):
-        if raw.reason or not isinstance(raw.data, dict):
-            continue
-        chosen = raw.data.get("chosen")
-        return ("responses" in raw.data or "completions" in raw.data
-                or (isinstance(chosen, list) and bool(chosen) and not isinstance(chosen[0], dict)))
-    return False
-
-
-def inspect_groups(args, sources, tokenizer, config):
-    """Groups: group sizes, comparisons, lengths and token positions per comparison in each layout."""
+def _describe_groups(args, groups):
+    """Group sizes, comparisons, lengths and token positions per comparison in each layout."""
     from ..groups import group_costs
-    from .group_tokens import load_groups
 
-    total_bad = 0
-    for source in sources:
-        groups, report, _ = load_groups(source, tokenizer, config)
-        print(f"\n{source.path} (groups)")
-        for line in report.lines():
-            print(f"  {line}")
-        for example in report.bad_examples:
-            print(f"    e.g. {example}")
-        total_bad += sum(report.bad.values())
-        if len(groups) == 0:
-            continue
-        sizes = groups.sizes
-        values, n = np.unique(sizes, return_counts=True)
-        print("  responses per group: " + ", ".join(f"{v}: {c} groups" for v, c in zip(values, n)))
-        prompt = np.array([len(p) for p in groups.prompt])
-        response = np.array([len(r) for rs in groups.responses for r in rs])
-        print(f"  tokens, prompt:   {_percentiles(prompt)}")
-        print(f"  tokens, response: {_percentiles(response)}  (after the shared prompt)")
-        C, as_pairs = 0, 0  # as_pairs: each comparison as its own prefix-shared pair (prompt + both responses)
-        for i in range(len(groups)):
-            rs = [len(r) for r in groups.responses[i]]
-            for better, worse in groups.comparisons(i)[0]:
-                C += 1
-                as_pairs += len(groups.prompt[i]) + rs[better] + rs[worse]
-        cost = {layout: group_costs(groups, layout)[0].sum() / max(C, 1) for layout in ("padded", "prefix_shared")}
-        print(f"  token positions per comparison: padded (every response its own row, padded to the group's "
-              f"longest): {cost['padded']:,.1f}; prefix shared (the prompt once, every response once): "
-              f"{cost['prefix_shared']:,.1f}; each comparison as its own prefix-shared pair: "
-              f"{as_pairs / max(C, 1):,.1f}")
-    return 1 if total_bad and args.strict else 0
+    sizes = groups.sizes
+    values, n = np.unique(sizes, return_counts=True)
+    print("  responses per group: " + ", ".join(f"{v}: {c} groups" for v, c in zip(values, n)))
+    prompt = np.array([len(p) for p in groups.prompt])
+    response = np.array([len(r) for rs in groups.responses for r in rs])
+    print(f"  tokens, prompt:   {_percentiles(prompt)}")
+    print(f"  tokens, response: {_percentiles(response)}  (after the shared prompt)")
+    C, as_pairs = 0, 0  # as_pairs: each comparison as its own prefix-shared pair (prompt + both responses)
+    for i in range(len(groups)):
+        rs = [len(r) for r in groups.responses[i]]
+        for better, worse in groups.comparisons(i)[0]:
+            C += 1
+            as_pairs += len(groups.prompt[i]) + rs[better] + rs[worse]
+    cost = {layout: group_costs(groups, layout)[0].sum() / max(C, 1) for layout in ("padded", "prefix_shared")}
+    print(f"  token positions per comparison: padded (every response its own row, padded to the group's "
+          f"longest): {cost['padded']:,.1f}; prefix shared (the prompt once, every response once): "
+          f"{cost['prefix_shared']:,.1f}; each comparison as its own prefix-shared pair: "
+          f"{as_pairs / max(C, 1):,.1f}")
+
+
+def _describe_pairs(args, pairs):
+    """Lengths, shared prefixes, token positions per pair in each layout, margins."""
+    c, r, s, p = pairs.chosen_lengths, pairs.rejected_lengths, pairs.shared.astype(np.int64), pairs.prompt
+    print(f"  tokens, chosen:   {_percentiles(c)}")
+    print(f"  tokens, rejected: {_percentiles(r)}")
+    print(f"  tokens, prompt:   {_percentiles(p)}")
+    print(f"  shared prefix:    {_percentiles(s)}  ({(s / np.maximum(np.maximum(c, r), 1)).mean():.0%} of the "
+          f"longer side on average; {np.mean(s == 0):.1%} of pairs share nothing)")
+    cost = {layout: pair_costs(pairs, layout)[0].mean() for layout in ("padded", "packed", "prefix_shared")}
+    print(f"  token positions per pair: padded to {args.max_length}: {2 * args.max_length:,}; padded to the "
+          f"pair's longer side: {cost['padded']:,.0f}; packed: {cost['packed']:,.0f}; "
+          f"prefix shared: {cost['prefix_shared']:,.0f}")
+    with_margin = np.isfinite(pairs.margin)
+    if with_margin.any():
+        print(f"  margins: {with_margin.mean():.0%} of pairs, mean {pairs.margin[with_margin].mean():.3g}")
 
 
 def inspect(args):
     sources = [Source.parse(s) for s in args.sources]
-    groups = args.kind == "groups" or (args.kind == "auto" and any(_holds_groups(s) for s in sources))
-    tokenizer, tok_desc = _tokenizer(args, sources, groups)
+    auto = args.kind == "auto" and any(source_kind(s.path, s.split) == "groups" for s in sources)
+    kind = "groups" if args.kind == "groups" or auto else "pairs"
+    tokenizer, tok_desc = _tokenizer(args, sources, kind == "groups")
     config = DataConfig(train=args.sources, format=args.format, max_length=args.max_length,
                         overlong=args.overlong, on_bad_row="skip", chat_template=args.chat_template,
                         cache_dir=args.cache_dir)
     print(f"tokenizer: {tok_desc}")
-    if groups:
-        return inspect_groups(args, sources, tokenizer, config)
     total_bad = 0
     for source in sources:
-        pairs, report = load_source(source, tokenizer, config)
-        print(f"\n{source.path}")
+        data, report = load_source(source, tokenizer, config, kind=kind)
+        print(f"\n{source.path}" + (" (groups)" if kind == "groups" else ""))
         for line in report.lines():
             print(f"  {line}")
         for example in report.bad_examples:
             print(f"    e.g. {example}")
         total_bad += sum(report.bad.values())
-        if len(pairs) == 0:
-            continue
-        c, r, s, p = pairs.chosen_lengths, pairs.rejected_lengths, pairs.shared.astype(np.int64), pairs.prompt
-        print(f"  tokens, chosen:   {_percentiles(c)}")
-        print(f"  tokens, rejected: {_percentiles(r)}")
-        print(f"  tokens, prompt:   {_percentiles(p)}")
-        print(f"  shared prefix:    {_percentiles(s)}  ({(s / np.maximum(np.maximum(c, r), 1)).mean():.0%} of the "
-              f"longer side on average; {np.mean(s == 0):.1%} of pairs share nothing)")
-        cost = {layout: pair_costs(pairs, layout)[0].mean() for layout in ("padded", "packed", "prefix_shared")}
-        print(f"  token positions per pair: padded to {args.max_length}: {2 * args.max_length:,}; padded to the "
-              f"pair's longer side: {cost['padded']:,.0f}; packed: {cost['packed']:,.0f}; "
-              f"prefix shared: {cost['prefix_shared']:,.0f}")
-        with_margin = np.isfinite(pairs.margin)
-        if with_margin.any():
-            print(f"  margins: {with_margin.mean():.0%} of pairs, mean {pairs.margin[with_margin].mean():.3g}")
+        if len(data):
+            (_describe_groups if kind == "groups" else _describe_pairs)(args, data)
     return 1 if total_bad and args.strict else 0
 
 

@@ -175,6 +175,27 @@ def _tag(row, col):
     return None if tag is None else str(tag)
 
 
+def row_kind(row, columns=None):
+    """What a row (a dict) holds: 'groups' (K responses, UltraFeedback's completions, or RewardBench 2's lists
+    of chosen / rejected), 'pairs' (a chosen and a rejected) or None (neither: a single text)."""
+    col = lambda name: (columns or {}).get(name, name).partition("[].")[0]  # noqa: E731
+    chosen = row.get(col("chosen"))
+    if (col("responses") in row or ULTRAFEEDBACK["responses"].partition("[].")[0] in row
+            or (isinstance(chosen, list) and bool(chosen) and not isinstance(chosen[0], dict))):
+        return "groups"
+    return "pairs" if col("chosen") in row or col("rejected") in row else None
+
+
+def source_kind(path, split="train", columns=None):
+    """row_kind of the first readable row of a source (None when it has none)."""
+    from .sources import iter_rows
+
+    for raw in iter_rows(path, split):
+        if not raw.reason and isinstance(raw.data, dict):
+            return row_kind(raw.data, columns)
+    return None
+
+
 def parse_group_row(location, row, fmt="auto", columns=None, preference=True) -> Group:
     """Validate one row of any shape above and return its Group; raises BadRow with the reason. ``fmt``
     applies to pair rows (rmfast.data.formats.FORMATS). preference=False (scoring): a row of responses
