@@ -21,23 +21,20 @@ RSS minus the RSS before the first step); CSV, PNG and a Markdown table in bench
 
 import argparse
 import csv
-import gc
 import gzip
 import json
 import statistics
 import subprocess
 import sys
-import time
 from pathlib import Path
 
 import numpy as np
 import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
-from bench_loss import _rss_bytes, machine_description  # noqa: E402
-from bench_train import DEFAULT_DATA, RESULTS, build_model, make_step  # noqa: E402
+from bench_loss import machine_description  # noqa: E402
+from bench_train import DEFAULT_DATA, RESULTS, build_model, make_step, plot, setup, train_steps  # noqa: E402
 
-from rmfast import attention  # noqa: E402
 from rmfast.data.group_tokens import tokenize_groups  # noqa: E402
 from rmfast.data.groups import parse_group_row  # noqa: E402
 from rmfast.data.tokenize import LengthPolicy, TokenizedPairs, common_prefix  # noqa: E402
@@ -99,11 +96,7 @@ def load(args):
 
 def run(name, groups, order, args, tok):
     """Train contender `name` for warmup + steps steps of args.groups groups each. Returns its figures."""
-    cuda = args.device == "cuda"
-    dtype = torch.bfloat16 if cuda and args.dtype == "bf16" else torch.float32
-    model = build_model(len(tok), tok.pad_token_id, args.seed, args.hidden, args.layers).to(args.device, dtype)
-    optimizer = torch.optim.AdamW(model.parameters(), lr=1e-4)
-    how = attention.resolve_attention(model.backbone.config, args.attention, args.device, dtype)
+    model, optimizer, how = setup(args, len(tok), tok.pad_token_id)
     steps = [order[s * args.groups:(s + 1) * args.groups] for s in range(args.warmup + args.steps)]
     if name == "rmfast-groups":
         model.set_attention(how)
@@ -111,65 +104,21 @@ def run(name, groups, order, args, tok):
         def step(g):
             b = prefix_shared_groups(groups, g, tok.pad_token_id, max_tokens=ONE_ROW).to(args.device)
             return model(b).loss, b.positions, b.pairs
-    else:
-        expanded = [expand(groups, g) for g in steps]  # built before the clock, as a data loader would
-        pair_step = {id(p): make_step(name, model, p, tok.pad_token_id, args.device, how) for p in expanded}
+        batches = steps
+    else:  # the comparisons as pairs, built before the clock as a data loader would
+        batches = [expand(groups, g) for g in steps]
+        pair_step = make_step(name, model, tok.pad_token_id, args.device, how)
 
-        def step(g):
-            pairs = expanded[steps.index(g)]
-            loss, positions, _ = pair_step[id(pairs)](list(range(len(pairs))))
+        def step(pairs):
+            loss, positions, _ = pair_step(pairs, list(range(len(pairs))))
             return loss, positions, len(pairs)
-    times, positions, comparisons, losses = [], [], [], []
-    gc.collect()
-    if cuda:
-        torch.cuda.synchronize()
-        base = torch.cuda.memory_allocated()
-        torch.cuda.reset_peak_memory_stats()
-    else:
-        base = _rss_bytes("VmRSS:")
-    for s, g in enumerate(steps):
-        t0 = time.perf_counter()
-        loss, pos, n = step(g)
-        optimizer.zero_grad(set_to_none=True)
-        loss.backward()
-        optimizer.step()
-        if cuda:
-            torch.cuda.synchronize()
-        elapsed = time.perf_counter() - t0
-        if s >= args.warmup:
-            times.append(elapsed)
-            positions.append(pos)
-            comparisons.append(n)
-        losses.append(float(loss.detach()))
-    peak = (torch.cuda.max_memory_allocated() if cuda else _rss_bytes("VmHWM:")) - base
-    return {"contender": name, "comparisons_per_s": round(sum(comparisons) / sum(times), 3),
+    times, figures, losses, peak = train_steps(step, batches, optimizer, args.warmup, args.device)
+    positions, comparisons = (sum(f[i] for f in figures) for i in (0, 1))
+    return {"contender": name, "comparisons_per_s": round(comparisons / sum(times), 3),
             "step_s": round(sum(times) / len(times), 4), "step_s_median": round(statistics.median(times), 4),
-            "positions_per_group": round(sum(positions) / (args.groups * len(times)), 1),
-            "positions_per_comparison": round(sum(positions) / sum(comparisons), 1),
-            "peak_mb": round(max(peak, 0) / 2**20, 1), "first_loss": round(losses[0], 4)}
-
-
-def plot(rows, path, title):
-    import matplotlib
-
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
-
-    fig, (a, b) = plt.subplots(1, 2, figsize=(11, 4))
-    names = [r["contender"] for r in rows]
-    a.bar(names, [r["comparisons_per_s"] for r in rows], color="tab:blue")
-    a.set_ylabel("comparisons / s")
-    a.set_title("training throughput")
-    b.bar(names, [r["positions_per_group"] for r in rows], color="tab:orange", label="computed")
-    b.plot(names, [r["unique_tokens_per_group"] for r in rows], "k_", markersize=30, label="unique tokens")
-    b.set_ylabel("token positions per group")
-    b.set_title("work per group")
-    b.legend()
-    for ax in (a, b):
-        ax.tick_params(axis="x", labelrotation=20, labelsize=8)
-    fig.suptitle(title, fontsize=9)
-    fig.tight_layout()
-    fig.savefig(path, dpi=120)
+            "positions_per_group": round(positions / (args.groups * len(times)), 1),
+            "positions_per_comparison": round(positions / comparisons, 1),
+            "peak_mb": round(peak / 2**20, 1), "first_loss": round(losses[0], 4)}
 
 
 def write_results(rows, args, machine, n_params, unique, argv):
@@ -187,7 +136,8 @@ def write_results(rows, args, machine, n_params, unique, argv):
         for r in rows:
             w.writerow({"machine": machine, "params_m": round(n_params / 1e6, 2), "k": args.k, **r})
     plot(rows, out / f"bench_groups_{args.tag}.png",
-         f"HH-RLHF texts in groups of {args.k}, Llama {n_params / 1e6:.1f}M, {args.groups} groups/step; {machine}")
+         f"HH-RLHF texts in groups of {args.k}, Llama {n_params / 1e6:.1f}M, {args.groups} groups/step; {machine}",
+         rate="comparisons", per="group")
     lines = ["| contender | comparisons/s | rmfast-groups speed-up | positions/group | × unique tokens | "
              "positions/comparison | peak MB |", "|---|---|---|---|---|---|---|"]
     for r in rows:

@@ -61,16 +61,16 @@ def build_model(vocab, pad_id, seed, hidden, layers):
     return RewardModel(backbone, head)
 
 
-def make_step(name, model, pairs, pad_id, device="cpu", how="segments"):
-    """A function(indices) → (loss, positions, tokens) for one bare-loop contender."""
+def make_step(name, model, pad_id, device="cpu", how="segments"):
+    """A function(pairs, indices) → (loss, positions, tokens) for one bare-loop contender."""
     if name == "dschat":
-        def step(idx):  # every sequence padded to 512
+        def step(pairs, idx):  # every sequence padded to 512
             b = layouts.padded(pairs, idx, pad_id, pad_to_multiple_of=512).to(device)
             hidden = model.hidden_states(b)
             return dschat_loss(hidden, model.head.weight, b.input_ids, pad_id=pad_id), b.positions, b.tokens
         return step
     if name == "trl":
-        def step(idx):
+        def step(pairs, idx):
             b = layouts.padded(pairs, idx, pad_id).to(device)
             hidden = model.hidden_states(b)
             rows = hidden.reshape(-1, hidden.shape[-1])[torch.cat([b.chosen_index, b.rejected_index])]
@@ -81,7 +81,7 @@ def make_step(name, model, pairs, pad_id, device="cpu", how="segments"):
     layout = {"rmfast-padded": "padded", "rmfast-packed": "packed", "rmfast-prefix": "prefix_shared"}[name]
     model.set_attention(how if layout != "padded" else "dense")
 
-    def step(idx):  # packed layouts in one row: segment / flex attention pays nothing for it, no padding
+    def step(pairs, idx):  # packed layouts in one row: segment / flex attention pays nothing for it, no padding
         b = layouts.make(layout, pairs, idx, pad_id, max_tokens=layouts.ONE_ROW).to(device)
         out = model(b)
         return out.loss, b.positions, b.tokens
@@ -141,47 +141,64 @@ def run_trainer(pairs, order, args, tok, rows):
             "peak_mb": round(max(peak, 0) / 2**20, 1), "first_loss": round(records[0]["loss"], 4)}
 
 
-def run(name, pairs, order, args, vocab, pad_id):
-    cuda = args.device == "cuda"
-    model = build_model(vocab, pad_id, args.seed, args.hidden, args.layers).to(args.device, model_dtype(args))
+def setup(args, vocab, pad_id):
+    """A fresh model (the seed's), its AdamW and the attention packed layouts get: what every bare-loop
+    contender starts from."""
+    dtype = model_dtype(args)
+    model = build_model(vocab, pad_id, args.seed, args.hidden, args.layers).to(args.device, dtype)
     optimizer = torch.optim.AdamW(model.parameters(), lr=1e-4)
-    how = attention.resolve_attention(model.backbone.config, args.attention, args.device, model_dtype(args))
-    step = make_step(name, model, pairs, pad_id, args.device, how)
-    times, positions, tokens, losses = [], [], [], []
+    return model, optimizer, attention.resolve_attention(model.backbone.config, args.attention, args.device, dtype)
+
+
+def train_steps(step, batches, optimizer, warmup, device):
+    """Train on each of `batches`: step(batch) → (loss, *figures), then backward and the optimizer step.
+    Returns (seconds of each step after the first `warmup`, their figures, every step's loss, peak bytes
+    above the start: CUDA memory, or the process's peak RSS on CPU, so run each contender in a fresh process)."""
+    cuda = device == "cuda"
+    times, figures, losses = [], [], []
     gc.collect()
     if cuda:
         torch.cuda.synchronize()
         base = torch.cuda.memory_allocated()
         torch.cuda.reset_peak_memory_stats()
     else:
-        base = _rss_bytes("VmRSS:")  # a fresh process: its peak RSS from here on is this contender's
-    for s in range(args.warmup + args.steps):
-        idx = order[s * args.pairs:(s + 1) * args.pairs]
+        base = _rss_bytes("VmRSS:")
+    for s, batch in enumerate(batches):
         t0 = time.perf_counter()
-        loss, pos, tok = step(idx)
+        loss, *figure = step(batch)
         optimizer.zero_grad(set_to_none=True)
         loss.backward()
         optimizer.step()
         if cuda:
             torch.cuda.synchronize()
         elapsed = time.perf_counter() - t0
-        if s >= args.warmup:
+        if s >= warmup:
             times.append(elapsed)
-            positions.append(pos)
-            tokens.append(tok)
+            figures.append(figure)
         losses.append(float(loss.detach()))
     peak = (torch.cuda.max_memory_allocated() if cuda else _rss_bytes("VmHWM:")) - base
+    return times, figures, losses, max(peak, 0)
+
+
+def run(name, pairs, order, args, vocab, pad_id):
+    model, optimizer, how = setup(args, vocab, pad_id)
+    step = make_step(name, model, pad_id, args.device, how)
+    batches = [order[s * args.pairs:(s + 1) * args.pairs] for s in range(args.warmup + args.steps)]
+    times, figures, losses, peak = train_steps(lambda idx: step(pairs, idx), batches, optimizer, args.warmup,
+                                               args.device)
+    positions, tokens = (sum(f[i] for f in figures) for i in (0, 1))
     # every contender trains on the same batches, so total time over the timed steps is the fair measure
     # (a median would pick a different batch, of a different length, for each contender)
     mean = sum(times) / len(times)
     return {"contender": name, "pairs_per_s": round(args.pairs / mean, 3), "step_s": round(mean, 4),
             "step_s_median": round(statistics.median(times), 4),
-            "positions_per_pair": round(sum(positions) / (args.pairs * len(positions)), 1),
-            "tokens_per_pair": round(sum(tokens) / (args.pairs * len(tokens)), 1),
-            "peak_mb": round(max(peak, 0) / 2**20, 1), "first_loss": round(losses[0], 4)}
+            "positions_per_pair": round(positions / (args.pairs * len(times)), 1),
+            "tokens_per_pair": round(tokens / (args.pairs * len(times)), 1),
+            "peak_mb": round(peak / 2**20, 1), "first_loss": round(losses[0], 4)}
 
 
-def plot(rows, path, title):
+def plot(rows, path, title, rate="pairs", per="pair"):
+    """Two panels: rows' `{rate}_per_s`, and their `positions_per_{per}` against `unique_tokens_per_{per}`."""
     import matplotlib
 
     matplotlib.use("Agg")
@@ -189,13 +206,13 @@ def plot(rows, path, title):
 
     fig, (a, b) = plt.subplots(1, 2, figsize=(11, 4))
     names = [r["contender"] for r in rows]
-    a.bar(names, [r["pairs_per_s"] for r in rows], color="tab:blue")
-    a.set_ylabel("pairs / s")
+    a.bar(names, [r[f"{rate}_per_s"] for r in rows], color="tab:blue")
+    a.set_ylabel(f"{rate} / s")
     a.set_title("training throughput")
-    b.bar(names, [r["positions_per_pair"] for r in rows], color="tab:orange", label="computed")
-    b.plot(names, [r["unique_tokens_per_pair"] for r in rows], "k_", markersize=30, label="unique tokens")
-    b.set_ylabel("token positions per pair")
-    b.set_title("work per pair")
+    b.bar(names, [r[f"positions_per_{per}"] for r in rows], color="tab:orange", label="computed")
+    b.plot(names, [r[f"unique_tokens_per_{per}"] for r in rows], "k_", markersize=30, label="unique tokens")
+    b.set_ylabel(f"token positions per {per}")
+    b.set_title(f"work per {per}")
     b.legend()
     for ax in (a, b):
         ax.tick_params(axis="x", labelrotation=20, labelsize=8)
