@@ -304,11 +304,7 @@ class Trainer:
         return {"step": self.step, "sampler": self._position, "world_size": self.world, "run": self.identity}
 
     def load_state_dict(self, state, where="the checkpoint"):
-        saved = state.get("run")
-        if saved is not None and saved.get("data.kind", "pairs") != self.identity["data.kind"]:
-            raise rundir.RunDirError(f"cannot resume {where}: it trained on data.kind {saved.get('data.kind', 'pairs')}"
-                                     f", this run on {self.identity['data.kind']}")
-        rundir.check_resume(saved, self.identity, where, self.config.train.resume_allow_changes)
+        rundir.check_resume(state.get("run"), self.identity, where, self.config.train.resume_allow_changes)
         if state["world_size"] != self.world:
             raise ValueError(f"{where} was saved by {state['world_size']} ranks; resume it with the same number "
                              f"(this run has {self.world})")
@@ -456,49 +452,48 @@ class Trainer:
             return {"step": self.step, "eval": "no eval set"}
         if self.groups:
             return self._evaluate_groups()
-        self.engine.eval()
-        size = self.config.train.eval_pairs_per_batch
-        batches = [list(range(i, min(i + size, len(pairs)))) for i in range(0, len(pairs), size)]
-        # Every rank runs the same number of forwards (ZeRO-3 needs it); padding batches are not counted.
-        n = -(-len(batches) // self.world) * self.world
-        chosen, rejected = [], []
-        for k in range(self.rank, n, self.world):
-            out = self.forward(self.make_batch(pairs, batches[k % len(batches)]))
-            if k < len(batches):
-                chosen.append(out.chosen_rewards.float().cpu())
-                rejected.append(out.rejected_rewards.float().cpu())
-        gathered = [None] * self.world
-        dist.all_gather_object(gathered, (chosen, rejected))
-        rc = torch.cat([c for g in gathered for c in g[0]])
-        rr = torch.cat([r for g in gathered for r in g[1]])
-        self.engine.train()
+
+        def score(batch):
+            out = self.forward(batch)
+            return out.chosen_rewards.float().cpu(), out.rejected_rewards.float().cpu()
+
+        parts = self._eval_shards(pairs, score)
+        rc, rr = torch.cat([p[0] for p in parts]), torch.cat([p[1] for p in parts])
         margin = torch.from_numpy(np.nan_to_num(pairs.margin, nan=0.0)) if self.config.train.use_margin else 0
         return {"step": self.step, **eval_metrics(rc, rr, margin, complete=rc.numel() == len(pairs))}
 
     def _evaluate_groups(self):
         """Every response of every eval group scored (sharded like the pair eval, gathered), then
         eval_group_metrics over all of them."""
-        groups = self.eval_pairs
-        self.engine.eval()
-        size = self.config.train.eval_pairs_per_batch
-        batches = [list(range(i, min(i + size, len(groups)))) for i in range(0, len(groups), size)]
-        n = -(-len(batches) // self.world) * self.world  # the same number of forwards on every rank
-        parts = []
-        for k in range(self.rank, n, self.world):
-            batch = self.make_batch(groups, batches[k % len(batches)])
+        def score(batch):
             rewards = self.engine(batch, rewards_at=batch.response_index).float().cpu()
-            if k < len(batches):
-                parts.append(eval_part(rewards, batch._map(torch.Tensor.cpu)))
-        gathered = [None] * self.world
-        dist.all_gather_object(gathered, parts)
-        self.engine.train()
+            return eval_part(rewards, batch._map(torch.Tensor.cpu))
+
         t = self.config.train
-        record = eval_group_metrics([p for g in gathered for p in g], t.group_weighting, t.margin_scale)
+        record = eval_group_metrics(self._eval_shards(self.eval_pairs, score), t.group_weighting, t.margin_scale)
         if self.rank == 0:
             self.log(f"eval groups at step {self.step}: top-1 accuracy {record['eval_top1_accuracy']:.3f}  "
                      f"Kendall tau {record['eval_kendall_tau']:.3f}  ({record['eval_groups']} groups, "
                      f"{record['eval_pairs']} comparisons)")
         return {"step": self.step, **record}
+
+    def _eval_shards(self, data, score):
+        """score(batch) of every eval micro-batch (eval_pairs_per_batch pairs or groups), each rank taking
+        every world-th one, gathered from all ranks (rank 0's first). Every rank runs the same number of
+        forwards (ZeRO-3 needs it); the padding ones are not kept."""
+        self.engine.eval()
+        size = self.config.train.eval_pairs_per_batch
+        batches = [list(range(i, min(i + size, len(data)))) for i in range(0, len(data), size)]
+        n = -(-len(batches) // self.world) * self.world
+        parts = []
+        for k in range(self.rank, n, self.world):
+            out = score(self.make_batch(data, batches[k % len(batches)]))
+            if k < len(batches):
+                parts.append(out)
+        gathered = [None] * self.world
+        dist.all_gather_object(gathered, parts)
+        self.engine.train()
+        return [p for g in gathered for p in g]
 
     # -- checkpoints
     def save(self):
@@ -552,9 +547,7 @@ def run_identity(config, backbone_config, tokenizer, world):
     for spec in config.data.train:
         source = Source.parse(spec)
         data.append([str(spec), hashlib.sha256(fingerprint(source.path, source.split).encode()).hexdigest()[:16]])
-    ident = rundir.identity(config, backbone_config, tokenizer_fingerprint(tokenizer), data, world)
-    ident["data.kind"] = data_kind(config)
-    return ident
+    return rundir.identity(config, backbone_config, tokenizer_fingerprint(tokenizer), data, world)
 
 
 def eval_metrics(rc, rr, margin, complete=True):

@@ -12,9 +12,11 @@ RUN_FILES = ("config.json", "metrics.jsonl", "checkpoints", "export", "tensorboa
 
 # what a resumed run must share with the run that saved the checkpoint: NEVER cannot change at all (the
 # saved weights, optimizer shards or vocabulary would not fit); the rest only with resume_allow_changes
-NEVER = ("architecture", "tokenizer", "lora", "world_size")
+NEVER = ("architecture", "tokenizer", "lora", "world_size", "data.kind")
 ALLOWED = ("model.name_or_path", "data.train", "data.max_length", "train.layout", "train.pairs_per_batch",
            "train.token_budget", "train.grad_accum")
+# what a checkpoint saved before a key was recorded held: groups came later, so such a run trained on pairs
+SAVED_DEFAULTS = {"data.kind": "pairs"}
 
 
 class RunDirError(ValueError):
@@ -80,7 +82,7 @@ def identity(config, backbone_config, tokenizer_fp, data_fps, world_size):
         "lora": [m.lora_r, m.lora_alpha, sorted(m.lora_target_modules)] if m.lora_r else None,
         "model.name_or_path": m.name_or_path, "data.train": data_fps, "data.max_length": config.data.max_length,
         "train.layout": t.layout, "train.pairs_per_batch": t.pairs_per_batch, "train.token_budget": t.token_budget,
-        "train.grad_accum": t.grad_accum,
+        "train.grad_accum": t.grad_accum, "data.kind": getattr(config.data, "kind", "pairs"),
     })
 
 
@@ -93,6 +95,7 @@ def check_resume(saved, now, where, allow_changes):
     """Refuse a resume whose run differs from the saved one, listing every difference."""
     if saved is None:  # a checkpoint from before identities were saved: nothing to compare
         return
+    saved = {**SAVED_DEFAULTS, **saved}
     never = [k for k in NEVER if saved.get(k) != now.get(k)]
     allowed = [k for k in ALLOWED if saved.get(k) != now.get(k)]
     if not never and (not allowed or allow_changes):

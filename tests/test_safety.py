@@ -399,3 +399,13 @@ def test_only_the_last_keep_last_checkpoints_are_kept(monkeypatch, tmp_path):
         checkpoint.save_checkpoint(Engine(), root, step, {}, rank=0, keep_last=2)
     assert checkpoint.checkpoint_tags(root) == ["step-6", "step-8"]
     assert (root / "latest").read_text() == "step-8"
+
+
+def test_a_resume_on_the_other_data_kind_is_refused():
+    # data.kind is in what a checkpoint records; one saved before it was recorded trained on pairs
+    saved = {"architecture": {"model_type": "llama"}, "tokenizer": "t", "lora": None, "world_size": 1}
+    rundir.check_resume(dict(saved), {**saved, "data.kind": "pairs"}, "step-4", False)
+    with pytest.raises(rundir.RunDirError, match=r'data.kind: "pairs" then, "groups" now \(never allowed\)'):
+        rundir.check_resume(dict(saved), {**saved, "data.kind": "groups"}, "step-4", True)
+    with pytest.raises(rundir.RunDirError, match=r'data.kind: "groups" then, "pairs" now'):
+        rundir.check_resume({**saved, "data.kind": "groups"}, {**saved, "data.kind": "pairs"}, "step-4", True)
