@@ -97,9 +97,10 @@ def main(argv=None):
             sys.stdout.flush()
 
     def body():
-        from .engine import Trainer
+        from .engine import Trainer, close_distributed
 
         final = Trainer(config, log=log).train()
+        close_distributed()  # after a success only: see close_distributed
         if rank == 0 and "eval_accuracy" in final:
             print(f"final eval: accuracy {final['eval_accuracy']:.3f}, loss {final['eval_loss']:.4f}", flush=True)
 

@@ -44,14 +44,20 @@ def _free_port():
         return s.getsockname()[1]
 
 
+_OWN_ENV = {}  # the launcher variables init_distributed set itself (no launcher), for close_distributed
+
+
 def init_distributed():
     """Join the launcher's process group (deepspeed / torchrun set RANK etc.), or make a one-process
     group when started without a launcher. Returns (rank, world_size, device)."""
     import deepspeed
 
     if "RANK" not in os.environ:  # no launcher: rendezvous with ourselves (avoids DeepSpeed's MPI probe)
-        os.environ.update(RANK="0", LOCAL_RANK="0", WORLD_SIZE="1", MASTER_ADDR="127.0.0.1")
-        os.environ.setdefault("MASTER_PORT", str(_free_port()))
+        own = {"RANK": "0", "LOCAL_RANK": "0", "WORLD_SIZE": "1", "MASTER_ADDR": "127.0.0.1"}
+        if "MASTER_PORT" not in os.environ:
+            own["MASTER_PORT"] = str(_free_port())
+        os.environ.update(own)
+        _OWN_ENV.update(own)
     if not dist.is_initialized():
         # on CPU DeepSpeed prints that it built its shared-memory op; its errors are raised, not printed
         with contextlib.redirect_stdout(io.StringIO()):
@@ -63,6 +69,19 @@ def init_distributed():
     else:
         device = torch.device("cpu")
     return dist.get_rank(), dist.get_world_size(), device
+
+
+def close_distributed():
+    """Leave the process group after the last collective (every rank, on success only: a rank that failed
+    may leave others inside a collective, and destroying the group then can hang). A process that exits with
+    its group alive can abort at interpreter shutdown: gloo's threads call std::terminate ("terminate called
+    without an active exception", SIGABRT) after a run that succeeded, and NCCL warns. The variables
+    init_distributed set for a launcher-less run go too, so a later init in this process starts afresh."""
+    if dist.is_available() and dist.is_initialized():
+        dist.destroy_process_group()
+    for key in _OWN_ENV:
+        os.environ.pop(key, None)
+    _OWN_ENV.clear()
 
 
 def seed_everything(seed):

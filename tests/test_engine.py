@@ -294,3 +294,36 @@ def test_resume_on_another_number_of_ranks_is_refused(setup, tmp_path):
                          capture_output=True, text=True, env=clean_env(), timeout=600)
     assert res.returncode != 0
     assert "world_size: 1 then, 2 now (never allowed: resume with the same number of ranks)" in res.stderr
+
+
+_LEAVES_ITS_GROUP = r'''
+import json, os, sys
+import torch.distributed as dist
+from rmfast.cli import main
+
+status = main(sys.argv[2:])
+launcher = ("RANK", "LOCAL_RANK", "WORLD_SIZE", "MASTER_ADDR", "MASTER_PORT")
+left = {"status": status, "group": dist.is_initialized(), "env": sorted(k for k in launcher if k in os.environ)}
+with open(sys.argv[1] + "-" + os.environ.get("RANK", "alone") + ".json", "w") as f:
+    json.dump(left, f)
+'''
+
+
+@pytest.mark.parametrize("nproc", [1, 2])
+def test_a_finished_run_leaves_its_process_group(setup, tmp_path, nproc):
+    # a gloo group alive when the interpreter exits can abort a run that succeeded (SIGABRT from std::terminate)
+    script = tmp_path / "leaves.py"
+    script.write_text(_LEAVES_ITS_GROUP)
+    launch = [sys.executable] if nproc == 1 else command(2)[:-2]  # torchrun, without its "-m rmfast.cli"
+    res = subprocess.run(launch + [str(script), str(tmp_path / "left")] +
+                         args_for(setup, tmp_path / "run", **{"train.max_steps": 2}),
+                         capture_output=True, text=True, env=clean_env(), timeout=900)
+    assert res.returncode == 0, res.stdout[-3000:] + res.stderr[-5000:]
+    records = sorted(tmp_path.glob("left-*.json"))
+    assert [p.name for p in records] == (["left-alone.json"] if nproc == 1 else ["left-0.json", "left-1.json"])
+    for path in records:
+        left = json.loads(path.read_text())
+        assert left["status"] == 0 and left["group"] is False, left
+        # the launcher's variables stay; the ones rmfast-train set for a launcher-less run go
+        assert left["env"] == ([] if nproc == 1 else ["LOCAL_RANK", "MASTER_ADDR", "MASTER_PORT", "RANK",
+                                                      "WORLD_SIZE"]), left

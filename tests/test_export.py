@@ -359,6 +359,7 @@ if lora:  # rank 0 refuses a folder that is no export: every rank must raise, no
     except Exception as e:
         raised = type(e).__name__
     (out / f"refused-{rank}.txt").write_text(str(raised))
+dist.destroy_process_group()  # after the last collective: a gloo group alive at exit can abort the process
 '''
 SHARD = 4 * 2**20  # bytes per file in the ZeRO runs: the memory test's model writes 12 of them
 ALLOWANCE = 8 * 2**20  # bytes: allocator slack, gloo's buffers, first-call imports
