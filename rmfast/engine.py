@@ -28,7 +28,7 @@ from .data.sampler import PairSampler
 from .errors import Failure
 from .group_train import data_kind, eval_group_metrics, eval_part, loader_config
 from .metrics import MetricsLog, Window, train_line
-from .model import DTYPES
+from .model import DTYPES, enable_activation_checkpointing
 
 
 class NonFiniteLoss(Failure):
@@ -194,7 +194,7 @@ def build_model(config: Config, ds_config, dtype, grow_vocab, log):
     if zero3:
         _finish_zero3_load(model, dtype, log)
     if m.gradient_checkpointing:
-        model.backbone.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
+        enable_activation_checkpointing(model.backbone)
     return model
 
 

@@ -134,6 +134,17 @@ class RewardModel(nn.Module):
         return self.head.rewards(hidden.reshape(-1, hidden.shape[-1]).index_select(0, index))
 
 
+def enable_activation_checkpointing(backbone):
+    """Recompute each layer's activations in the backward (non-reentrant, so the layouts' keyword arguments
+    reach the recomputation). transformers 5.2x calls it activation_checkpointing_enable and deprecates
+    gradient_checkpointing_enable (gone in v6); earlier 5.x releases (5.17, for one) have only the latter."""
+    kwargs = {"use_reentrant": False}
+    if hasattr(backbone, "activation_checkpointing_enable"):
+        backbone.activation_checkpointing_enable(activation_checkpointing_kwargs=kwargs)
+    else:
+        backbone.gradient_checkpointing_enable(gradient_checkpointing_kwargs=kwargs)
+
+
 def _gathered(params):
     """A context in which ZeRO-3-partitioned parameters hold their full data (nothing to do for others)."""
     params = [p for p in params if p is not None and hasattr(p, "ds_id")]

@@ -1,12 +1,15 @@
 """Packed and prefix-shared layouts: structure, exactness against padded on every supported architecture
 (rewards and parameter gradients, dense-mask, segment and varlen attention), and refusals."""
 
+import warnings
+
 import pytest
 import torch
 
 from helpers import (ARCHS, assert_equal_to_padded, build, edge_pairs, pairs_of, reference_varlen, rewards_and_grads,
                      tiny_config)
 from rmfast import attention, layouts
+from rmfast.model import enable_activation_checkpointing
 
 
 def configs():
@@ -256,7 +259,9 @@ def test_gradient_checkpointing_keeps_packed_layouts_exact(reference_kernel, lay
     idx = list(range(len(pairs)))
     model = build(None, "llama")
     ref_r, ref_g = rewards_and_grads(model, layouts.padded(pairs, idx, 0))
-    model.backbone.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
+    with warnings.catch_warnings():
+        warnings.simplefilter("error", FutureWarning)  # transformers' deprecated spelling warns
+        enable_activation_checkpointing(model.backbone)
     model.train()
     calls, mlp = [], model.backbone.layers[0].mlp
     forward = mlp.forward
@@ -264,3 +269,20 @@ def test_gradient_checkpointing_keeps_packed_layouts_exact(reference_kernel, lay
     got_r, got_g = rewards_and_grads(model, layouts.make(layout, pairs, idx, 0, max_tokens=48), how)
     assert len(calls) == 2  # forward, then recomputed in the backward
     assert_equal_to_padded(got_r, got_g, ref_r, ref_g)
+
+
+def test_activation_checkpointing_uses_the_older_name_where_it_is_the_only_one():
+    # transformers 5.17 (the GPU machine's) has gradient_checkpointing_enable alone; later 5.x deprecate it
+    calls = []
+
+    class Older:
+        def gradient_checkpointing_enable(self, gradient_checkpointing_kwargs=None):
+            calls.append(("gradient", gradient_checkpointing_kwargs))
+
+    class Newer(Older):
+        def activation_checkpointing_enable(self, activation_checkpointing_kwargs=None):
+            calls.append(("activation", activation_checkpointing_kwargs))
+
+    enable_activation_checkpointing(Older())
+    enable_activation_checkpointing(Newer())
+    assert calls == [("gradient", {"use_reentrant": False}), ("activation", {"use_reentrant": False})]
