@@ -208,6 +208,3 @@ def main(argv=None):
 
 if __name__ == "__main__":
     main()
-    from rmfast.engine import close_distributed
-
-    close_distributed()  # a process group alive at exit can abort the process after its results are written

@@ -56,8 +56,9 @@ def init_distributed():
         own = {"RANK": "0", "LOCAL_RANK": "0", "WORLD_SIZE": "1", "MASTER_ADDR": "127.0.0.1"}
         if "MASTER_PORT" not in os.environ:
             own["MASTER_PORT"] = str(_free_port())
+        for key in own:
+            _OWN_ENV.setdefault(key, os.environ.get(key))  # what was there before, to put back
         os.environ.update(own)
-        _OWN_ENV.update(own)
     if not dist.is_initialized():
         # on CPU DeepSpeed prints that it built its shared-memory op; its errors are raised, not printed
         with contextlib.redirect_stdout(io.StringIO()):
@@ -76,11 +77,21 @@ def close_distributed():
     may leave others inside a collective, and destroying the group then can hang). A process that exits with
     its group alive can abort at interpreter shutdown: gloo's threads call std::terminate ("terminate called
     without an active exception", SIGABRT) after a run that succeeded, and NCCL warns. The variables
-    init_distributed set for a launcher-less run go too, so a later init in this process starts afresh."""
+    init_distributed set for a launcher-less run are put back as they were, and DeepSpeed's own references to
+    the groups go too (deepspeed.comm's destroy), so a later launcher-less init in this process starts afresh.
+    (Under a launcher, torch cannot rendezvous a second time in the same process: the store keeps the first
+    group's addresses.)"""
+    import deepspeed.comm
+
+    if deepspeed.comm.is_initialized():
+        deepspeed.comm.destroy_process_group()
     if dist.is_available() and dist.is_initialized():
         dist.destroy_process_group()
-    for key in _OWN_ENV:
-        os.environ.pop(key, None)
+    for key, before in _OWN_ENV.items():
+        if before is None:
+            os.environ.pop(key, None)
+        else:
+            os.environ[key] = before
     _OWN_ENV.clear()
 
 
