@@ -145,7 +145,7 @@ def main(argv=None):
     from rmfast import config as config_module
     from rmfast import layouts
     from rmfast.data.sampler import PairSampler
-    from rmfast.engine import Trainer
+    from rmfast.engine import Trainer, close_distributed
     from rmfast.metrics import Window
 
     t_setup = time.perf_counter()
@@ -301,11 +301,9 @@ def main(argv=None):
         + "".join(f"{n}  \n" for n in notes) + "\n" + table + "\n")
     print(table)
     print("RESULT " + json.dumps(row), flush=True)
+    close_distributed()  # as rmfast-train does: a group alive at exit can abort the process
     return row
 
 
 if __name__ == "__main__":
     main()
-    from rmfast.engine import close_distributed
-
-    close_distributed()  # a process group alive at exit can abort the process after its results are written

@@ -99,7 +99,7 @@ def run_trainer(pairs, order, args, tok, rows):
     from rmfast import config as config_module
     from rmfast.data.sampler import PairSampler
     from rmfast.data.synthetic import write_jsonl
-    from rmfast.engine import Trainer
+    from rmfast.engine import Trainer, close_distributed
 
     work = Path(tempfile.mkdtemp(prefix="bench_train_"))
     model = build_model(len(tok), tok.pad_token_id, args.seed, args.hidden, args.layers)
@@ -128,6 +128,7 @@ def run_trainer(pairs, order, args, tok, rows):
         base = _rss_bytes("VmRSS:")
     trainer.train()
     peak = (torch.cuda.max_memory_allocated() if cuda else _rss_bytes("VmHWM:")) - base
+    close_distributed()  # as rmfast-train does: a group alive at exit can abort the process
     records = [json.loads(x) for x in (work / "run" / "metrics.jsonl").read_text().splitlines()]
     records = [r for r in records if "loss" in r]
     timed = records[args.warmup:]
@@ -310,6 +311,3 @@ def main(argv=None):
 
 if __name__ == "__main__":
     main()
-    from rmfast.engine import close_distributed
-
-    close_distributed()  # a process group alive at exit can abort the process after its results are written

@@ -162,6 +162,11 @@ class TrainConfig:
         _require(not self.offload_params or self.zero_stage == 3, "train.offload_params needs train.zero_stage 3")
 
 
+def data_kind(config):
+    """'pairs' or 'groups' (a Config built with a plain DataConfig holds pairs)."""
+    return getattr(config.data, "kind", "pairs")
+
+
 @dataclass
 class Config:
     model: ModelConfig = field(default_factory=ModelConfig)
@@ -169,7 +174,7 @@ class Config:
     train: TrainConfig = field(default_factory=TrainConfig)
 
     def __post_init__(self):
-        _require(not (getattr(self.data, "kind", "pairs") == "groups" and self.train.layout == "packed"),
+        _require(not (data_kind(self) == "groups" and self.train.layout == "packed"),
                  "train.layout packed is for pairs; groups use prefix_shared (the default) or padded")
 
     def to_dict(self):

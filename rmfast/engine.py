@@ -22,11 +22,11 @@ import torch.distributed as dist
 from . import layouts, rundir
 from .attention import row_tokens
 from .checkpoint import load_checkpoint, read_state, resolve, save_checkpoint
-from .config import Config
+from .config import Config, data_kind
 from .data import load_data
 from .data.sampler import PairSampler
 from .errors import Failure
-from .group_train import data_kind, eval_group_metrics, eval_part, loader_config
+from .group_train import eval_group_metrics, eval_part, loader_config
 from .metrics import MetricsLog, Window, train_line
 from .model import DTYPES, enable_activation_checkpointing
 

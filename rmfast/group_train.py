@@ -1,12 +1,7 @@
-"""What training on groups (data.kind groups) adds to the engine: which kind a config trains on, and the eval
-metrics over scored eval groups (rmfast.data.load_data(kind="groups") loads them)."""
+"""What training on groups (data.kind groups) adds to the engine: the eval metrics over scored eval groups
+(rmfast.data.load_data(kind="groups") loads them)."""
 
 import torch
-
-
-def data_kind(config):
-    """'pairs' or 'groups' (a Config built with a plain DataConfig holds pairs)."""
-    return getattr(config.data, "kind", "pairs")
 
 
 def loader_config(data):

@@ -7,6 +7,8 @@ import os
 import shutil
 from pathlib import Path
 
+from .config import data_kind
+
 LOCK = ".rmfast.lock"
 RUN_FILES = ("config.json", "metrics.jsonl", "checkpoints", "export", "tensorboard")
 
@@ -82,7 +84,7 @@ def identity(config, backbone_config, tokenizer_fp, data_fps, world_size):
         "lora": [m.lora_r, m.lora_alpha, sorted(m.lora_target_modules)] if m.lora_r else None,
         "model.name_or_path": m.name_or_path, "data.train": data_fps, "data.max_length": config.data.max_length,
         "train.layout": t.layout, "train.pairs_per_batch": t.pairs_per_batch, "train.token_budget": t.token_budget,
-        "train.grad_accum": t.grad_accum, "data.kind": getattr(config.data, "kind", "pairs"),
+        "train.grad_accum": t.grad_accum, "data.kind": data_kind(config),
     })
 
 
