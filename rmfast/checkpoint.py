@@ -51,6 +51,23 @@ def _write_atomic(path: Path, text: str):
     os.replace(tmp, path)
 
 
+# written into step-N before anything else of a save: a folder without it is not deleted by rmfast
+SAVING = ".rmfast-save"
+# what a checkpoint folder holds when rmfast-train's save from before the SAVING marker wrote it
+_SAVE_FILES = re.compile(r"(mp_rank_\d+_model_states\.pt|(bf16_|fp16_)?zero_pp_rank_\d+_mp_rank_\d+_optim_states\.pt"
+                         r"|zero_pp_rank_\d+_mp_rank_\d+_model_states\.pt|rng_rank\d+\.pt|rmfast_state\.json"
+                         r"|\.rmfast_state\.json\.tmp|COMPLETE|\.COMPLETE\.tmp)")
+
+
+def rmfast_wrote(folder: Path):
+    """folder is a checkpoint rmfast's save wrote (its marker, or only the files an earlier save writes)."""
+    if folder.is_symlink() or not folder.is_dir():
+        return False
+    if (folder / SAVING).exists():
+        return True
+    return all(_SAVE_FILES.fullmatch(p.name) and p.is_file() for p in folder.iterdir())
+
+
 def checkpoint_tags(root: Path):
     """Complete checkpoints under root, oldest first."""
     if not root.exists():
@@ -64,12 +81,27 @@ def save_checkpoint(engine, root: Path, step, state, rank, keep_last=2):
     """Save a DeepSpeed engine and `state` (a JSON-able dict: the trainer's own state) as root/step-N; every
     rank calls it. Returns the tag."""
     tag = f"step-{step}"
+    error = None
     if rank == 0:
         root.mkdir(parents=True, exist_ok=True)
         stale = root / tag
-        if stale.exists():  # an earlier, interrupted save of the same step
-            shutil.rmtree(stale)
-    dist.barrier()
+        if os.path.lexists(stale):  # an earlier, interrupted save of the same step, or something else
+            if rmfast_wrote(stale):
+                shutil.rmtree(stale)
+            else:
+                error = (f"{stale} is in the way of this run's checkpoint and was not written by rmfast's save "
+                         f"(no {SAVING} marker); nothing was deleted: move it out of {root} and resume")
+        if error is None:
+            (root / tag).mkdir()
+            _write_atomic(root / tag / SAVING, "")  # first of all: what cleanup may delete is marked as ours
+    if dist.get_world_size() > 1:
+        box = [error]
+        dist.broadcast_object_list(box, src=0)
+        error = box[0]
+    if error:
+        from .errors import CheckpointError
+
+        raise CheckpointError(error)
     try:
         engine.save_checkpoint(str(root), tag=tag, save_latest=False)
         torch.save(_rng_state(), root / tag / f"rng_rank{rank}.pt")

@@ -22,8 +22,9 @@ from . import errors
 
 
 def demo_setup(out_dir, pairs=3000, seed=0, max_operand=9, max_history=2, difficulty="easy"):
-    """Synthetic arithmetic pairs, a BPE tokenizer trained on them and a tiny Llama, written under out_dir.
-    Returns the config overrides that train on them."""
+    """Synthetic arithmetic pairs (out_dir/demo-data), a BPE tokenizer trained on them and a tiny Llama
+    (out_dir/demo-model). Returns the config overrides that train on them (their output_dir is out_dir;
+    rmfast-train --demo sets its own beside it)."""
     from transformers import LlamaConfig, LlamaModel
 
     from .data import generate_pairs
@@ -73,8 +74,10 @@ def main(argv=None):
         quiet_libraries()
     overrides = {k: v for k, v in vars(args).items() if "." in k}
     if args.demo:
-        out = overrides.get("train.output_dir", "runs/demo")
-        overrides = {**demo_setup(out), **overrides}
+        # the demo's model and data beside the run folder, not in it: --train.overwrite never clears a folder
+        # that holds a run's inputs
+        out = overrides.setdefault("train.output_dir", "runs/demo")
+        overrides = {**demo_setup(f"{out.rstrip('/')}-inputs"), **overrides}
     elif not args.config and "model.name_or_path" not in overrides:
         parser.error("give a YAML config, --model.name_or_path and --data.train, or --demo")
     try:

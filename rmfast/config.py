@@ -10,6 +10,7 @@ from dataclasses import dataclass, field
 from typing import Optional
 
 from .data.loader import DataConfig
+from .paths import expand
 
 
 def _f(default, help, **kw):
@@ -252,4 +253,14 @@ def build(yaml_path=None, overrides=None):
     for key, value in (overrides or {}).items():
         section, name = key.split(".", 1)
         values[section][name] = value
+    for key in PATHS:  # "~/runs/rm" and "$SCRATCH/data.jsonl" mean what they mean in a shell
+        section, name = key.split(".", 1)
+        if name in values[section]:
+            value = values[section][name]
+            values[section][name] = [expand(v) for v in value] if isinstance(value, list) else expand(value)
     return Config(**{s: SECTIONS[s](**values[s]) for s in SECTIONS})
+
+
+# the options that hold paths (a hub id passes through expand unchanged)
+PATHS = ("model.name_or_path", "model.tokenizer", "data.train", "data.eval", "data.cache_dir", "train.output_dir",
+         "train.deepspeed_config", "train.resume")

@@ -294,7 +294,8 @@ class Trainer:
         seed_everything(t.seed)
         self.out = Path(t.output_dir)
         # one run per folder, locked while it trains (rank 0 holds the lock; every rank sees a refusal)
-        self._lock = on_rank0(self.rank, lambda: rundir.claim(self.out, t.resume, t.overwrite))
+        self._lock = on_rank0(self.rank, lambda: rundir.claim(self.out, t.resume, t.overwrite,
+                                                                      run_inputs(config)))
         # layout and attention from the model's config alone: a bad choice is reported before any data is
         # tokenized or weights are loaded
         check_model_path(m.name_or_path, "model.name_or_path")
@@ -537,6 +538,17 @@ class Trainer:
         if self.rank == 0:
             rundir.cut_metrics(self.metrics.path, self.step)
         self.log(f"resumed from {path.name} at step {self.step}")
+
+
+def run_inputs(config):
+    """What a run reads, as (what, path) pairs: the run folder may be none of them nor hold them."""
+    from .data.loader import Source
+
+    m, d = config.model, config.data
+    found = [("the model folder", m.name_or_path)] + ([("the tokenizer folder", m.tokenizer)] if m.tokenizer else [])
+    for flag, specs in (("data.train", d.train), ("data.eval", d.eval)):
+        found += [(f"{flag} source", Source.parse(spec).path) for spec in specs]
+    return found
 
 
 def check_model_path(path, flag):

@@ -12,6 +12,10 @@ FAILURE = 1
 INTERRUPTED = 130
 
 
+class UserError(ValueError):
+    """A user's mistake (a flag, a path, a refused request): exit status 2, the message says what to do."""
+
+
 class Failure(RuntimeError):
     """A failure whose message says all a person needs (exit status 1, no traceback)."""
 

@@ -26,6 +26,8 @@ from pathlib import Path
 
 import torch
 
+from .errors import UserError
+
 PAD_TOKEN = "<|rmfast_pad|>"
 MAX_SHARD_SIZE = 2 * 1024**3  # bytes per safetensors file; rank 0 holds at most one file's tensors in memory
 _LORA = (".base_layer.", ".lora_A.", ".lora_B.")
@@ -200,16 +202,33 @@ class _Shards:
 
 # -- the export: feed groups, then finish
 
+def check_target(out: Path):
+    """Refuse an export folder inside a run's checkpoints/ (a later save or resume there would delete it),
+    and a folder that exists and is not an earlier export (it would be replaced)."""
+    from .checkpoint import MARKER
+
+    for folder in [out, *out.resolve().parents]:
+        if folder.name == "checkpoints" and ((folder / "latest").exists() or any(folder.glob(f"step-*/{MARKER}"))):
+            raise UserError(f"export: {out} is inside {folder}, a run's checkpoint folder, where rmfast's saves and "
+                            f"resumes manage what lives; write the export elsewhere (OUTPUT_DIR/export, say)")
+    if out.exists() and (not out.is_dir() or any(out.iterdir())) and not (out / "rmfast.json").exists():
+        raise UserError(f"export: {out} exists and is not an rmfast export; nothing was replaced: give a new or empty "
+                        f"folder, or an earlier export to replace")
+
+
 def _staging(out: Path):
     """A fresh folder beside out for the export to be written in. out may be absent, empty or an earlier
     export (replaced at the end); anything else is refused rather than deleted."""
-    if out.exists() and any(out.iterdir()) and not (out / "rmfast.json").exists():
-        raise FileExistsError(f"export: {out} exists and is not an rmfast export; refusing to replace it")
+    check_target(out)
     out.parent.mkdir(parents=True, exist_ok=True)
     # what a crashed export to the same target left beside it
     for stale in [*out.parent.glob(f".{out.name}.*.tmp"), *out.parent.glob(f".{out.name}.old-*")]:
         shutil.rmtree(stale, ignore_errors=True)
-    return Path(tempfile.mkdtemp(prefix=f".{out.name}.", suffix=".tmp", dir=out.parent))
+    tmp = Path(tempfile.mkdtemp(prefix=f".{out.name}.", suffix=".tmp", dir=out.parent))
+    umask = os.umask(0)
+    os.umask(umask)
+    os.chmod(tmp, 0o777 & ~umask)  # mkdtemp's 0700 would make the export private to its writer
+    return tmp
 
 
 def _publish(tmp: Path, out: Path):

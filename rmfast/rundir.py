@@ -7,10 +7,15 @@ import os
 import shutil
 from pathlib import Path
 
+from . import paths
 from .config import data_kind
+from .errors import UserError
 
 LOCK = ".rmfast.lock"
-RUN_FILES = ("config.json", "metrics.jsonl", "checkpoints", "export", "tensorboard")
+# written into the folder when a run claims it: what tells an rmfast run folder from any other folder
+MARKER = ".rmfast-run"
+# what rmfast-train writes into a run folder, and all that --train.overwrite deletes
+OWNED = ("config.json", "metrics.jsonl", "checkpoints", "export", "tensorboard", "tokenizer", "backbone")
 
 # what a resumed run must share with the run that saved the checkpoint: NEVER cannot change at all (the
 # saved weights, optimizer shards or vocabulary would not fit); the rest only with resume_allow_changes
@@ -21,7 +26,7 @@ ALLOWED = ("model.name_or_path", "data.train", "data.max_length", "train.layout"
 SAVED_DEFAULTS = {"data.kind": "pairs"}
 
 
-class RunDirError(ValueError):
+class RunDirError(UserError):
     """The output folder cannot take this run: the message says why and what to do."""
 
 
@@ -49,19 +54,92 @@ def lock(out: Path):
     return handle
 
 
-def claim(out: Path, resume, overwrite):
+def is_run(out: Path):
+    """out holds an rmfast run: its marker, or (a run from before the marker) a config.json that is an
+    rmfast-train config naming this folder as its output_dir."""
+    if (out / MARKER).is_file():
+        return True
+    try:
+        config = json.loads((out / "config.json").read_text())
+        named = Path(os.path.expanduser(config["train"]["output_dir"]))
+    except (OSError, ValueError, KeyError, TypeError):
+        return False
+    return isinstance(config.get("model"), dict) and isinstance(config.get("data"), dict) and \
+        (out.resolve() == named.resolve() if named.exists() else named.name == out.name)
+
+
+def check_inputs(out: Path, inputs):
+    """Refuse an output folder that is the model (or tokenizer) folder, or is or lies inside a data source
+    folder (the run's files would be read as data). inputs: (what, path) pairs."""
+    for what, path in inputs:
+        src = paths.local(path)
+        if src is None or not src.is_dir():
+            continue
+        if out.exists() and paths.same(out, src):
+            raise RunDirError(f"train.output_dir {out} is {what} {path}; a run would write over it: choose "
+                              f"another --train.output_dir")
+        if what.startswith("data") and paths.inside(out, src):
+            raise RunDirError(f"train.output_dir {out} is inside {what} {path}; the run's files would be read "
+                              f"as data rows: choose a folder outside it")
+
+
+def _overwrite_plan(out: Path, earlier, inputs):
+    """The paths overwrite deletes, every one checked before any is deleted: rmfast's own entries only, no
+    link (rmfast never made one, and deleting through it would reach elsewhere), nothing that holds an
+    input. Raises RunDirError naming the first problem."""
+    for what, path in inputs:
+        src = paths.local(path)
+        if src is not None and paths.inside(src, out):
+            raise RunDirError(f"--train.overwrite: {out} holds {what} {path}; rmfast will not clear a folder "
+                              f"that holds its own inputs: choose another --train.output_dir")
+    plan = []
+    for name in earlier:
+        path = out / name
+        if path.is_symlink():
+            raise RunDirError(f"--train.overwrite: {path} is a link to {os.readlink(path)}, which rmfast did not "
+                              f"make; nothing was deleted: remove the link yourself or choose another "
+                              f"--train.output_dir")
+        plan.append(path)
+    return plan
+
+
+def claim(out: Path, resume, overwrite, inputs=()):
     """Lock `out` for a run and make sure it holds no other run: a folder with an earlier run is refused
-    unless the run resumes it or `overwrite` clears it (its checkpoints, metrics, TensorBoard and export)."""
+    unless the run resumes it or `overwrite` clears it (only what rmfast-train wrote there). A folder that
+    is not an rmfast run is never cleared; neither is the model's folder, a data source, or a folder that
+    holds either. inputs: (what, path) pairs — the model, tokenizer and data sources."""
+    check_inputs(out, inputs)
+    new_folder = not out.exists()
+    had_lock = (out / LOCK).exists()
     handle = lock(out)
-    earlier = [name for name in RUN_FILES if (out / name).exists()]
+
+    def refuse(message):
+        handle.close()
+        if new_folder:
+            shutil.rmtree(out, ignore_errors=True)
+        elif not had_lock:
+            (out / LOCK).unlink(missing_ok=True)
+        raise RunDirError(message)
+
+    earlier = [name for name in OWNED if os.path.lexists(out / name)]
     if earlier and not resume:
+        listing = ", ".join(n + ("/" if (out / n).is_dir() else "") for n in earlier)
+        if not is_run(out):
+            refuse(f"{out} is not an rmfast run folder (no {MARKER}) but holds {listing}, which a run would write "
+                   f"over; nothing was deleted: choose a new or empty --train.output_dir")
         if not overwrite:
-            handle.close()
-            raise RunDirError(f"{out} already holds a run ({', '.join(earlier)}); continue it with --train.resume "
-                              f"latest, start over with --train.overwrite true, or choose another --train.output_dir")
-        for name in earlier:
-            path = out / name
+            refuse(f"{out} already holds a run ({listing}); continue it with --train.resume latest, start over "
+                   f"with --train.overwrite true (deletes that run), or choose another --train.output_dir")
+        try:
+            plan = _overwrite_plan(out, earlier, inputs)
+        except RunDirError as exc:
+            refuse(str(exc))
+        for path in plan:
             shutil.rmtree(path) if path.is_dir() else path.unlink()
+    if not (out / MARKER).exists():
+        tmp = out / f".{MARKER}.tmp"
+        tmp.write_text(json.dumps({"rmfast": "run folder"}) + "\n")
+        os.replace(tmp, out / MARKER)
     return handle
 
 

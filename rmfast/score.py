@@ -201,6 +201,12 @@ def main(argv=None):
     from .errors import run
 
     def body():
+        from .paths import refuse_writing_over
+
+        inputs = [("the model folder", args.model)] + [("the source", Source.parse(x).path) for x in args.sources]
+        refuse_writing_over(args.out, inputs, "--out")
+        if args.summary:
+            refuse_writing_over(args.summary, inputs + [("--out", args.out)], "--summary")
         scorer = Scorer(args.model, args.device, args.dtype, args.attention)
         source = Source.parse(args.sources[0])
         kind = args.kind if args.kind != "auto" else source_kind(source.path, source.split, args.columns) or "texts"

@@ -242,6 +242,67 @@ def test_cache_is_keyed_by_data_options_and_tokenizer(tmp_path, tokenizer, cfg):
     assert not report.cached and len(train) == 21
 
 
+def _spoil(kind):
+    """Ways a cache entry goes bad: each must be noticed, named once, and the data tokenized again."""
+    def spoil(root):
+        meta = next(root.glob("*.json"))
+        data = next(root.glob("*.npz"))
+        if kind == "truncated metadata":
+            meta.write_text(meta.read_text()[:25])
+        elif kind == "truncated data":
+            data.write_bytes(data.read_bytes()[:200])
+        else:
+            arrays = dict(np.load(data, allow_pickle=False))
+            if kind == "offsets out of range":
+                arrays["chosen_offsets"][-1] += 1000
+            else:  # ids out of range
+                arrays["rejected"][3] = 10**6
+            np.savez(data, **arrays)
+    return spoil
+
+
+@pytest.mark.parametrize("kind", ["truncated metadata", "truncated data", "offsets out of range", "ids out of range"])
+def test_a_bad_cache_entry_is_named_once_and_tokenized_again(tmp_path, tokenizer, cfg, capsys, kind, monkeypatch):
+    import rmfast.data.loader as loader
+
+    monkeypatch.setattr(loader, "_WARNED", set())
+    config = cfg(write(tmp_path / "a.jsonl", generate_pairs(30, style="explicit")))
+    first, _, _ = load_data(config, tokenizer)
+    _spoil(kind)(tmp_path / "cache")
+    capsys.readouterr()
+    again, _, report = load_data(config, tokenizer)
+    err = capsys.readouterr().err
+    assert not report.cached and err.count("tokenization cache") == 1 and str(tmp_path / "cache") in err
+    assert "RMFAST_CACHE" in err and "data.cache_dir" in err
+    assert all(np.array_equal(a, b) for a, b in zip(first.chosen + first.rejected, again.chosen + again.rejected))
+    assert load_data(config, tokenizer)[2].cached  # written again, whole
+
+
+@pytest.mark.parametrize("kind", ["a file", "full disk"])
+def test_a_cache_that_cannot_be_written_never_stops_loading(tmp_path, tokenizer, cfg, capsys, kind, monkeypatch):
+    import errno
+
+    import rmfast.data.loader as loader
+
+    monkeypatch.setattr(loader, "_WARNED", set())
+    path = write(tmp_path / "a.jsonl", generate_pairs(30, style="explicit"))
+    if kind == "a file":
+        (tmp_path / "cache").write_text("not a folder")
+    else:
+        def full(self, target):
+            Path(target).write_bytes(b"partial")
+            raise OSError(errno.ENOSPC, "No space left on device")
+
+        monkeypatch.setattr(loader.TokenizedPairs, "save", full)
+    for _ in range(2):
+        train, _, report = load_data(cfg(path, eval_fraction=0.0), tokenizer)
+        assert len(train) == 30 and not report.cached
+    err = capsys.readouterr().err
+    assert err.count("tokenization cache") == 1 and "going on without the cache" in err
+    if kind == "full disk":  # no partial file left behind for a later run to read
+        assert sorted(p.name for p in (tmp_path / "cache").iterdir()) == []
+
+
 # ---------------------------------------------------------------- length policy and shared prefix
 
 

@@ -14,6 +14,7 @@ from pathlib import Path
 import pytest
 import torch
 
+from rmfast import errors
 from rmfast.export import export_model, load_checkpoint_state, main as export_main, write_export
 from rmfast.model import RewardModel
 from rmfast.nn import RewardHead
@@ -257,7 +258,7 @@ def test_a_failed_export_leaves_no_folder_and_keeps_the_previous_one(tmp_path, b
     assert not (out / "model.safetensors").exists() and (out / "model.safetensors.index.json").exists()
     (tmp_path / "mine").mkdir()
     (tmp_path / "mine" / "notes.txt").write_text("keep")
-    with pytest.raises(FileExistsError, match="not an rmfast export"):
+    with pytest.raises(errors.UserError, match="not an rmfast export"):
         write_export(model.backbone.config, model.state_dict(), tok, tmp_path / "mine")
     assert sorted(p.name for p in tmp_path.iterdir()) == ["export", "mine"]
 

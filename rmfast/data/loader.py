@@ -187,25 +187,84 @@ def load_source(source: Source, tokenizer, config: DataConfig, tokenizer_fp=None
     key = _cache_key(source, tokenizer_fp, config, kind)
     data_path, meta_path = root / f"{key}.npz", root / f"{key}.json"
     if data_path.exists() and meta_path.exists():
-        meta = json.loads(meta_path.read_text())
-        report = DataReport(meta["rows"], meta["pairs"], Counter(meta["bad"]), meta["bad_examples"],
-                            meta["truncated"], Counter(meta["dropped"]), cached=True,
-                            groups=Counter(meta["groups"]) if meta.get("groups") is not None else None)
-        _check_bad(report, config, source.path)
         try:
-            return cls.load(data_path), report
-        except (ValueError, OSError, KeyError, zipfile.BadZipFile) as exc:  # unreadable: tokenize again
-            print(f"rmfast: ignoring the unreadable cache file {data_path} ({exc})", file=sys.stderr)
+            meta = json.loads(meta_path.read_text())
+            report = DataReport(meta["rows"], meta["pairs"], Counter(meta["bad"]), meta["bad_examples"],
+                                meta["truncated"], Counter(meta["dropped"]), cached=True,
+                                groups=Counter(meta["groups"]) if meta.get("groups") is not None else None)
+            with np.load(data_path, allow_pickle=False) as arrays:
+                check_cache_arrays(arrays, kind, len(tokenizer), meta["pairs"] if kind == "pairs" else None)
+            tokenized = cls.load(data_path)
+        except (ValueError, OSError, KeyError, TypeError, EOFError, zipfile.BadZipFile) as exc:
+            cache_warning(root, f"ignoring its entry {key} ({type(exc).__name__}: {exc}) and tokenizing again")
+        else:
+            _check_bad(report, config, source.path)
+            return tokenized, report
     tokenized, report = tokenize_source(source, tokenizer, config, progress)
-    root.mkdir(parents=True, exist_ok=True)
-    tmp = root / f"{key}.tmp.{os.getpid()}.npz"
-    tokenized.save(tmp)
-    os.replace(tmp, data_path)
     meta = {"source": source.path, "rows": report.rows, "pairs": report.pairs, "bad": dict(report.bad),
             "bad_examples": report.bad_examples, "truncated": report.truncated, "dropped": dict(report.dropped),
             "groups": dict(report.groups) if report.groups is not None else None}
-    meta_path.write_text(json.dumps(meta, indent=1))
+    tmp_data, tmp_meta = root / f".{key}.tmp.{os.getpid()}.npz", root / f".{key}.tmp.{os.getpid()}.json"
+    try:  # both files atomically (a reader sees the whole entry or none of it); a cache is optional
+        root.mkdir(parents=True, exist_ok=True)
+        tokenized.save(tmp_data)
+        tmp_meta.write_text(json.dumps(meta, indent=1))
+        os.replace(tmp_data, data_path)
+        os.replace(tmp_meta, meta_path)
+    except OSError as exc:
+        cache_warning(root, f"cannot write to it ({exc.strerror or exc})")
+        for tmp in (tmp_data, tmp_meta):
+            try:
+                tmp.unlink(missing_ok=True)
+            except OSError:
+                pass
     return tokenized, report
+
+
+_WARNED = set()
+
+
+def cache_warning(root, what):
+    """One line per cache folder and process: a cache problem never stops a run."""
+    if str(root) in _WARNED:
+        return
+    _WARNED.add(str(root))
+    print(f"rmfast: tokenization cache {root}: {what}; going on without the cache (choose another folder with "
+          f"data.cache_dir / --cache-dir or RMFAST_CACHE)", file=sys.stderr)
+
+
+# the token arrays of each kind's cache file (each with its X_offsets), and the arrays with one entry per item
+_CACHE_TOKENS = {"pairs": ("chosen", "rejected"), "groups": ("prompt", "responses")}
+_CACHE_ITEMS = {"pairs": ("prompt", "shared", "margin", "locations"), "groups": ("sizes", "weight", "locations")}
+
+
+def check_cache_arrays(arrays, kind, vocab, items):
+    """A cache file's arrays hold `items` pairs (groups: as many as its arrays agree on) with token ids below
+    `vocab` and offsets that stay inside their arrays; ValueError naming the first array that does not (a
+    truncated or foreign file)."""
+    counts = {}
+    for name in _CACHE_TOKENS[kind] + (("scores", "origin") if kind == "groups" else ()):
+        data, offsets = arrays[name], arrays[f"{name}_offsets"]
+        if offsets.ndim != 1 or len(offsets) == 0 or offsets[0] != 0 or offsets[-1] != len(data) \
+                or np.any(np.diff(offsets) < 0):
+            raise ValueError(f"{name}_offsets do not index {name}")
+        counts[name] = len(offsets) - 1
+        if name in _CACHE_TOKENS[kind] and len(data) and (data.min() < 0 or data.max() >= vocab):
+            raise ValueError(f"{name} holds token ids outside the tokenizer's {vocab}")
+    for name in _CACHE_ITEMS[kind]:
+        counts[name] = len(arrays[name])
+    if kind == "pairs":
+        if not all(n == items for n in counts.values()):
+            raise ValueError(f"array lengths {counts} disagree with its {items} pairs")
+        chosen, rejected = np.diff(arrays["chosen_offsets"]), np.diff(arrays["rejected_offsets"])
+        if np.any(arrays["shared"] > np.minimum(chosen, rejected)) or np.any(arrays["prompt"] > chosen):
+            raise ValueError("a prompt or shared prefix is longer than its sequences")
+    else:
+        sizes, n = arrays["sizes"], counts["prompt"]
+        if not all(counts[k] == n for k in ("sizes", "weight", "locations", "scores", "origin")) \
+                or int(sizes.sum()) != counts["responses"] or np.any(sizes < 0) \
+                or np.any(np.diff(arrays["scores_offsets"]) != sizes):
+            raise ValueError(f"array lengths {counts} disagree with each other")
 
 
 def progress_bar(progress, total, name, unit):
