@@ -88,7 +88,10 @@ def _block_d(D, cap):
 
 def pairwise_loss_fwd(hidden, weight, bias, chosen, rejected, margin):
     """hidden [N, D] any strides; weight [D] acc dtype; bias [1] or None; chosen, rejected [P] int64;
-    margin [P] acc dtype or None. Returns (chosen_rewards, rejected_rewards, loss), each [P] acc dtype."""
+    margin [P] acc dtype or None. Returns (chosen_rewards, rejected_rewards, loss), each [P] acc dtype.
+    The kernel reads the [P] vectors as flat memory: any that is not contiguous is copied first."""
+    chosen, rejected, weight = chosen.contiguous(), rejected.contiguous(), weight.contiguous()
+    margin = margin.contiguous() if margin is not None else None
     P = chosen.numel()
     D = hidden.shape[1]
     rc = torch.empty(P, dtype=weight.dtype, device=hidden.device)
@@ -109,6 +112,7 @@ def pairwise_loss_fwd(hidden, weight, bias, chosen, rejected, margin):
 def pairwise_loss_hidden_grad(weight, rows, coef, n_rows, dtype):
     """weight [D] acc; rows [M] int64 in [0, n_rows); coef [M] acc, equal for equal rows.
     Returns d_hidden [n_rows, D] contiguous in ``dtype``: coef[i]·weight at rows[i], zeros elsewhere."""
+    rows, coef, weight = rows.contiguous(), coef.contiguous(), weight.contiguous()
     D = weight.shape[0]
     M = rows.numel()
     d_hidden = torch.zeros((n_rows, D), dtype=dtype, device=weight.device)

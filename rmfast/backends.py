@@ -5,7 +5,9 @@ rmfast/reference.py, and needs neither); acc is float32, or float64 for float64 
 
 - ``forward(hidden2d, weight, bias, chosen, rejected, margin) -> (r_c, r_r, loss_p)``: hidden2d [N, D] of
   any float dtype and strides; weight [D] acc; bias [1] acc or None; chosen, rejected [P] int64; margin [P]
-  acc or None. Outputs [P] acc, loss_p = softplus(-(r_c - r_r - margin)).
+  acc or None. The [P] and [D] vectors arrive contiguous (rmfast/loss.py normalises the indices to
+  contiguous int64 and margin / weight to contiguous acc before any backend).
+  Outputs [P] acc, loss_p = softplus(-(r_c - r_r - margin)).
 - ``hidden_grad(weight, rows, coef, n_rows, dtype) -> d_hidden``: weight [D] acc; rows [M] int64 in
   [0, n_rows); coef [M] acc, equal for equal rows. d_hidden [n_rows, D] contiguous in ``dtype``: zeros
   except row rows[i] = coef[i]·weight. It reads no hidden state, so the autograd of rmfast/loss.py saves

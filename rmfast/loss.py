@@ -117,7 +117,9 @@ def _check_index(name, index, device):
         _fail(name, f"must be 1-D [P], got shape {tuple(index.shape)}")
     if index.device != device:
         _fail(name, f"is on {index.device} but hidden is on {device}; move both to one device")
-    return _as(index, torch.int64)
+    # Every backend (the kernels read ``index + p`` as flat memory) gets contiguous int64: a view with a
+    # stride such as ``pairs[:, 0]`` or an int32 tensor is copied here, once, before any backend.
+    return _as(index, torch.int64).contiguous()
 
 
 def _check_range(index, P, n_rows, check):

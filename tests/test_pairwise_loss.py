@@ -273,3 +273,35 @@ def test_backward_saves_gathered_rows_not_hidden(backend, device, dtype):
     assert 0 < sum(saved) <= budget < N * D * hidden.element_size() // 100, saved
     out.loss.backward()
     assert hidden.grad.shape == (N, D) and weight.grad is not None and bias.grad is not None
+
+
+@pytest.mark.parametrize("backend,device", BACKEND_DEVICE)
+@pytest.mark.parametrize("kind", ["columns_int64", "columns_int32", "offset_stride3_int64", "contiguous_int32"])
+def test_index_strides_and_dtypes(backend, device, kind):
+    """chosen / rejected as views with a stride (``pairs[:, 0]``, or every third entry of a buffer past an
+    offset) or int32: the same loss and gradients as contiguous int64 indices, on every backend (and a
+    strided margin with them)."""
+    require(backend, device)
+    case = make_case(30, 40, 9, device=device)
+    P = case["chosen_index"].shape[0]
+    pairs = torch.stack([case["chosen_index"], case["rejected_index"]], dim=1)  # [P, 2]
+    if kind == "columns_int64":
+        chosen, rejected = pairs[:, 0], pairs[:, 1]
+    elif kind == "columns_int32":
+        pairs = pairs.int()
+        chosen, rejected = pairs[:, 0], pairs[:, 1]
+    elif kind == "offset_stride3_int64":
+        buf = torch.full((3 * P + 1,), -7, dtype=torch.int64, device=device)
+        buf[1::3] = case["chosen_index"]
+        buf[2::3] = case["rejected_index"]
+        chosen, rejected = buf[1::3], buf[2::3]
+    else:
+        chosen, rejected = case["chosen_index"].int(), case["rejected_index"].int()
+    assert torch.equal(chosen.long(), case["chosen_index"]) and torch.equal(rejected.long(), case["rejected_index"])
+    assert chosen.is_contiguous() == (kind == "contiguous_int32")
+    margin = torch.stack([case["margin"], -case["margin"]], dim=1)[:, 0]  # stride 2
+    assert not margin.is_contiguous()
+    strided = dict(case, chosen_index=chosen, rejected_index=rejected, margin=margin)
+    for reduction in ("mean", "none"):
+        assert_matches(run(strided, backend, reduction=reduction, center_coef=0.05),
+                       run(case, backend, reduction=reduction, center_coef=0.05, reference=True), torch.float32)
