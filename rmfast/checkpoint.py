@@ -94,7 +94,7 @@ def save_checkpoint(engine, root: Path, step, state, rank, keep_last=2):
         if error is None:
             (root / tag).mkdir()
             _write_atomic(root / tag / SAVING, "")  # first of all: what cleanup may delete is marked as ours
-    if dist.get_world_size() > 1:
+    if dist.is_initialized() and dist.get_world_size() > 1:
         box = [error]
         dist.broadcast_object_list(box, src=0)
         error = box[0]

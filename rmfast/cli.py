@@ -60,7 +60,7 @@ def demo_setup(out_dir, pairs=3000, seed=0, max_operand=9, max_history=2, diffic
 
 
 def main(argv=None):
-    parser = argparse.ArgumentParser(prog="rmfast-train", description=__doc__,
+    parser = errors.ArgumentParser(prog="rmfast-train", description=__doc__,
                                      formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("config", nargs="?", help="YAML config (sections model, data, train)")
     parser.add_argument("--demo", action="store_true",
@@ -99,10 +99,31 @@ def main(argv=None):
             tqdm.write(message)  # above the progress bar, never into it
             sys.stdout.flush()
 
+    trainer = None
+    if int(os.environ.get("WORLD_SIZE", "1")) > 1:
+        import signal
+
+        def stopped(signum, frame):  # the launcher ends every rank with SIGTERM when one of them fails
+            raise errors.Stopped("stopped by the launcher (SIGTERM: another rank failed or the job was cancelled)")
+
+        signal.signal(signal.SIGTERM, stopped)
+
     def body():
+        nonlocal trainer
         from .engine import Trainer, close_distributed
 
-        final = Trainer(config, log=log).train()
+        try:
+            trainer = Trainer(config, log=log)
+            final = trainer.train()
+        except errors.Stopped as exc:
+            where = f"at step {trainer.step + 1}" if trainer is not None else "before training started"
+            raise errors.Stopped(f"rank {rank}: {exc} {where}; {_resume_hint(config.train.output_dir)}") from None
+        except RuntimeError as exc:
+            lost = errors.lost_rank(exc)
+            if lost is None or int(os.environ.get("WORLD_SIZE", "1")) < 2:
+                raise
+            where = f"at step {trainer.step + 1}" if trainer is not None else "before training started"
+            raise errors.RankLost(f"rank {rank}: {lost} {where}; {_resume_hint(config.train.output_dir)}") from exc
         close_distributed()  # after a success only: see close_distributed
         if rank == 0 and "eval_accuracy" in final:
             print(f"final eval: accuracy {final['eval_accuracy']:.3f}, loss {final['eval_loss']:.4f}", flush=True)

@@ -139,6 +139,8 @@ class TrainConfig:
                                            "tokenizer, LoRA setting or number of ranks)")
     overwrite: bool = _f(False, "start a new run in an output_dir that holds one, deleting its checkpoints, "
                                 "metrics and export")
+    collective_timeout: int = _f(600, "seconds a rank waits for the others in a collective before the run stops "
+                                      "(a frozen or dead rank); longer than your slowest checkpoint save")
     on_nonfinite: str = _f("stop", "a NaN/inf loss stops the run, or skips that step", choices=["stop", "skip"])
     export: bool = _f(True, "export a Hugging Face model to OUTPUT_DIR/export at the end")
     tensorboard: bool = _f(True, "log to TensorBoard when it is installed")
@@ -151,6 +153,8 @@ class TrainConfig:
         for name in ("max_steps", "token_budget", "row_tokens", "eval_every", "save_every", "keep_last",
                      "weight_decay", "max_grad_norm", "center_coef", "margin_scale"):
             _require(getattr(self, name) >= 0, f"train.{name} must be ≥ 0, got {getattr(self, name)}")
+        _require(self.collective_timeout >= 10, f"train.collective_timeout must be ≥ 10 seconds, got "
+                                                f"{self.collective_timeout}")
         _require(self.max_steps > 0 or self.epochs > 0,
                  f"train.epochs must be > 0 (or set train.max_steps), got {self.epochs}")
         _require(self.lr > 0, f"train.lr must be > 0, got {self.lr}")

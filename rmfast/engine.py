@@ -47,9 +47,12 @@ def _free_port():
 _OWN_ENV = {}  # the launcher variables init_distributed set itself (no launcher), for close_distributed
 
 
-def init_distributed():
+def init_distributed(timeout_s=None):
     """Join the launcher's process group (deepspeed / torchrun set RANK etc.), or make a one-process
-    group when started without a launcher. Returns (rank, world_size, device)."""
+    group when started without a launcher. timeout_s: how long a collective may wait for the other ranks
+    before it fails (None: torch's default). Returns (rank, world_size, device)."""
+    import datetime
+
     import deepspeed
 
     if "RANK" not in os.environ:  # no launcher: rendezvous with ourselves (avoids DeepSpeed's MPI probe)
@@ -62,7 +65,8 @@ def init_distributed():
     if not dist.is_initialized():
         # on CPU DeepSpeed prints that it built its shared-memory op; its errors are raised, not printed
         with contextlib.redirect_stdout(io.StringIO()):
-            deepspeed.init_distributed(dist_backend="nccl" if torch.cuda.is_available() else "gloo")
+            kw = {"timeout": datetime.timedelta(seconds=timeout_s)} if timeout_s else {}
+            deepspeed.init_distributed(dist_backend="nccl" if torch.cuda.is_available() else "gloo", **kw)
     local = int(os.environ.get("LOCAL_RANK", 0))
     if torch.cuda.is_available():
         torch.cuda.set_device(local)
@@ -169,12 +173,20 @@ def build_tokenizer(model_config):
 def build_data(config: Config, tokenizer, rank, log):
     """(train pairs, eval pairs or None); with data.kind groups, TokenizedGroups. Rank 0 tokenizes first;
     the others then read its cache."""
-    if rank != 0:
-        dist.barrier()
+    # tokenizing a large source takes longer than train.collective_timeout: the others wait in a group of
+    # their own without that limit
+    import datetime
+
+    waiting = dist.new_group(backend="gloo", timeout=datetime.timedelta(days=1)) if dist.get_world_size() > 1 else None
+    if rank != 0 and waiting is not None:
+        dist.barrier(group=waiting)
     train_pairs, eval_pairs, report = load_data(loader_config(config.data), tokenizer, progress=rank == 0,
                                                 kind=data_kind(config))
+    if waiting is not None:
+        if rank == 0:
+            dist.barrier(group=waiting)
+        dist.destroy_process_group(waiting)
     if rank == 0:
-        dist.barrier()
         for line in report.lines():
             log(f"data: {line}")
         if eval_pairs is None or len(eval_pairs) == 0:
@@ -286,7 +298,7 @@ class Trainer:
         self.groups = data_kind(config) == "groups"
         if self.groups and t.layout == "packed":
             raise ValueError("train.layout packed is for pairs; groups use prefix_shared (the default) or padded")
-        self.rank, self.world, self.device = init_distributed()
+        self.rank, self.world, self.device = init_distributed(t.collective_timeout)
         self.dtype = DTYPES[m.dtype]  # what the model computes in (DeepSpeed casts to it)
         if m.dtype == "fp16" and self.device.type != "cuda":
             raise ValueError("model.dtype fp16 needs a GPU (DeepSpeed's CPU accelerator has no fp16); "

@@ -1,7 +1,6 @@
 """``rmfast-env``: what was built and what can run here — versions, the compiled extension, and for each
 backend and device whether it is usable and, if not, why."""
 
-import argparse
 import importlib.metadata
 import json
 import platform
@@ -48,7 +47,9 @@ def report():
 
 
 def main(argv=None):
-    parser = argparse.ArgumentParser(prog="rmfast-env", description=__doc__)
+    from .errors import ArgumentParser
+
+    parser = ArgumentParser(prog="rmfast-env", description=__doc__)
     parser.add_argument("--json", action="store_true", help="print the report as JSON")
     args = parser.parse_args(argv)
     facts = report()

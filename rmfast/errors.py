@@ -3,6 +3,7 @@ flag and what to do; exit status 2 for a user's mistake (config, data, paths, a 
 failure (disk full, a corrupt checkpoint, a diverged run, anything unexpected), 130 for Ctrl-C. No
 traceback unless RMFAST_DEBUG=1 (read here, and only here)."""
 
+import argparse
 import errno
 import os
 import sys
@@ -20,8 +21,38 @@ class Failure(RuntimeError):
     """A failure whose message says all a person needs (exit status 1, no traceback)."""
 
 
+class RankLost(Failure):
+    """Another rank stopped answering (frozen past the collective timeout, or dead): every live rank says so,
+    not only rank 0, since rank 0 may be the one that is gone."""
+
+
+class Stopped(Failure):
+    """The process was told to stop (SIGTERM) before its work was done."""
+
+
+def lost_rank(exc):
+    """What a collective's error says of the other ranks ('timed out' or 'died'), or None when it is not one."""
+    text = str(exc)
+    if not isinstance(exc, RuntimeError):
+        return None
+    if "Timed out" in text or "timed out" in text or "Timeout" in text:
+        return "another rank stopped answering (no collective within train.collective_timeout)"
+    if any(s in text for s in ("Connection closed by peer", "Connection reset by peer", "Broken pipe",
+                               "NCCL communicator was aborted")):
+        return "another rank died"
+    return None
+
+
 class CheckpointError(Failure):
     """A checkpoint could not be written or read: the message names it and what is still intact."""
+
+
+class ArgumentParser(argparse.ArgumentParser):
+    """argparse with an error of two lines: what is wrong, and where every option is listed (not the
+    whole usage block, which for rmfast-train is some sixty lines of options)."""
+
+    def error(self, message):
+        self.exit(USAGE, f"{self.prog}: {message}\n(`{self.prog} --help` lists every option)\n")
 
 
 def debugging():
@@ -60,6 +91,14 @@ def run(prog, body, interrupted=None, quiet=False):
         if debugging():
             raise
         status, message = describe(exc)
+        if isinstance(exc, (RankLost, Stopped)):
+            # a lost rank: every rank speaks (rank 0 may be the one gone); then out at once: the process
+            # group cannot be left (a collective would hang), and a gloo group alive at interpreter exit
+            # aborts the process after the message
+            if not quiet or isinstance(exc, RankLost):
+                print(f"{prog}: {message}", file=sys.stderr, flush=True)
+            sys.stdout.flush()
+            os._exit(status)
         if not quiet:
             print(f"{prog}: {message}", file=sys.stderr)
         return status

@@ -429,9 +429,10 @@ def _last_eval(out_root: Path):
 
 def main(argv=None):
     """rmfast-export: a Hugging Face model from an rmfast checkpoint."""
-    import argparse
 
-    parser = argparse.ArgumentParser(prog="rmfast-export", description=main.__doc__)
+    from .errors import ArgumentParser
+
+    parser = ArgumentParser(prog="rmfast-export", description=main.__doc__)
     parser.add_argument("run", help="a training output dir (its latest checkpoint), a checkpoints dir, or a step "
                                     "folder")
     parser.add_argument("--out", required=True, help="where to write the Hugging Face folder")

@@ -31,9 +31,21 @@ from .model import RewardModel
 
 
 def _device(name):
+    """The device to score on; one that this machine lacks is refused before any model is loaded."""
+    from .errors import UserError
+
     if name == "auto":
         return torch.device("cuda" if torch.cuda.is_available() else "cpu")
-    return torch.device(name)
+    try:
+        device = torch.device(name)
+    except RuntimeError:
+        raise UserError(f"--device {name}: not a device (cpu, cuda, cuda:1, auto)") from None
+    if device.type == "cuda" and not torch.cuda.is_available():
+        raise UserError(f"--device {name}: this machine has no CUDA GPU that torch can use; score with --device cpu "
+                        f"(or auto)")
+    if device.type == "cuda" and device.index is not None and device.index >= torch.cuda.device_count():
+        raise UserError(f"--device {name}: this machine has {torch.cuda.device_count()} CUDA GPU(s)")
+    return device
 
 
 class Scorer:
@@ -175,7 +187,9 @@ def _write(records, out):
 
 
 def main(argv=None):
-    parser = argparse.ArgumentParser(prog="rmfast-score", description=__doc__,
+    from .errors import ArgumentParser
+
+    parser = ArgumentParser(prog="rmfast-score", description=__doc__,
                                      formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("model", help="an exported reward model folder (rmfast-export / rmfast-train's export/)")
     parser.add_argument("sources", nargs="+", help="files, folders or datasets dirs of pairs or of single texts")
@@ -205,6 +219,10 @@ def main(argv=None):
 
         inputs = [("the model folder", args.model)] + [("the source", Source.parse(x).path) for x in args.sources]
         refuse_writing_over(args.out, inputs, "--out")
+        _device(args.device)  # before the model is read
+        from transformers.utils import logging as hf_logging
+
+        hf_logging.disable_progress_bar()  # transformers' "Loading weights" bar is no news to a scorer's user
         if args.summary:
             refuse_writing_over(args.summary, inputs + [("--out", args.out)], "--summary")
         scorer = Scorer(args.model, args.device, args.dtype, args.attention)

@@ -88,6 +88,8 @@ def test_help_lists_every_section():
 def test_missing_model_or_data_is_an_error_with_advice():
     out = subprocess.run([sys.executable, "-m", "rmfast.cli"], capture_output=True, text=True)
     assert out.returncode == 2 and "--demo" in out.stderr
+    # two lines, not argparse's whole usage block of every option
+    assert len(out.stderr.splitlines()) == 2 and "usage:" not in out.stderr and "--help" in out.stderr
 
 
 def test_attention_that_cannot_run_here_is_refused_before_data_is_read(tmp_path):

@@ -245,6 +245,9 @@ def test_a_failed_export_leaves_no_folder_and_keeps_the_previous_one(tmp_path, b
     assert list(tmp_path.iterdir()) == []  # neither the export nor its staging folder
     monkeypatch.setattr(export._Shards, "_flush", flush)
     write_export(model.backbone.config, model.state_dict(), tok, out, METRICS)
+    umask = os.umask(0)
+    os.umask(umask)
+    assert out.stat().st_mode & 0o777 == 0o777 & ~umask  # the user's normal permissions, not mkdtemp's 0700
     before = {p.name: p.read_bytes() for p in out.iterdir()}
     calls.clear()
     monkeypatch.setattr(export._Shards, "_flush", failing)

@@ -241,3 +241,26 @@ def test_groups_are_cached_like_pairs(tmp_path, tokenizer, cfg):
     load_groups(str(pair_path), tokenizer, config)
     load_data(DataConfig(train=[str(pair_path)], cache_dir=config.cache_dir), tokenizer)
     assert len(list((tmp_path / "cache").glob("*.npz"))) == 3  # a pair file read as groups and as pairs
+
+
+# ---------------------------------------------------------------- the other kind, and mappings, named
+
+
+def test_group_rows_read_as_pairs_name_the_kind_option(tmp_path, tokenizer, cfg):
+    path = write(tmp_path / "g.jsonl", generate_groups(5, k=3, seed=0))
+    with pytest.raises(DataError) as caught:
+        load_data(cfg(train=[str(path)]), tokenizer)
+    message = str(caught.value)
+    assert "holds groups" in message and "--data.kind groups" in message and len(message.splitlines()) == 1
+
+
+def test_a_mapped_responses_column_is_named_when_missing():
+    row = {"prompt": "Q", "completions": ["a", "b"], "scores": [1, 0]}
+    with pytest.raises(BadRow, match="no 'answers' \\(the responses column\\)"):
+        parse_group_row("f.jsonl:1", row, columns={"responses": "answers"})
+
+
+@pytest.mark.parametrize("columns", [["chosen", "good"], {"chosen": 3}, "chosen"])
+def test_columns_that_are_not_a_mapping_are_refused_in_one_line(columns):
+    with pytest.raises(ValueError, match="columns must be a JSON object"):
+        DataConfig(train=["x.jsonl"], columns=columns)

@@ -409,3 +409,45 @@ def test_a_resume_on_the_other_data_kind_is_refused():
         rundir.check_resume(dict(saved), {**saved, "data.kind": "groups"}, "step-4", True)
     with pytest.raises(rundir.RunDirError, match=r'data.kind: "groups" then, "pairs" now'):
         rundir.check_resume({**saved, "data.kind": "groups"}, {**saved, "data.kind": "pairs"}, "step-4", True)
+
+
+# ---------------------------------------------------------------- a frozen or dead rank
+
+
+@pytest.mark.parametrize("signal_name", ["SIGSTOP", "SIGKILL"])
+def test_a_frozen_or_dead_rank_ends_the_run_saying_what_is_intact(engine_setup, tmp_path, signal_name):
+    """Rank 1 frozen (SIGSTOP) or killed after step 3: the run ends within the collective timeout, not
+    DeepSpeed's half hour, with a line naming the step and the last complete checkpoint."""
+    import signal
+    import time
+
+    import psutil
+
+    out = tmp_path / "run"
+    args = command(2) + args_for(engine_setup, out, **{"train.max_steps": 400, "train.save_every": 2,
+                                                        "train.collective_timeout": 15, "train.eval_every": 0})
+    launcher = subprocess.Popen(args, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, env=clean_env(),
+                                start_new_session=True)
+    try:
+        deadline = time.monotonic() + 300
+        while time.monotonic() < deadline and not (out / "checkpoints" / "step-2" / checkpoint.MARKER).exists():
+            time.sleep(0.5)
+            assert launcher.poll() is None, launcher.communicate()[1][-3000:]
+        victim = next(p for p in psutil.Process(launcher.pid).children(recursive=True)
+                      if p.environ().get("RANK") == "1")
+        os.kill(victim.pid, getattr(signal, signal_name))
+        stopped_at = time.monotonic()
+        _, err = launcher.communicate(timeout=240)
+        took = time.monotonic() - stopped_at
+    finally:
+        if launcher.poll() is None:
+            os.killpg(launcher.pid, signal.SIGKILL)
+            launcher.wait()
+    assert launcher.returncode != 0 and took < 120, (took, err[-3000:])
+    said = [line for line in err.splitlines() if line.startswith("rmfast-train: rank 0:")]
+    assert said, err[-3000:]
+    expected = "stopped answering" if signal_name == "SIGSTOP" else "(died|stopped by the launcher)"
+    import re
+
+    assert re.search(expected, said[0]) and re.search(r"at step \d+", said[0]), said
+    assert "the last complete checkpoint is" in said[0] and "checkpoints/step-" in said[0], said

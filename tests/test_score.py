@@ -40,14 +40,25 @@ def hf_scores(path, texts):
     return np.array(out)
 
 
+def test_a_device_this_machine_lacks_is_refused_first(exported, tmp_path, capsys, monkeypatch):
+    root, path, _ = exported
+    monkeypatch.setattr(torch.cuda, "is_available", lambda: False)
+    import rmfast.score as score
+
+    monkeypatch.setattr(score.Scorer, "__init__", lambda *a: pytest.fail("the model was loaded"))
+    args = [str(path), str(root / "pairs.jsonl"), "--out", str(tmp_path / "s.jsonl"), "--device", "cuda"]
+    assert score_main(args) == 2 and "no CUDA GPU" in capsys.readouterr().err
+
+
 def read_jsonl(path):
     return [json.loads(x) for x in path.read_text().splitlines()]
 
 
-def test_pairs_are_scored_as_transformers_scores_them(exported, tmp_path):
+def test_pairs_are_scored_as_transformers_scores_them(exported, tmp_path, capsys):
     root, path, rows = exported
     out = tmp_path / "pairs.jsonl"
     assert score_main([str(path), str(root / "pairs.jsonl"), "--out", str(out), "--token-budget", "200"]) == 0
+    assert "Loading weights" not in capsys.readouterr().err  # transformers' bar is not shown
     got = read_jsonl(out)
     assert len(got) == 30 and got[0]["location"].endswith("pairs.jsonl:1")
     chosen = hf_scores(path, [r["prompt"] + r["chosen"] for r in rows])

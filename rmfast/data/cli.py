@@ -10,6 +10,7 @@ import sys
 
 import numpy as np
 
+from ..errors import ArgumentParser
 from ..layouts import pair_costs
 from .formats import FORMATS
 from .groups import source_kind
@@ -144,7 +145,7 @@ def synth(args):
 
 
 def main(argv=None):
-    parser = argparse.ArgumentParser(prog="rmfast-data", description=__doc__,
+    parser = ArgumentParser(prog="rmfast-data", description=__doc__,
                                      formatter_class=argparse.RawDescriptionHelpFormatter)
     sub = parser.add_subparsers(dest="command", required=True)
     p = sub.add_parser("inspect", help="pairs, lengths, truncation, bad rows and shared-prefix statistics")

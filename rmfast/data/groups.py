@@ -207,7 +207,7 @@ def parse_group_row(location, row, fmt="auto", columns=None, preference=True) ->
     chosen = row.get(col["chosen"])
     if isinstance(chosen, list) and chosen and not isinstance(chosen[0], dict):  # a list of responses
         return _chosen_rejected_lists(location, row, col)
-    if "responses" not in columns and col["chosen"] not in row:
+    if col["chosen"] not in row and ("responses" in columns or "chosen" not in columns):
         read_column(row, "responses", col["responses"])  # neither shape: name the group columns
     pair = parse_row(location, row, fmt, columns)
     return Group(location, pair.format, pair.prompt, [pair.chosen, pair.rejected], [1.0, 0.0], _tag(row, col))

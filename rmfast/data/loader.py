@@ -72,6 +72,10 @@ class DataConfig:
             raise ValueError(f"format must be one of {', '.join(FORMATS)}, got {self.format!r}")
         if self.on_bad_row not in BAD_ROW_MODES:
             raise ValueError(f"on_bad_row must be one of {', '.join(BAD_ROW_MODES)}, got {self.on_bad_row!r}")
+        if not isinstance(self.columns, dict) or not all(isinstance(k, str) and isinstance(v, str)
+                                                         for k, v in self.columns.items()):
+            raise ValueError(f"columns must be a JSON object from rmfast's column names to yours, e.g. "
+                             f"{{\"chosen\": \"good\", \"responses\": \"answers\"}}; got {self.columns!r}")
         if not 0.0 <= self.eval_fraction < 1.0:
             raise ValueError(f"eval_fraction must be in [0, 1), got {self.eval_fraction}")
         if self.chat_template and os.path.isfile(self.chat_template):
@@ -149,8 +153,16 @@ def _cache_key(source: Source, tokenizer_fp, config: DataConfig, kind="pairs"):
 
 
 def read_pairs(source: Source, config: DataConfig):
-    """Read and validate one source. Returns (pairs, report) — bad rows are counted, never silently lost."""
-    return read_rows(source, config, parse_row)
+    """Read and validate one source. Returns (pairs, report) — bad rows are counted, never silently lost.
+    Group rows (a prompt with K responses) read as pairs are named as such, with the option that reads them."""
+    pairs, report = read_rows(source, config, parse_row)
+    if report.bad["missing_field"] and (not pairs or config.on_bad_row == "error"):
+        from .groups import source_kind
+
+        if source_kind(source.path, source.split, config.columns) == "groups":
+            raise DataError(f"{source.path} holds groups (a prompt with several responses), not pairs: train on it "
+                            f"with --data.kind groups (data.kind: groups in a config)")
+    return pairs, report
 
 
 def read_rows(source: Source, config: DataConfig, parse):
