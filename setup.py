@@ -104,7 +104,7 @@ ext_modules, cmdclass = _extensions()
 
 setup(
     packages=["rmfast", "rmfast.data", "rmfast.kernels", "rmfast.csrc"],
-    package_dir={"rmfast": "rmfast", "rmfast.kernels": "kernels", "rmfast.csrc": "csrc"},
+    package_dir={"rmfast": "rmfast", "rmfast.csrc": "csrc"},
     package_data={"rmfast.csrc": ["*.cpp", "*.cu", "*.h"]},
     ext_modules=ext_modules,
     cmdclass=cmdclass,

@@ -81,8 +81,19 @@ def test_reward_head_rejects_empty_hidden_size():
 def test_kernels_package_is_rmfast_kernels():
     import rmfast.kernels
 
-    assert Path(rmfast.kernels.__file__).resolve().parent == ROOT / "kernels"
+    assert Path(rmfast.kernels.__file__).resolve().parent == ROOT / "rmfast" / "kernels"
     assert callable(rmfast.kernels.pairwise_loss_fwd)
+
+
+def test_no_top_level_package_of_ours_hides_another():
+    """Run from the repository root (where the current folder comes first on sys.path), no folder of ours
+    may stand in for an installed package: transformers imports the hub's `kernels` package when it finds one,
+    and a top-level kernels/ of ours broke every model load."""
+    ours = sorted(p.name for p in ROOT.iterdir() if (p / "__init__.py").exists())
+    assert ours == ["rmfast"], ours
+    out = subprocess.run([sys.executable, "-c", "import transformers.integrations.hub_kernels"], cwd=ROOT,
+                         capture_output=True, text=True)
+    assert out.returncode == 0, out.stderr[-2000:]
 
 
 def test_rmfast_env_reports_versions_and_backends():
