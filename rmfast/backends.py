@@ -33,6 +33,8 @@ themselves. Under torch.compile the check is always the device-side one, which k
 import os
 import warnings
 
+import torch
+
 BACKENDS = ("torch", "triton", "cuda", "cpu")
 _AUTO_ORDER = {"cuda": ("triton", "cuda", "torch"), "cpu": ("cpu", "torch")}
 _warned = set()
@@ -152,6 +154,9 @@ def _warn_once(requested, reason, chosen):
         warnings.warn(f"rmfast: backend {requested!r} unavailable ({reason}); using {chosen!r}", stacklevel=4)
 
 
+# torch.compile runs it eagerly and keeps its answer as a constant: what it does on a first call (the
+# extension's loading under a lock, an import, a warning) cannot be traced, and the answer is a string
+@torch.compiler.assume_constant_result
 def select(backend, device_type):
     """Resolve a backend name for tensors on ``device_type``; 'auto' follows RMFAST_BACKEND, then the order."""
     requested = backend

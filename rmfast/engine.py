@@ -114,7 +114,74 @@ def _merge(base, extra):
     return base
 
 
-def deepspeed_config(config: Config, world_size):
+# what rmfast-train decides from its own options (its sampler, resume checks and optimizer depend on them):
+# a user's DeepSpeed JSON may repeat them or say "auto", never set them otherwise
+OWNED_DS = {"train_micro_batch_size_per_gpu": "train.pairs_per_batch",
+            "gradient_accumulation_steps": "train.grad_accum",
+            "train_batch_size": "train.pairs_per_batch × train.grad_accum × ranks",
+            "gradient_clipping": "train.max_grad_norm", "bf16.enabled": "model.dtype", "fp16.enabled": "model.dtype",
+            "zero_optimization.stage": "train.zero_stage"}
+
+
+def _user_deepspeed(path, ours, hidden_size=None):
+    """The user's DeepSpeed JSON, checked against `ours` and with its "auto" values filled as transformers'
+    DeepSpeed integration fills them: rmfast's own value for an owned key, ZeRO-3 bucket sizes from the
+    model's hidden size. A key rmfast owns set to another value is refused in one line naming the file, the
+    key and the option to use instead."""
+    from .errors import UserError
+
+    try:
+        with open(path) as f:
+            user = json.load(f)
+    except OSError as exc:
+        raise UserError(f"train.deepspeed_config {path}: cannot be read ({exc.strerror or exc})") from None
+    except json.JSONDecodeError as exc:
+        raise UserError(f"train.deepspeed_config {path}: not valid JSON (line {exc.lineno}: {exc.msg})") from None
+    if not isinstance(user, dict):
+        raise UserError(f"train.deepspeed_config {path}: expected a JSON object of DeepSpeed options")
+    for section in ("optimizer", "scheduler"):
+        if section in user:
+            raise UserError(f"train.deepspeed_config {path}: remove its {section!r} section; rmfast-train builds the "
+                            f"optimizer and schedule from train.lr, train.adam_betas, train.weight_decay, "
+                            f"train.scheduler and train.warmup_ratio")
+
+    def walk(node, prefix):
+        for key, value in list(node.items()):
+            name = f"{prefix}{key}"
+            if isinstance(value, dict):
+                walk(value, f"{name}.")
+                continue
+            mine = ours
+            for part in name.split("."):
+                mine = mine.get(part) if isinstance(mine, dict) else None
+            if value == "auto":
+                filled = _auto_value(name, mine, hidden_size)
+                if filled is None:
+                    raise UserError(f"train.deepspeed_config {path}: {name} is \"auto\", which rmfast cannot fill; "
+                                    f"give a value")
+                node[key] = filled
+            elif name in OWNED_DS and mine is not None and value != mine:
+                raise UserError(f"train.deepspeed_config {path}: {name} is {value!r} but this run has {mine!r} from "
+                                f"{OWNED_DS[name]}; remove it from the file or set the option instead")
+    walk(user, "")
+    return user
+
+
+def _auto_value(name, mine, hidden_size):
+    """What "auto" means for one DeepSpeed key (as transformers' HfTrainerDeepSpeedConfig fills it)."""
+    if mine is not None:
+        return mine
+    if hidden_size:
+        sizes = {"zero_optimization.reduce_bucket_size": hidden_size * hidden_size,
+                 "zero_optimization.stage3_prefetch_bucket_size": int(0.9 * hidden_size * hidden_size),
+                 "zero_optimization.stage3_param_persistence_threshold": 10 * hidden_size}
+        return sizes.get(name)
+    return None
+
+
+def deepspeed_config(config: Config, world_size, hidden_size=None):
+    """DeepSpeed's config from rmfast's options, with the user's DeepSpeed JSON merged over it (checked:
+    _user_deepspeed). hidden_size: the model's, for "auto" ZeRO-3 bucket sizes."""
     t = config.train
     micro = t.pairs_per_batch
     ds = {
@@ -134,8 +201,7 @@ def deepspeed_config(config: Config, world_size):
     if t.offload_params:
         ds["zero_optimization"]["offload_param"] = {"device": "cpu", "pin_memory": torch.cuda.is_available()}
     if t.deepspeed_config:
-        with open(t.deepspeed_config) as f:
-            _merge(ds, json.load(f))
+        _merge(ds, _user_deepspeed(t.deepspeed_config, ds, hidden_size))
     return ds
 
 
@@ -316,10 +382,11 @@ class Trainer:
         backbone_config = AutoConfig.from_pretrained(m.name_or_path, trust_remote_code=m.trust_remote_code)
         self.layout, self.attention = choose_layout(backbone_config, config, self.device.type,
                                                     self.log if self.rank == 0 else None)
+        # the DeepSpeed config is checked before any data is read
+        self.ds_config = deepspeed_config(config, self.world, getattr(backbone_config, "hidden_size", None))
         self.tokenizer, grew = build_tokenizer(m)
         self.train_pairs, self.eval_pairs = build_data(config, self.tokenizer, self.rank, self.log)
         self.identity = run_identity(config, backbone_config, self.tokenizer, self.world)
-        self.ds_config = deepspeed_config(config, self.world)
         self.model = build_model(config, self.ds_config, self.dtype, len(self.tokenizer) if grew else 0,
                                  self.log if self.rank == 0 else (lambda _: None))
         if self.layout != "padded":
@@ -522,7 +589,7 @@ class Trainer:
 
     def _eval_shards(self, data, score):
         """score(batch) of every eval micro-batch (eval_pairs_per_batch pairs or groups), each rank taking
-        every world-th one, gathered from all ranks (rank 0's first). Every rank runs the same number of
+        every world-th one, gathered from all ranks in dataset order. Every rank runs the same number of
         forwards (ZeRO-3 needs it); the padding ones are not kept."""
         self.engine.eval()
         size = self.config.train.eval_pairs_per_batch
@@ -536,7 +603,11 @@ class Trainer:
         gathered = [None] * self.world
         dist.all_gather_object(gathered, parts)
         self.engine.train()
-        return [p for g in gathered for p in g]
+        # rank r scored batches r, r + world, …: put them back in dataset order, which per-row columns
+        # (a pair's margin) follow
+        order = sorted(((r + j * self.world, p) for r, g in enumerate(gathered) for j, p in enumerate(g)),
+                       key=lambda kp: kp[0])
+        return [p for _, p in order]
 
     # -- checkpoints
     def save(self):

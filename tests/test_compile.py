@@ -1,6 +1,10 @@
 """torch.compile(fullgraph=True) traces the fused loss on every backend with kernels and gives eager's loss,
 rewards and gradients; the kernels run on fake tensors."""
 
+import os
+import subprocess
+import sys
+
 import pytest
 import torch
 
@@ -119,3 +123,45 @@ def test_out_of_range_index_fails_under_compile(backend):
     compiled = torch.compile(loss_fn(backend), fullgraph=True, backend="aot_eager")
     with pytest.raises(RuntimeError, match="outside hidden's 40 rows"):
         run(compiled, case)
+
+
+COLD = """
+import os, sys
+import torch
+from rmfast import pairwise_reward_loss
+
+backend = sys.argv[1]
+
+
+def fn(hidden, weight, chosen, rejected):
+    out = pairwise_reward_loss(hidden, weight, chosen, rejected, margin=0.1, center_coef=0.05, backend=backend)
+    return out.loss
+
+
+g = torch.Generator().manual_seed(0)
+hidden, weight = torch.randn(20, 8, generator=g), torch.randn(8, generator=g)
+chosen, rejected = torch.randint(0, 20, (5,), generator=g), torch.randint(0, 20, (5,), generator=g)
+h = hidden.clone().requires_grad_(True)
+loss = torch.compile(fn, fullgraph=True, backend="aot_eager")(h, weight, chosen, rejected)  # the first call
+loss.backward()
+from rmfast import backends
+
+ref_h = hidden.clone().requires_grad_(True)
+ref = pairwise_reward_loss(ref_h, weight, chosen, rejected, margin=0.1, center_coef=0.05, backend="torch").loss
+ref.backward()
+torch.testing.assert_close(loss, ref)
+torch.testing.assert_close(h.grad, ref_h.grad)
+print("chosen", backends.select(backend, "cpu"))
+"""
+
+
+@pytest.mark.parametrize("backend", ["auto", "cpu", "torch", "triton"])
+def test_fullgraph_compile_as_the_first_call_in_a_fresh_process(backend):
+    """Backend selection (and the extension's first load) under a cold torch.compile: nothing in it may be
+    untraceable (a lock, an import, a warning), whichever backend is asked for."""
+    env = dict(os.environ, TRITON_INTERPRET="1")
+    env.pop("RMFAST_BACKEND", None)
+    out = subprocess.run([sys.executable, "-c", COLD, backend], capture_output=True, text=True, env=env,
+                         timeout=300)
+    assert out.returncode == 0, out.stderr[-3000:]
+    assert out.stdout.split() == ["chosen", "cpu" if backend == "auto" else backend]

@@ -49,15 +49,36 @@ def test_bad_choice_is_refused_by_the_parser():
 
 def test_deepspeed_config_from_options_and_user_json_merged_over_it(tmp_path):
     user = tmp_path / "ds.json"
-    user.write_text(json.dumps({"zero_optimization": {"reduce_bucket_size": 1000}, "gradient_clipping": 0.5}))
+    zero = {"reduce_bucket_size": 1000, "stage3_prefetch_bucket_size": "auto"}
+    user.write_text(json.dumps({"zero_optimization": zero, "gradient_clipping": 1.0, "train_batch_size": "auto"}))
     cfg = parse(["--train.zero_stage", "3", "--train.offload_optimizer", "true", "--train.offload_params", "true",
                  "--train.grad_accum", "4", "--train.pairs_per_batch", "2", "--model.dtype", "bf16",
                  "--train.deepspeed_config", str(user)])
-    ds = deepspeed_config(cfg, world_size=8)
+    ds = deepspeed_config(cfg, world_size=8, hidden_size=64)
     assert ds["train_batch_size"] == 2 * 4 * 8 and ds["bf16"]["enabled"] and not ds["fp16"]["enabled"]
     z = ds["zero_optimization"]
     assert z["stage"] == 3 and z["offload_optimizer"]["device"] == "cpu" and z["offload_param"]["device"] == "cpu"
-    assert z["reduce_bucket_size"] == 1000 and ds["gradient_clipping"] == 0.5
+    assert z["reduce_bucket_size"] == 1000 and ds["gradient_clipping"] == 1.0
+    assert z["stage3_prefetch_bucket_size"] == int(0.9 * 64 * 64)  # "auto" as transformers fills it
+
+
+@pytest.mark.parametrize("user,words", [
+    ({"train_batch_size": 64}, ["train_batch_size is 64", "train.pairs_per_batch"]),
+    ({"gradient_accumulation_steps": 2}, ["gradient_accumulation_steps is 2", "train.grad_accum"]),
+    ({"bf16": {"enabled": True}}, ["bf16.enabled is True", "model.dtype"]),
+    ({"optimizer": {"type": "AdamW", "params": {"lr": "auto"}}}, ["'optimizer' section", "train.lr"]),
+    ({"zero_optimization": {"sub_group_size": "auto"}}, ["sub_group_size is \"auto\""]),
+    ("{not json", ["not valid JSON", "line 1"]),
+])
+def test_a_deepspeed_json_that_disagrees_is_refused_naming_the_key(tmp_path, user, words):
+    from rmfast.errors import UserError
+
+    path = tmp_path / "ds.json"
+    path.write_text(user if isinstance(user, str) else json.dumps(user))
+    cfg = parse(["--model.dtype", "fp32", "--train.deepspeed_config", str(path)])
+    with pytest.raises(UserError) as caught:
+        deepspeed_config(cfg, world_size=2)
+    assert str(path) in str(caught.value) and all(w in str(caught.value) for w in words), str(caught.value)
 
 
 def test_offload_needs_a_zero_stage():

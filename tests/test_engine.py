@@ -57,13 +57,22 @@ def metrics(out):
 
 
 def test_two_ranks_zero2_and_zero3_follow_one_rank_zero0(setup, tmp_path):
-    # one rank with 2 micro-batches per step sees the same global batches as two ranks with one each
-    train(setup, tmp_path / "zero0", nproc=1, **{"train.zero_stage": 0, "train.grad_accum": 2})
-    base, _ = metrics(tmp_path / "zero0")
+    # one rank with 2 micro-batches per step sees the same global batches as two ranks with one each; the eval
+    # pairs carry margins that differ from pair to pair, in 5 micro-batches the two ranks share unevenly
+    rows = [json.loads(line) for line in (setup / "eval.jsonl").read_text().splitlines()]
+    margined = tmp_path / "eval-margins.jsonl"
+    margined.write_text("".join(json.dumps({**r, "margin": (i % 7) * 0.5}) + "\n" for i, r in enumerate(rows)))
+    common = {"data.eval": margined, "train.eval_pairs_per_batch": 8}
+    train(setup, tmp_path / "zero0", nproc=1, **{"train.zero_stage": 0, "train.grad_accum": 2, **common})
+    base, base_eval = metrics(tmp_path / "zero0")
     assert len(base) == 12
     for stage in (2, 3):
-        train(setup, tmp_path / f"zero{stage}", nproc=2, **{"train.zero_stage": stage})
-        runs, _ = metrics(tmp_path / f"zero{stage}")
+        train(setup, tmp_path / f"zero{stage}", nproc=2, **{"train.zero_stage": stage, **common})
+        runs, evals = metrics(tmp_path / f"zero{stage}")
+        # two-rank eval is one-rank eval on every metric (the loss subtracts each pair's own margin)
+        assert evals[-1].keys() == base_eval[-1].keys()
+        for key, value in base_eval[-1].items():
+            assert evals[-1][key] == pytest.approx(value, abs=2e-4), (stage, key)
         a = np.array([r["loss"] for r in base])
         b = np.array([r["loss"] for r in runs])
         # fp32; the tolerance covers the different order of gradient reductions over 12 steps

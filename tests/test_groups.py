@@ -7,6 +7,7 @@ import numpy as np
 import pytest
 import torch
 
+from conftest import backend_device_params
 from helpers import ARCHS, assert_equal_to_padded, build, edge_pairs, rewards_and_grads
 from rmfast import attention, layouts
 from rmfast.data.group_tokens import TokenizedGroups, common_prefix_all
@@ -299,3 +300,41 @@ def test_flex_block_mask_of_groups_equals_evaluating_the_mask(rows):
 
     assert tiles(ours.kv_num_blocks, ours.kv_indices) == tiles(ref.kv_num_blocks, ref.kv_indices)
     assert tiles(ours.full_kv_num_blocks, ours.full_kv_indices) == tiles(ref.full_kv_num_blocks, ref.full_kv_indices)
+
+
+# ---------------------------------------------------------------- the group loss against the numpy oracle
+
+
+@pytest.mark.parametrize("backend,device", backend_device_params())
+@pytest.mark.parametrize("weighting,margin_scale,center_coef", [("comparison", 0.0, 0.0), ("group", 0.5, 0.01),
+                                                                 ("comparison", 0.5, 0.01)])
+def test_group_loss_of_k_responses_matches_the_oracle(backend, device, weighting, margin_scale, center_coef):
+    """K = 2…5 with ties, weighted groups: the comparisons are every strictly ordered pair of a group's scores,
+    and the loss every backend gives is the float64 numpy oracle's from the rows' rewards."""
+    import oracle
+
+    if device == "cuda" and not torch.cuda.is_available():
+        pytest.skip("no CUDA GPU")
+    groups = edge_groups(3)
+    batch = prefix_shared_groups(groups, list(range(len(groups))), 0, max_tokens=40)
+    # the comparisons, derived here from the scores: every (i, j) of a group with score_i > score_j
+    better, worse, cgroup, diff = [], [], [], []
+    offset = 0
+    for g, s in enumerate(groups.scores):
+        for i in range(len(s)):
+            for j in range(len(s)):
+                if s[i] > s[j]:
+                    better.append(offset + i), worse.append(offset + j), cgroup.append(g), diff.append(s[i] - s[j])
+        offset += len(s)
+    last = batch.response_index.numpy()
+    got = sorted(zip(batch.chosen_index.tolist(), batch.rejected_index.tolist(), batch.comparison_group.tolist()))
+    assert got == sorted(zip(last[better].tolist(), last[worse].tolist(), cgroup))
+    g = torch.Generator().manual_seed(4)
+    rows = int(batch.response_index.max()) + 3
+    hidden, weight, bias = torch.randn(rows, 24, generator=g), torch.randn(24, generator=g) / 5, torch.tensor(0.3)
+    out = group_reward_loss(hidden.to(device), weight.to(device), batch.to(device), bias=bias.to(device),
+                            weighting=weighting, margin_scale=margin_scale, center_coef=center_coef, backend=backend)
+    rewards = hidden.double().numpy() @ weight.double().numpy() + 0.3
+    want = oracle.group_loss(rewards, last[better], last[worse], cgroup, groups.weight, weighting, diff,
+                             margin_scale, center_coef)
+    assert float(out.loss) == pytest.approx(want, rel=2e-5, abs=1e-6)

@@ -1,8 +1,10 @@
-"""The fused pairwise loss, every backend against the float64 torch reference."""
+"""The fused pairwise loss, every backend (the torch one too) against the tests' own float64 numpy oracle
+(tests/oracle.py), and the cases where backends must agree with each other."""
 
 import pytest
 import torch
 
+import oracle
 from conftest import backend_device_params
 from rmfast import backends, pairwise_reward_loss
 
@@ -39,33 +41,43 @@ def make_case(N, D, P, *, dtype=torch.float32, device="cpu", seed=0, bias=True, 
     return case
 
 
+def upstream(P, reduction, seed):
+    """Random upstream gradients of the loss, the chosen and the rejected rewards (float64)."""
+    g = torch.Generator().manual_seed(seed)
+    w_loss = torch.randn((P,) if reduction == "none" else (), generator=g, dtype=torch.float64)
+    w_c = 0.1 * torch.randn(P, generator=g, dtype=torch.float64)
+    w_r = 0.1 * torch.randn(P, generator=g, dtype=torch.float64)
+    return w_loss, w_c, w_r
+
+
 def run(case, backend, reduction="mean", center_coef=0.0, seed=1, reference=False):
     """Loss, rewards and gradients of hidden / weight / bias under random upstream gradients on all three
-    outputs. With reference=True, in float64 through the torch backend."""
+    outputs. With reference=True, the same from the float64 numpy oracle (the inputs as given, in float64)."""
+    P = case["chosen_index"].shape[0]
+    w_loss, w_c, w_r = upstream(P, reduction, seed)
+    if reference:
+        def np64(v):
+            return v.detach().cpu().double().numpy() if isinstance(v, torch.Tensor) else v
+
+        want = oracle.pair_loss(*(np64(case[k]) for k in ("hidden", "weight", "chosen_index", "rejected_index",
+                                                           "bias", "margin")),
+                                center_coef=center_coef, reduction=reduction, grad_loss=w_loss.numpy(),
+                                grad_chosen=w_c.numpy(), grad_rejected=w_r.numpy())
+        keep = {"loss", "chosen", "rejected", "d_hidden", "d_weight"} | \
+            ({"d_bias"} if isinstance(case["bias"], torch.Tensor) else set())
+        return {k: torch.from_numpy(v) for k, v in want.items() if k in keep}
     leaves = {}
     args = dict(case)
     for k in ("hidden", "weight", "bias"):
         v = args[k]
         if isinstance(v, torch.Tensor):
-            v = v.detach().clone() if not reference else v.detach().to(torch.float64)
-            if k == "hidden" and not reference:
-                v = case["hidden"].detach().requires_grad_(True)
-            else:
-                v.requires_grad_(True)
+            v = (case["hidden"].detach() if k == "hidden" else v.detach().clone()).requires_grad_(True)
             leaves[k] = v
             args[k] = v
-    if reference and isinstance(args["margin"], torch.Tensor):
-        args["margin"] = args["margin"].to(torch.float64)
-    out = pairwise_reward_loss(**args, reduction=reduction, center_coef=center_coef,
-                               backend="torch" if reference else backend)
-    g = torch.Generator().manual_seed(seed)
-    P = case["chosen_index"].shape[0]
+    out = pairwise_reward_loss(**args, reduction=reduction, center_coef=center_coef, backend=backend)
     dev = out.loss.device
-    w_loss = torch.randn(out.loss.shape, generator=g, dtype=torch.float64).to(dev)
-    w_c = 0.1 * torch.randn(P, generator=g, dtype=torch.float64).to(dev)
-    w_r = 0.1 * torch.randn(P, generator=g, dtype=torch.float64).to(dev)
-    obj = (out.loss.double() * w_loss).sum() + (out.chosen_rewards.double() * w_c).sum() \
-        + (out.rejected_rewards.double() * w_r).sum()
+    obj = (out.loss.double() * w_loss.to(dev)).sum() + (out.chosen_rewards.double() * w_c.to(dev)).sum() \
+        + (out.rejected_rewards.double() * w_r.to(dev)).sum()
     obj.backward()
     result = {"loss": out.loss, "chosen": out.chosen_rewards, "rejected": out.rejected_rewards}
     result.update({f"d_{k}": v.grad for k, v in leaves.items()})
