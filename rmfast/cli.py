@@ -89,7 +89,9 @@ def main(argv=None):
     if not config.data.train:
         parser.error("data.train is not set: give at least one source")
 
-    warnings.filterwarnings("ignore", message=r".*reduce_scatter_tensor.*")  # DeepSpeed's, once per step
+    # torch's deprecation notices for the collectives DeepSpeed calls (ZeRO-3 gathers, reduce-scatter): not
+    # the user's to act on
+    warnings.filterwarnings("ignore", message=r".*(reduce_scatter_tensor|all_gather_into_tensor|_all_gather_base).*")
     rank = int(os.environ.get("RANK", "0"))
 
     def log(message):
