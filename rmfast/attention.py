@@ -70,6 +70,9 @@ def resolve_attention(config, attention, device_type="cpu", dtype=torch.float32,
         return "varlen" if _varlen_runs(config, dtype) else "flex"
     if attention == "flex" and device_type != "cuda" and training:
         raise ValueError("attention 'flex': FlexAttention has no backward on CPU; use segments (or auto)")
+    if attention == "flex" and device_type == "cuda" and _head_dim(config) < FLEX_MIN_HEAD_DIM:
+        raise ValueError(f"attention 'flex': compiled FlexAttention needs head_dim >= {FLEX_MIN_HEAD_DIM}, this "
+                         f"model has {_head_dim(config)}; use segments (or varlen in bf16/fp16)")
     if attention == "varlen":
         name, _ = varlen_kernel()
         if device_type != "cuda" or not name:
@@ -82,6 +85,14 @@ def resolve_attention(config, attention, device_type="cpu", dtype=torch.float32,
             raise ValueError(f"attention 'varlen' (flash attention) needs an Ampere or newer GPU (compute "
                              f"capability 8.0); this one is {'.'.join(map(str, _cuda_capability()))}. Use flex or auto")
     return attention
+
+
+FLEX_MIN_HEAD_DIM = 16  # torch's compiled FlexAttention kernel (torch 2.11) refuses smaller heads
+
+
+def _head_dim(config):
+    heads = getattr(config, "num_attention_heads", 0) or 1
+    return getattr(config, "head_dim", None) or getattr(config, "hidden_size", 0) // heads
 
 
 def row_tokens(attention, device_type):

@@ -196,3 +196,139 @@ def test_hot_loop_syncs_once_per_optimizer_step_and_builds_batches_ahead(engine_
             assert len(per_step.get(step, [])) <= allowed, (step, per_step.get(step))
     assert len(per_step.get(1, [])) == allowed  # the check itself is there
     assert found["builders"] and all(name.startswith("rmfast-batches") for name in found["builders"])
+
+
+# ---------------------------------------------------------------- the extension's backward, d_weight included
+
+_EXTENSION_DEVICES = [pytest.param("cpu", id="cpu"),
+                      pytest.param("cuda", id="cuda", marks=pytest.mark.skipif(not torch.cuda.is_available(),
+                                                                                reason="no CUDA GPU"))]
+
+
+@pytest.mark.parametrize("device", _EXTENSION_DEVICES)
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16, torch.float16], ids=["fp32", "bf16", "fp16"])
+@pytest.mark.parametrize("layout", ["rows", "strided", "one-row"])
+@pytest.mark.parametrize("M", [5, 70], ids=["one-block", "blocks"])  # the CUDA kernel takes 32 rows a block
+def test_extension_backward_gives_d_hidden_and_d_weight_of_float64(device, dtype, layout, M):
+    # the op's whole contract, d_weight too (rmfast/loss.py takes only d_hidden from it today): d_hidden is
+    # zeros except row rows[i] = coef[i]·w; d_weight = Σ coef[i]·hidden[rows[i]] over rows[i] >= 0
+    from rmfast import backends
+
+    why = backends.unavailable_reason(device, device)
+    if why:
+        pytest.skip(why)
+    g = torch.Generator().manual_seed(M)
+    N, D = 50, 300  # D not a multiple of the 256-thread column block
+    if layout == "rows":
+        hidden = torch.randn(N, D, generator=g)
+    elif layout == "strided":
+        hidden = torch.randn(D, N, generator=g).t()  # column stride N
+    else:  # what backends.py passes: one row expanded (stride 0), for d_hidden's shape and dtype only
+        hidden = torch.randn(1, D, generator=g).expand(N, D)
+    hidden = hidden.to(device=device, dtype=dtype)
+    weight = torch.randn(D, generator=g).to(device)
+    distinct = torch.randperm(N, generator=g)[: (M + 1) // 2]
+    rows = torch.cat([distinct, distinct])[:M]  # repeated rows, each with one coefficient
+    rows[1] = -1  # an entry to skip
+    per_row = torch.randn(N, generator=g)
+    coef = per_row[rows.clamp(min=0)].to(device)
+    rows = rows.to(device)
+    d_hidden, d_weight = torch.ops.rmfast.pairwise_loss_bwd(hidden, weight, rows, coef, True)
+
+    h64, w64, c64 = hidden.double().cpu(), weight.double().cpu(), coef.double().cpu()
+    live = rows.cpu() >= 0
+    want_w = (c64[live, None] * h64[rows.cpu()[live]]).sum(0)
+    want_h = torch.zeros(N, D, dtype=torch.float64)
+    want_h[rows.cpu()[live]] = c64[live, None] * w64
+    assert d_hidden.dtype == dtype and d_hidden.shape == (N, D) and d_weight.dtype == torch.float32
+    tol = {torch.float32: 1e-5, torch.bfloat16: 1e-2, torch.float16: 1e-3}[dtype]
+    torch.testing.assert_close(d_hidden.double().cpu(), want_h, rtol=tol, atol=tol)
+    torch.testing.assert_close(d_weight.double().cpu(), want_w, rtol=1e-4, atol=1e-4 * want_w.abs().max().item())
+
+
+# ---------------------------------------------------------------- FlexAttention on CUDA: head_dim >= 16
+
+
+def test_flex_on_cuda_refuses_head_dim_below_16_in_one_line():
+    from helpers import tiny_config
+
+    small = tiny_config("llama")  # head_dim 8
+    with pytest.raises(ValueError, match="head_dim >= 16, this model has 8") as info:
+        attention.resolve_attention(small, "flex", "cuda", torch.bfloat16)
+    assert "\n" not in str(info.value)
+    assert attention.resolve_attention(_llama_head_dim_16().backbone.config, "flex", "cuda", torch.bfloat16) == "flex"
+    assert attention.resolve_attention(small, "flex", "cpu", torch.float32, training=False) == "flex"  # scoring
+
+
+def _llama_head_dim_16(seed=0):
+    """The tests' tiny Llama with heads of 16 (hidden 64, 4 heads, 2 key-value heads): torch's compiled
+    FlexAttention refuses smaller ones."""
+    from transformers import AutoModel, LlamaConfig
+
+    from helpers import VOCAB
+    from rmfast.model import RewardModel
+    from rmfast.nn import RewardHead
+
+    cfg = LlamaConfig(vocab_size=VOCAB, hidden_size=64, intermediate_size=128, num_hidden_layers=2,
+                      num_attention_heads=4, num_key_value_heads=2, max_position_embeddings=128, pad_token_id=0,
+                      eos_token_id=2, bos_token_id=1)
+    torch.manual_seed(seed)
+    backbone = AutoModel.from_config(cfg, attn_implementation="sdpa")
+    backbone.eval()
+    head = RewardHead(64)
+    with torch.no_grad():
+        head.weight.normal_()
+    return RewardModel(backbone, head)
+
+
+@pytest.mark.parametrize("layout", ["packed", "prefix_shared"])
+def test_flex_rewards_at_head_dim_16_equal_padded(layout):
+    # the model of the CUDA gradient tests below, checked here too (forward: FlexAttention has no CPU backward)
+    from helpers import edge_pairs
+    from rmfast import layouts
+
+    pairs = edge_pairs()
+    idx = list(range(len(pairs)))
+    model = _llama_head_dim_16()
+    with torch.no_grad():
+        ref = model(layouts.padded(pairs, idx, 0))
+        model.set_attention("flex")
+        got = model(getattr(layouts, layout)(pairs, idx, 0, max_tokens=layouts.ONE_ROW))
+    torch.testing.assert_close(torch.cat([got.chosen_rewards, got.rejected_rewards]),
+                               torch.cat([ref.chosen_rewards, ref.rejected_rewards]), rtol=0, atol=1e-5)
+
+
+def _assert_grads_close(got_r, got_g, ref_r, ref_g):
+    assert (got_r - ref_r).abs().max() <= 1e-4
+    for name, g in ref_g.items():
+        assert (got_g[name] - g).abs().max().item() <= 1e-3 * (g.abs().max().item() or 1.0) + 1e-6, name
+
+
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="no CUDA GPU")
+@pytest.mark.parametrize("layout", ["packed", "prefix_shared"])
+def test_flex_attention_gradients_at_head_dim_16_equal_padded_on_cuda(layout):
+    from helpers import edge_pairs, rewards_and_grads
+    from rmfast import layouts
+
+    pairs = edge_pairs()
+    idx = list(range(len(pairs)))
+    model = _llama_head_dim_16().cuda()
+    ref_r, ref_g = rewards_and_grads(model, layouts.padded(pairs, idx, 0).to("cuda"))
+    got_r, got_g = rewards_and_grads(model, getattr(layouts, layout)(pairs, idx, 0, max_tokens=layouts.ONE_ROW)
+                                     .to("cuda"), "flex")
+    _assert_grads_close(got_r, got_g, ref_r, ref_g)
+
+
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="no CUDA GPU")
+def test_flex_attention_group_gradients_at_head_dim_16_equal_padded_on_cuda():
+    from rmfast import layouts
+    from rmfast.groups import padded_groups, prefix_shared_groups
+    from test_groups import edge_groups, group_rewards_and_grads
+
+    groups = edge_groups()
+    idx = list(range(len(groups)))
+    model = _llama_head_dim_16().cuda()
+    ref_r, ref_g = group_rewards_and_grads(model, padded_groups(groups, idx, 0).to("cuda"))
+    got_r, got_g = group_rewards_and_grads(model, prefix_shared_groups(groups, idx, 0, layouts.ONE_ROW).to("cuda"),
+                                           "flex")
+    _assert_grads_close(got_r, got_g, ref_r, ref_g)
