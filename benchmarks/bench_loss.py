@@ -1,22 +1,33 @@
-"""Forward+backward time and peak memory of the fused pairwise loss against the usual ways to write it.
+"""The fused pairwise loss against its floor and against the usual ways to write it: forward, and
+forward+backward, time per call and peak memory.
 
-Contenders, on hidden states [2P, L, D] of P pairs (chosen rows first, right padding):
-  floor      torch.zeros_like(hidden): any backward must allocate and fill a dense d_hidden
-  rmfast-*   pairwise_reward_loss with each backend that can run on the device
-  dschat     DeepSpeed-Chat step 2: value head on every token, then per pair the mean of -log σ over the span
-             from the first differing token to the end
+Contenders, on hidden states [2P, L, D] of P pairs (chosen rows first, right padding), made on the device:
+  rmfast-*   pairwise_reward_loss with each backend that can run on the device (triton, cuda / cpu, torch)
   eager      index the last tokens → nn.Linear → logsigmoid
-  compile    torch.compile of eager (where it compiles)
+  dschat     DeepSpeed-Chat step 2: value head on every token, then per pair the mean of -log σ over the span
+             from the first differing token to the end (a Python loop with host syncs: only up to
+             --dschat-max-pairs pairs, where it finishes in time)
+  compile    torch.compile of eager (unless --no-compile; compiled once for all shapes, dynamic shapes)
+  zeros_like torch.zeros_like(hidden), forward+backward only: what allocating and filling d_hidden costs
 
-The value head's weight is a trained leaf (requires grad) for every contender. Times are medians over --repeats
-rounds that run every contender once each, in a shuffled order. Peak memory is what a fresh forward+backward adds on
-top of the inputs (CUDA: the allocator's peak; CPU: the process's peak RSS, reset through /proc/self/clear_refs).
-torch.compile is compiled once for all shapes (dynamic shapes), not cold per shape.
-Writes benchmarks/results/bench_loss_<tag>.{csv,md,png}.
+Time per call: each contender runs --iters times back to back (fewer when one call is slow: at most about
+--budget-ms per contender and mode) after a warm-up call; on CUDA the whole loop is timed with CUDA events,
+on CPU with the wall clock. The value head's weight is a trained leaf (requires grad) for every contender;
+forward+backward clears both gradients and calls backward, as a training step does.
+
+Floor: the bytes the op must move over the device's copy bandwidth, measured in the same run with a large
+device-to-device copy (bytes read + bytes written per second). The forward reads the 2P gathered rows
+(2P·D elements), the head and the indices and writes 3 [P] fp32 vectors; forward+backward adds the dense
+d_hidden [N, D] written once (zeros outside the rows: any backward into hidden must produce it), the rows
+read again (d_weight needs the upstream gradient, known only in backward) and d_weight. × floor = time /
+floor; × eager = eager's time / the contender's. Peak memory: what one forward+backward adds on top of the
+inputs (CUDA: the allocator's peak; CPU: the process's peak RSS, reset through /proc/self/clear_refs).
+Writes bench_loss_<tag>.{csv,md,png} in --out (default benchmarks/results).
 
     python benchmarks/bench_loss.py                 # CPU sweep
-    python benchmarks/bench_loss.py --device cuda   # GPU sweep
-    python benchmarks/bench_loss.py --shapes "16,64,512,float32" --no-compile --repeats 51   # one quick shape
+    python benchmarks/bench_loss.py --device cuda   # GPU sweep (16,384 × 2,048 / 4,096 / 8,192 bf16 and more)
+    python benchmarks/bench_loss.py --shapes "16,64,512,float32" --no-compile   # one quick shape
+    python benchmarks/bench_loss.py --headline results.csv   # one line: the largest-D 16,384-row shape
 """
 
 import argparse
@@ -24,13 +35,12 @@ import csv
 import gc
 import os
 import platform
-import random
-import statistics
 import subprocess
 import sys
 import time
 from pathlib import Path
 
+import numpy as np
 import torch
 import torch.nn.functional as F
 
@@ -43,24 +53,27 @@ CPU_SHAPES = [  # pairs, seq_len, hidden, dtype
     (32, 64, 1024, "float32"),  # 4,096 rows
     (16, 512, 2048, "float32"),
     (256, 64, 1024, "float32"),
-    (8, 256, 512, "float32"),
     (32, 64, 4097, "float32"),
     (64, 128, 4096, "float32"),
     (16, 512, 2048, "bfloat16"),
 ]
-CUDA_SHAPES = CPU_SHAPES + [
+CUDA_SHAPES = [  # 16,384 rows at the hidden sizes of 1B, 7B and 70B models; 65,536 rows; fp32 and fp16
+    (16, 512, 2048, "bfloat16"),
+    (16, 512, 4096, "bfloat16"),
+    (16, 512, 8192, "bfloat16"),
     (64, 512, 4096, "bfloat16"),
-    (256, 256, 8192, "bfloat16"),
-    (1024, 64, 4096, "float16"),
+    (16, 512, 4096, "float32"),
+    (256, 64, 4096, "float16"),
 ]
+MODES = ("fwd", "fwd+bwd")
 
 
 def pin_cpu_allocator(threshold=1 << 20):
     """Send every CPU buffer of at least `threshold` bytes to mmap, fresh from the kernel, every time.
 
     glibc moves its mmap threshold as buffers are freed, so the same 8 MB zeros_like costs 0.3 ms (reused
-    heap) or 2 ms (fresh pages) depending on what ran before; pinning it gives every contender, the floor
-    included, the same allocation path. Returns whether it could be pinned."""
+    heap) or 2 ms (fresh pages) depending on what ran before; pinning it gives every contender the same
+    allocation path. Returns whether it could be pinned."""
     try:
         import ctypes
 
@@ -80,28 +93,29 @@ def machine_description(device):
         pass
     desc = f"{cpu}, {os.cpu_count()} cores, torch {torch.__version__} ({torch.get_num_threads()} threads)"
     if device == "cuda":
-        desc = f"{torch.cuda.get_device_name(0)}; host {desc}"
+        import triton
+
+        desc = (f"{torch.cuda.get_device_name(0)} (CUDA {torch.version.cuda}, triton {triton.__version__}); "
+                f"host {desc}")
     return desc
 
 
 def make_inputs(pairs, seq_len, hidden_size, dtype, device, seed=0):
-    """Hidden [2P, L, D], token ids with shared prompts and right padding (pad id 0), last-token rows."""
-    g = torch.Generator().manual_seed(seed)
-    ids = torch.zeros(2 * pairs, seq_len, dtype=torch.long)
-    lengths = torch.zeros(2 * pairs, dtype=torch.long)
-    for i in range(pairs):
-        prompt = int(torch.randint(seq_len // 4, seq_len // 2, (1,), generator=g))
-        prompt_ids = torch.randint(1, 32000, (prompt,), generator=g)
-        for row in (i, pairs + i):
-            n = int(torch.randint(prompt + 1, seq_len + 1, (1,), generator=g))
-            ids[row, :prompt] = prompt_ids
-            ids[row, prompt:n] = torch.randint(1, 32000, (n - prompt,), generator=g)
-            lengths[row] = n
-    hidden = torch.randn(2 * pairs, seq_len, hidden_size, generator=g).to(device=device, dtype=dtype)
-    last = torch.arange(2 * pairs) * seq_len + lengths - 1
-    chosen, rejected = last[:pairs].to(device), last[pairs:].to(device)
-    weight = (torch.randn(hidden_size, generator=g) / hidden_size**0.5).to(device=device, dtype=dtype)
-    return hidden, ids.to(device), chosen, rejected, weight
+    """Hidden [2P, L, D] and head [D] drawn on `device`; token ids [2P, L] with shared prompts and right
+    padding (pad id 0); the last-token rows of chosen [P] and rejected [P]."""
+    rng = np.random.default_rng(seed)
+    prompt = rng.integers(seq_len // 4, seq_len // 2, pairs)
+    lengths = rng.integers(np.tile(prompt + 1, 2), seq_len + 1)  # each row: its prompt and at least one token
+    ids = rng.integers(1, 32000, (2 * pairs, seq_len))
+    cols = np.arange(seq_len)
+    shared = cols[None, :] < prompt[:, None]
+    ids[pairs:][shared] = ids[:pairs][shared]  # the rejected row repeats its pair's prompt
+    ids[cols[None, :] >= lengths[:, None]] = 0
+    g = torch.Generator(device=device).manual_seed(seed)
+    hidden = torch.randn(2 * pairs, seq_len, hidden_size, generator=g, device=device, dtype=dtype)
+    weight = torch.randn(hidden_size, generator=g, device=device, dtype=dtype) / hidden_size**0.5
+    last = torch.from_numpy(np.arange(2 * pairs) * seq_len + lengths - 1).to(device)
+    return hidden, torch.from_numpy(ids).to(device), last[:pairs], last[pairs:], weight
 
 
 def dschat_loss(hidden, weight, input_ids, pad_id=0):
@@ -150,13 +164,13 @@ def compiled_eager():
     return _compiled["fn"]
 
 
-def contenders(device, hidden, ids, chosen, rejected, weight, with_compile):
-    out = {"floor": None}
-    for name in backends.BACKENDS:
+def contenders(device, hidden, ids, chosen, rejected, weight, with_compile, dschat_max_pairs):
+    """name → loss function of hidden (None: zeros_like, timed in forward+backward only)."""
+    out = {}
+    for name in ("triton", "cuda", "cpu", "torch"):
         if backends.unavailable_reason(name, device) is None:
             out[f"rmfast-{name}"] = (
                 lambda h, b=name: pairwise_reward_loss(h, weight, chosen, rejected, backend=b).loss)
-    out["dschat"] = lambda h: dschat_loss(h, weight, ids)
     out["eager"] = lambda h: eager_loss(h, weight, chosen, rejected)
     if with_compile:
         compiled = compiled_eager()
@@ -167,6 +181,9 @@ def contenders(device, hidden, ids, chosen, rejected, weight, with_compile):
             out["compile"] = lambda h: compiled(h, weight, chosen, rejected)
         except Exception as exc:  # report, don't abort the sweep
             print(f"  compile: skipped ({type(exc).__name__}: {str(exc).splitlines()[0][:120]})")
+    if chosen.shape[0] <= dschat_max_pairs:
+        out["dschat"] = lambda h: dschat_loss(h, weight, ids)
+    out["zeros_like"] = None
     return out
 
 
@@ -175,24 +192,61 @@ def sync(device):
         torch.cuda.synchronize()
 
 
-def run_once(fn, hidden, weight, device, read=False):
-    """Seconds for one forward+backward (or, for the floor, one zeros_like); with read=True, followed by
-    a full read of d_hidden, as the backbone's backward would do."""
-    hidden.grad = weight.grad = None
+def call(fn, hidden, weight, mode):
+    """The work one call does: the forward (autograd recording, as in training), or forward+backward."""
+    if fn is None:
+        return lambda: torch.zeros_like(hidden)
+    if mode == "fwd":
+        return lambda: fn(hidden)
+
+    def step():
+        hidden.grad = weight.grad = None
+        fn(hidden).backward()
+    return step
+
+
+def time_per_call(work, device, iters, budget_s):
+    """(milliseconds per call, calls timed): a warm-up call, one call to size the loop, then up to `iters`
+    calls back to back (at most about budget_s in all, at least 3), timed as one span: by CUDA events on
+    the GPU (kernel time of the whole stream, launch gaps included), the wall clock on CPU."""
+    work()
     sync(device)
     t0 = time.perf_counter()
-    if fn is None:
-        grad = torch.zeros_like(hidden)
-    else:
-        fn(hidden).backward()
-        grad = hidden.grad
-    if read:
-        grad.sum()
+    work()
     sync(device)
-    elapsed = time.perf_counter() - t0
-    del grad
-    hidden.grad = weight.grad = None
-    return elapsed
+    one = time.perf_counter() - t0
+    n = int(max(3, min(iters, budget_s / max(one, 1e-7))))
+    if device == "cuda":
+        start, end = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
+        start.record()
+        for _ in range(n):
+            work()
+        end.record()
+        end.synchronize()
+        return start.elapsed_time(end) / n, n
+    t0 = time.perf_counter()
+    for _ in range(n):
+        work()
+    return (time.perf_counter() - t0) * 1e3 / n, n
+
+
+def copy_bandwidth(device, mib):
+    """Bytes per second of a device-to-device copy of `mib` MiB (each byte read once and written once)."""
+    n = mib << 20
+    src = torch.empty(n, dtype=torch.uint8, device=device).fill_(1)
+    dst = torch.empty_like(src)
+    ms, _ = time_per_call(lambda: dst.copy_(src), device, 20, 1.0)
+    return 2 * n / (ms * 1e-3)
+
+
+def floor_bytes(pairs, rows, hidden_size, dtype, mode):
+    """Bytes the op must move (see the module docstring): gathered rows, head, indices and outputs for the
+    forward; plus d_hidden written, the rows read again and d_weight for forward+backward."""
+    e = torch.empty((), dtype=dtype).element_size()
+    fwd = 2 * pairs * hidden_size * e + hidden_size * 4 + 2 * pairs * 8 + 3 * pairs * 4
+    if mode == "fwd":
+        return fwd
+    return fwd + rows * hidden_size * e + 2 * pairs * hidden_size * e + hidden_size * 4
 
 
 def _rss_bytes(field):
@@ -223,47 +277,44 @@ def peak_extra_bytes(fn, hidden, weight, device):
     return max(peak - base, 0)
 
 
-def bench_shape(device, pairs, seq_len, hidden_size, dtype_name, repeats, warmup, with_compile):
+def bench_shape(device, pairs, seq_len, hidden_size, dtype_name, *, iters, budget_s, bandwidth, with_compile,
+                dschat_max_pairs):
     dtype = getattr(torch, dtype_name)
     hidden, ids, chosen, rejected, weight = make_inputs(pairs, seq_len, hidden_size, dtype, device)
     hidden.requires_grad_(True)
     weight.requires_grad_(True)
-    fns = contenders(device, hidden, ids, chosen, rejected, weight, with_compile)
+    fns = contenders(device, hidden, ids, chosen, rejected, weight, with_compile, dschat_max_pairs)
     ref = pairwise_reward_loss(hidden, weight, chosen, rejected, backend="torch").loss.item()
-    for name in ("eager", "compile") + tuple(n for n in fns if n.startswith("rmfast-")):
-        if name in fns:
-            got = fns[name](hidden).item()
+    for name, fn in fns.items():
+        if fn is not None and name != "dschat":  # dschat's loss is another loss (a mean over spans)
+            got = fn(hidden).item()
             tol = 1e-4 if dtype == torch.float32 else 2e-2
             assert abs(got - ref) <= tol * max(1.0, abs(ref)), f"{name} loss {got} != reference {ref}"
-    times = {name: [] for name in fns}
-    times_read = {name: [] for name in fns}
-    order = list(fns)
-    shuffle = random.Random(0).shuffle
-    for i in range(warmup + repeats):
-        shuffle(order)  # no contender always follows the same one (page-fault costs depend on it)
-        for name in order:
-            fn = fns[name]
-            t = run_once(fn, hidden, weight, device)
-            t_read = run_once(fn, hidden, weight, device, read=True)
-            if i >= warmup:
-                times[name].append(t)
-                times_read[name].append(t_read)
-    memory = {name: peak_extra_bytes(fn, hidden, weight, device) for name, fn in fns.items()}
-    floor = statistics.median(times["floor"])
-    floor_read = statistics.median(times_read["floor"])
     rows = []
-    for name in fns:
-        ts = sorted(times[name])
-        med = statistics.median(ts)
-        rows.append({
-            "device": device, "dtype": dtype_name, "pairs": pairs, "seq_len": seq_len,
-            "rows": 2 * pairs * seq_len, "hidden": hidden_size, "contender": name,
-            "median_ms": round(med * 1e3, 4), "p10_ms": round(ts[len(ts) // 10] * 1e3, 4),
-            "p90_ms": round(ts[(9 * len(ts)) // 10] * 1e3, 4), "x_floor": round(med / floor, 3),
-            "peak_mb": round(memory[name] / 2**20, 2),
-            "read_median_ms": round(statistics.median(times_read[name]) * 1e3, 4),
-            "read_x_floor": round(statistics.median(times_read[name]) / floor_read, 3), "repeats": repeats,
-        })
+    n_rows = 2 * pairs * seq_len
+    for mode in MODES:
+        floor_ms = floor_bytes(pairs, n_rows, hidden_size, dtype, mode) / bandwidth * 1e3
+        got = {}
+        for name, fn in fns.items():
+            if fn is None and mode == "fwd":
+                continue
+            got[name] = time_per_call(call(fn, hidden, weight, mode), device, iters, budget_s)
+            hidden.grad = weight.grad = None
+        eager_ms = got["eager"][0]
+        for name, (ms, n) in got.items():
+            rows.append({
+                "device": device, "dtype": dtype_name, "pairs": pairs, "seq_len": seq_len, "rows": n_rows,
+                "hidden": hidden_size, "mode": mode, "contender": name, "ms": round(ms, 5), "calls": n,
+                "floor_ms": round(floor_ms, 5), "x_floor": round(ms / floor_ms, 3),
+                "x_eager": round(eager_ms / ms, 3),
+                "gb_per_s": round(floor_bytes(pairs, n_rows, hidden_size, dtype, mode) / (ms * 1e-3) / 1e9, 1),
+                "peak_mb": (round(peak_extra_bytes(fns[name], hidden, weight, device) / 2**20, 2)
+                            if mode == "fwd+bwd" else ""),
+            })
+    del hidden, ids, weight, fns
+    gc.collect()
+    if device == "cuda":
+        torch.cuda.empty_cache()
     return rows
 
 
@@ -273,6 +324,7 @@ def plot(rows, path):
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
 
+    rows = [r for r in rows if r["mode"] == "fwd+bwd"]
     shapes = list(dict.fromkeys((r["dtype"], r["pairs"], r["seq_len"], r["hidden"]) for r in rows))
     names = list(dict.fromkeys(r["contender"] for r in rows))
     fig, ax = plt.subplots(figsize=(max(9, 1.8 * len(shapes)), 4.5))
@@ -288,67 +340,95 @@ def plot(rows, path):
     ax.axhline(1.1, color="k", ls="--", lw=0.8, label="1.1× floor")
     ax.set_yscale("log")
     ax.set_xticks([s + 0.4 - width / 2 for s in range(len(shapes))])
-    ax.set_xticklabels([f"{p}×{L}×{D}\n{dt}" for dt, p, L, D in shapes], fontsize=8)
-    ax.set_xlabel("pairs × seq_len × hidden")
-    ax.set_ylabel("forward+backward time / zeros_like(hidden)")
-    ax.set_title(f"Pairwise reward loss, {rows[0]['device']}")
+    ax.set_xticklabels([f"{2 * p * L:,}×{D}\n{dt} ({p} pairs)" for dt, p, L, D in shapes], fontsize=8)
+    ax.set_xlabel("rows × hidden")
+    ax.set_ylabel("forward+backward time / floor")
+    ax.set_title(f"Pairwise reward loss, {rows[0]['device']}: time over bytes moved / copy bandwidth")
     ax.legend(fontsize=8, loc="upper left", bbox_to_anchor=(1.01, 1.0))
     fig.tight_layout()
     fig.savefig(path, dpi=120)
 
 
 def table(rows):
-    head = ["dtype", "pairs×seq×hidden", "contender", "median ms", "× floor", "then read: ms", "× floor",
+    head = ["dtype", "rows×hidden (pairs)", "mode", "contender", "ms", "× floor", "× eager (speed-up)", "GB/s",
             "peak MB"]
     lines = ["| " + " | ".join(head) + " |", "|" + "---|" * len(head)]
     for r in rows:
-        lines.append(f"| {r['dtype']} | {r['pairs']}×{r['seq_len']}×{r['hidden']} | {r['contender']} | "
-                     f"{r['median_ms']:.3f} | {r['x_floor']:.3f} | {r['read_median_ms']:.3f} | "
-                     f"{r['read_x_floor']:.3f} | {r['peak_mb']:.1f} |")
+        peak = f"{r['peak_mb']:.1f}" if r["peak_mb"] != "" else ""
+        lines.append(f"| {r['dtype']} | {r['rows']:,}×{r['hidden']} ({r['pairs']}) | {r['mode']} | {r['contender']} | "
+                     f"{r['ms']:.4f} | {r['x_floor']:.2f} | {r['x_eager']:.2f} | {r['gb_per_s']:.1f} | {peak} |")
     return "\n".join(lines)
+
+
+def headline(path):
+    """One line from a results CSV: forward+backward of the 16,384-row shape with the largest D in bf16
+    (else the last shape), each rmfast backend and eager against the floor."""
+    rows = [r for r in csv.DictReader(open(path)) if r["mode"] == "fwd+bwd"]
+    key = lambda r: (r["pairs"], r["seq_len"], r["hidden"], r["dtype"])  # noqa: E731
+    pick = [r for r in rows if r["rows"] == "16384" and r["dtype"] == "bfloat16"]
+    shape = key(max(pick, key=lambda r: int(r["hidden"])) if pick else rows[-1])
+    mine = [r for r in rows if key(r) == shape and (r["contender"].startswith("rmfast-") or r["contender"] == "eager")]
+    first = mine[0]
+    floor = float(first["floor_ms"])
+    return (f"fwd+bwd {int(first['rows']):,}×{first['hidden']} {first['dtype']} (floor {floor:.3f} ms): "
+            + ", ".join(f"{r['contender']} {float(r['ms']):.3f} ms = {float(r['x_floor']):.2f}× floor, "
+                        f"{float(r['x_eager']):.2f}× eager" for r in mine))
 
 
 def main(argv=None):
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--device", default="cpu", choices=["cpu", "cuda"])
-    parser.add_argument("--repeats", type=int, default=21)
-    parser.add_argument("--warmup", type=int, default=3)
+    parser.add_argument("--iters", type=int, default=None, help="calls timed per contender and mode "
+                        "(default: 200 on CUDA, 20 on CPU)")
+    parser.add_argument("--budget-ms", type=float, default=None,
+                        help="at most about this long per contender and mode (default: 300 on CUDA, 3000 on CPU)")
+    parser.add_argument("--copy-mib", type=int, default=None,
+                        help="size of the copy that measures bandwidth (default: 1024 on CUDA, 256 on CPU)")
+    parser.add_argument("--dschat-max-pairs", type=int, default=64,
+                        help="the DeepSpeed-Chat loop only up to this many pairs (a host sync per pair)")
     parser.add_argument("--no-compile", action="store_true", help="leave torch.compile out")
     parser.add_argument("--no-pin", action="store_true",
-                        help="CPU: leave glibc's mmap threshold alone (buffers it has seen are then reused from "
-                             "the heap, as in a plain training loop) instead of pinning it at 1 MiB")
+                        help="CPU: leave glibc's mmap threshold alone instead of pinning it at 1 MiB")
     parser.add_argument("--shapes", default=None,
                         help="P,L,D,dtype;... (default: the built-in sweep for the device)")
     parser.add_argument("--tag", default=None, help="results file suffix (default: the device)")
     parser.add_argument("--out", default=str(RESULTS))
+    parser.add_argument("--headline", metavar="CSV", help="print the one-line summary of a results CSV and exit")
     args = parser.parse_args(argv)
-    if args.device == "cuda" and not torch.cuda.is_available():
+    if args.headline:
+        print(headline(args.headline))
+        return
+    cuda = args.device == "cuda"
+    if cuda and not torch.cuda.is_available():
         parser.error("--device cuda: no CUDA GPU is visible")
-    shapes = CUDA_SHAPES if args.device == "cuda" else CPU_SHAPES
+    iters = args.iters or (200 if cuda else 20)
+    budget_s = (args.budget_ms or (300 if cuda else 3000)) / 1e3
+    shapes = CUDA_SHAPES if cuda else CPU_SHAPES
     if args.shapes:
         shapes = [(int(p), int(L), int(D), dt) for p, L, D, dt in (s.split(",") for s in args.shapes.split(";"))]
     machine = machine_description(args.device)
-    if args.device == "cpu" and not args.no_pin and pin_cpu_allocator():
+    if not cuda and not args.no_pin and pin_cpu_allocator():
         machine += "; glibc mmap threshold pinned at 1 MiB"
+    bandwidth = copy_bandwidth(args.device, args.copy_mib or (1024 if cuda else 256))
+    machine += f"; copy bandwidth {bandwidth / 1e9:.0f} GB/s"
     print(f"machine: {machine}", flush=True)
     rows = []
     for shape in shapes:
         print(f"shape pairs={shape[0]} seq_len={shape[1]} hidden={shape[2]} {shape[3]}", flush=True)
-        got = bench_shape(args.device, *shape, repeats=args.repeats, warmup=args.warmup,
-                          with_compile=not args.no_compile)
+        got = bench_shape(args.device, *shape, iters=iters, budget_s=budget_s, bandwidth=bandwidth,
+                          with_compile=not args.no_compile, dschat_max_pairs=args.dschat_max_pairs)
         for r in got:
-            print(f"  {r['contender']:<14} {r['median_ms']:10.3f} ms  {r['x_floor']:7.3f}× floor   "
-                  f"then read: {r['read_median_ms']:10.3f} ms {r['read_x_floor']:7.3f}×   {r['peak_mb']:9.1f} MB",
-                  flush=True)
+            print(f"  {r['mode']:<8} {r['contender']:<14} {r['ms']:10.4f} ms ({r['calls']} calls)  "
+                  f"{r['x_floor']:7.2f}× floor  {r['x_eager']:6.2f}× eager  {r['peak_mb']:>9} MB", flush=True)
         rows += got
     out = Path(args.out)
     out.mkdir(parents=True, exist_ok=True)
     tag = args.tag or args.device
     with open(out / f"bench_loss_{tag}.csv", "w", newline="") as f:
-        writer = csv.DictWriter(f, fieldnames=["machine"] + list(rows[0]))
+        writer = csv.DictWriter(f, fieldnames=["machine", "copy_gb_per_s"] + list(rows[0]))
         writer.writeheader()
         for r in rows:
-            writer.writerow({"machine": machine, **r})
+            writer.writerow({"machine": machine, "copy_gb_per_s": round(bandwidth / 1e9, 1), **r})
     plot(rows, out / f"bench_loss_{tag}.png")
     command = "python benchmarks/bench_loss.py " + " ".join(argv if argv is not None else sys.argv[1:])
     try:
@@ -356,15 +436,17 @@ def main(argv=None):
                                 cwd=Path(__file__).parent).stdout.strip()
     except OSError:
         commit = ""
+    timing = "CUDA events around" if cuda else "the wall clock around"
     report = (f"# bench_loss ({tag})\n\ncommand: `{command.strip()}`  \nmachine: {machine}  \n"
-              f"commit: {commit or 'unknown'}  \nmedians over {args.repeats} rounds after {args.warmup} warm-up "
-              f"rounds; × floor = median time / median time of torch.zeros_like(hidden) in the same run. "
-              f"'then read' times the same work followed by a full read of d_hidden (grad.sum()), as the "
-              f"backbone's backward would do, against zeros_like followed by the same read.\n\n"
-              f"{table(rows)}\n")
+              f"commit: {commit or 'unknown'}  \ntime per call: {timing} up to {iters} calls back to back (at most "
+              f"about {budget_s * 1e3:.0f} ms per contender and mode) after a warm-up call; inputs made on the "
+              f"device. Floor: the bytes the op must move (forward: the gathered rows, head, indices, outputs; "
+              f"forward+backward adds the dense d_hidden written once, the rows read again and d_weight) over the "
+              f"measured copy bandwidth. × eager: eager's time over the contender's.\n\n{table(rows)}\n")
     (out / f"bench_loss_{tag}.md").write_text(report)
     print()
     print(table(rows))
+    print(f"\n{headline(out / f'bench_loss_{tag}.csv')}")
     print(f"\nwrote {out}/bench_loss_{tag}.csv, .md, .png")
 
 

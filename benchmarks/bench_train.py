@@ -8,13 +8,18 @@ same number of pairs per step and the same steps:
   rmfast-padded   rmfast, [2P, L] padded to the batch's longest, fused loss
   rmfast-packed   rmfast, sequences packed end to end (segment attention on CPU; varlen or flex on CUDA)
   rmfast-prefix   rmfast, prefix_shared: the shared prompt computed once (attention as for packed)
-  rmfast-trainer  rmfast-prefix through the real Trainer (DeepSpeed engine, batches built ahead, metrics):
-                  what `rmfast-train` runs, on the same batches
+  rmfast-trainer  rmfast-prefix through the real Trainer (DeepSpeed engine, batches built ahead in a worker):
+                  what `rmfast-train` runs, on the same batches, step by step (Trainer.train_step): no
+                  evaluation and no checkpoint at the end. On CUDA, one more step after the timed ones counts
+                  the host syncs of a step (torch.cuda.set_sync_debug_mode) and where they come from, such as
+                  DeepSpeed's bf16 optimizer wrapper at ZeRO-0
 
 It reports pairs/s (all timed steps' pairs over their total time), token positions computed per pair against the unique
-tokens per pair (prompt once, both responses), and peak memory (each contender runs in its own process;
-peak RSS minus the RSS before its first step); CSV + PNG + a Markdown table in
-benchmarks/results/. The tokenizer is a byte-level BPE trained on the sample itself.
+tokens per pair (prompt once, both responses), and peak memory (CPU: each contender runs in its own process, peak
+RSS minus the RSS before its first step; CUDA: the contenders run one after another in one process, the
+allocator's peak above its start); CSV + PNG + a Markdown table in benchmarks/results/. The tokenizer is a
+byte-level BPE trained on the sample itself, once: the data are tokenized once for every contender. A contender
+that fails gets a FAILED line and the others still run.
 
     python benchmarks/bench_train.py [--data ../shared/data/hh-rlhf-harmless-sample.jsonl.gz]
 """
@@ -94,52 +99,103 @@ def model_dtype(args):
 
 def run_trainer(pairs, order, args, tok, rows):
     """The rmfast-trainer contender: what `rmfast-train` runs (DeepSpeed engine, the Trainer's batches built
-    ahead, metrics), prefix_shared, on the same batches as the bare loops: the pairs of `order` written in
-    that order, and a sampler that takes them in order."""
+    ahead in a worker thread), prefix_shared, on the same batches as the bare loops: the pairs of `order`
+    written in that order, and a sampler that takes them in order. Driven step by step with
+    Trainer.train_step (no evaluation, no metrics file, no checkpoint at the end); on CUDA, one more step
+    after the timed ones counts its host syncs."""
+    from concurrent.futures import ThreadPoolExecutor
+
     from rmfast import config as config_module
     from rmfast.data.sampler import PairSampler
     from rmfast.data.synthetic import write_jsonl
     from rmfast.engine import Trainer, close_distributed
+    from rmfast.metrics import Window
 
     work = Path(tempfile.mkdtemp(prefix="bench_train_"))
     model = build_model(len(tok), tok.pad_token_id, args.seed, args.hidden, args.layers)
     model.backbone.save_pretrained(work / "model")
     tok.save_pretrained(work / "model")
+    del model
     write_jsonl([rows[i] for i in order], work / "pairs.jsonl")
+    cuda = args.device == "cuda"
     steps = args.warmup + args.steps
     config = config_module.build(overrides={
         "model.name_or_path": str(work / "model"),
         "model.dtype": "bf16" if model_dtype(args) == torch.bfloat16 else "fp32",
         "data.train": [str(work / "pairs.jsonl")], "data.max_length": 512, "data.cache_dir": str(work / "cache"),
         "train.output_dir": str(work / "run"), "train.layout": "prefix_shared", "train.attention": args.attention,
-        "train.pairs_per_batch": args.pairs, "train.max_steps": steps, "train.lr": 1e-4, "train.warmup_ratio": 0.0,
-        "train.log_every": 1, "train.export": False, "train.tensorboard": False, "train.seed": args.seed})
+        "train.pairs_per_batch": args.pairs, "train.max_steps": steps + cuda, "train.lr": 1e-4,
+        "train.warmup_ratio": 0.0, "train.log_every": 10**6, "train.eval_every": 0, "train.save_every": 0,
+        "train.export": False, "train.tensorboard": False, "train.seed": args.seed})
     trainer = Trainer(config, log=lambda _: None)
     trainer.sampler = PairSampler(trainer.train_pairs.chosen_lengths, pairs_per_batch=args.pairs, shuffle=False,
                                   group_by_length=False)
     trainer.load_state_dict({"step": 0, "sampler": trainer.sampler.state_dict(), "world_size": 1})
+    figures = []
+
+    def tap(gen):  # each micro-batch's positions and tokens, as the bare loops count them
+        for item in gen:
+            figures.append((item[1].positions, item[1].tokens))
+            yield item
+
+    pool = ThreadPoolExecutor(1, thread_name_prefix="rmfast-batches")
+    batches = tap(trainer.micro_batches(pool))
     gc.collect()
-    cuda = args.device == "cuda"
     if cuda:
         torch.cuda.synchronize()
         base = torch.cuda.memory_allocated()
         torch.cuda.reset_peak_memory_stats()
     else:
         base = _rss_bytes("VmRSS:")
-    trainer.train()
+    trainer.engine.train()
+    times, losses = [], []
+    for s in range(steps):
+        window = Window(trainer.device)
+        t0 = time.perf_counter()
+        trainer.train_step(batches, window)
+        if cuda:
+            torch.cuda.synchronize()
+        if s >= args.warmup:
+            times.append(time.perf_counter() - t0)
+        trainer.step += 1
+        if s == 0:
+            losses.append(float(window.reduce(1)["loss"]))
     peak = (torch.cuda.max_memory_allocated() if cuda else _rss_bytes("VmHWM:")) - base
+    syncs = count_host_syncs(lambda: trainer.train_step(batches, Window(trainer.device))) if cuda else None
+    batches.close()
+    pool.shutdown(wait=False, cancel_futures=True)
     close_distributed()  # as rmfast-train does: a group alive at exit can abort the process
-    records = [json.loads(x) for x in (work / "run" / "metrics.jsonl").read_text().splitlines()]
-    records = [r for r in records if "loss" in r]
-    timed = records[args.warmup:]
-    # each record's window runs from the previous record to this one: the whole step, host work included
-    total = sum(args.pairs / r["pairs_per_s"] for r in timed)
-    return {"contender": "rmfast-trainer", "pairs_per_s": round(args.pairs * len(timed) / total, 3),
-            "step_s": round(total / len(timed), 4),
-            "step_s_median": round(statistics.median(args.pairs / r["pairs_per_s"] for r in timed), 4),
-            "positions_per_pair": round(statistics.mean(r["positions_per_pair"] for r in timed), 1),
-            "tokens_per_pair": round(sum(r["tokens_per_s"] / r["pairs_per_s"] for r in timed) / len(timed), 1),
-            "peak_mb": round(max(peak, 0) / 2**20, 1), "first_loss": round(records[0]["loss"], 4)}
+    timed = figures[args.warmup:steps]
+    total = sum(times)
+    row = {"contender": "rmfast-trainer", "pairs_per_s": round(args.pairs * len(times) / total, 3),
+           "step_s": round(total / len(times), 4), "step_s_median": round(statistics.median(times), 4),
+           "positions_per_pair": round(sum(f[0] for f in timed) / (args.pairs * len(timed)), 1),
+           "tokens_per_pair": round(sum(f[1] for f in timed) / (args.pairs * len(timed)), 1),
+           "peak_mb": round(max(peak, 0) / 2**20, 1), "first_loss": round(losses[0], 4)}
+    if syncs is not None:
+        row["host_syncs_per_step"], row["host_sync_sites"] = syncs
+    return row
+
+
+def count_host_syncs(step):
+    """(host syncs, 'file:line ×n' of the busiest sites) during step(): torch.cuda.set_sync_debug_mode
+    warns at each synchronizing CUDA call, attributed to the Python line that made it."""
+    import warnings
+    from collections import Counter
+
+    torch.cuda.synchronize()
+    with warnings.catch_warnings(record=True) as caught:
+        warnings.simplefilter("always")
+        torch.cuda.set_sync_debug_mode("warn")
+        try:
+            step()
+        finally:
+            torch.cuda.set_sync_debug_mode("default")
+    torch.cuda.synchronize()
+    sites = Counter(f"{'/'.join(Path(w.filename).parts[-2:])}:{w.lineno}" for w in caught
+                    if "synchroniz" in str(w.message).lower())
+    n = sum(sites.values())
+    return n, "; ".join(f"{site} ×{k}" for site, k in sites.most_common(6))
 
 
 def setup(args, vocab, pad_id):
@@ -222,10 +278,62 @@ def plot(rows, path, title, rate="pairs", per="pair"):
     fig.savefig(path, dpi=120)
 
 
+def prepare(args):
+    """The sample's rows, its tokenizer and its tokenized pairs, built once: a child process (--prepared)
+    loads the tokenizer saved here and the pairs from the tokenization cache instead of training and
+    tokenizing again."""
+    import gzip
+
+    from transformers import PreTrainedTokenizerFast
+
+    rows = [json.loads(line) for line in gzip.open(args.data, "rt")]
+    work = Path(args.prepared) if args.prepared else Path(tempfile.mkdtemp(prefix="bench_train_data_"))
+    if args.prepared:
+        tok = PreTrainedTokenizerFast.from_pretrained(work / "tokenizer")
+    else:
+        tok = train_bpe_tokenizer([r["chosen"] for r in rows], vocab_size=args.vocab)
+        tok.save_pretrained(work / "tokenizer")
+    pairs, _, _ = load_data(DataConfig(train=[args.data], max_length=512, cache_dir=str(work / "cache")), tok,
+                            progress=False)
+    return rows, tok, pairs, work
+
+
+def run_one(name, pairs, order, args, tok, rows):
+    if name == "rmfast-trainer":
+        return run_trainer(pairs, order, args, tok, rows)
+    return run(name, pairs, order, args, len(tok), tok.pad_token_id)
+
+
+def run_contender(name, pairs, order, args, tok, rows, work, argv):
+    """One contender's result row, in this process (CUDA) or a fresh one (CPU: its peak RSS is its own);
+    a failure becomes a row with its error instead of ending the benchmark."""
+    isolate = args.isolate == "yes" or (args.isolate == "auto" and args.device == "cpu")
+    try:
+        if not isolate:
+            try:
+                return run_one(name, pairs, order, args, tok, rows)
+            finally:
+                gc.collect()
+                if args.device == "cuda":
+                    torch.cuda.empty_cache()
+        child = subprocess.run([sys.executable, __file__, "--one", name, "--prepared", str(work)] + argv,
+                               capture_output=True, text=True)
+        found = [x for x in child.stdout.splitlines() if x.startswith("RESULT ")]
+        if child.returncode or not found:
+            tail = (child.stderr.strip().splitlines() or ["no output"])[-1]
+            raise RuntimeError(f"exit {child.returncode}: {tail}")
+        return json.loads(found[0][7:])
+    except Exception as exc:  # noqa: BLE001 - the other contenders still run
+        import traceback
+
+        traceback.print_exc()
+        return {"contender": name, "error": f"{type(exc).__name__}: {str(exc).splitlines()[0][:200]}"}
+
+
 def main(argv=None):
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--data", default=str(DEFAULT_DATA))
-    parser.add_argument("--pairs", type=int, default=8, help="pairs per step, for every contender")
+    parser.add_argument("--pairs", type=int, default=8, help="pairs per step, for every contender (GPU: 32-64)")
     parser.add_argument("--steps", type=int, default=32,
                         help="timed steps (32 × 8 pairs: about the sample's average lengths)")
     parser.add_argument("--warmup", type=int, default=2)
@@ -240,73 +348,90 @@ def main(argv=None):
     parser.add_argument("--attention", default="auto", choices=["auto", "segments", "flex", "varlen"],
                         help="packed layouts' attention (auto: as rmfast-train picks it: varlen on CUDA in bf16 "
                              "when a varlen kernel is present, else flex on CUDA; segments on CPU)")
+    parser.add_argument("--isolate", default="auto", choices=["auto", "yes", "no"],
+                        help="each contender in a fresh process (auto: on CPU, where peak RSS is per process; "
+                             "on CUDA they share one process and its start-up)")
     parser.add_argument("--tag", default=None, help="results file suffix (default: the device)")
     parser.add_argument("--one", help=argparse.SUPPRESS)
+    parser.add_argument("--prepared", help=argparse.SUPPRESS)
     args = parser.parse_args(argv)
+    argv = list(argv if argv is not None else sys.argv[1:])
+    unknown = set(args.contenders.split(",")) - set(CONTENDERS)
+    if unknown:
+        parser.error(f"--contenders: unknown {', '.join(sorted(unknown))}; choose from {', '.join(CONTENDERS)}")
     torch.manual_seed(args.seed)
 
-    import gzip
-
-    rows = [json.loads(line) for line in gzip.open(args.data, "rt")]
-    tok = train_bpe_tokenizer([r["chosen"] for r in rows], vocab_size=args.vocab)
-    with tempfile.TemporaryDirectory() as cache:
-        pairs, _, report = load_data(DataConfig(train=[args.data], max_length=512, cache_dir=cache), tok,
-                                     progress=False)
+    rows, tok, pairs, work = prepare(args)
     order = np.random.default_rng(args.seed).permutation(len(pairs))[: (args.warmup + args.steps) * args.pairs].tolist()
+    if args.one:  # a child process: one contender, its result as one JSON line
+        print("RESULT " + json.dumps(run_one(args.one, pairs, order, args, tok, rows)), flush=True)
+        return
     timed = order[args.warmup * args.pairs:]
     c, r, s = pairs.chosen_lengths[timed], pairs.rejected_lengths[timed], pairs.shared[timed].astype(np.int64)
     unique = float((c + r - s).mean())
     probe = build_model(len(tok), tok.pad_token_id, 0, args.hidden, args.layers)
     n_params = sum(p.numel() for p in probe.parameters())
     how = attention.resolve_attention(probe.backbone.config, args.attention, args.device, model_dtype(args))
+    del probe
     if how == "varlen":
         how = f"varlen ({attention.varlen_kernel()[0]})"
     args.tag = args.tag or args.device
     machine = machine_description(args.device)
-    if args.one:  # a child process: one contender, its result as one JSON line
-        result = (run_trainer(pairs, order, args, tok, rows) if args.one == "rmfast-trainer"
-                  else run(args.one, pairs, order, args, len(tok), tok.pad_token_id))
-        print("RESULT " + json.dumps(result), flush=True)
-        return
     print(f"machine: {machine}\nmodel: Llama, {n_params / 1e6:.1f}M parameters; {len(pairs)} pairs, "
           f"{args.pairs} per step, {args.steps} timed steps; unique tokens per pair {unique:.1f}; packed "
           f"layouts' attention: {how}", flush=True)
-    rows = []
+    results = []
     for name in args.contenders.split(","):
-        # each contender in a fresh process: no allocator state carried over, and its peak RSS is its own
-        child = subprocess.run([sys.executable, __file__, "--one", name] + (argv if argv is not None else sys.argv[1:]),
-                               capture_output=True, text=True, check=True)
-        row = json.loads(next(x for x in child.stdout.splitlines() if x.startswith("RESULT "))[7:])
+        row = run_contender(name, pairs, order, args, tok, rows, work, argv)
         row["unique_tokens_per_pair"] = round(unique, 1)
-        rows.append(row)
-        print(f"  {name:<15} {row['pairs_per_s']:8.2f} pairs/s  {row['positions_per_pair']:7.1f} positions/pair  "
-              f"{row['peak_mb']:8.1f} MB  first loss {row['first_loss']}", flush=True)
-    base = {r["contender"]: r["pairs_per_s"] for r in rows}
-    best = base.get("rmfast-prefix")
-    for r in rows:
+        results.append(row)
+        if "error" in row:
+            print(f"  {name:<15} FAILED: {row['error']}", flush=True)
+        else:
+            print(f"  {name:<15} {row['pairs_per_s']:8.2f} pairs/s  {row['positions_per_pair']:7.1f} positions/pair  "
+                  f"{row['peak_mb']:8.1f} MB  first loss {row['first_loss']}", flush=True)
+    import shutil
+
+    shutil.rmtree(work, ignore_errors=True)
+    ok = [r for r in results if "error" not in r]
+    best = next((r["pairs_per_s"] for r in ok if r["contender"] == "rmfast-prefix"), None)
+    for r in ok:
         r["prefix_speedup"] = round(best / r["pairs_per_s"], 2) if best else ""
     out = Path(args.out)
     out.mkdir(parents=True, exist_ok=True)
+    fields = ["machine", "params_m"] + list(dict.fromkeys(k for r in results for k in r))
     with open(out / f"bench_train_{args.tag}.csv", "w", newline="") as f:
-        w = csv.DictWriter(f, fieldnames=["machine", "params_m"] + list(rows[0]))
+        w = csv.DictWriter(f, fieldnames=fields, restval="")
         w.writeheader()
-        for r in rows:
+        for r in results:
             w.writerow({"machine": machine, "params_m": round(n_params / 1e6, 2), **r})
     title = f"HH-RLHF sample, Llama {n_params / 1e6:.1f}M, {args.pairs} pairs/step; {machine}"
-    plot(rows, out / f"bench_train_{args.tag}.png", title)
+    if ok:
+        plot(ok, out / f"bench_train_{args.tag}.png", title)
     head = "| contender | pairs/s | prefix_shared speed-up | positions/pair | unique tokens/pair | peak MB |"
     lines = [head, "|---|---|---|---|---|---|"]
-    for r in rows:
-        lines.append(f"| {r['contender']} | {r['pairs_per_s']:.2f} | {r['prefix_speedup']}× | "
+    for r in results:
+        if "error" in r:
+            lines.append(f"| {r['contender']} | FAILED: {r['error'].replace('|', '/')} | | | | |")
+            continue
+        speedup = f"{r['prefix_speedup']}×" if r["prefix_speedup"] != "" else ""
+        lines.append(f"| {r['contender']} | {r['pairs_per_s']:.2f} | {speedup} | "
                      f"{r['positions_per_pair']:.1f} | {r['unique_tokens_per_pair']:.1f} | {r['peak_mb']:.0f} |")
-    command = "python benchmarks/bench_train.py " + " ".join(argv if argv is not None else sys.argv[1:])
+    syncs = next((r for r in ok if "host_syncs_per_step" in r), None)
+    notes = ""
+    if syncs:
+        notes = (f"\nrmfast-trainer: {syncs['host_syncs_per_step']} host syncs per step (one step after the timed "
+                 f"ones, torch.cuda.set_sync_debug_mode); busiest sites: {syncs['host_sync_sites'] or 'none'}.\n")
+    command = "python benchmarks/bench_train.py " + " ".join(argv)
     (out / f"bench_train_{args.tag}.md").write_text(
         f"# bench_train ({args.tag})\n\ncommand: `{command.strip()}`  \nmachine: {machine}  \n"
         f"model: Llama, {n_params / 1e6:.1f}M parameters, BPE vocabulary {len(tok)} trained on the sample; "
         f"{args.pairs} pairs per step, pairs/s over {args.steps} timed steps (the same batches for every "
         f"contender) after {args.warmup} warm-up steps; "
-        f"max_length 512; packed layouts' attention: {how}.\n\n" + "\n".join(lines) + "\n")
-    print("\n" + "\n".join(lines))
+        f"max_length 512; packed layouts' attention: {how}.\n\n" + "\n".join(lines) + "\n" + notes)
+    print("\n" + "\n".join(lines) + notes)
+    if len(ok) < len(results):
+        sys.exit(1)
 
 
 if __name__ == "__main__":
