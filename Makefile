@@ -10,7 +10,7 @@ TORCH  ?= torch==2.14.1
 # Marker files keep `make test` from reinstalling; csrc changes rebuild the extension.
 $(VENV)/.torch:
 	$(PYTHON) -m venv $(VENV)
-	$(PIP) install --upgrade pip "setuptools>=69" wheel ninja
+	$(PIP) install --upgrade pip "setuptools>=77" wheel ninja
 	$(PIP) install "$(TORCH)"
 	touch $@
 

@@ -18,12 +18,13 @@
 """
 
 import functools
+from dataclasses import dataclass
 
 import numpy as np
 import torch
 import torch.nn.functional as F
 
-from dataclasses import dataclass
+from .errors import UserError
 
 ATTENTIONS = ("auto", "dense", "segments", "flex", "varlen")
 SEGMENTS = "rmfast_segments"
@@ -44,16 +45,16 @@ def check_support(config, layout, max_length, attention="auto"):
         return
     kind = getattr(config, "model_type", "?")
     if kind not in SUPPORTED:
-        raise ValueError(f"layout {layout!r} is not supported for {kind} models (not verified to honour custom "
-                         f"positions and masks); use --train.layout padded. Supported: {', '.join(sorted(SUPPORTED))}")
+        raise UserError(f"layout {layout!r} is not supported for {kind} models (not verified to honour custom "
+                        f"positions and masks); use --train.layout padded. Supported: {', '.join(sorted(SUPPORTED))}")
     window = getattr(config, "sliding_window", None)
     uses_window = window and getattr(config, "use_sliding_window", True) is not False
     if uses_window and max_length > window:
-        raise ValueError(f"layout {layout!r}: {kind} uses a {window}-token sliding window, shorter than "
-                         f"data.max_length={max_length}; packed masks do not apply it. Lower max_length to "
-                         f"{window} or use --train.layout padded")
+        raise UserError(f"layout {layout!r}: {kind} uses a {window}-token sliding window, shorter than "
+                        f"data.max_length={max_length}; packed masks do not apply it. Lower max_length to "
+                        f"{window} or use --train.layout padded")
     if attention in IMPLEMENTATIONS and kind in DENSE_ONLY:
-        raise ValueError(f"attention {attention!r} does not support {kind} (softcapped attention); use dense or auto")
+        raise UserError(f"attention {attention!r} does not support {kind} (softcapped attention); use dense or auto")
 
 
 HALF = (torch.float16, torch.bfloat16)
@@ -67,23 +68,25 @@ def resolve_attention(config, attention, device_type="cpu", dtype=torch.float32,
             return "dense"
         if device_type != "cuda":
             return "segments"
-        return "varlen" if _varlen_runs(config, dtype) else "flex"
+        if _varlen_runs(config, dtype):
+            return "varlen"
+        return "flex" if _head_dim(config) >= FLEX_MIN_HEAD_DIM else "segments"
     if attention == "flex" and device_type != "cuda" and training:
-        raise ValueError("attention 'flex': FlexAttention has no backward on CPU; use segments (or auto)")
+        raise UserError("attention 'flex': FlexAttention has no backward on CPU; use segments (or auto)")
     if attention == "flex" and device_type == "cuda" and _head_dim(config) < FLEX_MIN_HEAD_DIM:
-        raise ValueError(f"attention 'flex': compiled FlexAttention needs head_dim >= {FLEX_MIN_HEAD_DIM}, this "
-                         f"model has {_head_dim(config)}; use segments (or varlen in bf16/fp16)")
+        raise UserError(f"attention 'flex': compiled FlexAttention needs head_dim >= {FLEX_MIN_HEAD_DIM}, this "
+                        f"model has {_head_dim(config)}; use segments (or varlen in bf16/fp16)")
     if attention == "varlen":
         name, _ = varlen_kernel()
         if device_type != "cuda" or not name:
-            raise ValueError("attention 'varlen' needs a CUDA GPU and a flash-attention varlen kernel (flash-attn "
-                             "installed, or a torch that has torch.nn.attention.varlen); use flex or auto")
+            raise UserError("attention 'varlen' needs a CUDA GPU and a flash-attention varlen kernel (flash-attn "
+                            "installed, or a torch that has torch.nn.attention.varlen); use flex or auto")
         if dtype not in HALF:
-            raise ValueError("attention 'varlen' (flash attention) runs in bf16 or fp16 only; set --model.dtype "
-                             "bf16, or use flex or auto")
+            raise UserError("attention 'varlen' (flash attention) runs in bf16 or fp16 only; set --model.dtype "
+                            "bf16, or use flex or auto")
         if _cuda_capability() < (8, 0):
-            raise ValueError(f"attention 'varlen' (flash attention) needs an Ampere or newer GPU (compute "
-                             f"capability 8.0); this one is {'.'.join(map(str, _cuda_capability()))}. Use flex or auto")
+            raise UserError(f"attention 'varlen' (flash attention) needs an Ampere or newer GPU (compute "
+                            f"capability 8.0); this one is {'.'.join(map(str, _cuda_capability()))}. Use flex or auto")
     return attention
 
 
@@ -160,8 +163,8 @@ def torch_varlen_adapter(varlen_attn):
 
     def run_torch_varlen(q, k, v, cu_q, cu_k, max_q, max_k, scale, dropout):
         if dropout:
-            raise ValueError("torch's varlen_attn has no attention dropout; install flash-attn, or use "
-                             "--train.attention flex, or a model config with attention_dropout 0")
+            raise UserError("torch's varlen_attn has no attention dropout; install flash-attn, or use "
+                            "--train.attention flex, or a model config with attention_dropout 0")
         kw = dict(causal)
         if scale is not None:
             if has_scale:

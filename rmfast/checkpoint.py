@@ -16,6 +16,7 @@ from pathlib import Path
 import numpy as np
 import torch
 import torch.distributed as dist
+from .errors import UserError
 
 MARKER = "COMPLETE"
 
@@ -131,8 +132,8 @@ def _latest(root: Path):
     if latest.exists():
         tag = latest.read_text().strip()
         if not re.fullmatch(r"step-\d+", tag):
-            raise ValueError(f"{latest} names {tag!r}, not a checkpoint of this folder (step-N); delete it, or "
-                             f"resume from a checkpoint folder: --train.resume {root}/step-N")
+            raise UserError(f"{latest} names {tag!r}, not a checkpoint of this folder (step-N); delete it, or "
+                            f"resume from a checkpoint folder: --train.resume {root}/step-N")
         return root / tag
     tags = checkpoint_tags(root)
     return root / tags[-1] if tags else None

@@ -72,7 +72,10 @@ def main(argv=None):
     args = parser.parse_args(argv)
     if not args.verbose:
         quiet_libraries()
-    overrides = {k: v for k, v in vars(args).items() if "." in k}
+    try:
+        overrides = config_module.overrides_from(args)
+    except ValueError as exc:
+        parser.error(str(exc))
     if args.demo:
         # the demo's model and data beside the run folder, not in it: --train.overwrite never clears a folder
         # that holds a run's inputs

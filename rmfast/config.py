@@ -11,6 +11,7 @@ from typing import Optional
 
 from .data.loader import DataConfig
 from .paths import expand
+from .errors import UserError
 
 
 def _f(default, help, **kw):
@@ -27,20 +28,34 @@ def _check_types(section, obj):
         if value is None and default is None:
             continue
         want = type(default) if default is not None else str
+        if want in (int, float) and isinstance(value, str):
+            value = _number(value, want)  # YAML 1.1 reads 1e-5 (no dot) as a string
+            setattr(obj, f.name, value)
         ok = isinstance(value, want) and not (isinstance(value, bool) and want is not bool)
         if want is float and isinstance(value, int) and not isinstance(value, bool):
             setattr(obj, f.name, float(value))
             ok = True
         if not ok:
-            raise ValueError(f"{section}.{f.name} must be {want.__name__}, got {value!r}")
+            raise UserError(f"{section}.{f.name} must be {want.__name__}, got {value!r}")
         choices = f.metadata.get("choices")
         if choices and value not in choices:
-            raise ValueError(f"{section}.{f.name} must be one of {', '.join(map(str, choices))}, got {value!r}")
+            raise UserError(f"{section}.{f.name} must be one of {', '.join(map(str, choices))}, got {value!r}")
+
+
+def _number(text, want):
+    """'1e-5' → 1e-05, '3e3' → 3000 for an int field; text that is no number stays as it is (and is refused)."""
+    try:
+        number = float(text.strip().replace("_", ""))
+    except ValueError:
+        return text
+    if want is int:
+        return int(number) if number.is_integer() else text
+    return number
 
 
 def _require(ok, message):
     if not ok:
-        raise ValueError(message)
+        raise UserError(message)
 
 
 DATA_KINDS = ("pairs", "groups")
@@ -188,6 +203,56 @@ class Config:
 
 SECTIONS = {"model": ModelConfig, "data": DataSection, "train": TrainConfig}
 
+# transformers' / TRL's names for the same settings (RewardConfig, TrainingArguments): accepted at the top of a
+# YAML file, in a section, and as flags (--learning_rate 1e-5)
+ALIASES = {
+    "learning_rate": "train.lr", "per_device_train_batch_size": "train.pairs_per_batch",
+    "per_device_eval_batch_size": "train.eval_pairs_per_batch", "gradient_accumulation_steps": "train.grad_accum",
+    "num_train_epochs": "train.epochs", "max_steps": "train.max_steps", "seed": "train.seed",
+    "output_dir": "train.output_dir", "weight_decay": "train.weight_decay", "warmup_ratio": "train.warmup_ratio",
+    "max_grad_norm": "train.max_grad_norm", "lr_scheduler_type": "train.scheduler",
+    "center_rewards_coefficient": "train.center_coef", "logging_steps": "train.log_every",
+    "save_steps": "train.save_every", "eval_steps": "train.eval_every", "save_total_limit": "train.keep_last",
+    "resume_from_checkpoint": "train.resume", "deepspeed": "train.deepspeed_config",
+    "model_name_or_path": "model.name_or_path", "gradient_checkpointing": "model.gradient_checkpointing",
+    "max_length": "data.max_length", "bf16": "model.dtype", "fp16": "model.dtype",
+}
+
+
+def _precision(values):
+    """bf16 / fp16 (booleans, as TRL writes them) as model.dtype."""
+    if values.pop("bf16", None):
+        return "bf16"
+    if values.pop("fp16", None):
+        return "fp16"
+    return None
+
+
+def _resolve_aliases(found, where):
+    """{alias or section.name: value} → {section.name: value}; one line when an alias and the option it
+    stands for disagree."""
+    out = {k: v for k, v in found.items() if "." in k}
+    flags = {k: v for k, v in found.items() if "." not in k}
+    precision = {k: flags.pop(k) for k in ("bf16", "fp16") if k in flags}
+    for name, value in flags.items():
+        if name not in ALIASES:
+            raise UserError(f"{where}: unknown option {name!r}; the options are model.*, data.*, train.* (and "
+                            f"transformers' names: {', '.join(sorted(ALIASES))})")
+        key = ALIASES[name]
+        if key in out and out[key] != value:
+            raise UserError(f"{where}: {name} ({value!r}) and {key} ({out[key]!r}) disagree; give one of them")
+        out[key] = value
+    if precision:
+        bad = {k: v for k, v in precision.items() if not isinstance(v, bool)}
+        if bad:
+            raise UserError(f"{where}: {', '.join(bad)} must be true or false, got {bad}")
+        dtype = _precision(dict(precision)) or "fp32"
+        if "model.dtype" in out and out["model.dtype"] != dtype:
+            raise UserError(f"{where}: {', '.join(f'{k}: {v}' for k, v in precision.items())} and model.dtype "
+                            f"({out['model.dtype']!r}) disagree; give one of them")
+        out["model.dtype"] = dtype
+    return out
+
 _DATA_HELP = {
     "train": "training sources: files, folders, datasets dirs or hub names (PATH or PATH@WEIGHT)",
     "eval": "evaluation sources (default: a seeded eval_fraction of train)",
@@ -228,6 +293,28 @@ def add_arguments(parser):
             elif isinstance(default, (int, float)):
                 kw.update(type=type(default))
             group.add_argument(f"--{section}.{f.name}", **kw)
+    group = parser.add_argument_group("transformers' option names (each stands for the option named)")
+    for name, key in ALIASES.items():
+        if name in ("bf16", "fp16"):
+            group.add_argument(f"--{name}", dest=name, type=_parse_bool, metavar="BOOL", default=argparse.SUPPRESS,
+                               help="train in this precision (model.dtype)")
+            continue
+        section, field_name = key.split(".", 1)
+        action = next(a for a in parser._actions if a.dest == key)
+        group.add_argument(f"--{name}", dest=f"alias:{name}", type=action.type, nargs=action.nargs,
+                           choices=action.choices, metavar=action.metavar, default=argparse.SUPPRESS,
+                           help=f"= --{key}")
+
+
+def overrides_from(args):
+    """The {"section.name": value} overrides of parsed flags, transformers' names resolved."""
+    found = {}
+    for key, value in vars(args).items():
+        if "." in key or key in ("bf16", "fp16"):
+            found[key] = value
+        elif key.startswith("alias:"):
+            found[key[len("alias:"):]] = value
+    return _resolve_aliases(found, "flags")
 
 
 def build(yaml_path=None, overrides=None):
@@ -242,19 +329,32 @@ def build(yaml_path=None, overrides=None):
         except yaml.YAMLError as exc:
             mark = getattr(exc, "problem_mark", None)
             where = f" at line {mark.line + 1}, column {mark.column + 1}" if mark else ""
-            raise ValueError(f"{yaml_path}: not valid YAML{where}: {getattr(exc, 'problem', None) or exc}") from None
-        if not isinstance(loaded, dict) or not all(isinstance(v, (dict, type(None))) for v in loaded.values()):
-            raise ValueError(f"{yaml_path}: expected sections (model:, data:, train:) holding options")
-        unknown = set(loaded) - set(SECTIONS)
+            raise UserError(f"{yaml_path}: not valid YAML{where}: {getattr(exc, 'problem', None) or exc}") from None
+        if not isinstance(loaded, dict):
+            raise UserError(f"{yaml_path}: expected sections (model:, data:, train:) holding options")
+        unknown = [k for k in loaded if k not in SECTIONS and k not in ALIASES]
         if unknown:
-            raise ValueError(f"{yaml_path}: unknown sections {sorted(unknown)}; use {', '.join(SECTIONS)}")
+            raise UserError(f"{yaml_path}: unknown sections {sorted(unknown)}; use {', '.join(SECTIONS)} (or "
+                            f"transformers' option names, such as learning_rate, at the top)")
+        if not all(isinstance(v, (dict, type(None))) for k, v in loaded.items() if k in SECTIONS):
+            raise UserError(f"{yaml_path}: expected sections (model:, data:, train:) holding options")
+        found = {}
         for section, items in loaded.items():
+            if section not in SECTIONS:  # a flat transformers-style option, or a mistake
+                found[section] = items
+                continue
             names = {f.name for f in dataclasses.fields(SECTIONS[section])}
-            bad = set(items or {}) - names
-            if bad:
-                raise ValueError(f"{yaml_path}: unknown {section} options {sorted(bad)}")
-            values[section].update(items or {})
-    for key, value in (overrides or {}).items():
+            for name, value in (items or {}).items():
+                if name in names:
+                    found[f"{section}.{name}"] = value
+                elif name in ALIASES:
+                    found[name] = value
+                else:
+                    raise UserError(f"{yaml_path}: unknown {section} option {name!r}")
+        for key, value in _resolve_aliases(found, yaml_path).items():
+            section, name = key.split(".", 1)
+            values[section][name] = value
+    for key, value in _resolve_aliases(dict(overrides or {}), "flags").items():
         section, name = key.split(".", 1)
         values[section][name] = value
     for key in PATHS:  # "~/runs/rm" and "$SCRATCH/data.jsonl" mean what they mean in a shell

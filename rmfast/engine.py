@@ -25,7 +25,7 @@ from .checkpoint import load_checkpoint, read_state, resolve, save_checkpoint
 from .config import Config, data_kind
 from .data import load_data
 from .data.sampler import PairSampler
-from .errors import Failure
+from .errors import Failure, UserError
 from .group_train import eval_group_metrics, eval_part, loader_config
 from .metrics import MetricsLog, Window, train_line
 from .model import DTYPES, enable_activation_checkpointing
@@ -128,7 +128,6 @@ def _user_deepspeed(path, ours, hidden_size=None):
     DeepSpeed integration fills them: rmfast's own value for an owned key, ZeRO-3 bucket sizes from the
     model's hidden size. A key rmfast owns set to another value is refused in one line naming the file, the
     key and the option to use instead."""
-    from .errors import UserError
 
     try:
         with open(path) as f:
@@ -363,12 +362,12 @@ class Trainer:
         t, m = config.train, config.model
         self.groups = data_kind(config) == "groups"
         if self.groups and t.layout == "packed":
-            raise ValueError("train.layout packed is for pairs; groups use prefix_shared (the default) or padded")
+            raise UserError("train.layout packed is for pairs; groups use prefix_shared (the default) or padded")
         self.rank, self.world, self.device = init_distributed(t.collective_timeout)
         self.dtype = DTYPES[m.dtype]  # what the model computes in (DeepSpeed casts to it)
         if m.dtype == "fp16" and self.device.type != "cuda":
-            raise ValueError("model.dtype fp16 needs a GPU (DeepSpeed's CPU accelerator has no fp16); "
-                             "use bf16 or fp32 on CPU")
+            raise UserError("model.dtype fp16 needs a GPU (DeepSpeed's CPU accelerator has no fp16); "
+                            "use bf16 or fp32 on CPU")
         seed_everything(t.seed)
         self.out = Path(t.output_dir)
         # one run per folder, locked while it trains (rank 0 holds the lock; every rank sees a refusal)
@@ -416,8 +415,8 @@ class Trainer:
     def load_state_dict(self, state, where="the checkpoint"):
         rundir.check_resume(state.get("run"), self.identity, where, self.config.train.resume_allow_changes)
         if state["world_size"] != self.world:
-            raise ValueError(f"{where} was saved by {state['world_size']} ranks; resume it with the same number "
-                             f"(this run has {self.world})")
+            raise UserError(f"{where} was saved by {state['world_size']} ranks; resume it with the same number "
+                            f"(this run has {self.world})")
         self.step = state["step"]
         self.sampler.load_state_dict(state["sampler"])
         self._position = self.sampler.state_dict()
@@ -640,10 +639,10 @@ def check_model_path(path, flag):
     if p.exists():
         files = ("config.json", "tokenizer.json", "tokenizer_config.json")
         if not p.is_dir() or not any((p / f).exists() for f in files):
-            raise ValueError(f"{flag} {path}: not a model folder (no config.json or tokenizer files in it)")
+            raise UserError(f"{flag} {path}: not a model folder (no config.json or tokenizer files in it)")
         return
     if str(path).startswith((".", "/", "~")) or str(path).count("/") != 1:
-        raise ValueError(f"{flag} {path}: no such folder (and not a hub id like org/name)")
+        raise UserError(f"{flag} {path}: no such folder (and not a hub id like org/name)")
 
 
 def on_rank0(rank, fn):

@@ -14,7 +14,9 @@ INTERRUPTED = 130
 
 
 class UserError(ValueError):
-    """A user's mistake (a flag, a path, a refused request): exit status 2, the message says what to do."""
+    """A user's mistake (a flag, a path, data, a refused request): exit status 2, the message says what to do.
+    Any other exception, a ValueError from inside a library included, is a failure: exit status 1, its type
+    named, the traceback with RMFAST_DEBUG=1."""
 
 
 class Failure(RuntimeError):
@@ -67,7 +69,7 @@ def describe(exc):
     if isinstance(exc, RuntimeError) and any(s in str(exc) for s in ("unexpected pos", "PytorchStreamWriter",
                                                                      "file write failed")):
         return FAILURE, f"writing a file failed, most likely a full disk (torch: {_first_line(exc)})"
-    if isinstance(exc, (ValueError, FileNotFoundError, NotADirectoryError, IsADirectoryError, PermissionError)):
+    if isinstance(exc, (UserError, FileNotFoundError, NotADirectoryError, IsADirectoryError, PermissionError)):
         return USAGE, str(exc)
     if isinstance(exc, (Failure, OSError)):
         return FAILURE, str(exc)

@@ -462,12 +462,12 @@ def _export_run(run, args):
         checkpoint = resolve(run, "latest") if (run / "latest").exists() else run
         out_root = checkpoint.parent.parent
     if not (checkpoint / MARKER).exists():
-        raise ValueError(f"{checkpoint} is not a complete checkpoint (no {MARKER} marker: its save was "
-                         f"interrupted); export an earlier one")
+        raise UserError(f"{checkpoint} is not a complete checkpoint (no {MARKER} marker: its save was "
+                        f"interrupted); export an earlier one")
     for needed in ("backbone", "tokenizer"):
         if not (out_root / needed).is_dir():
-            raise ValueError(f"{out_root} has no {needed}/ folder, which rmfast-train writes beside its checkpoints "
-                             f"(is it an rmfast run, copied whole?)")
+            raise UserError(f"{out_root} has no {needed}/ folder, which rmfast-train writes beside its checkpoints "
+                            f"(is it an rmfast run, copied whole?)")
     state = load_checkpoint_state(checkpoint)
     run_config = json.loads((out_root / "config.json").read_text()) if (out_root / "config.json").exists() else {}
     model_config = run_config.get("model", {})

@@ -19,6 +19,7 @@ import numpy as np
 import torch
 
 from .layouts import Batch, Block, _finish, _first_fit
+from .errors import UserError
 
 GROUP_LAYOUTS = ("padded", "prefix_shared")
 
@@ -80,10 +81,10 @@ def _check_fits(groups, indices, lengths, capacity):
     if lengths[worst] > capacity:
         i = indices[worst]
         K, s = len(groups.responses[i]), len(groups.prompt[i])
-        raise ValueError(f"group {groups.locations[i]} takes {int(lengths[worst])} tokens (a {s}-token prompt and "
-                         f"{K} responses of {int(lengths[worst]) - s} tokens in all) and does not fit a row of "
-                         f"max_tokens={capacity}: raise max_tokens (the token budget) to at least "
-                         f"{int(lengths[worst])}, or lower data.max_length; groups are never split")
+        raise UserError(f"group {groups.locations[i]} takes {int(lengths[worst])} tokens (a {s}-token prompt and "
+                        f"{K} responses of {int(lengths[worst]) - s} tokens in all) and does not fit a row of "
+                        f"max_tokens={capacity}: raise max_tokens (the token budget) to at least "
+                        f"{int(lengths[worst])}, or lower data.max_length; groups are never split")
 
 
 def _place(prompt, responses, row, start):

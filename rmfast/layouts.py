@@ -13,6 +13,7 @@ from typing import Optional
 
 import numpy as np
 import torch
+from .errors import UserError
 
 
 @dataclass
@@ -127,8 +128,8 @@ def _first_fit(lengths, capacity):
 
 def _check_capacity(longest, max_tokens, what):
     if max_tokens is not None and longest > max_tokens:
-        raise ValueError(f"a {what} of {longest} tokens does not fit max_tokens={max_tokens}; raise it to at "
-                         f"least data.max_length (×2 for prefix_shared pairs)")
+        raise UserError(f"a {what} of {longest} tokens does not fit max_tokens={max_tokens}; raise it to at "
+                        f"least data.max_length (×2 for prefix_shared pairs)")
 
 
 def _finish(rows_tokens, rows_pos, blocks, chosen_flat, rejected_flat, pad_id, margin, tokens):

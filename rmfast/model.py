@@ -11,6 +11,7 @@ from torch import nn
 
 from .loss import PairwiseRewardOutput, pairwise_reward_loss
 from .nn import RewardHead
+from .errors import UserError
 
 DTYPES = {"fp32": torch.float32, "bf16": torch.bfloat16, "fp16": torch.float16}
 
@@ -55,8 +56,8 @@ class RewardModel(nn.Module):
             seq = AutoModelForSequenceClassification.from_pretrained(name_or_path, **kwargs)
             score = _score_linear(seq)
             if score is None:
-                raise ValueError(f"{name_or_path}: a sequence-classification checkpoint without a one-output "
-                                 f"score head")
+                raise UserError(f"{name_or_path}: a sequence-classification checkpoint without a one-output "
+                                f"score head")
             head = RewardHead(score.in_features, bias=score.bias is not None, dtype=torch_dtype)
             with torch.no_grad(), _gathered([score.weight, score.bias]):
                 head.weight.copy_(score.weight.reshape(-1))
@@ -159,4 +160,4 @@ def _hidden_size(config):
     for name in ("hidden_size", "n_embd", "d_model"):
         if hasattr(config, name):
             return getattr(config, name)
-    raise ValueError(f"cannot tell the hidden size of a {type(config).__name__}")
+    raise UserError(f"cannot tell the hidden size of a {type(config).__name__}")

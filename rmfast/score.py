@@ -22,12 +22,14 @@ import numpy as np
 import torch
 
 from . import attention, layouts
-from .data import DataConfig, DataError, load_data
-from .data.groups import ULTRAFEEDBACK, source_kind
+from .data import DataError, load_data
+from .data.groups import source_kind
 from .data.loader import Source
+from .data.options import add_data_options, data_config
 from .data.sampler import PairSampler
 from .data.sources import iter_rows
 from .model import RewardModel
+from .errors import UserError
 
 
 def _device(name):
@@ -68,12 +70,12 @@ class Scorer:
                 self.model.backbone.config, attention_kind, self.device.type,
                 next(self.model.parameters()).dtype, training=False))
         elif attention_kind not in ("auto", "dense"):
-            raise ValueError(f"attention {attention_kind!r} is not supported for {kind} models; use auto or dense")
+            raise UserError(f"attention {attention_kind!r} is not supported for {kind} models; use auto or dense")
         self.row_tokens = attention.row_tokens(self.model.attention, self.device.type)
 
     def normalize(self, rewards):
         if self.mean is None or not self.std:
-            raise ValueError("--normalize: this model's config has no rmfast_reward_mean/std (export it with rmfast)")
+            raise UserError("--normalize: this model's config has no rmfast_reward_mean/std (export it with rmfast)")
         return (rewards - self.mean) / self.std
 
     def _rewards(self, batch, index):
@@ -103,30 +105,30 @@ def check_reward_model(model_dir):
     path = Path(model_dir)
     what = "give an rmfast export (rmfast-train's OUTPUT_DIR/export, or rmfast-export --out DIR)"
     if not (path / "config.json").is_file():
-        raise ValueError(f"{model_dir}: not a model folder (no config.json); {what}")
+        raise UserError(f"{model_dir}: not a model folder (no config.json); {what}")
     weights = ("model.safetensors", "model.safetensors.index.json", "pytorch_model.bin", "pytorch_model.bin.index.json")
     if not any((path / w).is_file() for w in weights):
-        raise ValueError(f"{model_dir}: no weights (model.safetensors); a half-written export? {what}")
+        raise UserError(f"{model_dir}: no weights (model.safetensors); a half-written export? {what}")
     if not any((path / t).is_file() for t in ("tokenizer.json", "tokenizer_config.json")):
-        raise ValueError(f"{model_dir}: no tokenizer files; {what}")
+        raise UserError(f"{model_dir}: no tokenizer files; {what}")
     try:
         config = json.loads((path / "config.json").read_text())
     except json.JSONDecodeError as exc:
-        raise ValueError(f"{model_dir}/config.json is not valid JSON ({exc.msg}); {what}") from None
+        raise UserError(f"{model_dir}/config.json is not valid JSON ({exc.msg}); {what}") from None
     archs = config.get("architectures") or []
     labels = len(config.get("id2label") or {}) or config.get("num_labels", 2)  # transformers saves id2label
     if not any(a.endswith("ForSequenceClassification") for a in archs) or labels != 1:
         seq = any(a.endswith("ForSequenceClassification") for a in archs)
         this = f"{', '.join(archs)} with {labels} labels" if seq else f"a bare backbone ({', '.join(archs) or '?'})"
-        raise ValueError(f"{model_dir}: not a reward model (a one-label *ForSequenceClassification; this one is "
-                         f"{this}), so its head would be untrained; {what}")
+        raise UserError(f"{model_dir}: not a reward model (a one-label *ForSequenceClassification; this one is "
+                        f"{this}), so its head would be untrained; {what}")
 
 
 def _token_batches(costs, budget):
     return list(PairSampler(costs, token_budget=budget, shuffle=False, group_by_length=True).global_batches(0))
 
 
-def _read_sequences(sources, tokenizer, max_length, on_bad_row):
+def _read_sequences(sources, tokenizer, max_length, on_bad_row, chat_template=None):
     """Single sequences: rows with a `text` string or a `messages` list. Returns (ids, locations, bad)."""
     ids, locations, bad = [], [], []
     eos = tokenizer.eos_token_id
@@ -137,7 +139,8 @@ def _read_sequences(sources, tokenizer, max_length, on_bad_row):
                 if isinstance(raw.data.get("text"), str) and raw.data["text"].strip():
                     seq = tokenizer(raw.data["text"])["input_ids"]
                 elif isinstance(raw.data.get("messages"), list) and raw.data["messages"]:
-                    text = tokenizer.apply_chat_template(raw.data["messages"], tokenize=False)
+                    text = tokenizer.apply_chat_template(raw.data["messages"], tokenize=False,
+                                                         chat_template=chat_template)
                     seq = tokenizer(text, add_special_tokens=False)["input_ids"]
                 else:
                     problem = "no non-empty `text` string or `messages` list"
@@ -154,22 +157,6 @@ def _read_sequences(sources, tokenizer, max_length, on_bad_row):
         raise DataError(f"{len(bad)} bad row(s):\n  " + "\n  ".join(bad[:10]) +
                         "\nFix them, or pass --on-bad-row skip.")
     return ids, locations, bad
-
-
-def _columns(text):
-    """--columns: a JSON object of column names, or `ultrafeedback`."""
-    if text is None:
-        return {}
-    if text.strip().lower() == "ultrafeedback":
-        return dict(ULTRAFEEDBACK)
-    try:
-        value = json.loads(text)
-    except json.JSONDecodeError:
-        value = None
-    if not isinstance(value, dict) or not all(isinstance(v, str) for v in value.values()):
-        raise argparse.ArgumentTypeError(f"{text!r} is not a JSON object of column names (e.g. "
-                                         '\'{"prompt": "instruction"}\') or ultrafeedback')
-    return value
 
 
 def _write(records, out):
@@ -195,15 +182,7 @@ def main(argv=None):
     parser.add_argument("sources", nargs="+", help="files, folders or datasets dirs of pairs or of single texts")
     parser.add_argument("--out", required=True, help="output .jsonl or .parquet")
     parser.add_argument("--token-budget", type=int, default=16384, help="tokens per forward")
-    parser.add_argument("--max-length", type=int, default=4096)
     parser.add_argument("--normalize", action="store_true", help="(r - eval mean) / eval std from the export")
-    parser.add_argument("--on-bad-row", default="error", choices=["error", "skip"])
-    parser.add_argument("--format", default="auto", choices=["auto", "explicit", "implicit", "conversational"])
-    parser.add_argument("--kind", default="auto", choices=["auto", "pairs", "groups", "texts"],
-                        help="what the rows are (auto: from the first row)")
-    parser.add_argument("--columns", type=_columns, default={},
-                        help='column names as JSON ({"prompt": "instruction", "responses": "completions[].response"}) '
-                             "or ultrafeedback")
     parser.add_argument("--summary", help="also write the metrics of pairs or groups to this JSON file")
     parser.add_argument("--device", default="auto")
     parser.add_argument("--dtype", default="fp32", choices=["fp32", "bf16", "fp16"],
@@ -211,6 +190,7 @@ def main(argv=None):
     parser.add_argument("--attention", default="auto", choices=list(attention.ATTENTIONS),
                         help="attention of the packed batches (auto: varlen on CUDA in bf16/fp16 when available, "
                              "else flex on CUDA; segments on CPU)")
+    add_data_options(parser, kinds=["pairs", "groups", "texts"])
     args = parser.parse_args(argv)
     from .errors import run
 
@@ -244,8 +224,7 @@ def _score_pairs(scorer, args):
     """One record per pair (rewards, margin, correct), read like training data, prefix-shared batches."""
     from tqdm.auto import tqdm
 
-    config = DataConfig(train=args.sources, format=args.format, columns=args.columns, max_length=args.max_length,
-                        on_bad_row=args.on_bad_row)
+    config = data_config(args)
     pairs, _, report = load_data(config, scorer.tokenizer)
     for line in report.lines():
         print(f"data: {line}", file=sys.stderr)
@@ -298,8 +277,7 @@ def _read_groups(args, tokenizer):
     from .data.groups import parse_group_row
     from .data.loader import _check_bad, read_rows
 
-    config = DataConfig(train=args.sources, format=args.format, columns=args.columns, max_length=args.max_length,
-                        on_bad_row=args.on_bad_row)
+    config = data_config(args)
     parts, scores = [], {}
     for spec in args.sources:
         source = Source.parse(spec)
@@ -399,7 +377,8 @@ def _score_texts(scorer, args):
     """One record per single sequence (rows with `text` or `messages`), packed batches."""
     from tqdm.auto import tqdm
 
-    seqs, locations, bad = _read_sequences(args.sources, scorer.tokenizer, args.max_length, args.on_bad_row)
+    seqs, locations, bad = _read_sequences(args.sources, scorer.tokenizer, args.max_length, args.on_bad_row,
+                                           data_config(args).chat_template)
     if bad:
         print(f"skipped {len(bad)} bad row(s)", file=sys.stderr)
     if not seqs:

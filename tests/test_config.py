@@ -17,7 +17,7 @@ def parse(argv):
     parser.add_argument("config", nargs="?")
     config_module.add_arguments(parser)
     args = parser.parse_args(argv)
-    return config_module.build(args.config, {k: v for k, v in vars(args).items() if "." in k})
+    return config_module.build(args.config, config_module.overrides_from(args))
 
 
 def test_yaml_then_flags_override_it(tmp_path):
@@ -33,7 +33,8 @@ def test_yaml_then_flags_override_it(tmp_path):
 
 @pytest.mark.parametrize("text,message", [
     ("modle:\n  dtype: fp32\n", "unknown sections"),
-    ("train:\n  learning_rate: 1\n", "unknown train options"),
+    ("train:\n  learning_rat: 1\n", "unknown train option 'learning_rat'"),
+    ("learning_rat: 1\n", r"unknown sections \['learning_rat'\]"),
 ])
 def test_yaml_mistakes_are_named(tmp_path, text, message):
     path = tmp_path / "c.yaml"
@@ -153,6 +154,38 @@ def test_yaml_ints_for_floats_are_taken_as_floats(tmp_path):
     path.write_text("train:\n  lr: 1\n  warmup_ratio: 0\n")
     cfg = config_module.build(str(path))
     assert cfg.train.lr == 1.0 and isinstance(cfg.train.lr, float)
+
+
+def test_numbers_as_people_write_them_in_yaml(tmp_path):
+    # YAML 1.1 reads 1e-5 (no dot) as a string
+    path = tmp_path / "c.yaml"
+    path.write_text("train:\n  lr: 1e-5\n  max_steps: 1e3\n  warmup_ratio: 3e-2\n")
+    cfg = config_module.build(str(path))
+    assert (cfg.train.lr, cfg.train.max_steps, cfg.train.warmup_ratio) == (1e-5, 1000, 0.03)
+    assert isinstance(cfg.train.max_steps, int)
+    for text, message in (("  max_steps: 1e-1\n", "train.max_steps must be int, got '1e-1'"),
+                          ("  lr: fast\n", "train.lr must be float, got 'fast'")):
+        path.write_text("train:\n" + text)
+        with pytest.raises(ValueError, match=re.escape(message)):
+            config_module.build(str(path))
+
+
+def test_transformers_option_names_stand_for_ours(tmp_path):
+    path = tmp_path / "c.yaml"
+    path.write_text("model_name_or_path: m\nlearning_rate: 1e-5\nper_device_train_batch_size: 4\nbf16: false\n"
+                    "train:\n  gradient_accumulation_steps: 2\n  num_train_epochs: 3\n")
+    cfg = parse([str(path), "--lr_scheduler_type", "linear", "--center_rewards_coefficient", "0.01"])
+    assert (cfg.model.name_or_path, cfg.train.lr, cfg.train.pairs_per_batch, cfg.model.dtype) == ("m", 1e-5, 4, "fp32")
+    assert (cfg.train.grad_accum, cfg.train.epochs, cfg.train.scheduler, cfg.train.center_coef) == (2, 3.0, "linear",
+                                                                                                     0.01)
+    assert parse(["--fp16", "true", "--per_device_eval_batch_size", "7"]).model.dtype == "fp16"
+    with pytest.raises(ValueError, match=r"learning_rate \(2e-05\) and train.lr \(1e-05\) disagree"):
+        parse(["--learning_rate", "2e-5", "--train.lr", "1e-5"])
+    path.write_text("bf16: true\nmodel:\n  dtype: fp32\n")
+    with pytest.raises(ValueError, match="bf16: True and model.dtype .'fp32'. disagree"):
+        config_module.build(str(path))
+    with pytest.raises(SystemExit):  # argparse checks an alias's value as the option's own
+        parse(["--lr_scheduler_type", "warmup_stable"])
 
 
 def test_a_bad_value_is_one_line_before_anything_loads(tmp_path):

@@ -421,7 +421,47 @@ def test_rmfast_data_cli_synth_and_inspect(tmp_path):
     bad = bad_file(tmp_path, BAD["identical"][0])
     res = subprocess.run(run + ["inspect", str(out), str(bad), "--cache-dir", str(tmp_path / "c"), "--strict"],
                          capture_output=True, text=True)
-    assert res.returncode == 1, res.stderr
+    assert res.returncode == 2 and "--strict: 1 bad row(s)" in res.stderr, res.stderr
     assert "60 rows read, 60 pairs kept" in res.stdout
     assert "bad (chosen identical to rejected): 1" in res.stdout and f"{bad}:2" in res.stdout
     assert "shared prefix:" in res.stdout and "token positions per pair" in res.stdout
+
+
+def test_every_tool_reads_rows_with_the_same_data_options(tmp_path, capsys):
+    """rmfast-data inspect takes --columns as rmfast-score and rmfast-train do, and the three share one
+    default for every data option."""
+    import argparse
+
+    from rmfast import score
+    from rmfast.data import cli as data_cli
+    from rmfast.data.loader import DataConfig
+
+    renamed = tmp_path / "renamed.jsonl"
+    renamed.write_text("".join(json.dumps({"q": f"2 + {i} =", "good": f" {2 + i}", "bad": f" {3 + i}"}) + "\n"
+                               for i in range(12)))
+    tok = tmp_path / "tok"
+    from rmfast.data.tokenizers import train_bpe_tokenizer
+
+    train_bpe_tokenizer([f"2 + {i} = {i}" for i in range(50)], vocab_size=120).save_pretrained(tok)
+    argv = ["inspect", str(renamed), "--tokenizer", str(tok), "--cache-dir", str(tmp_path / "c")]
+    assert data_cli.main(argv + ["--columns", '{"prompt": "q", "chosen": "good", "rejected": "bad"}']) == 0
+    assert "12 rows read, 12 pairs kept" in capsys.readouterr().out
+    assert data_cli.main(argv + ["--strict"]) == 2  # without the mapping every row is bad
+
+    def defaults(parser_of):
+        actions = {a.dest: a.default for a in parser_of._actions}
+        return {k: actions[k] for k in ("format", "max_length", "overlong", "chat_template", "columns")}
+
+    score_parser, inspect_parser = argparse.ArgumentParser(), argparse.ArgumentParser()
+    from rmfast.data.options import add_data_options
+
+    add_data_options(score_parser, ["pairs", "groups", "texts"])
+    add_data_options(inspect_parser, ["pairs", "groups"])
+    d = DataConfig()
+    assert defaults(score_parser) == defaults(inspect_parser) == {
+        "format": d.format, "max_length": d.max_length, "overlong": d.overlong, "chat_template": None, "columns": {}}
+    for main in (score.main, data_cli.main):  # the tools' own --help
+        with pytest.raises(SystemExit):
+            main(["--help"] if main is score.main else ["inspect", "--help"])
+        shown = " ".join(capsys.readouterr().out.split())
+        assert "--columns" in shown and f"(default: {d.max_length}, as rmfast-train)" in shown

@@ -184,6 +184,8 @@ def test_varlen_plan_of_prefix_shared_pairs():
 
 def test_attention_choice_follows_device_dtype_and_kernel(monkeypatch):
     llama = tiny_config("llama")
+    llama.hidden_size, llama.head_dim = 64, 16  # compiled FlexAttention takes no smaller heads
+    small_heads = tiny_config("llama")  # head_dim 8
     bf16, fp32 = torch.bfloat16, torch.float32
     monkeypatch.setattr(attention, "varlen_kernel", lambda: ("reference", reference_varlen))
     monkeypatch.setattr(attention, "_cuda_capability", lambda: (9, 0))
@@ -191,9 +193,12 @@ def test_attention_choice_follows_device_dtype_and_kernel(monkeypatch):
     assert attention.resolve_attention(llama, "auto", "cuda", bf16) == "varlen"
     # torch's kernel has no dropout: a model with attention dropout gets flex
     dropout = tiny_config("llama")
-    dropout.attention_dropout = 0.1
+    dropout.hidden_size, dropout.head_dim, dropout.attention_dropout = 64, 16, 0.1
     assert attention.resolve_attention(dropout, "auto", "cuda", bf16) == "flex"
     assert attention.resolve_attention(llama, "auto", "cuda", fp32) == "flex"
+    assert attention.resolve_attention(small_heads, "auto", "cuda", fp32) == "segments"
+    with pytest.raises(ValueError, match="needs head_dim >= 16, this model has 8"):
+        attention.resolve_attention(small_heads, "flex", "cuda", fp32)
     assert attention.resolve_attention(tiny_config("gemma2"), "auto", "cuda", bf16) == "dense"
     with pytest.raises(ValueError, match="bf16 or fp16"):
         attention.resolve_attention(llama, "varlen", "cuda", fp32)

@@ -188,6 +188,20 @@ def test_disk_full_and_torch_write_failures_are_named():
     assert status == 1 and "full disk" in message
 
 
+def test_only_a_users_mistake_exits_2():
+    """A user's mistake (UserError, DataError, a missing file) exits 2 with its message alone; a ValueError
+    from inside torch or a library is a failure: exit 1, its type named, the way to see where."""
+    from rmfast.data.loader import DataError
+
+    assert errors.describe(errors.UserError("--data.train x: no such file")) == (2, "--data.train x: no such file")
+    assert errors.describe(DataError("rows.jsonl:3: no chosen"))[0] == 2
+    assert errors.describe(FileNotFoundError(2, "No such file", "x.jsonl"))[0] == 2
+    status, message = errors.describe(ValueError("expected a 2-D tensor, got 3-D"))
+    assert status == 1 and message == "ValueError: expected a 2-D tensor, got 3-D (RMFAST_DEBUG=1 shows where)"
+    res = errors.run("rmfast-x", lambda: torch.ones(2, 3) @ torch.ones(2, 3))  # a shape bug, not the user's
+    assert res == 1
+
+
 def test_a_checkpoint_that_cannot_be_written_says_what_is_intact(monkeypatch, tmp_path):
     class Engine:
         def save_checkpoint(self, root, tag, save_latest):

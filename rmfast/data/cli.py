@@ -12,12 +12,11 @@ import numpy as np
 
 from ..errors import ArgumentParser
 from ..layouts import pair_costs
-from .formats import FORMATS
 from .groups import source_kind
 from .loader import DataConfig, DataError, Source, load_source, read_pairs
+from .options import add_data_options, data_config
 from .synthetic import generate_pairs, write_jsonl
 from .synthetic_groups import generate_groups
-from .tokenize import OVERLONG
 
 
 def _texts(value):
@@ -40,11 +39,13 @@ def _tokenizer(args, sources, groups=False):
     for spec in sources if groups else ():
         from .group_tokens import read_groups
 
-        rows, _ = read_groups(spec, DataConfig(train=[spec.path], format=args.format, on_bad_row="skip"))
+        rows, _ = read_groups(spec, DataConfig(train=[spec.path], format=args.format, columns=args.columns,
+                                               on_bad_row="skip"))
         for g in rows[:5000]:
             texts += _texts(g.prompt) + [t for r in g.responses for t in _texts(r)]
     for spec in () if groups else sources:
-        pairs, _ = read_pairs(spec, DataConfig(train=[spec.path], format=args.format, on_bad_row="skip"))
+        pairs, _ = read_pairs(spec, DataConfig(train=[spec.path], format=args.format, columns=args.columns,
+                                               on_bad_row="skip"))
         for p in pairs[:5000]:
             if p.format == "conversational":
                 texts += [m["content"] for m in (p.prompt or []) + p.chosen + p.rejected]
@@ -106,12 +107,10 @@ def _describe_pairs(args, pairs):
 
 def inspect(args):
     sources = [Source.parse(s) for s in args.sources]
-    auto = args.kind == "auto" and any(source_kind(s.path, s.split) == "groups" for s in sources)
+    auto = args.kind == "auto" and any(source_kind(s.path, s.split, args.columns) == "groups" for s in sources)
     kind = "groups" if args.kind == "groups" or auto else "pairs"
     tokenizer, tok_desc = _tokenizer(args, sources, kind == "groups")
-    config = DataConfig(train=args.sources, format=args.format, max_length=args.max_length,
-                        overlong=args.overlong, on_bad_row="skip", chat_template=args.chat_template,
-                        cache_dir=args.cache_dir)
+    config = data_config(args, cache_dir=args.cache_dir)
     print(f"tokenizer: {tok_desc}")
     total_bad = 0
     for source in sources:
@@ -124,7 +123,9 @@ def inspect(args):
         total_bad += sum(report.bad.values())
         if len(data):
             (_describe_groups if kind == "groups" else _describe_pairs)(args, data)
-    return 1 if total_bad and args.strict else 0
+    if total_bad and args.strict:
+        raise DataError(f"--strict: {total_bad} bad row(s) (listed above)")
+    return 0
 
 
 def synth(args):
@@ -152,14 +153,9 @@ def main(argv=None):
     p.add_argument("sources", nargs="+", help="files, folders, datasets dirs or hub names (PATH or PATH@WEIGHT)")
     p.add_argument("--tokenizer", help="a transformers tokenizer folder (default: train a small BPE on the data)")
     p.add_argument("--vocab-size", type=int, default=8000, help="vocabulary of the BPE trained without --tokenizer")
-    p.add_argument("--format", default="auto", choices=FORMATS)
-    p.add_argument("--max-length", type=int, default=1024)
-    p.add_argument("--overlong", default="truncate", choices=OVERLONG)
-    p.add_argument("--chat-template", help="a Jinja chat template file for conversational rows")
     p.add_argument("--cache-dir", help="tokenization cache (default ~/.cache/rmfast/tokenized)")
-    p.add_argument("--strict", action="store_true", help="exit with status 1 when any row is bad")
-    p.add_argument("--kind", default="auto", choices=["auto", "pairs", "groups"],
-                   help="what the rows are (auto: groups when the first row holds K responses)")
+    p.add_argument("--strict", action="store_true", help="exit with status 2 (as for any bad data) when a row is bad")
+    add_data_options(p, kinds=["pairs", "groups"], on_bad_row="skip")
     p.set_defaults(func=inspect)
     s = sub.add_parser("synth", help="write learnable synthetic arithmetic preference pairs as JSON Lines")
     s.add_argument("--pairs", type=int, default=2000, help="rows to write (groups with --groups)")

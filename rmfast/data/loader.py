@@ -19,12 +19,13 @@ import numpy as np
 from . import sources
 from .formats import FORMATS, REASONS, BadRow, parse_row
 from .tokenize import LengthPolicy, TokenizedPairs, tokenize_pairs_parallel
+from ..errors import UserError
 
 CACHE_VERSION = 2  # 2: no pickled arrays
 BAD_ROW_MODES = ("error", "skip")
 
 
-class DataError(ValueError):
+class DataError(UserError):
     """Bad input found before training: the message lists where and why."""
 
 
@@ -69,15 +70,15 @@ class DataConfig:
 
     def __post_init__(self):
         if self.format not in FORMATS:
-            raise ValueError(f"format must be one of {', '.join(FORMATS)}, got {self.format!r}")
+            raise UserError(f"format must be one of {', '.join(FORMATS)}, got {self.format!r}")
         if self.on_bad_row not in BAD_ROW_MODES:
-            raise ValueError(f"on_bad_row must be one of {', '.join(BAD_ROW_MODES)}, got {self.on_bad_row!r}")
+            raise UserError(f"on_bad_row must be one of {', '.join(BAD_ROW_MODES)}, got {self.on_bad_row!r}")
         if not isinstance(self.columns, dict) or not all(isinstance(k, str) and isinstance(v, str)
                                                          for k, v in self.columns.items()):
-            raise ValueError(f"columns must be a JSON object from rmfast's column names to yours, e.g. "
-                             f"{{\"chosen\": \"good\", \"responses\": \"answers\"}}; got {self.columns!r}")
+            raise UserError(f"columns must be a JSON object from rmfast's column names to yours, e.g. "
+                            f"{{\"chosen\": \"good\", \"responses\": \"answers\"}}; got {self.columns!r}")
         if not 0.0 <= self.eval_fraction < 1.0:
-            raise ValueError(f"eval_fraction must be in [0, 1), got {self.eval_fraction}")
+            raise UserError(f"eval_fraction must be in [0, 1), got {self.eval_fraction}")
         if self.chat_template and os.path.isfile(self.chat_template):
             self.chat_template = Path(self.chat_template).read_text()
 
@@ -320,7 +321,7 @@ def _check_bad(report: DataReport, config: DataConfig, name):
 def _weighted(data, weight, rng):
     """`data` (pairs or groups) repeated `weight` times: whole copies, then a seeded share of one more."""
     if weight < 0:
-        raise ValueError(f"a source weight must be ≥ 0, got {weight}")
+        raise UserError(f"a source weight must be ≥ 0, got {weight}")
     whole = int(weight)
     idx = [np.arange(len(data))] * whole
     frac = weight - whole
@@ -334,7 +335,7 @@ def load_data(config: DataConfig, tokenizer, progress=True, kind="pairs"):
     cached, weighted (PATH@WEIGHT) and split (eval sources, else a seeded eval_fraction of each train
     source). Returns (train, eval or None, DataReport)."""
     if not config.train:
-        raise ValueError("no training data: give at least one source (a file, folder, datasets dir or hub name)")
+        raise UserError("no training data: give at least one source (a file, folder, datasets dir or hub name)")
     if kind == "groups":
         from .group_tokens import TokenizedGroups as cls
     else:

@@ -2,6 +2,7 @@
 a token budget, and sharded so that every rank takes the same number of steps."""
 
 import numpy as np
+from ..errors import UserError
 
 COMBINE = ("sum", "max")
 
@@ -32,8 +33,8 @@ class PairSampler:
             raise ValueError(f"combine must be one of {', '.join(COMBINE)}, got {combine!r}")
         if token_budget is not None and self.costs.max() > token_budget:
             worst = int(self.costs.argmax())
-            raise ValueError(f"pair {worst} alone costs {int(self.costs.max())} tokens, over the token budget of "
-                             f"{token_budget}: raise the budget or lower max_length")
+            raise UserError(f"pair {worst} alone costs {int(self.costs.max())} tokens, over the token budget of "
+                            f"{token_budget}: raise the budget or lower max_length")
         if not 0 <= rank < world_size:
             raise ValueError(f"rank {rank} is outside world_size {world_size}")
         self.pairs_per_batch = pairs_per_batch
@@ -123,7 +124,7 @@ class PairSampler:
 
     def load_state_dict(self, state):
         if state.get("seed", self.seed) != self.seed or state.get("world_size", self.world_size) != self.world_size:
-            raise ValueError(f"sampler state was saved with seed {state.get('seed')} and world_size "
-                             f"{state.get('world_size')}, this sampler has seed {self.seed} and world_size "
-                             f"{self.world_size}: resume with the same settings")
+            raise UserError(f"sampler state was saved with seed {state.get('seed')} and world_size "
+                            f"{state.get('world_size')}, this sampler has seed {self.seed} and world_size "
+                            f"{self.world_size}: resume with the same settings")
         self.epoch, self.step = int(state["epoch"]), int(state["step"])

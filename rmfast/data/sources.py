@@ -13,6 +13,7 @@ import zlib
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Iterator, Optional
+from ..errors import UserError
 
 FILE_SUFFIXES = (".jsonl", ".json", ".parquet", ".csv")
 
@@ -62,8 +63,8 @@ def files_of(source: str):
                   f"{', …' if len(others) > 3 else ''})", file=sys.stderr)
         return files
     if _kind(path) is None:
-        raise ValueError(f"{source}: unsupported file type; use {', '.join(FILE_SUFFIXES)} (optionally .gz), "
-                         f"a folder of them, a `datasets` directory or a hub dataset name")
+        raise UserError(f"{source}: unsupported file type; use {', '.join(FILE_SUFFIXES)} (optionally .gz), "
+                        f"a folder of them, a `datasets` directory or a hub dataset name")
     return [path]
 
 
@@ -259,7 +260,7 @@ def _iter_datasets_dir(path: Path, split: str):
     ds = datasets.load_from_disk(str(path))
     if isinstance(ds, datasets.DatasetDict):
         if split not in ds:
-            raise ValueError(f"{path}: no split {split!r}; it has {', '.join(ds)}")
+            raise UserError(f"{path}: no split {split!r}; it has {', '.join(ds)}")
         ds = ds[split]
     if len(ds) == 0:
         yield RawRow(f"{path}#row 0", None, "empty_file", "the dataset holds no rows")

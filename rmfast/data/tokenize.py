@@ -11,6 +11,7 @@ from dataclasses import dataclass
 import numpy as np
 
 from .formats import Pair
+from ..errors import UserError
 
 OVERLONG = ("truncate", "drop")
 
@@ -27,9 +28,9 @@ class LengthPolicy:
 
     def __post_init__(self):
         if self.overlong not in OVERLONG:
-            raise ValueError(f"overlong must be one of {', '.join(OVERLONG)}, got {self.overlong!r}")
+            raise UserError(f"overlong must be one of {', '.join(OVERLONG)}, got {self.overlong!r}")
         if self.max_length < 2:
-            raise ValueError(f"max_length must be at least 2, got {self.max_length}")
+            raise UserError(f"max_length must be at least 2, got {self.max_length}")
 
 
 def common_prefix(a, b):
@@ -66,7 +67,7 @@ def render(pair: Pair, tokenizer, chat_template=None):
 
 def check_chat_template(tokenizer, chat_template):
     if chat_template is None and not getattr(tokenizer, "chat_template", None):
-        raise ValueError(
+        raise UserError(
             "conversational rows need a chat template, and this tokenizer has none: pass one "
             "(--chat-template FILE.jinja, or data.chat_template in the config) or use a tokenizer that has one")
 
