@@ -262,6 +262,9 @@ _DATA_HELP = {
     "min_prompt_tokens": "prompt tokens truncation keeps", "chat_template": "Jinja chat template (text or file)",
     "on_bad_row": "stop on a bad row, or skip and count it", "cache_dir": "tokenization cache folder",
     "seed": "seed of the eval split and source weights", "num_proc": "tokenization processes (0: automatic)",
+    "eos_after_template": "append EOS after a chat template's own end too, as runs of rmfast before this option "
+                          "did (off: the reward is read where apply_chat_template ends, as transformers, vLLM "
+                          "and RewardBench read it)",
 }
 
 

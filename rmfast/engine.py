@@ -405,7 +405,8 @@ class Trainer:
 
     def _save_run_files(self):
         (self.out / "config.json").write_text(json.dumps(self.config.to_dict(), indent=2, default=str))
-        self.tokenizer.save_pretrained(self.out / "tokenizer")
+        with carrying_template(self.tokenizer, self.config.data.chat_template):
+            self.tokenizer.save_pretrained(self.out / "tokenizer")
         self.model.backbone.config.save_pretrained(self.out / "backbone")
 
     # -- resumable state
@@ -543,8 +544,10 @@ class Trainer:
         if self.config.train.export:
             from .export import export_model
 
-            export_model(self.engine.module, self.tokenizer, self.out / "export", final,
-                         zero_stage=self.config.train.zero_stage, lora=config_lora(self.config.model))
+            with carrying_template(self.tokenizer, self.config.data.chat_template):
+                export_model(self.engine.module, self.tokenizer, self.out / "export", final,
+                             zero_stage=self.config.train.zero_stage, lora=config_lora(self.config.model),
+                             eos_after_template=self.config.data.eos_after_template)
             if self.rank == 0:
                 self.log(f"exported to {self.out / 'export'}")
         return final
@@ -660,6 +663,22 @@ def on_rank0(rank, fn):
     if error:
         raise rundir.RunDirError(error)
     return result
+
+
+@contextlib.contextmanager
+def carrying_template(tokenizer, chat_template):
+    """The tokenizer holding the run's data.chat_template while it is saved (tokenizer/, the export): whoever
+    scores the export renders conversations with the template the model was trained on. The tokenizer the
+    run tokenizes and fingerprints with is left as it was loaded."""
+    if not chat_template:
+        yield tokenizer
+        return
+    before = tokenizer.chat_template
+    tokenizer.chat_template = chat_template
+    try:
+        yield tokenizer
+    finally:
+        tokenizer.chat_template = before
 
 
 def run_identity(config, backbone_config, tokenizer, world):

@@ -29,6 +29,10 @@ import torch
 from .errors import UserError
 
 PAD_TOKEN = "<|rmfast_pad|>"
+# the export's config key of the reward-token convention: true when the model was trained with EOS appended
+# after a chat template's own end (rmfast before the convention was recorded; an rmfast export without the key
+# was made so), false when a conversation's reward is read where apply_chat_template ends
+EOS_AFTER_TEMPLATE = "rmfast_eos_after_chat_template"
 MAX_SHARD_SIZE = 2 * 1024**3  # bytes per safetensors file; rank 0 holds at most one file's tensors in memory
 _LORA = (".base_layer.", ".lora_A.", ".lora_B.")
 
@@ -247,10 +251,12 @@ class _Export:
     feed() one group at a time (CPU tensors, a LoRA layer's together), then finish(); abort() on failure.
     dtype: the export's floating dtype (None: the first tensor's). lora: (r, alpha) to merge adapters."""
 
-    def __init__(self, backbone_config, tokenizer, out_dir, dtype=None, lora=None, max_shard_size=MAX_SHARD_SIZE):
+    def __init__(self, backbone_config, tokenizer, out_dir, dtype=None, lora=None, max_shard_size=MAX_SHARD_SIZE,
+                 eos_after_template=False):
         self.out = Path(out_dir)
         self.target = _target(backbone_config, tokenizer)
         self.dtype, self.lora, self.score_bias = dtype, lora, None
+        self.eos_after_template = bool(eos_after_template)
         self.tmp = _staging(self.out)
         self.shards = _Shards(self.tmp, max_shard_size)
 
@@ -311,6 +317,8 @@ class _Export:
             config.rmfast_reward_std = eval_metrics["eval_reward_std"]
         if self.score_bias is not None:
             config.rmfast_score_bias = self.score_bias
+        # where the reward is read (rmfast.data.tokenize.LengthPolicy): what a scorer of this export must do
+        setattr(config, EOS_AFTER_TEMPLATE, self.eos_after_template)
         config.save_pretrained(self.tmp)
         t.tokenizer.save_pretrained(self.tmp)
         info = {"eval": eval_metrics or {}, "pad_token_added": t.grown}
@@ -323,11 +331,11 @@ class _Export:
 
 
 def write_export(backbone_config, state, tokenizer, out_dir, eval_metrics=None, dtype=None, lora=None,
-                 max_shard_size=MAX_SHARD_SIZE, consume=False):
+                 max_shard_size=MAX_SHARD_SIZE, consume=False, eos_after_template=False):
     """state: RewardModel state dict (backbone.* and head.*; PEFT keys when lora=(r, alpha)) → HF
     sequence-classification folder out_dir. dtype: the weights' dtype (default: the first tensor's).
     consume: pop tensors from state as they are written (the caller's dict shrinks; less memory)."""
-    export = _Export(backbone_config, tokenizer, out_dir, dtype, lora, max_shard_size)
+    export = _Export(backbone_config, tokenizer, out_dir, dtype, lora, max_shard_size, eos_after_template)
     try:
         for keys in _groups(list(state)):
             export.feed({k: state.pop(k) if consume else state[k] for k in keys})
@@ -363,7 +371,7 @@ def _agree(error, distributed):
 
 
 def export_model(model, tokenizer, out_dir, eval_metrics=None, zero_stage=0, dtype=None, lora=None,
-                 max_shard_size=MAX_SHARD_SIZE):
+                 max_shard_size=MAX_SHARD_SIZE, eos_after_template=False):
     """Write the HF export of a RewardModel; every rank calls it, rank 0 writes (returns the folder; the
     other ranks None). Under ZeRO-3 the parameters are gathered one group at a time (a tensor, or a LoRA
     layer), so a rank holds its partition plus one group, and rank 0 the shard being written besides.
@@ -379,7 +387,7 @@ def export_model(model, tokenizer, out_dir, eval_metrics=None, zero_stage=0, dty
     export, error = None, None
     if rank == 0:
         try:
-            export = _Export(config, tokenizer, out_dir, dtype, lora, max_shard_size)
+            export = _Export(config, tokenizer, out_dir, dtype, lora, max_shard_size, eos_after_template)
         except Exception as e:  # noqa: BLE001 - every rank must hear of it before the gathers start
             error = e
     _agree(error, distributed)
@@ -475,8 +483,11 @@ def _export_run(run, args):
     tokenizer = AutoTokenizer.from_pretrained(out_root / "tokenizer")
     config = AutoConfig.from_pretrained(out_root / "backbone")
     # consume: each group leaves the state once written, so memory falls as the shards go out
+    # a run saved before the convention was recorded appended EOS after chat templates
+    eos_after_template = run_config.get("data", {}).get("eos_after_template", True)
     path = write_export(config, state, tokenizer, args.out, _last_eval(out_root), DTYPES[args.dtype], lora=lora,
-                        max_shard_size=int(args.max_shard_size * 1024**3), consume=True)
+                        max_shard_size=int(args.max_shard_size * 1024**3), consume=True,
+                        eos_after_template=eos_after_template)
     print(f"exported {checkpoint} to {path}")
 
 

@@ -50,6 +50,17 @@ def _device(name):
     return device
 
 
+def eos_after_template(model_dir, config):
+    """The export's reward-token convention (rmfast.export.EOS_AFTER_TEMPLATE): as recorded; an rmfast export
+    that predates the record appended EOS after chat templates; any other model reads where the template ends."""
+    from .export import EOS_AFTER_TEMPLATE
+
+    recorded = getattr(config, EOS_AFTER_TEMPLATE, None)
+    if recorded is not None:
+        return bool(recorded)
+    return (Path(model_dir) / "rmfast.json").is_file()
+
+
 class Scorer:
     """An exported reward model ready to score token sequences and pairs."""
 
@@ -64,6 +75,7 @@ class Scorer:
         self.mean = getattr(config, "rmfast_reward_mean", None)
         self.std = getattr(config, "rmfast_reward_std", None)
         self.bias = getattr(config, "rmfast_score_bias", 0.0) or 0.0
+        self.eos_after_template = eos_after_template(model_dir, config)
         kind = getattr(self.model.backbone.config, "model_type", "")
         if kind in attention.SUPPORTED and kind not in attention.DENSE_ONLY:
             self.model.set_attention(attention.resolve_attention(
@@ -128,13 +140,15 @@ def _token_batches(costs, budget):
     return list(PairSampler(costs, token_budget=budget, shuffle=False, group_by_length=True).global_batches(0))
 
 
-def _read_sequences(sources, tokenizer, max_length, on_bad_row, chat_template=None):
-    """Single sequences: rows with a `text` string or a `messages` list. Returns (ids, locations, bad)."""
+def _read_sequences(sources, tokenizer, max_length, on_bad_row, chat_template=None, eos_after_template=False):
+    """Single sequences: rows with a `text` string or a `messages` list (rendered by the chat template, EOS
+    after it only with eos_after_template). Returns (ids, locations, bad)."""
     ids, locations, bad = [], [], []
     eos = tokenizer.eos_token_id
     for source in sources:
         for raw in iter_rows(source):
             problem = raw.reason
+            append_eos = True
             if problem is None:
                 if isinstance(raw.data.get("text"), str) and raw.data["text"].strip():
                     seq = tokenizer(raw.data["text"])["input_ids"]
@@ -142,12 +156,13 @@ def _read_sequences(sources, tokenizer, max_length, on_bad_row, chat_template=No
                     text = tokenizer.apply_chat_template(raw.data["messages"], tokenize=False,
                                                          chat_template=chat_template)
                     seq = tokenizer(text, add_special_tokens=False)["input_ids"]
+                    append_eos = eos_after_template
                 else:
                     problem = "no non-empty `text` string or `messages` list"
             if problem is not None:
                 bad.append(f"{raw.location}: {problem}")
                 continue
-            if eos is not None and (not seq or seq[-1] != eos):
+            if append_eos and eos is not None and (not seq or seq[-1] != eos):
                 seq = seq + [eos]
             if len(seq) > max_length:
                 seq = seq[: max_length - 1] + seq[-1:]  # keep the end: the reward is read at the last token
@@ -224,7 +239,7 @@ def _score_pairs(scorer, args):
     """One record per pair (rewards, margin, correct), read like training data, prefix-shared batches."""
     from tqdm.auto import tqdm
 
-    config = data_config(args)
+    config = data_config(args, eos_after_template=scorer.eos_after_template)
     pairs, _, report = load_data(config, scorer.tokenizer)
     for line in report.lines():
         print(f"data: {line}", file=sys.stderr)
@@ -270,14 +285,14 @@ def _subsets(specs, column):
     return out
 
 
-def _read_groups(args, tokenizer):
+def _read_groups(args, tokenizer, eos_after_template=False):
     """Group rows of every source, validated (rows without scores or ranking, and single responses, are
     taken: they are scored) and tokenized. Returns (TokenizedGroups, {location: the row's scores or None})."""
     from .data.group_tokens import TokenizedGroups, tokenize_groups
     from .data.groups import parse_group_row
     from .data.loader import _check_bad, read_rows
 
-    config = data_config(args)
+    config = data_config(args, eos_after_template=eos_after_template)
     parts, scores = [], {}
     for spec in args.sources:
         source = Source.parse(spec)
@@ -321,7 +336,7 @@ def _score_groups(scorer, args):
 
     from .groups import group_lengths
 
-    groups, scores = _read_groups(args, scorer.tokenizer)
+    groups, scores = _read_groups(args, scorer.tokenizer, scorer.eos_after_template)
     costs = group_lengths(groups)
     records = []
     for batch in tqdm(_token_batches(costs, max(args.token_budget, int(costs.max()))), desc="scoring groups",
@@ -378,7 +393,7 @@ def _score_texts(scorer, args):
     from tqdm.auto import tqdm
 
     seqs, locations, bad = _read_sequences(args.sources, scorer.tokenizer, args.max_length, args.on_bad_row,
-                                           data_config(args).chat_template)
+                                           data_config(args).chat_template, scorer.eos_after_template)
     if bad:
         print(f"skipped {len(bad)} bad row(s)", file=sys.stderr)
     if not seqs:

@@ -68,9 +68,16 @@ def test_conversational_rows_render_with_the_chat_template(tmp_path, tokenizer, 
     rows = generate_pairs(5, seed=1)
     train, _, _ = load_data(cfg(write(tmp_path / "c.jsonl", rows)), tokenizer)
     text = tokenizer.decode(train.chosen[0])
-    assert text.startswith("<s><|im_start|>user\n") and text.endswith("<|im_end|>\n</s>")
+    # exactly what apply_chat_template renders (ChatML ends its turn with <|im_end|>\n), nothing after it
+    rendered = tokenizer.apply_chat_template(rows[0]["prompt"] + rows[0]["chosen"], tokenize=False)
+    assert text == rendered and text.startswith("<s><|im_start|>user\n") and text.endswith("<|im_end|>\n")
+    assert train.chosen[0].tolist() == tokenizer.apply_chat_template(rows[0]["prompt"] + rows[0]["chosen"],
+                                                                     return_dict=True)["input_ids"]
     prompt = tokenizer.apply_chat_template(rows[0]["prompt"], add_generation_prompt=True, tokenize=False)
     assert tokenizer.decode(train.chosen[0][: train.prompt[0]]) == prompt
+    # the convention of runs before it was recorded: EOS after the template's end
+    train, _, _ = load_data(cfg(write(tmp_path / "c.jsonl", rows), eos_after_template=True), tokenizer)
+    assert tokenizer.decode(train.chosen[0]) == rendered + "</s>"
 
 
 def test_conversational_without_chat_template_says_how_to_fix(tmp_path, tokenizer, cfg):

@@ -144,14 +144,19 @@ def test_a_group_left_with_one_response_or_all_tied_is_dropped_and_counted(token
     assert len(tokenized) == 0 and counts.dropped == {"fewer_than_two_responses": 1, "all_tied": 1}
 
 
-def test_each_response_is_prompt_then_its_own_tokens_ending_in_eos(tokenizer):
+@pytest.mark.parametrize("eos_after_template", [False, True])
+def test_each_response_is_prompt_then_its_own_tokens_ending_where_the_template_ends(tokenizer, eos_after_template):
+    """A conversation's tokens are exactly apply_chat_template's (the reward is read where a plain transformers
+    caller reads it); eos_after_template, the convention of earlier runs, appends EOS after them."""
     row = SHAPES["conversational"][0]
     group = parse_group_row("x", row)
-    tokenized, _ = tokenize_groups([group], tokenizer, pair_tokenize.LengthPolicy(256))
+    policy = pair_tokenize.LengthPolicy(256, eos_after_template=eos_after_template)
+    tokenized, _ = tokenize_groups([group], tokenizer, policy)
     for k, response in enumerate(row["responses"]):
         text = tokenizer.apply_chat_template(row["prompt"] + response, tokenize=False)
-        ids = tokenizer(text, add_special_tokens=False)["input_ids"] + [tokenizer.eos_token_id]
-        assert tokenized.sequence(0, k).tolist() == ids
+        ids = tokenizer(text, add_special_tokens=False)["input_ids"]
+        assert ids[-1] != tokenizer.eos_token_id  # the template does not end in EOS: the two conventions differ
+        assert tokenized.sequence(0, k).tolist() == ids + ([tokenizer.eos_token_id] if eos_after_template else [])
     prompt_text = tokenizer.apply_chat_template(row["prompt"], add_generation_prompt=True, tokenize=False)
     assert tokenizer.decode(tokenized.prompt[0]).startswith(prompt_text)
 

@@ -200,3 +200,95 @@ def test_pairs_with_a_subset_column_give_per_subset_accuracy(exported, tmp_path)
                        str(tmp_path / "g.json")]) == 0
     by_subset = json.loads((tmp_path / "g.json").read_text())["subsets"]
     assert by_subset["even"]["comparison_accuracy"] == pytest.approx(correct[0::2].mean())
+
+
+# ---- the reward token: where plain transformers reads it, for chat and plain text ----
+
+LLAMA3_TEMPLATE = ("{{ bos_token }}{% for m in messages %}<|start_header_id|>{{ m['role'] }}<|end_header_id|>\n\n"
+                   "{{ m['content'] }}<|eot_id|>{% endfor %}{% if add_generation_prompt %}<|start_header_id|>"
+                   "assistant<|end_header_id|>\n\n{% endif %}")
+
+
+@pytest.mark.parametrize("template", ["chatml", "llama3"])
+def test_chat_rows_score_as_plain_transformers_scores_apply_chat_template(tmp_path, template):
+    """Conversational pairs, groups and message rows: rmfast-score equals a plain
+    AutoModelForSequenceClassification on tokenizer.apply_chat_template(messages), nothing added; plain text
+    rows get EOS (as TRL trains). The export records the convention, and its tokenizer carries the template
+    (a run's data.chat_template, here Llama-3's)."""
+    from transformers import AutoModelForSequenceClassification, AutoTokenizer
+
+    from rmfast.engine import carrying_template
+    from rmfast.export import EOS_AFTER_TEMPLATE
+
+    rows = generate_pairs(8, seed=5)  # conversational
+    tok = train_bpe_tokenizer([m["content"] for r in rows for m in r["prompt"] + r["chosen"]], vocab_size=160)
+    model = build(None, "llama", vocab=len(tok))
+    with carrying_template(tok, LLAMA3_TEMPLATE if template == "llama3" else None):
+        path = write_export(model.backbone.config, model.state_dict(), tok, tmp_path / "export")
+    assert tok.chat_template != LLAMA3_TEMPLATE  # the run's tokenizer itself is left as it was
+    assert json.loads((path / "config.json").read_text())[EOS_AFTER_TEMPLATE] is False
+    hf_tok = AutoTokenizer.from_pretrained(path)
+    assert ("<|eot_id|>" in hf_tok.chat_template) == (template == "llama3")
+    hf = AutoModelForSequenceClassification.from_pretrained(path, dtype=torch.float32).eval()
+
+    def plain(messages):  # the one line a transformers user writes
+        with torch.no_grad():
+            return hf(**hf_tok.apply_chat_template(messages, return_dict=True, return_tensors="pt")).logits[0, 0].item()
+
+    write_jsonl(rows, tmp_path / "pairs.jsonl")
+    groups = [{"prompt": r["prompt"], "responses": [r["chosen"], r["rejected"], rows[i - 1]["rejected"]]}
+              for i, r in enumerate(rows)]
+    write_jsonl(groups, tmp_path / "groups.jsonl")
+    write_jsonl([{"messages": r["prompt"] + r["chosen"]} for r in rows], tmp_path / "messages.jsonl")
+    for name in ("pairs", "groups", "messages"):
+        assert score_main([str(path), str(tmp_path / f"{name}.jsonl"), "--out", str(tmp_path / f"{name}-s.jsonl")]) == 0
+    got = read_jsonl(tmp_path / "pairs-s.jsonl")
+    np.testing.assert_allclose([g["chosen_reward"] for g in got], [plain(r["prompt"] + r["chosen"]) for r in rows],
+                               atol=1e-4)
+    np.testing.assert_allclose([g["rejected_reward"] for g in got],
+                               [plain(r["prompt"] + r["rejected"]) for r in rows], atol=1e-4)
+    got = read_jsonl(tmp_path / "groups-s.jsonl")
+    np.testing.assert_allclose([g["rewards"] for g in got],
+                               [[plain(g["prompt"] + x) for x in g["responses"]] for g in groups], atol=1e-4)
+    got = read_jsonl(tmp_path / "messages-s.jsonl")
+    np.testing.assert_allclose([g["reward"] for g in got], [plain(r["prompt"] + r["chosen"]) for r in rows],
+                               atol=1e-4)
+    # plain text: text + EOS
+    write_jsonl([{"text": "2 plus 2 is 4"}], tmp_path / "texts.jsonl")
+    assert score_main([str(path), str(tmp_path / "texts.jsonl"), "--out", str(tmp_path / "texts-s.jsonl")]) == 0
+    with torch.no_grad():
+        want = hf(input_ids=torch.tensor([hf_tok("2 plus 2 is 4")["input_ids"] + [hf_tok.eos_token_id]])).logits
+    assert read_jsonl(tmp_path / "texts-s.jsonl")[0]["reward"] == pytest.approx(want.item(), abs=1e-4)
+
+
+def test_an_export_from_before_the_convention_keeps_scoring_as_it_was_trained(tmp_path):
+    """An rmfast export without the record was trained with EOS after the chat template: the scorer appends it;
+    a model that is no rmfast export reads where the template ends."""
+    from transformers import AutoModelForSequenceClassification, AutoTokenizer
+
+    from rmfast.export import EOS_AFTER_TEMPLATE
+
+    rows = generate_pairs(4, seed=6)
+    tok = train_bpe_tokenizer([m["content"] for r in rows for m in r["prompt"] + r["chosen"]], vocab_size=140)
+    model = build(None, "llama", vocab=len(tok))
+    path = write_export(model.backbone.config, model.state_dict(), tok, tmp_path / "export")
+    config = json.loads((path / "config.json").read_text())
+    del config[EOS_AFTER_TEMPLATE]
+    (path / "config.json").write_text(json.dumps(config))
+    write_jsonl([{"messages": r["prompt"] + r["chosen"]} for r in rows], tmp_path / "m.jsonl")
+    hf_tok = AutoTokenizer.from_pretrained(path)
+    hf = AutoModelForSequenceClassification.from_pretrained(path, dtype=torch.float32).eval()
+
+    def plain(messages, eos):
+        ids = hf_tok.apply_chat_template(messages, return_dict=True)["input_ids"]
+        ids += [hf_tok.eos_token_id] if eos else []
+        with torch.no_grad():
+            return hf(input_ids=torch.tensor([ids])).logits.item()
+
+    for rmfast_export in (True, False):
+        if not rmfast_export:
+            (path / "rmfast.json").unlink()
+        out = tmp_path / f"s-{rmfast_export}.jsonl"
+        assert score_main([str(path), str(tmp_path / "m.jsonl"), "--out", str(out)]) == 0
+        want = [plain(r["prompt"] + r["chosen"], eos=rmfast_export) for r in rows]
+        np.testing.assert_allclose([g["reward"] for g in read_jsonl(out)], want, atol=1e-4)

@@ -196,7 +196,8 @@ class GroupCounts:
 
 
 def _encode(texts, prompt_text, special, tokenizer, eos_id):
-    """Id lists of the texts (EOS appended where missing) and how many tokens the prompt text covers."""
+    """Id lists of the texts (eos_id appended where missing, unless None) and how many tokens the prompt text
+    covers."""
     enc = tokenizer(texts, add_special_tokens=not special, return_offsets_mapping=True)
     seqs = [list(ids) for ids in enc["input_ids"]]
     if prompt_text is None:
@@ -212,7 +213,8 @@ def _tokenize_one(group, tokenizer, policy, chat_template, counts, scoring=False
     """(prompt ids, response ids, scores, origin) of one group, or None when it is dropped (counted).
     scoring: keep groups with one response or no order (they are scored, not trained on)."""
     texts, prompt_text, special = render_group(group, tokenizer, chat_template)
-    seqs, prompt_len = _encode(texts, prompt_text, special, tokenizer, tokenizer.eos_token_id)
+    eos = tokenizer.eos_token_id if not special or policy.eos_after_template else None  # see LengthPolicy
+    seqs, prompt_len = _encode(texts, prompt_text, special, tokenizer, eos)
     seqs, kept, truncated = fit_group_length(seqs, prompt_len, policy, tokenizer.bos_token_id)
     counts.dropped_responses_too_long += len(texts) - len(kept)
     given = group.scores if group.scores is not None else [0.0] * len(texts)

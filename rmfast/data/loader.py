@@ -67,6 +67,7 @@ class DataConfig:
     cache_dir: Optional[str] = None  # default: ~/.cache/rmfast/tokenized (RMFAST_CACHE overrides)
     seed: int = 0
     num_proc: int = 0  # tokenization processes; 0: several from 20,000 pairs up, else one
+    eos_after_template: bool = False  # see LengthPolicy
 
     def __post_init__(self):
         if self.format not in FORMATS:
@@ -83,7 +84,7 @@ class DataConfig:
             self.chat_template = Path(self.chat_template).read_text()
 
     def policy(self):
-        return LengthPolicy(self.max_length, self.overlong, self.min_prompt_tokens)
+        return LengthPolicy(self.max_length, self.overlong, self.min_prompt_tokens, self.eos_after_template)
 
 
 @dataclass

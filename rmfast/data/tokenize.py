@@ -1,6 +1,7 @@
 """Rendering, tokenization, the length policy and the token-level shared prefix of preference pairs.
 
-Each pair becomes token ids for both sides, ending in EOS, plus:
+Each pair becomes token ids for both sides, ending in EOS (plain text) or where the chat template ends
+(conversations; see LengthPolicy.eos_after_template), plus:
 - ``prompt``: how many leading tokens belong to the prompt (for implicit pairs: the shared prefix);
 - ``shared``: the longest common prefix of the two id sequences, capped so that each side keeps at least
   one token of its own (the prefix-shared layout computes those tokens once).
@@ -25,6 +26,10 @@ class LengthPolicy:
     max_length: int = 1024
     overlong: str = "truncate"
     min_prompt_tokens: int = 16
+    # the reward-token convention: a sequence a chat template rendered ends where the template ends (what
+    # apply_chat_template gives, and what transformers, vLLM and RewardBench read the reward at); True appends
+    # EOS after it too, as rmfast runs before the convention did. Plain text always gets EOS.
+    eos_after_template: bool = False
 
     def __post_init__(self):
         if self.overlong not in OVERLONG:
@@ -180,13 +185,13 @@ def tokenize_pairs(pairs, tokenizer, policy: LengthPolicy, chat_template=None, b
             enc = tokenizer(texts, add_special_tokens=not special, return_offsets_mapping=True)
             for k, i in enumerate(idx):
                 encoded[i] = (enc["input_ids"][k], enc["input_ids"][len(idx) + k], enc["offset_mapping"][k])
-        for pair, (_, _, prompt_text, _), (ids_c, ids_r, offsets) in zip(batch, rendered, encoded):
+        for pair, (_, _, prompt_text, special), (ids_c, ids_r, offsets) in zip(batch, rendered, encoded):
             ids_c, ids_r = list(ids_c), list(ids_r)
             if prompt_text is None:
                 prompt_len = common_prefix(ids_c, ids_r)
             else:  # tokens that start inside the prompt text
                 prompt_len = sum(1 for (s, e) in offsets if s < len(prompt_text))
-            if eos_id is not None:
+            if eos_id is not None and (not special or policy.eos_after_template):
                 if not ids_c or ids_c[-1] != eos_id:
                     ids_c.append(eos_id)
                 if not ids_r or ids_r[-1] != eos_id:
