@@ -134,7 +134,7 @@ def main(argv=None):
             print(f"final eval: accuracy {final['eval_accuracy']:.3f}, loss {final['eval_loss']:.4f}", flush=True)
 
     return errors.run("rmfast-train", body, interrupted=lambda: _resume_hint(config.train.output_dir),
-                      quiet=rank != 0)
+                      rank=rank)
 
 
 def quiet_libraries():

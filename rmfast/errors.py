@@ -76,9 +76,12 @@ def describe(exc):
     return FAILURE, f"{type(exc).__name__}: {_first_line(exc)} (RMFAST_DEBUG=1 shows where)"
 
 
-def run(prog, body, interrupted=None, quiet=False):
+def run(prog, body, interrupted=None, rank=0):
     """Run a tool's body; returns its exit status. interrupted(): what to say after Ctrl-C (e.g. how to
-    resume); quiet: print nothing (ranks other than 0)."""
+    resume). rank: of a distributed run. Rank 0 says everything; another rank says its own failures,
+    prefixed with its rank (a failure on rank 5 alone would otherwise look like rank 0 hanging), and keeps
+    quiet on a user's mistake and on Ctrl-C, which every rank meets alike and rank 0 reports."""
+    quiet = rank != 0
     try:
         return body() or 0
     except KeyboardInterrupt:
@@ -103,6 +106,8 @@ def run(prog, body, interrupted=None, quiet=False):
             os._exit(status)
         if not quiet:
             print(f"{prog}: {message}", file=sys.stderr)
+        elif status == FAILURE:
+            print(f"{prog}: rank {rank}: {message}", file=sys.stderr, flush=True)
         return status
 
 

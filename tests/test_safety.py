@@ -202,6 +202,23 @@ def test_only_a_users_mistake_exits_2():
     assert res == 1
 
 
+def test_a_failure_on_another_rank_is_said_once_with_its_rank(capsys):
+    """Rank 0 says everything; rank 5 says its own failure with its rank, and keeps quiet on a user's mistake
+    (every rank meets the same one, and rank 0 says it)."""
+    def fail():
+        raise RuntimeError("CUDA out of memory. Tried to allocate 2.00 GiB")
+
+    def mistake():
+        raise errors.UserError("--data.train x.jsonl: no such file")
+
+    assert errors.run("rmfast-train", fail, rank=5) == 1
+    assert capsys.readouterr().err == ("rmfast-train: rank 5: RuntimeError: CUDA out of memory. Tried to allocate "
+                                       "2.00 GiB (RMFAST_DEBUG=1 shows where)\n")
+    assert errors.run("rmfast-train", mistake, rank=5) == 2 and capsys.readouterr().err == ""
+    assert errors.run("rmfast-train", mistake, rank=0) == 2
+    assert capsys.readouterr().err == "rmfast-train: --data.train x.jsonl: no such file\n"
+
+
 def test_a_checkpoint_that_cannot_be_written_says_what_is_intact(monkeypatch, tmp_path):
     class Engine:
         def save_checkpoint(self, root, tag, save_latest):
