@@ -92,6 +92,7 @@ class ModelConfig:
     trust_remote_code: bool = _f(False, "allow model code from the checkpoint")
     lora_r: int = _f(0, "LoRA rank through PEFT (0: train every weight); the value head is always trained")
     lora_alpha: float = _f(16.0, "LoRA alpha (scale = alpha / r)")
+    lora_rslora: bool = _f(False, "rank-stabilised LoRA: scale = alpha / sqrt(r)")
     lora_dropout: float = _f(0.0, "LoRA dropout")
     lora_target_modules: list = _f(["q_proj", "k_proj", "v_proj", "o_proj"],
                                    "modules that get LoRA adapters (names, or all-linear)")

@@ -715,14 +715,14 @@ def add_lora(backbone, model_config):
 
     targets = model_config.lora_target_modules
     targets = "all-linear" if targets in (["all-linear"], "all-linear") else list(targets)
-    lora = LoraConfig(r=model_config.lora_r, lora_alpha=model_config.lora_alpha,
+    lora = LoraConfig(r=model_config.lora_r, lora_alpha=model_config.lora_alpha, use_rslora=model_config.lora_rslora,
                       lora_dropout=model_config.lora_dropout, target_modules=targets, bias="none")
     return get_peft_model(backbone, lora)
 
 
 def config_lora(model_config):
-    """(r, alpha) when the run trains LoRA adapters, for merging them at export; else None."""
-    return (model_config.lora_r, model_config.lora_alpha) if model_config.lora_r else None
+    """(r, alpha, rslora) when the run trains LoRA adapters, for merging them at export; else None."""
+    return (model_config.lora_r, model_config.lora_alpha, model_config.lora_rslora) if model_config.lora_r else None
 
 
 def choose_layout(backbone_config, config: Config, device_type="cpu", log=None):

@@ -17,6 +17,7 @@ builds the whole model. The folder is written beside the target and renamed into
 import contextlib
 import copy
 import json
+import math
 import os
 import shutil
 import sys
@@ -56,10 +57,20 @@ def _groups(keys):
     return list(groups.values())
 
 
-def _merge_group(group, scale):
-    """One group of a PEFT LoRA RewardModel state dict → plain keys and tensors: W + (B @ A) · scale, in
-    fp32 and cast back to W's dtype; adapters dropped, PEFT prefixes removed. W: [out, in], A: [r, in],
-    B: [out, r]."""
+def lora_scale(lora):
+    """PEFT's scaling of a LoRA layer: alpha / r, or alpha / √r with rsLoRA. lora: (r, alpha[, rslora])."""
+    r, alpha, rslora = (*lora, False)[:3]
+    return alpha / (math.sqrt(r) if rslora else r)
+
+
+def _merge_group(group, scale, fan_in_fan_out=()):
+    """One group of a PEFT LoRA RewardModel state dict → plain keys and tensors: W + ΔW, ΔW = (B @ A) · scale
+    transposed where the layer stores its weight [in, out] (GPT-2's Conv1D, PEFT's fan_in_fan_out), as PEFT's
+    own get_delta_weight computes it (peft.utils.transpose), in fp32 and cast back to W's dtype; adapters
+    dropped, PEFT prefixes removed. A: [r, in], B: [out, r]. fan_in_fan_out: the plain names (backbone.…) of
+    such layers."""
+    from peft.utils import transpose
+
     out = {}
     for key, value in group.items():
         if ".lora_" in key:
@@ -72,17 +83,13 @@ def _merge_group(group, scale):
             except KeyError:
                 raise ValueError(f"export: {stem} has a LoRA base layer but no lora_A/lora_B.default adapters "
                                  f"(only Linear LoRA layers are merged)") from None
-            value = (value.float() + (b.float() @ a.float()) * scale).to(value.dtype)
+            transposed = name[: -len(".weight")] in fan_in_fan_out
+            delta = transpose(b.float() @ a.float(), transposed) * scale
+            if delta.shape != value.shape:
+                raise ValueError(f"export: {stem}'s LoRA update has shape {tuple(delta.shape)}, its weight "
+                                 f"{tuple(value.shape)}")
+            value = (value.float() + delta).to(value.dtype)
         out[name] = value
-    return out
-
-
-def merge_lora(state, r, alpha):
-    """A RewardModel state dict with PEFT LoRA adapters → the plain one: W + (B @ A) · alpha / r, and the
-    PEFT key prefixes removed. The value head (head.*) passes through untouched."""
-    out = {}
-    for keys in _groups(state):
-        out.update(_merge_group({k: state[k] for k in keys}, alpha / r))
     return out
 
 
@@ -99,6 +106,7 @@ class _Target:
     rows: int                # embedding rows the export has (more than the trained ones when a pad is added)
     shapes: dict             # every key the model's state dict has → its shape
     architecture: str        # e.g. "LlamaForSequenceClassification"
+    fan_in_fan_out: set      # backbone.… names of the layers that store their weight [in, out] (Conv1D)
     grown: bool = False
     written: set = field(default_factory=set)
 
@@ -141,7 +149,12 @@ def _target(backbone_config, tokenizer):
     head = next(n for n in ("score", "classifier") if isinstance(getattr(seq, n, None), nn.Linear))
     names = {id(p): n for n, p in seq.named_parameters()}
     embedding = seq.get_input_embeddings().weight
-    return _Target(config=seq.config, tokenizer=tokenizer, prefix=seq.base_model_prefix, head=head,
+    from transformers.pytorch_utils import Conv1D
+
+    prefix = seq.base_model_prefix + "."
+    conv = {f"backbone.{n[len(prefix):]}" for n, m in seq.named_modules()
+            if isinstance(m, Conv1D) and n.startswith(prefix)}
+    return _Target(fan_in_fan_out=conv, config=seq.config, tokenizer=tokenizer, prefix=seq.base_model_prefix, head=head,
                    head_bias=getattr(seq, head).bias is not None, embedding=names[id(embedding)],
                    rows=embedding.shape[0], shapes={k: tuple(v.shape) for k, v in seq.state_dict().items()},
                    architecture=type(seq).__name__, grown=grow > 0)
@@ -263,7 +276,7 @@ class _Export:
     def feed(self, group):
         """group: {rmfast key: CPU tensor}; a LoRA layer's base weight and adapters come in one group."""
         if self.lora:
-            group = _merge_group(group, self.lora[1] / self.lora[0])
+            group = _merge_group(group, lora_scale(self.lora), self.target.fan_in_fan_out)
         for key, value in group.items():
             self.dtype = self.dtype or value.dtype
             named = self._rename(key, value)
@@ -479,7 +492,8 @@ def _export_run(run, args):
     state = load_checkpoint_state(checkpoint)
     run_config = json.loads((out_root / "config.json").read_text()) if (out_root / "config.json").exists() else {}
     model_config = run_config.get("model", {})
-    lora = (model_config["lora_r"], model_config["lora_alpha"]) if model_config.get("lora_r") else None
+    lora = (model_config["lora_r"], model_config["lora_alpha"], model_config.get("lora_rslora", False)) \
+        if model_config.get("lora_r") else None
     tokenizer = AutoTokenizer.from_pretrained(out_root / "tokenizer")
     config = AutoConfig.from_pretrained(out_root / "backbone")
     # consume: each group leaves the state once written, so memory falls as the shards go out

@@ -160,7 +160,8 @@ def identity(config, backbone_config, tokenizer_fp, data_fps, world_size):
     arch = {k: v for k, v in backbone_config.to_dict().items() if not k.startswith("_") and k != "transformers_version"}
     return _as_json({
         "architecture": arch, "tokenizer": tokenizer_fp, "world_size": world_size,
-        "lora": [m.lora_r, m.lora_alpha, sorted(m.lora_target_modules)] if m.lora_r else None,
+        "lora": [m.lora_r, m.lora_alpha, sorted(m.lora_target_modules)] + (["rslora"] if m.lora_rslora else [])
+        if m.lora_r else None,
         "model.name_or_path": m.name_or_path, "data.train": data_fps, "data.max_length": config.data.max_length,
         "train.layout": t.layout, "train.pairs_per_batch": t.pairs_per_batch, "train.token_budget": t.token_budget,
         "train.grad_accum": t.grad_accum, "data.kind": data_kind(config),

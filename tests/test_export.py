@@ -78,6 +78,7 @@ def reference_export(backbone_config, state, tokenizer, out, eval_metrics=None, 
     config.pad_token_id = tokenizer.pad_token_id if tokenizer.pad_token_id < config.vocab_size else None
     config.rmfast_reward_mean = eval_metrics["eval_reward_mean"]
     config.rmfast_reward_std = eval_metrics["eval_reward_std"]
+    config.rmfast_eos_after_chat_template = False  # the reward-token convention every export records
     config.architectures = None
     dtype = dtype or next(iter(state.values())).dtype
     seq = AutoModelForSequenceClassification.from_config(config, dtype=torch.float32)
@@ -458,3 +459,46 @@ def test_lora_export_on_two_ranks_and_rmfast_export_agree(tmp_path, bpe, stage):
     assert a.keys() == b.keys() and all(torch.equal(a[k], b[k]) for k in a)
     exported = json.loads((out / "export" / "config.json").read_text())
     assert exported == json.loads((tmp_path / "again" / "config.json").read_text())
+
+
+@pytest.mark.parametrize("rslora", [False, True], ids=["lora", "rslora"])
+@pytest.mark.parametrize("arch", ["llama", "mistral", "qwen2", "qwen3", "gemma2", "phi3", "gpt2"])
+def test_lora_on_every_linear_layer_exports_what_the_trained_model_scores(tmp_path, arch, rslora):
+    """all-linear LoRA (GPT-2's Conv1D layers store their weights transposed; a square one would merge wrong
+    silently) and rsLoRA (alpha / sqrt(r)): the export's weights are PEFT's own merge (merge_and_unload), and
+    plain transformers scores as the LoRA model did."""
+    from types import SimpleNamespace
+
+    from transformers import AutoModelForSequenceClassification
+
+    from helpers import VOCAB, build as build_arch
+    from rmfast.data.tokenizers import train_bpe_tokenizer
+    from rmfast.engine import add_lora, config_lora
+    from safetensors.torch import load_file
+
+    tok = train_bpe_tokenizer([f"{i} plus {i} is {2 * i}" for i in range(40)], vocab_size=VOCAB)
+    model = build_arch(None, arch, vocab=len(tok))
+    base_config = copy.deepcopy(model.backbone.config)
+    options = SimpleNamespace(lora_r=4, lora_alpha=8.0, lora_dropout=0.0, lora_target_modules=["all-linear"],
+                              lora_rslora=rslora)
+    model.backbone = add_lora(model.backbone, options)
+    with torch.no_grad():
+        for name, p in model.named_parameters():
+            if "lora_B" in name:
+                p.normal_(std=0.1)
+    model.eval()
+    ids = torch.tensor([tok("3 plus 3 is 6")["input_ids"] + [tok.eos_token_id]])
+    with torch.no_grad():
+        want = model.head.rewards(model.backbone(input_ids=ids).last_hidden_state[0, -1:]).item()
+    path = write_export(base_config, model.state_dict(), tok, tmp_path / "export", lora=config_lora(options))
+    merged = plain_state(model)  # PEFT's merge
+    got = load_file(path / "model.safetensors")
+    prefix = AutoModelForSequenceClassification.from_config(base_config).base_model_prefix
+    for key, value in merged.items():
+        if key.startswith("backbone.") and "rotary" not in key:
+            name = f"{prefix}.{key[len('backbone.'):]}"
+            if name in got and got[name].shape == value.shape:
+                torch.testing.assert_close(got[name], value, rtol=1e-5, atol=1e-6, msg=name)
+    hf = AutoModelForSequenceClassification.from_pretrained(path, dtype=torch.float32).eval()
+    with torch.no_grad():
+        assert hf(input_ids=ids).logits.item() == pytest.approx(want, abs=1e-4)
