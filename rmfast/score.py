@@ -140,32 +140,43 @@ def _token_batches(costs, budget):
     return list(PairSampler(costs, token_budget=budget, shuffle=False, group_by_length=True).global_batches(0))
 
 
+def sequence_ids(tokenizer, max_length, text=None, messages=None, chat_template=None, eos_after_template=False,
+                 rendered=False):
+    """The token ids of one single sequence as rmfast-score reads it, and whether the length policy cut it.
+    A plain `text` is tokenized with the tokenizer's special tokens and gets EOS after it; `messages` are
+    rendered by the chat template, and a `rendered` text (one that already holds its special tokens) is
+    tokenized as it is: both get EOS after them only with eos_after_template (the export's convention). Over
+    max_length, the end is kept: the reward is read at the last token."""
+    if messages is not None:
+        text = tokenizer.apply_chat_template(messages, tokenize=False, chat_template=chat_template)
+        rendered = True
+    seq = tokenizer(text, add_special_tokens=not rendered)["input_ids"]
+    eos = tokenizer.eos_token_id
+    if (not rendered or eos_after_template) and eos is not None and (not seq or seq[-1] != eos):
+        seq = seq + [eos]
+    if len(seq) <= max_length:
+        return seq, False
+    return seq[: max_length - 1] + seq[-1:], True
+
+
 def _read_sequences(sources, tokenizer, max_length, on_bad_row, chat_template=None, eos_after_template=False):
     """Single sequences: rows with a `text` string or a `messages` list (rendered by the chat template, EOS
     after it only with eos_after_template). Returns (ids, locations, bad)."""
     ids, locations, bad = [], [], []
-    eos = tokenizer.eos_token_id
     for source in sources:
         for raw in iter_rows(source):
             problem = raw.reason
-            append_eos = True
             if problem is None:
                 if isinstance(raw.data.get("text"), str) and raw.data["text"].strip():
-                    seq = tokenizer(raw.data["text"])["input_ids"]
+                    seq, _ = sequence_ids(tokenizer, max_length, text=raw.data["text"])
                 elif isinstance(raw.data.get("messages"), list) and raw.data["messages"]:
-                    text = tokenizer.apply_chat_template(raw.data["messages"], tokenize=False,
-                                                         chat_template=chat_template)
-                    seq = tokenizer(text, add_special_tokens=False)["input_ids"]
-                    append_eos = eos_after_template
+                    seq, _ = sequence_ids(tokenizer, max_length, messages=raw.data["messages"],
+                                          chat_template=chat_template, eos_after_template=eos_after_template)
                 else:
                     problem = "no non-empty `text` string or `messages` list"
             if problem is not None:
                 bad.append(f"{raw.location}: {problem}")
                 continue
-            if append_eos and eos is not None and (not seq or seq[-1] != eos):
-                seq = seq + [eos]
-            if len(seq) > max_length:
-                seq = seq[: max_length - 1] + seq[-1:]  # keep the end: the reward is read at the last token
             ids.append(seq)
             locations.append(raw.location)
     if bad and on_bad_row == "error":
