@@ -165,5 +165,17 @@ def _resume_hint(output_dir):
     return f"the last complete checkpoint is {root / tags[-1]}; continue with --train.resume latest"
 
 
+def entry(argv=None):
+    """The rmfast-train command: main, then out. With several ranks the process leaves without the
+    interpreter's teardown: gloo's threads can abort a process at that point (std::terminate, SIGABRT) even
+    after its group was destroyed, and the launcher then reports a run that succeeded as failed."""
+    status = main(argv)
+    if int(os.environ.get("WORLD_SIZE", "1")) > 1:
+        sys.stdout.flush()
+        sys.stderr.flush()
+        os._exit(status)
+    return status
+
+
 if __name__ == "__main__":
-    sys.exit(main())
+    sys.exit(entry())

@@ -45,6 +45,7 @@ def _free_port():
 
 
 _OWN_ENV = {}  # the launcher variables init_distributed set itself (no launcher), for close_distributed
+_OWN_DEFAULTS = {}  # torch's default group timeouts init_distributed replaced, to put back
 
 
 def init_distributed(timeout_s=None):
@@ -63,6 +64,14 @@ def init_distributed(timeout_s=None):
             _OWN_ENV.setdefault(key, os.environ.get(key))  # what was there before, to put back
         os.environ.update(own)
     if not dist.is_initialized():
+        if timeout_s:
+            # the groups DeepSpeed makes later (data parallel: the gradients' all-reduce) take torch's default
+            # timeout, 30 minutes for gloo, 10 for NCCL, not the world group's: they get this one too
+            from torch.distributed import distributed_c10d as c10d
+
+            for name in ("default_pg_timeout", "default_pg_nccl_timeout"):
+                _OWN_DEFAULTS.setdefault(name, getattr(c10d, name))
+                setattr(c10d, name, datetime.timedelta(seconds=timeout_s))
         # on CPU DeepSpeed prints that it built its shared-memory op; its errors are raised, not printed
         with contextlib.redirect_stdout(io.StringIO()):
             kw = {"timeout": datetime.timedelta(seconds=timeout_s)} if timeout_s else {}
@@ -97,6 +106,11 @@ def close_distributed():
         else:
             os.environ[key] = before
     _OWN_ENV.clear()
+    from torch.distributed import distributed_c10d as c10d
+
+    for name, before in _OWN_DEFAULTS.items():
+        setattr(c10d, name, before)
+    _OWN_DEFAULTS.clear()
 
 
 def seed_everything(seed):
