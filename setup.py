@@ -103,7 +103,7 @@ def _extensions():
 ext_modules, cmdclass = _extensions()
 
 setup(
-    packages=["rmfast", "rmfast.data", "rmfast.kernels", "rmfast.csrc"],
+    packages=["rmfast", "rmfast.data", "rmfast.kernels", "rmfast.serve", "rmfast.csrc"],
     package_dir={"rmfast": "rmfast", "rmfast.csrc": "csrc"},
     package_data={"rmfast.csrc": ["*.cpp", "*.cu", "*.h"]},
     ext_modules=ext_modules,
