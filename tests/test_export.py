@@ -452,7 +452,8 @@ def test_lora_export_on_two_ranks_and_rmfast_export_agree(tmp_path, bpe, stage):
     # rmfast-export from that checkpoint writes the end-of-run export's weights and config
     (out / "checkpoints" / "latest").write_text("step-1")
     (out / "checkpoints" / "step-1" / "COMPLETE").write_text("")  # as rmfast's own saves mark it
-    (out / "config.json").write_text(json.dumps({"model": {"lora_r": 4, "lora_alpha": 8}}))
+    (out / "config.json").write_text(json.dumps({"model": {"lora_r": 4, "lora_alpha": 8},
+                                                 "data": {"eos_after_template": False}}))
     (out / "metrics.jsonl").write_text(json.dumps({"step": 1, **METRICS}) + "\n")
     assert export_main([str(out), "--out", str(tmp_path / "again"), "--dtype", "fp32"]) == 0
     a, b = exported_weights(out / "export"), exported_weights(tmp_path / "again")
