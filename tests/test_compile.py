@@ -126,42 +126,37 @@ def test_out_of_range_index_fails_under_compile(backend):
 
 
 COLD = """
-import os, sys
+import sys
 import torch
-from rmfast import pairwise_reward_loss
-
-backend = sys.argv[1]
-
-
-def fn(hidden, weight, chosen, rejected):
-    out = pairwise_reward_loss(hidden, weight, chosen, rejected, margin=0.1, center_coef=0.05, backend=backend)
-    return out.loss
-
+from rmfast import backends, pairwise_reward_loss
 
 g = torch.Generator().manual_seed(0)
 hidden, weight = torch.randn(20, 8, generator=g), torch.randn(8, generator=g)
 chosen, rejected = torch.randint(0, 20, (5,), generator=g), torch.randint(0, 20, (5,), generator=g)
-h = hidden.clone().requires_grad_(True)
-loss = torch.compile(fn, fullgraph=True, backend="aot_eager")(h, weight, chosen, rejected)  # the first call
-loss.backward()
-from rmfast import backends
+for backend in sys.argv[1:]:  # each one's first call in this process is under torch.compile
+    def fn(hidden, weight, chosen, rejected):
+        out = pairwise_reward_loss(hidden, weight, chosen, rejected, margin=0.1, center_coef=0.05, backend=backend)
+        return out.loss
 
-ref_h = hidden.clone().requires_grad_(True)
-ref = pairwise_reward_loss(ref_h, weight, chosen, rejected, margin=0.1, center_coef=0.05, backend="torch").loss
-ref.backward()
-torch.testing.assert_close(loss, ref)
-torch.testing.assert_close(h.grad, ref_h.grad)
-print("chosen", backends.select(backend, "cpu"))
+    h = hidden.clone().requires_grad_(True)
+    loss = torch.compile(fn, fullgraph=True, backend="aot_eager")(h, weight, chosen, rejected)
+    loss.backward()
+    ref_h = hidden.clone().requires_grad_(True)
+    ref = pairwise_reward_loss(ref_h, weight, chosen, rejected, margin=0.1, center_coef=0.05, backend="torch").loss
+    ref.backward()
+    torch.testing.assert_close(loss, ref)
+    torch.testing.assert_close(h.grad, ref_h.grad)
+    print(backend, backends.select(backend, "cpu"))
 """
 
 
-@pytest.mark.parametrize("backend", ["auto", "cpu", "torch", "triton"])
-def test_fullgraph_compile_as_the_first_call_in_a_fresh_process(backend):
-    """Backend selection (and the extension's first load) under a cold torch.compile: nothing in it may be
-    untraceable (a lock, an import, a warning), whichever backend is asked for."""
+def test_fullgraph_compile_as_the_first_call_in_a_fresh_process():
+    """Backend selection (and the extension's first load, under its lock) under a cold torch.compile: nothing
+    in it may be untraceable (a lock, an import, a warning). One fresh process: auto first (it loads the
+    extension), then triton (its first import), torch, and cpu asked for by name."""
     env = dict(os.environ, TRITON_INTERPRET="1")
     env.pop("RMFAST_BACKEND", None)
-    out = subprocess.run([sys.executable, "-c", COLD, backend], capture_output=True, text=True, env=env,
-                         timeout=300)
+    order = ["auto", "triton", "torch", "cpu"]
+    out = subprocess.run([sys.executable, "-c", COLD, *order], capture_output=True, text=True, env=env, timeout=300)
     assert out.returncode == 0, out.stderr[-3000:]
-    assert out.stdout.split() == ["chosen", "cpu" if backend == "auto" else backend]
+    assert out.stdout.split() == ["auto", "cpu", "triton", "triton", "torch", "torch", "cpu", "cpu"]
