@@ -3,8 +3,6 @@
 import gzip
 import json
 import os
-import subprocess
-import sys
 from pathlib import Path
 
 import numpy as np
@@ -133,6 +131,13 @@ def test_every_source_kind_loads_the_same_pairs(tmp_path, tokenizer, cfg, kind):
 def test_hub_name_without_network_fails_with_advice(tokenizer, cfg, monkeypatch):
     monkeypatch.setenv("HF_DATASETS_OFFLINE", "1")
     monkeypatch.setenv("HF_HUB_OFFLINE", "1")
+    # the libraries read those at import, which an earlier test may have done: without this a lookup that no
+    # network answers waits out its retries (20 s)
+    import datasets
+    import huggingface_hub
+
+    monkeypatch.setattr(datasets.config, "HF_DATASETS_OFFLINE", True)
+    monkeypatch.setattr(huggingface_hub.constants, "HF_HUB_OFFLINE", True)
     with pytest.raises(RuntimeError, match="local folder"):
         load_data(cfg("no-such-org/no-such-dataset"), tokenizer)
 
@@ -421,17 +426,20 @@ def test_synthetic_pairs_are_decidable_from_the_text(style):
     assert min(prompt_turns) == 1 and max(prompt_turns) == 7
 
 
-def test_rmfast_data_cli_synth_and_inspect(tmp_path):
+def test_rmfast_data_cli_synth_and_inspect(tmp_path, capsys):
+    from rmfast.data import cli as data_cli
+
     out = tmp_path / "syn.jsonl"
-    run = [sys.executable, "-m", "rmfast.data.cli"]
-    subprocess.run(run + ["synth", "--pairs", "60", "--out", str(out)], check=True, capture_output=True)
+    assert data_cli.main(["synth", "--pairs", "60", "--out", str(out)]) == 0
     bad = bad_file(tmp_path, BAD["identical"][0])
-    res = subprocess.run(run + ["inspect", str(out), str(bad), "--cache-dir", str(tmp_path / "c"), "--strict"],
-                         capture_output=True, text=True)
-    assert res.returncode == 2 and "--strict: 1 bad row(s)" in res.stderr, res.stderr
-    assert "60 rows read, 60 pairs kept" in res.stdout
-    assert "bad (chosen identical to rejected): 1" in res.stdout and f"{bad}:2" in res.stdout
-    assert "shared prefix:" in res.stdout and "token positions per pair" in res.stdout
+    capsys.readouterr()
+    status = data_cli.main(["inspect", str(out), str(bad), "--cache-dir", str(tmp_path / "c"), "--strict",
+                            "--vocab-size", "500"])
+    res = capsys.readouterr()
+    assert status == 2 and "--strict: 1 bad row(s)" in res.err, res.err
+    assert "60 rows read, 60 pairs kept" in res.out
+    assert "bad (chosen identical to rejected): 1" in res.out and f"{bad}:2" in res.out
+    assert "shared prefix:" in res.out and "token positions per pair" in res.out
 
 
 def test_every_tool_reads_rows_with_the_same_data_options(tmp_path, capsys):
