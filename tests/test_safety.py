@@ -17,7 +17,6 @@ import torch
 from helpers import clean_env, command
 from rmfast import checkpoint, errors, rundir
 
-pytestmark = pytest.mark.slow
 
 
 def args_for(setup, out, **overrides):
@@ -61,6 +60,7 @@ class _Marker:
 # ---------------------------------------------------------------- one run per folder
 
 
+@pytest.mark.slow
 def test_a_new_run_into_a_folder_holding_a_run_is_refused(engine_setup, finished, tmp_path):
     before = sorted(p.name for p in (finished / "checkpoints").iterdir())
     res = rmfast_train(engine_setup, finished)
@@ -69,6 +69,7 @@ def test_a_new_run_into_a_folder_holding_a_run_is_refused(engine_setup, finished
     assert sorted(p.name for p in (finished / "checkpoints").iterdir()) == before  # nothing touched
 
 
+@pytest.mark.slow
 def test_overwrite_starts_over_with_only_the_new_run(engine_setup, tmp_path):
     out = tmp_path / "run"
     assert rmfast_train(engine_setup, out, **{"train.max_steps": 3}).returncode == 0
@@ -79,6 +80,7 @@ def test_overwrite_starts_over_with_only_the_new_run(engine_setup, tmp_path):
     assert max(steps) == 2 and steps.count(2) == 2  # the train record and the final eval of step 2
 
 
+@pytest.mark.slow
 def test_a_second_run_while_one_trains_is_refused(engine_setup, tmp_path):
     out = tmp_path / "busy"
     held = rundir.lock(out)  # what a running rmfast-train holds
@@ -90,6 +92,7 @@ def test_a_second_run_while_one_trains_is_refused(engine_setup, tmp_path):
     assert f"pid {os.getpid()}" in res.stderr
 
 
+@pytest.mark.slow
 def test_resume_cuts_metrics_back_to_the_checkpoint(engine_setup, tmp_path):
     out = tmp_path / "run"
     assert rmfast_train(engine_setup, out, **{"train.max_steps": 4, "train.save_every": 2}).returncode == 0
@@ -104,6 +107,7 @@ def test_resume_cuts_metrics_back_to_the_checkpoint(engine_setup, tmp_path):
 # ---------------------------------------------------------------- nothing unpickled
 
 
+@pytest.mark.slow
 def test_a_crafted_rng_file_is_never_unpickled(engine_setup, finished, tmp_path):
     import shutil
 
@@ -133,6 +137,7 @@ def test_a_crafted_tokenization_cache_is_never_unpickled(engine_setup, tmp_path)
     assert again.locations == first.locations and all((a == b).all() for a, b in zip(again.chosen, first.chosen))
 
 
+@pytest.mark.slow
 def test_latest_naming_a_path_outside_the_run_is_refused(engine_setup, finished, tmp_path):
     import shutil
 
@@ -155,6 +160,7 @@ def test_resume_finds_the_newest_complete_checkpoint_without_latest(tmp_path):
 # ---------------------------------------------------------------- what a resume checks
 
 
+@pytest.mark.slow
 def test_resume_with_another_batch_size_is_refused_unless_allowed(engine_setup, finished, tmp_path):
     import shutil
 
@@ -168,6 +174,7 @@ def test_resume_with_another_batch_size_is_refused_unless_allowed(engine_setup, 
     assert res.returncode == 0, res.stderr[-2000:]
 
 
+@pytest.mark.slow
 def test_resume_with_lora_added_is_refused_even_when_changes_are_allowed(engine_setup, finished, tmp_path):
     import shutil
 
@@ -263,6 +270,7 @@ def _text(path, text):
     return path
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("case", list(BAD_TRAIN_INPUTS))
 def test_bad_training_inputs_end_in_a_message_without_traceback(engine_setup, tmp_path, case):
     overrides, status, words = BAD_TRAIN_INPUTS[case]
@@ -274,6 +282,7 @@ def test_bad_training_inputs_end_in_a_message_without_traceback(engine_setup, tm
     assert "Traceback" not in res.stderr and all(w in res.stderr for w in words), res.stderr[-2000:]
 
 
+@pytest.mark.slow
 def test_bad_inputs_to_score_and_export_end_in_a_message_without_traceback(engine_setup, finished, tmp_path):
     import shutil
 
@@ -297,6 +306,7 @@ def test_bad_inputs_to_score_and_export_end_in_a_message_without_traceback(engin
         assert "Traceback" not in res.stderr and all(w in res.stderr for w in words), (args, res.stderr[-2000:])
 
 
+@pytest.mark.slow
 def test_a_corrupt_checkpoint_file_is_named(engine_setup, finished, tmp_path):
     import shutil
 
@@ -314,6 +324,7 @@ def test_a_corrupt_checkpoint_file_is_named(engine_setup, finished, tmp_path):
 # ---------------------------------------------------------------- what a person sees in a terminal
 
 
+@pytest.mark.slow
 def test_a_terminal_shows_the_bar_and_log_lines_apart_without_library_noise(engine_setup, tmp_path):
     import fcntl
     import pty
@@ -356,6 +367,7 @@ def _visible(line):
     return shown.rstrip()
 
 
+@pytest.mark.slow
 def test_a_crafted_deepspeed_file_is_never_unpickled_by_export(finished, tmp_path):
     import shutil
 
@@ -369,6 +381,7 @@ def test_a_crafted_deepspeed_file_is_never_unpickled_by_export(finished, tmp_pat
     assert res.returncode == 1 and "not plain data" in res.stderr and "Traceback" not in res.stderr
 
 
+@pytest.mark.slow
 def test_export_refuses_an_incomplete_checkpoint(finished, tmp_path):
     import shutil
 
@@ -381,6 +394,7 @@ def test_export_refuses_an_incomplete_checkpoint(finished, tmp_path):
     assert not (tmp_path / "e").exists()
 
 
+@pytest.mark.slow
 def test_ctrl_c_names_the_last_checkpoint_and_how_to_resume(engine_setup, tmp_path):
     import signal
     import time
@@ -456,6 +470,7 @@ def test_a_checkpoint_from_before_the_reward_token_convention_resumes_only_as_it
 # ---------------------------------------------------------------- a frozen or dead rank
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("signal_name", ["SIGSTOP", "SIGKILL"])
 def test_a_frozen_or_dead_rank_ends_the_run_saying_what_is_intact(engine_setup, tmp_path, signal_name):
     """Rank 1 frozen (SIGSTOP) or killed after its first checkpoint: the run ends within the collective timeout, not
