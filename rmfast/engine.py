@@ -560,7 +560,7 @@ class Trainer:
 
             with carrying_template(self.tokenizer, self.config.data.chat_template):
                 export_model(self.engine.module, self.tokenizer, self.out / "export", final,
-                             zero_stage=self.config.train.zero_stage, lora=config_lora(self.config.model),
+                             lora=config_lora(self.config.model),
                              eos_after_template=self.config.data.eos_after_template)
             if self.rank == 0:
                 self.log(f"exported to {self.out / 'export'}")

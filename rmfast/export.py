@@ -6,12 +6,12 @@ Plain transformers reads the reward at the rightmost token that is not the pad i
 last token (EOS). So that both agree, the export's pad id must differ from every real token: when the
 tokenizer has no pad token, or pads with EOS, the export adds a pad token (one more embedding row).
 
-One path writes every export, streaming: a source hands over the weights one group at a time (a tensor,
+One path writes every export, streaming: a source hands over the weights one layer at a time (a tensor,
 or a LoRA layer's base weight with its adapters), and ``_Export`` merges the adapters, renames the keys to
 the sequence-classification model's, casts, and appends them to safetensors shards of at most
 ``max_shard_size`` bytes. Two sources feed it: a state dict (``write_export``, ``rmfast-export``), and a
-live, possibly ZeRO-3-partitioned model (``export_model``), whose parameters are gathered one group at a
-time so that no rank ever holds more than its partition plus that group, and rank 0 (which writes) never
+live, possibly ZeRO-3-partitioned model (``export_model``), whose parameters are gathered one layer at a
+time so that no rank ever holds more than its partition plus that layer, and rank 0 (which writes) never
 builds the whole model. The folder is written beside the target and renamed into place at the end."""
 
 import contextlib
@@ -38,7 +38,7 @@ MAX_SHARD_SIZE = 2 * 1024**3  # bytes per safetensors file; rank 0 holds at most
 _LORA = (".base_layer.", ".lora_A.", ".lora_B.")
 
 
-# -- LoRA: a layer's base weight and its two adapters form one group, merged as it passes
+# -- LoRA: a layer's base weight and its two adapters travel together, merged as they pass
 
 def _stem(key):
     """The LoRA layer a key belongs to (its module path), or the key itself when it is no LoRA tensor."""
@@ -48,13 +48,13 @@ def _stem(key):
     return key
 
 
-def _groups(keys):
-    """keys (a state dict's order) → lists of keys exported together: each LoRA layer's tensors form one
-    list, every other key its own. The order is deterministic, so every rank gathers the same sequence."""
-    groups = {}
+def _layers(keys):
+    """keys (a state dict's order) → lists of keys exported together ("layers"): each LoRA layer's tensors
+    form one list, every other key its own. The order is deterministic, so every rank gathers the same sequence."""
+    layers = {}
     for key in keys:
-        groups.setdefault(_stem(key), []).append(key)
-    return list(groups.values())
+        layers.setdefault(_stem(key), []).append(key)
+    return list(layers.values())
 
 
 def lora_scale(lora):
@@ -63,8 +63,8 @@ def lora_scale(lora):
     return alpha / (math.sqrt(r) if rslora else r)
 
 
-def _merge_group(group, scale, fan_in_fan_out=()):
-    """One group of a PEFT LoRA RewardModel state dict → plain keys and tensors: W + ΔW, ΔW = (B @ A) · scale
+def _merge_layer(layer, scale, fan_in_fan_out=()):
+    """One layer of a PEFT LoRA RewardModel state dict → plain keys and tensors: W + ΔW, ΔW = (B @ A) · scale
     transposed where the layer stores its weight [in, out] (GPT-2's Conv1D, PEFT's fan_in_fan_out), as PEFT's
     own get_delta_weight computes it (peft.utils.transpose), in fp32 and cast back to W's dtype; adapters
     dropped, PEFT prefixes removed. A: [r, in], B: [out, r]. fan_in_fan_out: the plain names (backbone.…) of
@@ -72,14 +72,14 @@ def _merge_group(group, scale, fan_in_fan_out=()):
     from peft.utils import transpose
 
     out = {}
-    for key, value in group.items():
+    for key, value in layer.items():
         if ".lora_" in key:
             continue
         name = key.replace("backbone.base_model.model.", "backbone.").replace(".base_layer.", ".")
         if ".base_layer." in key and key.endswith(".weight"):
             stem = key[: -len(".base_layer.weight")]
             try:
-                a, b = group[f"{stem}.lora_A.default.weight"], group[f"{stem}.lora_B.default.weight"]
+                a, b = layer[f"{stem}.lora_A.default.weight"], layer[f"{stem}.lora_B.default.weight"]
             except KeyError:
                 raise ValueError(f"export: {stem} has a LoRA base layer but no lora_A/lora_B.default adapters "
                                  f"(only Linear LoRA layers are merged)") from None
@@ -217,7 +217,7 @@ class _Shards:
         (self.folder / "model.safetensors.index.json").write_text(json.dumps(index, indent=2, sort_keys=True) + "\n")
 
 
-# -- the export: feed groups, then finish
+# -- the export: feed layers, then finish
 
 def check_target(out: Path):
     """Refuse an export folder inside a run's checkpoints/ (a later save or resume there would delete it),
@@ -261,7 +261,7 @@ def _publish(tmp: Path, out: Path):
 
 class _Export:
     """Streams a RewardModel's weights (rmfast keys: backbone.*, head.*) into a Hugging Face folder:
-    feed() one group at a time (CPU tensors, a LoRA layer's together), then finish(); abort() on failure.
+    feed() one layer at a time (CPU tensors, a LoRA layer's together), then finish(); abort() on failure.
     dtype: the export's floating dtype (None: the first tensor's). lora: (r, alpha) to merge adapters."""
 
     def __init__(self, backbone_config, tokenizer, out_dir, dtype=None, lora=None, max_shard_size=MAX_SHARD_SIZE,
@@ -273,11 +273,11 @@ class _Export:
         self.tmp = _staging(self.out)
         self.shards = _Shards(self.tmp, max_shard_size)
 
-    def feed(self, group):
-        """group: {rmfast key: CPU tensor}; a LoRA layer's base weight and adapters come in one group."""
+    def feed(self, layer):
+        """layer: {rmfast key: CPU tensor}; a LoRA layer's base weight and adapters come in one layer."""
         if self.lora:
-            group = _merge_group(group, lora_scale(self.lora), self.target.fan_in_fan_out)
-        for key, value in group.items():
+            layer = _merge_layer(layer, lora_scale(self.lora), self.target.fan_in_fan_out)
+        for key, value in layer.items():
             self.dtype = self.dtype or value.dtype
             named = self._rename(key, value)
             if named is not None:
@@ -350,7 +350,7 @@ def write_export(backbone_config, state, tokenizer, out_dir, eval_metrics=None, 
     consume: pop tensors from state as they are written (the caller's dict shrinks; less memory)."""
     export = _Export(backbone_config, tokenizer, out_dir, dtype, lora, max_shard_size, eos_after_template)
     try:
-        for keys in _groups(list(state)):
+        for keys in _layers(list(state)):
             export.feed({k: state.pop(k) if consume else state[k] for k in keys})
         return export.finish(eval_metrics)
     except BaseException:
@@ -383,12 +383,12 @@ def _agree(error, distributed):
         raise RuntimeError(f"export failed on rank 0: {message[0]}")
 
 
-def export_model(model, tokenizer, out_dir, eval_metrics=None, zero_stage=0, dtype=None, lora=None,
-                 max_shard_size=MAX_SHARD_SIZE, eos_after_template=False):
+def export_model(model, tokenizer, out_dir, eval_metrics=None, dtype=None, lora=None, max_shard_size=MAX_SHARD_SIZE,
+                 eos_after_template=False):
     """Write the HF export of a RewardModel; every rank calls it, rank 0 writes (returns the folder; the
-    other ranks None). Under ZeRO-3 the parameters are gathered one group at a time (a tensor, or a LoRA
-    layer), so a rank holds its partition plus one group, and rank 0 the shard being written besides.
-    zero_stage is accepted for callers; partitioned parameters are recognised by themselves.
+    other ranks None). Under ZeRO-3 the parameters are gathered one layer at a time (a tensor, or a LoRA
+    layer), so a rank holds its partition plus one layer, and rank 0 the shard being written besides.
+    Partitioned parameters are recognised by themselves (no ZeRO stage to pass).
     lora: (r, alpha) when the backbone carries PEFT LoRA adapters; they are merged into the weights."""
     import torch.distributed as dist
 
@@ -404,7 +404,7 @@ def export_model(model, tokenizer, out_dir, eval_metrics=None, zero_stage=0, dty
         except Exception as e:  # noqa: BLE001 - every rank must hear of it before the gathers start
             error = e
     _agree(error, distributed)
-    for keys in _groups(list(tensors)):
+    for keys in _layers(list(tensors)):
         with _gathered([tensors[k] for k in keys]):
             if export is not None:
                 try:
@@ -496,7 +496,7 @@ def _export_run(run, args):
         if model_config.get("lora_r") else None
     tokenizer = AutoTokenizer.from_pretrained(out_root / "tokenizer")
     config = AutoConfig.from_pretrained(out_root / "backbone")
-    # consume: each group leaves the state once written, so memory falls as the shards go out
+    # consume: each layer leaves the state once written, so memory falls as the shards go out
     # a run saved before the convention was recorded appended EOS after chat templates
     eos_after_template = run_config.get("data", {}).get("eos_after_template", True)
     path = write_export(config, state, tokenizer, args.out, _last_eval(out_root), DTYPES[args.dtype], lora=lora,

@@ -350,7 +350,7 @@ dist.barrier()
 open("/proc/self/clear_refs", "w").write("5")  # VmHWM := VmRSS, so VmHWM below is the export's peak
 before = status("VmRSS")
 export_model(engine.module, tok, out / "export", {"eval_reward_mean": 0.5, "eval_reward_std": 2.0},
-             zero_stage=stage, lora=lora, max_shard_size=SHARD)
+             lora=lora, max_shard_size=SHARD)
 peak = status("VmHWM")
 (out / f"memory-{rank}.json").write_text(json.dumps({"before": before, "peak": peak, "held": held, "largest": largest}))
 if lora:  # rank 0 refuses a folder that is no export: every rank must raise, none wait in a gather

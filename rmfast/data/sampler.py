@@ -51,10 +51,6 @@ class PairSampler:
         self.step = 0
         self._cache = None
 
-    def batch_cost(self, batch):
-        c = self.costs[batch]
-        return int(c.sum()) if self.combine == "sum" else int(len(c) * c.max())
-
     def _split(self, order):
         if self.pairs_per_batch is not None:
             return [order[i:i + self.pairs_per_batch] for i in range(0, len(order), self.pairs_per_batch)]
@@ -115,9 +111,6 @@ class PairSampler:
             yield batch
         self.epoch += 1
         self.step = 0
-
-    def set_epoch(self, epoch):
-        self.epoch, self.step = epoch, 0
 
     def state_dict(self):
         return {"epoch": self.epoch, "step": self.step, "seed": self.seed, "world_size": self.world_size}
