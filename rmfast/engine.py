@@ -1,17 +1,15 @@
 """The training loop: a RewardModel on DeepSpeed, one forward for chosen and rejected rows, the fused loss.
 
-Read top to bottom: the process group and DeepSpeed's configuration, the builders (tokenizer, data, model,
-sampler, engine), then ``Trainer``: its ``__init__`` calls the builders, ``train`` runs ``train_step``
-until the last step. Metrics (metrics.py), checkpoints (checkpoint.py) and export (export.py) live beside it."""
+Read top to bottom: the builders (tokenizer, data, model, sampler, engine), then ``Trainer``: its ``__init__``
+calls the builders, ``train`` runs ``train_step`` until the last step. The process group (distributed.py),
+DeepSpeed's configuration (ds_config.py), metrics (metrics.py), checkpoints (checkpoint.py) and export
+(export.py) live beside it."""
 
 import contextlib
 import hashlib
-import io
 import json
 import math
-import os
 import random
-import socket
 import sys
 from pathlib import Path
 
@@ -25,6 +23,8 @@ from .checkpoint import load_checkpoint, read_state, resolve, save_checkpoint
 from .config import Config, data_kind
 from .data import load_data
 from .data.sampler import PairSampler
+from .distributed import close_distributed, init_distributed, on_rank0  # noqa: F401  (re-exported)
+from .ds_config import deepspeed_config, make_optimizer  # noqa: F401  (re-exported)
 from .errors import Failure, UserError
 from .group_train import eval_group_metrics, eval_part, loader_config
 from .metrics import MetricsLog, Window, train_line
@@ -35,205 +35,10 @@ class NonFiniteLoss(Failure):
     """The loss was NaN or infinite: the run stopped before the update."""
 
 
-# ---------------------------------------------------------------- process group and devices
-
-
-def _free_port():
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
-
-
-_OWN_ENV = {}  # the launcher variables init_distributed set itself (no launcher), for close_distributed
-_OWN_DEFAULTS = {}  # torch's default group timeouts init_distributed replaced, to put back
-
-
-def init_distributed(timeout_s=None):
-    """Join the launcher's process group (deepspeed / torchrun set RANK etc.), or make a one-process
-    group when started without a launcher. timeout_s: how long a collective may wait for the other ranks
-    before it fails (None: torch's default). Returns (rank, world_size, device)."""
-    import datetime
-
-    import deepspeed
-
-    if "RANK" not in os.environ:  # no launcher: rendezvous with ourselves (avoids DeepSpeed's MPI probe)
-        own = {"RANK": "0", "LOCAL_RANK": "0", "WORLD_SIZE": "1", "MASTER_ADDR": "127.0.0.1"}
-        if "MASTER_PORT" not in os.environ:
-            own["MASTER_PORT"] = str(_free_port())
-        for key in own:
-            _OWN_ENV.setdefault(key, os.environ.get(key))  # what was there before, to put back
-        os.environ.update(own)
-    if not dist.is_initialized():
-        if timeout_s:
-            # the groups DeepSpeed makes later (data parallel: the gradients' all-reduce) take torch's default
-            # timeout, 30 minutes for gloo, 10 for NCCL, not the world group's: they get this one too
-            from torch.distributed import distributed_c10d as c10d
-
-            for name in ("default_pg_timeout", "default_pg_nccl_timeout"):
-                _OWN_DEFAULTS.setdefault(name, getattr(c10d, name))
-                setattr(c10d, name, datetime.timedelta(seconds=timeout_s))
-        # on CPU DeepSpeed prints that it built its shared-memory op; its errors are raised, not printed
-        with contextlib.redirect_stdout(io.StringIO()):
-            kw = {"timeout": datetime.timedelta(seconds=timeout_s)} if timeout_s else {}
-            deepspeed.init_distributed(dist_backend="nccl" if torch.cuda.is_available() else "gloo", **kw)
-    local = int(os.environ.get("LOCAL_RANK", 0))
-    if torch.cuda.is_available():
-        torch.cuda.set_device(local)
-        device = torch.device("cuda", local)
-    else:
-        device = torch.device("cpu")
-    return dist.get_rank(), dist.get_world_size(), device
-
-
-def close_distributed():
-    """Leave the process group after the last collective (every rank, on success only: a rank that failed
-    may leave others inside a collective, and destroying the group then can hang). A process that exits with
-    its group alive can abort at interpreter shutdown: gloo's threads call std::terminate ("terminate called
-    without an active exception", SIGABRT) after a run that succeeded, and NCCL warns. The variables
-    init_distributed set for a launcher-less run are put back as they were, and DeepSpeed's own references to
-    the groups go too (deepspeed.comm's destroy), so a later launcher-less init in this process starts afresh.
-    (Under a launcher, torch cannot rendezvous a second time in the same process: the store keeps the first
-    group's addresses.)"""
-    import deepspeed.comm
-
-    if deepspeed.comm.is_initialized():
-        deepspeed.comm.destroy_process_group()
-    if dist.is_available() and dist.is_initialized():
-        dist.destroy_process_group()
-    for key, before in _OWN_ENV.items():
-        if before is None:
-            os.environ.pop(key, None)
-        else:
-            os.environ[key] = before
-    _OWN_ENV.clear()
-    from torch.distributed import distributed_c10d as c10d
-
-    for name, before in _OWN_DEFAULTS.items():
-        setattr(c10d, name, before)
-    _OWN_DEFAULTS.clear()
-
-
 def seed_everything(seed):
     random.seed(seed)
     np.random.seed(seed % 2**32)
     torch.manual_seed(seed)
-
-
-# ---------------------------------------------------------------- DeepSpeed configuration
-
-
-def _merge(base, extra):
-    for k, v in extra.items():
-        base[k] = _merge(base.get(k, {}), v) if isinstance(v, dict) and isinstance(base.get(k), dict) else v
-    return base
-
-
-# what rmfast-train decides from its own options (its sampler, resume checks and optimizer depend on them):
-# a user's DeepSpeed JSON may repeat them or say "auto", never set them otherwise
-OWNED_DS = {"train_micro_batch_size_per_gpu": "train.pairs_per_batch",
-            "gradient_accumulation_steps": "train.grad_accum",
-            "train_batch_size": "train.pairs_per_batch × train.grad_accum × ranks",
-            "gradient_clipping": "train.max_grad_norm", "bf16.enabled": "model.dtype", "fp16.enabled": "model.dtype",
-            "zero_optimization.stage": "train.zero_stage"}
-
-
-def _user_deepspeed(path, ours, hidden_size=None):
-    """The user's DeepSpeed JSON, checked against `ours` and with its "auto" values filled as transformers'
-    DeepSpeed integration fills them: rmfast's own value for an owned key, ZeRO-3 bucket sizes from the
-    model's hidden size. A key rmfast owns set to another value is refused in one line naming the file, the
-    key and the option to use instead."""
-
-    try:
-        with open(path) as f:
-            user = json.load(f)
-    except OSError as exc:
-        raise UserError(f"train.deepspeed_config {path}: cannot be read ({exc.strerror or exc})") from None
-    except json.JSONDecodeError as exc:
-        raise UserError(f"train.deepspeed_config {path}: not valid JSON (line {exc.lineno}: {exc.msg})") from None
-    if not isinstance(user, dict):
-        raise UserError(f"train.deepspeed_config {path}: expected a JSON object of DeepSpeed options")
-    for section in ("optimizer", "scheduler"):
-        if section in user:
-            raise UserError(f"train.deepspeed_config {path}: remove its {section!r} section; rmfast-train builds the "
-                            f"optimizer and schedule from train.lr, train.adam_betas, train.weight_decay, "
-                            f"train.scheduler and train.warmup_ratio")
-
-    def walk(node, prefix):
-        for key, value in list(node.items()):
-            name = f"{prefix}{key}"
-            if isinstance(value, dict):
-                walk(value, f"{name}.")
-                continue
-            mine = ours
-            for part in name.split("."):
-                mine = mine.get(part) if isinstance(mine, dict) else None
-            if value == "auto":
-                filled = _auto_value(name, mine, hidden_size)
-                if filled is None:
-                    raise UserError(f"train.deepspeed_config {path}: {name} is \"auto\", which rmfast cannot fill; "
-                                    f"give a value")
-                node[key] = filled
-            elif name in OWNED_DS and mine is not None and value != mine:
-                raise UserError(f"train.deepspeed_config {path}: {name} is {value!r} but this run has {mine!r} from "
-                                f"{OWNED_DS[name]}; remove it from the file or set the option instead")
-    walk(user, "")
-    return user
-
-
-def _auto_value(name, mine, hidden_size):
-    """What "auto" means for one DeepSpeed key (as transformers' HfTrainerDeepSpeedConfig fills it)."""
-    if mine is not None:
-        return mine
-    if hidden_size:
-        sizes = {"zero_optimization.reduce_bucket_size": hidden_size * hidden_size,
-                 "zero_optimization.stage3_prefetch_bucket_size": int(0.9 * hidden_size * hidden_size),
-                 "zero_optimization.stage3_param_persistence_threshold": 10 * hidden_size}
-        return sizes.get(name)
-    return None
-
-
-def deepspeed_config(config: Config, world_size, hidden_size=None):
-    """DeepSpeed's config from rmfast's options, with the user's DeepSpeed JSON merged over it (checked:
-    _user_deepspeed). hidden_size: the model's, for "auto" ZeRO-3 bucket sizes."""
-    t = config.train
-    micro = t.pairs_per_batch
-    ds = {
-        "train_micro_batch_size_per_gpu": micro,
-        "gradient_accumulation_steps": t.grad_accum,
-        "train_batch_size": micro * t.grad_accum * world_size,
-        "gradient_clipping": t.max_grad_norm,
-        "zero_optimization": {"stage": t.zero_stage},
-        "bf16": {"enabled": config.model.dtype == "bf16"},
-        "fp16": {"enabled": config.model.dtype == "fp16", "loss_scale": 0, "initial_scale_power": 16,
-                 "loss_scale_window": 1000, "hysteresis": 2, "min_loss_scale": 1},
-        "steps_per_print": 10**9,
-        "wall_clock_breakdown": False,
-    }
-    if t.offload_optimizer:  # stages checked by TrainConfig
-        ds["zero_optimization"]["offload_optimizer"] = {"device": "cpu", "pin_memory": torch.cuda.is_available()}
-    if t.offload_params:
-        ds["zero_optimization"]["offload_param"] = {"device": "cpu", "pin_memory": torch.cuda.is_available()}
-    if t.deepspeed_config:
-        _merge(ds, _user_deepspeed(t.deepspeed_config, ds, hidden_size))
-    return ds
-
-
-def make_optimizer(model, config: Config):
-    t = config.train
-    # matrices decay, vectors (norms, biases, the value head) do not; ZeRO-3-partitioned parameters are
-    # flat until gathered, so their real shape is ds_shape
-    dims = lambda p: len(getattr(p, "ds_shape", p.shape))  # noqa: E731
-    decay = [p for n, p in model.named_parameters() if p.requires_grad and dims(p) >= 2]
-    no_decay = [p for n, p in model.named_parameters() if p.requires_grad and dims(p) < 2]
-    groups = [{"params": decay, "weight_decay": t.weight_decay}, {"params": no_decay, "weight_decay": 0.0}]
-    kw = {"lr": t.lr, "betas": tuple(t.adam_betas), "eps": t.adam_eps}
-    if t.offload_optimizer:
-        from deepspeed.ops.adam import DeepSpeedCPUAdam
-
-        return DeepSpeedCPUAdam(groups, adamw_mode=True, **kw)
-    # torch's fused AdamW on CUDA: one kernel per step like DeepSpeed's FusedAdam, which DeepSpeed would
-    # first JIT-build with nvcc inside the run (a minute or more on a fresh machine)
-    return torch.optim.AdamW(groups, fused=torch.cuda.is_available(), **kw)
 
 
 # ---------------------------------------------------------------- builders
@@ -660,23 +465,6 @@ def check_model_path(path, flag):
         return
     if str(path).startswith((".", "/", "~")) or str(path).count("/") != 1:
         raise UserError(f"{flag} {path}: no such folder (and not a hub id like org/name)")
-
-
-def on_rank0(rank, fn):
-    """fn() on rank 0, its ValueError raised on every rank (so that no rank waits for the others forever)."""
-    result, error = None, None
-    if rank == 0:
-        try:
-            result = fn()
-        except ValueError as exc:
-            error = str(exc)
-    if dist.get_world_size() > 1:
-        box = [error]
-        dist.broadcast_object_list(box, src=0)
-        error = box[0]
-    if error:
-        raise rundir.RunDirError(error)
-    return result
 
 
 @contextlib.contextmanager
