@@ -9,6 +9,7 @@ import json
 from dataclasses import dataclass, field
 from typing import Optional
 
+from . import trackers
 from .data.loader import DataConfig
 from .paths import expand
 from .errors import UserError
@@ -27,7 +28,7 @@ def _check_types(section, obj):
         value = getattr(obj, f.name)
         if value is None and default is None:
             continue
-        want = type(default) if default is not None else str
+        want = f.metadata.get("type") or (type(default) if default is not None else str)
         if want in (int, float) and isinstance(value, str):
             value = _number(value, want)  # YAML 1.1 reads 1e-5 (no dot) as a string
             setattr(obj, f.name, value)
@@ -38,7 +39,11 @@ def _check_types(section, obj):
         if not ok:
             raise UserError(f"{section}.{f.name} must be {want.__name__}, got {value!r}")
         choices = f.metadata.get("choices")
-        if choices and value not in choices:
+        if choices and isinstance(value, list):
+            bad = [v for v in value if v not in choices]
+            if bad:
+                raise UserError(f"{section}.{f.name} takes {', '.join(map(str, choices))}, got {bad[0]!r}")
+        elif choices and value not in choices:
             raise UserError(f"{section}.{f.name} must be one of {', '.join(map(str, choices))}, got {value!r}")
 
 
@@ -84,6 +89,7 @@ class DataSection(DataConfig):
 class ModelConfig:
     name_or_path: str = _f("", "backbone: a local folder or hub id (a *ForSequenceClassification checkpoint keeps "
                                "its head)")
+    revision: Optional[str] = _f(None, "a branch, tag or commit of a hub model (default: its main branch)")
     tokenizer: Optional[str] = _f(None, "tokenizer folder or id (default: the model's)")
     dtype: str = _f("bf16", "training precision", choices=["bf16", "fp16", "fp32"])
     head_bias: bool = _f(False, "give the value head a bias")
@@ -159,10 +165,16 @@ class TrainConfig:
                                       "(a frozen or dead rank); longer than your slowest checkpoint save")
     on_nonfinite: str = _f("stop", "a NaN/inf loss stops the run, or skips that step", choices=["stop", "skip"])
     export: bool = _f(True, "export a Hugging Face model to OUTPUT_DIR/export at the end")
-    tensorboard: bool = _f(True, "log to TensorBoard when it is installed")
+    report_to: list = _f(list(trackers.DEFAULT), "experiment trackers (each needs its library installed): "
+                                                 "tensorboard (OUTPUT_DIR/tensorboard), wandb, mlflow, trackio, "
+                                                 "or none", choices=list(trackers.CHOICES))
+    tensorboard: Optional[bool] = _f(None, "the older switch: true adds tensorboard to report_to, false removes it",
+                                     type=bool)
 
     def __post_init__(self):
         """Every bad value is refused here, in one line naming the flag, before anything is loaded."""
+        if isinstance(self.report_to, str):  # report_to: wandb, as transformers takes it
+            self.report_to = [self.report_to]
         _check_types("train", self)
         for name in ("grad_accum", "log_every", "pairs_per_batch", "eval_pairs_per_batch"):
             _require(getattr(self, name) >= 1, f"train.{name} must be ≥ 1, got {getattr(self, name)}")
@@ -181,6 +193,7 @@ class TrainConfig:
         _require(not self.offload_optimizer or self.zero_stage >= 1,
                  "train.offload_optimizer needs train.zero_stage ≥ 1")
         _require(not self.offload_params or self.zero_stage == 3, "train.offload_params needs train.zero_stage 3")
+        trackers.check(self.report_to, self.tensorboard)
 
 
 def data_kind(config):
@@ -216,7 +229,7 @@ ALIASES = {
     "save_steps": "train.save_every", "eval_steps": "train.eval_every", "save_total_limit": "train.keep_last",
     "resume_from_checkpoint": "train.resume", "deepspeed": "train.deepspeed_config",
     "model_name_or_path": "model.name_or_path", "gradient_checkpointing": "model.gradient_checkpointing",
-    "max_length": "data.max_length", "bf16": "model.dtype", "fp16": "model.dtype",
+    "max_length": "data.max_length", "bf16": "model.dtype", "fp16": "model.dtype", "report_to": "train.report_to",
 }
 
 
@@ -288,7 +301,7 @@ def add_arguments(parser):
                   "help": f"{help_text} (default: {default})"}
             if f.metadata.get("choices"):
                 kw["choices"] = f.metadata["choices"]
-            if isinstance(default, bool):
+            if isinstance(default, bool) or f.metadata.get("type") is bool:
                 kw.update(type=_parse_bool, metavar="BOOL")
             elif isinstance(default, list):
                 kw.update(nargs="+", type=float if default and isinstance(default[0], float) else str)

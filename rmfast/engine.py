@@ -29,6 +29,7 @@ from .errors import Failure, UserError
 from .group_train import eval_group_metrics, eval_part, loader_config
 from .metrics import MetricsLog, Window, train_line
 from .model import DTYPES, enable_activation_checkpointing
+from .trackers import open_trackers
 
 
 class NonFiniteLoss(Failure):
@@ -50,7 +51,9 @@ def build_tokenizer(model_config):
     from transformers import AutoTokenizer
 
     path = model_config.tokenizer or model_config.name_or_path
-    tokenizer = AutoTokenizer.from_pretrained(path, trust_remote_code=model_config.trust_remote_code)
+    revision = None if model_config.tokenizer else model_config.revision  # the model's own tokenizer: its revision
+    tokenizer = AutoTokenizer.from_pretrained(path, trust_remote_code=model_config.trust_remote_code,
+                                              revision=revision)
     return tokenizer, ensure_pad_token(tokenizer)
 
 
@@ -93,7 +96,7 @@ def build_model(config: Config, ds_config, dtype, grow_vocab, log):
         hf_deepspeed = HfDeepSpeedConfig(ds_config)  # noqa: F841  transformers holds a weak reference
     model = RewardModel.from_pretrained(m.name_or_path, dtype="fp32", head_bias=m.head_bias,
                                         attn_implementation=m.attn_implementation,
-                                        trust_remote_code=m.trust_remote_code)
+                                        trust_remote_code=m.trust_remote_code, revision=m.revision)
     if grow_vocab:
         model.backbone.resize_token_embeddings(grow_vocab)
     if m.lora_r:
@@ -197,7 +200,8 @@ class Trainer:
         check_model_path(m.name_or_path, "model.name_or_path")
         if m.tokenizer:
             check_model_path(m.tokenizer, "model.tokenizer")
-        backbone_config = AutoConfig.from_pretrained(m.name_or_path, trust_remote_code=m.trust_remote_code)
+        backbone_config = AutoConfig.from_pretrained(m.name_or_path, trust_remote_code=m.trust_remote_code,
+                                                     revision=m.revision)
         self.layout, self.attention = choose_layout(backbone_config, config, self.device.type,
                                                     self.log if self.rank == 0 else None)
         # the DeepSpeed config is checked before any data is read
@@ -216,7 +220,7 @@ class Trainer:
         self.step = 0
         self._position = self.sampler.state_dict()  # where the sampler stands after the last trained batch
         self.metrics = MetricsLog(self.out / "metrics.jsonl", self.rank, self.log,
-                                  self.out / "tensorboard" if t.tensorboard else None)
+                                  open_trackers(config, self.out, self.rank, self.log))
         if self.rank == 0:
             self._save_run_files()
         if t.resume:
@@ -456,15 +460,16 @@ def run_inputs(config):
 
 
 def check_model_path(path, flag):
-    """A model or tokenizer reference must be a folder with a config, or look like a hub id (org/name)."""
+    """A model or tokenizer reference must be a folder with a config, or look like a hub id (org/name, or a
+    bare name such as gpt2)."""
     p = Path(path).expanduser()
     if p.exists():
         files = ("config.json", "tokenizer.json", "tokenizer_config.json")
         if not p.is_dir() or not any((p / f).exists() for f in files):
             raise UserError(f"{flag} {path}: not a model folder (no config.json or tokenizer files in it)")
         return
-    if str(path).startswith((".", "/", "~")) or str(path).count("/") != 1:
-        raise UserError(f"{flag} {path}: no such folder (and not a hub id like org/name)")
+    if str(path).startswith((".", "/", "~")) or str(path).count("/") > 1 or not str(path).strip():
+        raise UserError(f"{flag} {path}: no such folder (and not a hub id like org/name or gpt2)")
 
 
 @contextlib.contextmanager

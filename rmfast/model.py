@@ -41,14 +41,14 @@ class RewardModel(nn.Module):
 
     @classmethod
     def from_pretrained(cls, name_or_path, dtype="fp32", head_bias=False, attn_implementation="auto",
-                        trust_remote_code=False):
+                        trust_remote_code=False, revision=None):
         """Load a backbone (local folder or hub id) and its value head. A sequence-classification checkpoint
         with num_labels == 1 (an rmfast export, say) keeps its score head; anything else gets a new head."""
         from transformers import AutoConfig, AutoModel, AutoModelForSequenceClassification
 
         torch_dtype = DTYPES[dtype]
-        config = AutoConfig.from_pretrained(name_or_path, trust_remote_code=trust_remote_code)
-        kwargs = {"dtype": torch_dtype, "trust_remote_code": trust_remote_code}
+        config = AutoConfig.from_pretrained(name_or_path, trust_remote_code=trust_remote_code, revision=revision)
+        kwargs = {"dtype": torch_dtype, "trust_remote_code": trust_remote_code, "revision": revision}
         if attn_implementation and attn_implementation != "auto":  # auto: transformers' best supported one
             kwargs["attn_implementation"] = attn_implementation
         archs = getattr(config, "architectures", None) or []

@@ -480,3 +480,39 @@ def test_every_tool_reads_rows_with_the_same_data_options(tmp_path, capsys):
             main(["--help"] if main is score.main else ["inspect", "--help"])
         shown = " ".join(capsys.readouterr().out.split())
         assert "--columns" in shown and f"(default: {d.max_length}, as rmfast-train)" in shown
+
+
+def test_a_hub_dataset_by_its_full_name(tokenizer, cfg, monkeypatch):
+    """org/name?split=…&name=…&revision=… reaches datasets.load_dataset as split, configuration and revision
+    (allenai/reward-bench-2 has only a test split), and the revision is part of the cache key; a plain
+    org/name keeps the fingerprint it always had."""
+    import datasets
+
+    from rmfast.data import sources
+
+    calls = []
+
+    def load_dataset(repo, **kw):
+        calls.append((repo, kw))
+        return [{"prompt": "2 + 2 =", "chosen": " 4", "rejected": " 5"}]
+
+    monkeypatch.setattr(datasets, "load_dataset", load_dataset)
+    spec = "allenai/reward-bench-2?split=test&name=default&revision=abc123"
+    train, _, report = load_data(cfg(spec), tokenizer)
+    assert len(train) == 1 and calls == [("allenai/reward-bench-2", {"split": "test", "name": "default",
+                                                                     "revision": "abc123"})]
+    assert train.locations[0] == "allenai/reward-bench-2[test]#row 1"
+    assert sources.fingerprint(spec) != sources.fingerprint(spec.replace("abc123", "def456"))
+    assert sources.fingerprint("org/data") == "hub:org/data:train"  # as recorded by earlier runs
+    with pytest.raises(ValueError, match="unknown option 'splt'; a hub name takes split, name, revision"):
+        load_data(cfg("org/data?splt=test"), tokenizer)
+
+
+def test_bare_hub_model_ids_are_taken_and_paths_that_are_no_folder_refused():
+    from rmfast.engine import check_model_path
+
+    for ok in ("gpt2", "Qwen/Qwen3-0.6B"):
+        check_model_path(ok, "--model.name_or_path")
+    for bad in ("./missing", "/no/such/model", "a/b/c"):
+        with pytest.raises(ValueError, match="no such folder"):
+            check_model_path(bad, "--model.name_or_path")

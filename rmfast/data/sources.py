@@ -70,10 +70,13 @@ def files_of(source: str):
 
 def fingerprint(source: str, split: str = "train") -> str:
     """What identifies a source's content for the tokenization cache: path, size and mtime of each file
-    (a hub name is identified by its name and split)."""
+    (a hub name by its name, split, configuration and revision)."""
     path = Path(source)
     if not path.exists():
-        return f"hub:{source}:{split}"
+        if "?" not in source:  # as recorded before the options existed (the cache and resume checks keep it)
+            return f"hub:{source}:{split}"
+        repo, options = hub_spec(source, split)
+        return f"hub:{repo}:" + ":".join(f"{k}={options[k]}" for k in HUB_OPTIONS)
     files = [p for p in path.rglob("*") if p.is_file()] if _is_datasets_dir(path) else files_of(source)
     parts = []
     for p in sorted(files):
@@ -89,10 +92,11 @@ def iter_rows(source: str, split: str = "train") -> Iterator[RawRow]:
         yield from _iter_datasets_dir(path, split)
         return
     if not path.exists():
-        if "/" in source and not source.startswith((".", "/")) and source.count("/") == 1:
+        if is_hub_name(source):
             yield from _iter_hub(source, split)
             return
-        raise FileNotFoundError(f"{source}: no such file or folder (and not a hub dataset name like org/name)")
+        raise FileNotFoundError(f"{source}: no such file or folder (and not a hub dataset name like org/name, "
+                                f"or org/name?split=test&name=CONFIG&revision=REV)")
     for file in files_of(source):
         yield from _READERS[_kind(file)](file)
 
@@ -268,16 +272,41 @@ def _iter_datasets_dir(path: Path, split: str):
         yield RawRow(f"{path}#row {i}", row)
 
 
-def _iter_hub(name: str, split: str):
+HUB_OPTIONS = ("split", "name", "revision")
+
+
+def is_hub_name(source: str) -> bool:
+    name = source.split("?", 1)[0]
+    return name.count("/") == 1 and not name.startswith((".", "/", "~")) and not Path(name).exists()
+
+
+def hub_spec(source: str, split: str = "train"):
+    """A hub dataset by its full name: 'org/name', or 'org/name?split=test&name=CONFIG&revision=REV' (the
+    split, the configuration and a git revision of the dataset repository). Returns (repo, {split, name,
+    revision}); the split defaults to `split`."""
+    from urllib.parse import parse_qsl
+
+    repo, _, query = source.partition("?")
+    options = {"split": split, "name": None, "revision": None}
+    for key, value in parse_qsl(query, keep_blank_values=True, strict_parsing=bool(query)):
+        if key not in HUB_OPTIONS:
+            raise UserError(f"{source}: unknown option {key!r}; a hub name takes {', '.join(HUB_OPTIONS)} "
+                            f"(org/name?split=test&name=CONFIG&revision=REV)")
+        options[key] = value
+    return repo, options
+
+
+def _iter_hub(source: str, split: str):
     import datasets
 
+    repo, options = hub_spec(source, split)
     try:
-        ds = datasets.load_dataset(name, split=split)
+        ds = datasets.load_dataset(repo, **options)
     except Exception as exc:
-        raise RuntimeError(f"{name}: could not load it from the hub ({type(exc).__name__}: {exc}). "
+        raise RuntimeError(f"{source}: could not load it from the hub ({type(exc).__name__}: {exc}). "
                            f"Without a network, download it elsewhere and pass the local folder.") from exc
     for i, row in enumerate(ds, start=1):
-        yield RawRow(f"{name}[{split}]#row {i}", row)
+        yield RawRow(f"{repo}[{options['split']}]#row {i}", row)
 
 
 _READERS = {"jsonl": _read_jsonl, "json": _read_json, "csv": _read_csv, "parquet": _read_parquet}
