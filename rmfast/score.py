@@ -216,6 +216,11 @@ def main(argv=None):
     parser.add_argument("--attention", default="auto", choices=list(attention.ATTENTIONS),
                         help="attention of the packed batches (auto: varlen on CUDA in bf16/fp16 when available, "
                              "else flex on CUDA; segments on CPU)")
+    parser.add_argument("--benchmark", default="auto", choices=["auto", "none"] + list(BENCHMARKS),
+                        help="also report a leaderboard's official numbers by its own rules (rmfast.leaderboards): "
+                             "rewardbench (pairs with a subset), rewardbench2 (chosen/rejected lists with a subset), "
+                             "rm-bench (3 chosen and 3 rejected per row, a domain); auto: when the rows' shape and "
+                             "subset names say which")
     add_data_options(parser, kinds=["pairs", "groups", "texts"])
     args = parser.parse_args(argv)
     from .errors import run
@@ -234,6 +239,9 @@ def main(argv=None):
         scorer = Scorer(args.model, args.device, args.dtype, args.attention)
         source = Source.parse(args.sources[0])
         kind = args.kind if args.kind != "auto" else source_kind(source.path, source.split, args.columns) or "texts"
+        if args.benchmark in BENCHMARKS and BENCHMARKS[args.benchmark][1] != kind:
+            name, want = BENCHMARKS[args.benchmark]
+            raise UserError(f"--benchmark {args.benchmark}: {name} scores {want} rows; these are read as {kind}")
         score = {"pairs": _score_pairs, "groups": _score_groups, "texts": _score_texts}[kind]
         records, summary = score(scorer, args)
         records.sort(key=lambda x: _order(x["location"]))
@@ -282,18 +290,122 @@ def _score_pairs(scorer, args):
             print(f"  {n}: accuracy {m['accuracy']:.4f} ({m['pairs']} pairs)", file=sys.stderr)
         summary["subset_mean_accuracy"] = float(np.mean([m["accuracy"] for m in summary["subsets"].values()]))
         print(f"mean accuracy over {len(names)} subsets: {summary['subset_mean_accuracy']:.4f}", file=sys.stderr)
+    _add_leaderboard(summary, args, "pairs", records)
     return records, summary
 
 
 def _subsets(specs, column):
     """{location: the row's `column` value as a string} for the rows of the sources that have one."""
+    return {loc: str(f["subset"]) for loc, f in _row_fields(specs, {"subset": column}).items() if "subset" in f}
+
+
+def _row_fields(specs, columns):
+    """{location: {name: value}} of the rows of the sources, for each name whose column (columns[name]) the
+    row has, not None; a list's length stands for the list (`chosen`, `rejected`: how many responses)."""
     out = {}
     for spec in specs:
         source = Source.parse(spec)
         for raw in iter_rows(source.path, source.split):
-            if isinstance(raw.data, dict) and raw.data.get(column) is not None:
-                out[raw.location] = str(raw.data[column])
+            if isinstance(raw.data, dict):
+                got = {name: len(v) if isinstance(v, list) else v for name, column in columns.items()
+                       if (v := raw.data.get(column)) is not None}
+                if got:
+                    out[raw.location] = got
     return out
+
+
+# --benchmark NAME: (what the README calls it, the kind of rows it scores)
+BENCHMARKS = {"rewardbench": ("RewardBench", "pairs"), "rewardbench2": ("RewardBench 2", "groups"),
+              "rm-bench": ("RM-Bench", "groups")}
+
+
+def _add_leaderboard(summary, args, kind, records):
+    """summary["benchmark"]: the leaderboard's own numbers for these records (rmfast.leaderboards), with
+    --benchmark NAME or, with auto, when the rows' shape and subset names say which; printed too."""
+    if args.benchmark == "none":
+        return
+    columns = {k: args.columns.get(k, k) for k in ("subset", "id", "domain", "chosen", "rejected")}
+    fields = _row_fields(args.sources, columns)
+    rows = [fields.get(r["location"], {}) for r in records]
+    name = args.benchmark if args.benchmark != "auto" else detect_benchmark(kind, rows)
+    if name is None:
+        return
+    result = leaderboard(name, records, rows)
+    summary["benchmark"] = dict(name=name, **result)
+    for line in leaderboard_lines(name, result):
+        print(line, file=sys.stderr)
+
+
+def detect_benchmark(kind, rows):
+    """The benchmark these rows are unambiguously from (their kind, shape and subset names), or None. rows:
+    the fields _row_fields read, one dict per scored record."""
+    from .leaderboards import REWARDBENCH2_SUBSETS, REWARDBENCH_EXAMPLE_COUNTS, REWARDBENCH_PREF_SETS
+
+    if not rows:
+        return None
+    subsets = {r.get("subset") for r in rows}
+    if kind == "pairs":
+        known = set(REWARDBENCH_EXAMPLE_COUNTS) | set(REWARDBENCH_PREF_SETS)
+        return "rewardbench" if subsets <= known and subsets & set(REWARDBENCH_EXAMPLE_COUNTS) else None
+    if all(r.get("domain") is not None and r.get("chosen") == 3 and r.get("rejected") == 3 for r in rows):
+        return "rm-bench"
+    if subsets <= set(REWARDBENCH2_SUBSETS) and all("chosen" in r and "rejected" in r for r in rows):
+        return "rewardbench2"
+    return None
+
+
+def leaderboard(name, records, rows):
+    """The numbers of benchmark `name` (a key of BENCHMARKS) for scored records (rmfast-score's output
+    rows) and the rows' fields (_row_fields), by rmfast.leaderboards' functions."""
+    from . import leaderboards
+
+    where = ", ".join(r["location"] for r, f in zip(records, rows) if f.get("subset") is None)
+    if name != "rm-bench" and where:
+        raise UserError(f"--benchmark {name}: rows without a `subset`: {where[:300]}")
+    if name == "rewardbench":
+        return leaderboards.rewardbench([r["chosen_reward"] for r in records],
+                                        [r["rejected_reward"] for r in records], [f["subset"] for f in rows])
+    bad = [r["location"] for r, f in zip(records, rows) if "chosen" not in f or "rejected" not in f
+           or (name == "rm-bench" and (f["chosen"], f["rejected"]) != (3, 3))]
+    if bad:
+        want = "3 chosen and 3 rejected responses" if name == "rm-bench" else "`chosen` and `rejected` lists"
+        raise UserError(f"--benchmark {name}: rows without {want}: {', '.join(bad)[:300]}")
+    if name == "rewardbench2":
+        try:
+            return leaderboards.rewardbench2([r["rewards"] for r in records], [f["chosen"] for f in rows],
+                                             [f["subset"] for f in rows], [f.get("id") for f in rows])
+        except ValueError as exc:
+            raise UserError(f"--benchmark rewardbench2: {exc}") from None
+    domains = [f.get("domain") for f in rows]
+    return leaderboards.rmbench([r["rewards"][:3] for r in records], [r["rewards"][3:] for r in records],
+                                None if all(d is None for d in domains) else domains)
+
+
+def leaderboard_lines(name, result):
+    """What rmfast-score prints of a leaderboard's numbers."""
+    title = BENCHMARKS[name][0]
+    score = "n/a" if result["score"] is None else f"{result['score']:.4f}"
+    lines = []
+    if name == "rewardbench":
+        lines.append(f"{title}: " + ", ".join(f"{k} {v:.4f}" for k, v in result["sections"].items()) +
+                     f"; score {score}")
+    elif name == "rewardbench2":
+        parts = ", ".join(f"{k} {'n/a' if v is None else f'{v:.4f}'}" for k, v in result["subsets"].items())
+        lines.append(f"{title}: {parts}; score {score}")
+        if "ties" in result:
+            t = result["ties"]
+            lines.append(f"  Ties: ref accuracy {t['ref_accuracy']:.4f}, tied accuracy {t['tied_accuracy']:.4f}, "
+                         f"correctness preferred {t['correctness_preferred']:.4f} (hard "
+                         f"{t['correctness_preferred_hard']:.4f}) over {t['prompts']} prompts")
+    else:
+        for domain, m in result["domains"].items():
+            lines.append(f"  {domain}: easy {m['easy']:.4f}, normal {m['normal']:.4f}, hard {m['hard']:.4f}, "
+                         f"score {m['score']:.4f} ({m['rows']} rows)")
+        lines.append(f"{title}: easy {result['easy']:.4f}, normal {result['normal']:.4f}, hard "
+                     f"{result['hard']:.4f}; score {score}")
+    if result["missing"]:
+        lines.append(f"  not the leaderboard's score: no rows of {', '.join(result['missing'])}")
+    return lines
 
 
 def _read_groups(args, tokenizer, eos_after_template=False):
@@ -359,6 +471,7 @@ def _score_groups(scorer, args):
     summary = group_summary(records)
     for line in group_summary_lines(summary, int(groups.sizes.sum())):
         print(line, file=sys.stderr)
+    _add_leaderboard(summary, args, "groups", records)
     return records, summary
 
 
@@ -366,8 +479,9 @@ METRIC_KEYS = ("comparisons", "correct", "kendall_tau", "top1", "best_of_n")
 
 
 def group_summary(records):
-    """Metrics over scored group records: overall, per subset, and the mean of the subsets' best-of-N
-    (RewardBench 2's score; its Ties subset has a scoring of its own, not this one)."""
+    """Metrics over scored group records: overall, per subset, and the mean of the subsets' best-of-N (the
+    plain rule for every subset; RewardBench 2's official numbers, its Ties formula included, come from
+    --benchmark rewardbench2: rmfast.leaderboards)."""
     from .group_metrics import summarize
 
     def metrics(rs):
