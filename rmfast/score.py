@@ -8,8 +8,10 @@ Pairs and groups are read like training data (same formats, checks and --on-bad-
 prefix-shared layouts: a group's prompt is computed once for all its responses. A group row is a prompt
 and N responses (`responses`, with `scores` or a `ranking` when known; RewardBench 2's `chosen` / `rejected`
 lists; UltraFeedback with --columns ultrafeedback); with scores or a ranking, comparison accuracy, top-1,
-Kendall tau and best-of-N credit are reported, per `subset` too. Single sequences are packed. Batches hold
-up to --token-budget tokens. --normalize subtracts the export's eval reward mean and divides by its std.
+Kendall tau and best-of-N credit are reported, per `subset` too; RewardBench, RewardBench 2 and RM-Bench
+rows also get the leaderboard's own numbers (--benchmark; rmfast.leaderboards). Single sequences are
+packed. Batches hold up to --token-budget tokens. --normalize subtracts the export's eval reward mean and
+divides by its std.
 """
 
 import argparse
