@@ -1,11 +1,13 @@
 """Training metrics: a window of micro-batch results kept on the device until a log step, and the writer
-of metrics.jsonl, TensorBoard and the log lines a person reads (rank 0)."""
+of metrics.jsonl, the experiment trackers (trackers.py) and the log lines a person reads (rank 0)."""
 
 import json
 import time
 
 import torch
 import torch.distributed as dist
+
+from .trackers import scalars
 
 
 class Window:
@@ -44,32 +46,33 @@ class Window:
 
 
 class MetricsLog:
-    """Writes metric records (dicts with a "step") to metrics.jsonl and TensorBoard on rank 0, and prints
-    eval results. Other ranks write nothing."""
+    """Writes metric records (dicts with a "step") to metrics.jsonl under rmfast's keys and to the run's
+    experiment trackers (trackers.py) under Hugging Face's names, on rank 0, and prints eval results. Other
+    ranks write nothing."""
 
-    def __init__(self, path, rank, log=print, tensorboard_dir=None):
+    def __init__(self, path, rank, log=print, trackers=()):
         self.path = path
         self.rank = rank
         self.log = log
-        self.tb = _tensorboard(tensorboard_dir, log) if (tensorboard_dir and rank == 0) else None
+        self.trackers = list(trackers) if rank == 0 else []
 
     def write(self, record):
         if self.rank != 0:
             return
         with open(self.path, "a") as f:
             f.write(json.dumps(record) + "\n")
-        if self.tb is not None:
-            for k, v in record.items():
-                if isinstance(v, (int, float)) and k != "step":
-                    self.tb.add_scalar(k, v, record["step"])
+        values = scalars(record)
+        if values:
+            for tracker in self.trackers:
+                tracker.log(record["step"], values)
         if "eval_accuracy" in record:
             self.log(f"eval at step {record['step']}: loss {record['eval_loss']:.4f}  "
                      f"accuracy {record['eval_accuracy']:.3f}  margin {record['eval_margin']:.3f}")
 
     def close(self):
-        if self.tb is not None:
-            self.tb.close()  # flushes the event file
-            self.tb = None
+        for tracker in self.trackers:
+            tracker.close()
+        self.trackers = []
 
 
 def train_line(record, total_steps):
@@ -77,12 +80,3 @@ def train_line(record, total_steps):
     return (f"step {record['step']}/{total_steps}  loss {record['loss']:.4f}  accuracy {record['accuracy']:.3f}  "
             f"pairs/s {record['pairs_per_s']:.1f}  tokens/s {record['tokens_per_s']:.0f}  lr {record['lr']:.2e}")
 
-
-def _tensorboard(path, log):
-    try:
-        from torch.utils.tensorboard import SummaryWriter
-    except ImportError:
-        log("tensorboard is not installed: metrics go to metrics.jsonl only (pip install tensorboard, or pass "
-            "--train.tensorboard false to silence this)")
-        return None
-    return SummaryWriter(str(path), flush_secs=30)

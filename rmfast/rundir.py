@@ -15,7 +15,8 @@ LOCK = ".rmfast.lock"
 # written into the folder when a run claims it: what tells an rmfast run folder from any other folder
 MARKER = ".rmfast-run"
 # what rmfast-train writes into a run folder, and all that --train.overwrite deletes
-OWNED = ("config.json", "metrics.jsonl", "checkpoints", "export", "tensorboard", "tokenizer", "backbone")
+OWNED = ("config.json", "metrics.jsonl", "checkpoints", "export", "tensorboard", "wandb", "mlflow.db", "tokenizer",
+         "backbone")
 
 # what a resumed run must share with the run that saved the checkpoint: NEVER cannot change at all (the
 # saved weights, optimizer shards or vocabulary would not fit); the rest only with resume_allow_changes

@@ -106,14 +106,14 @@ def test_prefix_shared_and_packed_training_follow_padded(setup, tmp_path):
         res = train(setup, tmp_path / layout, **{"train.layout": layout, "train.tensorboard": layout == "padded"})
         assert f"layout: {layout}" in res.stdout
         runs[layout] = [r["loss"] for r in metrics(tmp_path / layout)[0]]
-    # TensorBoard got the same training and eval curves as metrics.jsonl
+    # TensorBoard got the same training and eval curves as metrics.jsonl, under transformers' names
     from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
 
     events = EventAccumulator(str(tmp_path / "padded" / "tensorboard"))
     events.Reload()
-    assert [e.step for e in events.Scalars("loss")] == list(range(1, 13))
-    np.testing.assert_allclose([e.value for e in events.Scalars("loss")], runs["padded"], rtol=1e-6)
-    assert events.Scalars("eval_accuracy")[-1].value == metrics(tmp_path / "padded")[1][-1]["eval_accuracy"]
+    assert [e.step for e in events.Scalars("train/loss")] == list(range(1, 13))
+    np.testing.assert_allclose([e.value for e in events.Scalars("train/loss")], runs["padded"], rtol=1e-6)
+    assert events.Scalars("eval/accuracy")[-1].value == metrics(tmp_path / "padded")[1][-1]["eval_accuracy"]
     assert not (tmp_path / "packed" / "tensorboard").exists()
     # same seeds, same batches: fp32 differences come only from the order of floating-point sums
     np.testing.assert_allclose(runs["prefix_shared"], runs["padded"], rtol=0, atol=1e-4)
