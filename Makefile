@@ -27,14 +27,16 @@ demo: setup
 demo-loss: setup
 	$(PY) examples/fused_loss_demo.py
 
+# the whole suite (what CI runs) on two workers, the slowest 25 tests named at the end
 test: setup
-	$(PY) -m pytest tests
+	$(PY) -m pytest tests -n 2 --durations=25
 
 lint: setup
 	$(VENV)/bin/ruff check .
 
+# the unit tier: everything but the tests that train, launch or build (about a minute and a half)
 test-fast: setup
-	$(PY) -m pytest tests -m "not slow"
+	$(PY) -m pytest tests -n 2 -m "not slow"
 
 bench: setup
 	$(PY) benchmarks/bench_loss.py

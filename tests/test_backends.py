@@ -85,6 +85,7 @@ def test_kernels_package_is_rmfast_kernels():
     assert callable(rmfast.kernels.pairwise_loss_fwd)
 
 
+@pytest.mark.slow  # a process of its own (imports torch and the libraries): over 5 s
 def test_no_top_level_package_of_ours_hides_another():
     """Run from the repository root (where the current folder comes first on sys.path), no folder of ours
     may stand in for an installed package: transformers imports the hub's `kernels` package when it finds one,
@@ -96,6 +97,7 @@ def test_no_top_level_package_of_ours_hides_another():
     assert out.returncode == 0, out.stderr[-2000:]
 
 
+@pytest.mark.slow  # a process of its own (imports torch and the libraries): over 5 s
 def test_rmfast_env_reports_versions_and_backends():
     out = subprocess.run([sys.executable, "-m", "rmfast.env", "--json"], capture_output=True, text=True,
                          check=True)
@@ -108,6 +110,7 @@ def test_rmfast_env_reports_versions_and_backends():
         assert key in facts
 
 
+@pytest.mark.slow  # a process of its own (imports torch and the libraries): over 5 s
 def test_import_without_extension_falls_back_to_torch_with_a_warning(tmp_path):
     code = (
         "import warnings, torch, rmfast\n"
@@ -143,6 +146,7 @@ def test_jit_build_takes_over_when_the_compiled_module_is_absent(tmp_path):
     assert out.stdout.split() == ["jit", "cpu"]
 
 
+@pytest.mark.slow  # a process of its own (imports torch and the libraries): over 5 s
 def test_demo_learns_the_preference():
     out = subprocess.run([sys.executable, str(ROOT / "examples" / "fused_loss_demo.py"), "--steps", "30"],
                          capture_output=True, text=True, timeout=300)

@@ -150,6 +150,7 @@ for backend in sys.argv[1:]:  # each one's first call in this process is under t
 """
 
 
+@pytest.mark.slow  # a process of its own (imports torch and the libraries): over 5 s
 def test_fullgraph_compile_as_the_first_call_in_a_fresh_process():
     """Backend selection (and the extension's first load, under its lock) under a cold torch.compile: nothing
     in it may be untraceable (a lock, an import, a warning). One fresh process: auto first (it loads the

@@ -123,6 +123,7 @@ def test_missing_model_or_data_is_an_error_with_advice(capsys):
     assert len(err.splitlines()) == 2 and "usage:" not in err and "--help" in err
 
 
+@pytest.mark.slow  # a process of its own (imports torch and the libraries): over 5 s
 def test_attention_that_cannot_run_here_is_refused_before_data_is_read(tmp_path):
     # a model folder with a config only, and no data file at all: the refusal must come first, as one line
     from transformers import LlamaConfig
@@ -197,6 +198,7 @@ def test_transformers_option_names_stand_for_ours(tmp_path):
         parse(["--lr_scheduler_type", "warmup_stable"])
 
 
+@pytest.mark.slow  # a process of its own (imports torch and the libraries): over 5 s
 def test_a_bad_value_is_one_line_before_anything_loads(tmp_path):
     out = subprocess.run([sys.executable, "-m", "rmfast.cli", "--model.name_or_path", str(tmp_path / "none"),
                           "--data.train", str(tmp_path / "missing.jsonl"), "--train.log_every", "0"],

@@ -299,6 +299,7 @@ def test_a_client_that_disconnects_while_queued_costs_no_forward(patient):
     assert client.post("/get_reward", json={"query": ["next"]}).status_code == 200
 
 
+@pytest.mark.slow  # a process of its own (imports torch and the libraries): over 5 s
 def test_sigterm_answers_the_requests_in_flight_then_exits_0(export):
     root, path, _, _ = export
     proc, url = start(path, root / "sigterm.log", "--max-wait-ms", "500")
