@@ -189,6 +189,8 @@ def test_export_after_zero3_scores_as_the_engine(setup, tmp_path):
                    re.search(r"ZeRO-3: backbone loaded partitioned; rank 0 holds ([\d,]+) of ([\d,]+)",
                              res.stdout + res.stderr).groups())
     assert 0 < held <= total // 2 + 1000 and total > 10000
+    # torch's deprecation notices for the collectives DeepSpeed's ZeRO-3 calls are not the user's to read
+    assert "FutureWarning" not in res.stderr and "all_gather_into_tensor" not in res.stderr, res.stderr[-3000:]
     _, evals = metrics(out)
     final = evals[-1]
     c, r = score_with_transformers(out / "export", setup / "eval.jsonl", setup / "model")
