@@ -16,7 +16,7 @@ $(VENV)/.torch:
 
 $(VENV)/.rmfast: $(VENV)/.torch setup.py pyproject.toml requirements-dev.txt $(wildcard csrc/*)
 	$(PIP) install -r requirements-dev.txt
-	$(PIP) install --no-build-isolation -e .
+	$(PIP) install --no-build-isolation -e ".[train]"
 	touch $@
 
 setup: $(VENV)/.rmfast

@@ -115,6 +115,9 @@ def main(argv=None):
 
     def body():
         nonlocal trainer
+        installed("deepspeed", "rmfast-train trains on DeepSpeed")
+        if config.model.lora_r:
+            installed("peft", "LoRA (--model.lora_r) comes from PEFT")
         from .engine import Trainer, close_distributed
 
         try:
@@ -142,8 +145,11 @@ def quiet_libraries():
     torch's CUDA_HOME note, transformers' loading bars and advice. Their errors still show."""
     logging.disable(logging.WARNING)  # DeepSpeed logs the accelerator it picked while it is imported
     try:
-        import deepspeed  # noqa: F401
         import torch.utils.cpp_extension  # noqa: F401
+
+        import deepspeed  # noqa: F401
+    except ImportError:
+        pass  # not installed: the run is refused with a line that says what to install
     finally:
         logging.disable(logging.NOTSET)
     for name in ("DeepSpeed", "torch.utils.cpp_extension", "torch.distributed", "torch._dynamo"):
@@ -163,6 +169,15 @@ def _resume_hint(output_dir):
     if not tags:
         return "no checkpoint was saved (--train.save_every N saves during a run)"
     return f"the last complete checkpoint is {root / tags[-1]}; continue with --train.resume latest"
+
+
+def installed(module, why):
+    """Refuse, in one line, a run that needs a package the install left out (the loss, the scorer and the
+    server work without DeepSpeed and PEFT; training needs them: the `train` extra)."""
+    import importlib.util
+
+    if importlib.util.find_spec(module) is None:
+        raise errors.UserError(f"{why}, which is not installed: pip install 'rmfast[train]' (or pip install {module})")
 
 
 def entry(argv=None):
