@@ -163,8 +163,9 @@ def quiet_libraries():
 
 def _resume_hint(output_dir):
     from .checkpoint import checkpoint_tags
+    from .runfolder import RunFolder
 
-    root = Path(output_dir) / "checkpoints"
+    root = RunFolder(output_dir).checkpoints
     tags = checkpoint_tags(root)
     if not tags:
         return "no checkpoint was saved (--train.save_every N saves during a run)"

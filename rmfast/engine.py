@@ -29,6 +29,7 @@ from .errors import Failure, UserError
 from .group_train import eval_group_metrics, eval_part, loader_config
 from .metrics import MetricsLog, Window, train_line
 from .model import DTYPES, enable_activation_checkpointing
+from .runfolder import RunFolder
 from .trackers import open_trackers
 
 
@@ -192,6 +193,7 @@ class Trainer:
                             "use bf16 or fp32 on CPU")
         seed_everything(t.seed)
         self.out = Path(t.output_dir)
+        self.folder = RunFolder(self.out)
         # one run per folder, locked while it trains (rank 0 holds the lock; every rank sees a refusal)
         self._lock = on_rank0(self.rank, lambda: rundir.claim(self.out, t.resume, t.overwrite,
                                                                       run_inputs(config)))
@@ -219,7 +221,7 @@ class Trainer:
         self.engine, self.scheduler = build_engine(self.model, config, self.ds_config, self.total_steps)
         self.step = 0
         self._position = self.sampler.state_dict()  # where the sampler stands after the last trained batch
-        self.metrics = MetricsLog(self.out / "metrics.jsonl", self.rank, self.log,
+        self.metrics = MetricsLog(self.folder.metrics, self.rank, self.log,
                                   open_trackers(config, self.out, self.rank, self.log))
         if self.rank == 0:
             self._save_run_files()
@@ -227,10 +229,10 @@ class Trainer:
             self.resume(t.resume)
 
     def _save_run_files(self):
-        (self.out / "config.json").write_text(json.dumps(self.config.to_dict(), indent=2, default=str))
+        self.folder.config.write_text(json.dumps(self.config.to_dict(), indent=2, default=str))
         with carrying_template(self.tokenizer, self.config.data.chat_template):
-            self.tokenizer.save_pretrained(self.out / "tokenizer")
-        self.model.backbone.config.save_pretrained(self.out / "backbone")
+            self.tokenizer.save_pretrained(self.folder.tokenizer)
+        self.model.backbone.config.save_pretrained(self.folder.backbone)
 
     # -- resumable state
     def state_dict(self):
@@ -368,11 +370,11 @@ class Trainer:
             from .export import export_model
 
             with carrying_template(self.tokenizer, self.config.data.chat_template):
-                export_model(self.engine.module, self.tokenizer, self.out / "export", final,
+                export_model(self.engine.module, self.tokenizer, self.folder.export, final,
                              lora=config_lora(self.config.model),
                              eos_after_template=self.config.data.eos_after_template)
             if self.rank == 0:
-                self.log(f"exported to {self.out / 'export'}")
+                self.log(f"exported to {self.folder.export}")
         return final
 
     @property
@@ -436,11 +438,11 @@ class Trainer:
 
     # -- checkpoints
     def save(self):
-        save_checkpoint(self.engine, self.out / "checkpoints", self.step, self.state_dict(), self.rank,
+        save_checkpoint(self.engine, self.folder.checkpoints, self.step, self.state_dict(), self.rank,
                         keep_last=self.config.train.keep_last)
 
     def resume(self, where):
-        path = resolve(self.out / "checkpoints", where)
+        path = resolve(self.folder.checkpoints, where)
         self.load_state_dict(read_state(path), where=str(path))
         load_checkpoint(self.engine, path, self.rank)
         if self.rank == 0:

@@ -27,7 +27,9 @@ from pathlib import Path
 
 import torch
 
+from . import runfolder
 from .errors import UserError
+from .runfolder import RunFolder
 
 PAD_TOKEN = "<|rmfast_pad|>"
 # the export's config key of the reward-token convention: true when the model was trained with EOS appended
@@ -225,7 +227,8 @@ def check_target(out: Path):
     from .checkpoint import MARKER
 
     for folder in [out, *out.resolve().parents]:
-        if folder.name == "checkpoints" and ((folder / "latest").exists() or any(folder.glob(f"step-*/{MARKER}"))):
+        if folder.name == runfolder.CHECKPOINTS and ((folder / "latest").exists()
+                                                     or any(folder.glob(f"step-*/{MARKER}"))):
             raise UserError(f"export: {out} is inside {folder}, a run's checkpoint folder, where rmfast's saves and "
                             f"resumes manage what lives; write the export elsewhere (OUTPUT_DIR/export, say)")
     if out.exists() and (not out.is_dir() or any(out.iterdir())) and not (out / "rmfast.json").exists():
@@ -441,7 +444,7 @@ def load_checkpoint_state(checkpoint_dir):
 
 def _last_eval(out_root: Path):
     """The last evaluation record of a run's metrics.jsonl (None without one)."""
-    metrics_file = out_root / "metrics.jsonl"
+    metrics_file = RunFolder(out_root).metrics
     if not metrics_file.exists():
         return None
     evals = [json.loads(x) for x in metrics_file.read_text().splitlines() if "eval_reward_mean" in x]
@@ -476,8 +479,8 @@ def _export_run(run, args):
     if not run.exists():
         raise FileNotFoundError(f"{run}: no such folder (give a training output dir, its checkpoints dir or a "
                                 f"step folder)")
-    if (run / "checkpoints").exists():
-        checkpoint = resolve(run / "checkpoints", "latest")
+    if RunFolder(run).checkpoints.exists():
+        checkpoint = resolve(RunFolder(run).checkpoints, "latest")
         out_root = run
     else:
         checkpoint = resolve(run, "latest") if (run / "latest").exists() else run
@@ -485,17 +488,18 @@ def _export_run(run, args):
     if not (checkpoint / MARKER).exists():
         raise UserError(f"{checkpoint} is not a complete checkpoint (no {MARKER} marker: its save was "
                         f"interrupted); export an earlier one")
-    for needed in ("backbone", "tokenizer"):
+    folder = RunFolder(out_root)
+    for needed in (runfolder.BACKBONE, runfolder.TOKENIZER):
         if not (out_root / needed).is_dir():
             raise UserError(f"{out_root} has no {needed}/ folder, which rmfast-train writes beside its checkpoints "
                             f"(is it an rmfast run, copied whole?)")
     state = load_checkpoint_state(checkpoint)
-    run_config = json.loads((out_root / "config.json").read_text()) if (out_root / "config.json").exists() else {}
+    run_config = json.loads(folder.config.read_text()) if folder.config.exists() else {}
     model_config = run_config.get("model", {})
     lora = (model_config["lora_r"], model_config["lora_alpha"], model_config.get("lora_rslora", False)) \
         if model_config.get("lora_r") else None
-    tokenizer = AutoTokenizer.from_pretrained(out_root / "tokenizer")
-    config = AutoConfig.from_pretrained(out_root / "backbone")
+    tokenizer = AutoTokenizer.from_pretrained(folder.tokenizer)
+    config = AutoConfig.from_pretrained(folder.backbone)
     # consume: each layer leaves the state once written, so memory falls as the shards go out
     # a run saved before the convention was recorded appended EOS after chat templates
     eos_after_template = run_config.get("data", {}).get("eos_after_template", True)

@@ -7,7 +7,7 @@ import os
 import shutil
 from pathlib import Path
 
-from . import paths
+from . import paths, runfolder
 from .config import data_kind
 from .errors import UserError
 
@@ -15,8 +15,7 @@ LOCK = ".rmfast.lock"
 # written into the folder when a run claims it: what tells an rmfast run folder from any other folder
 MARKER = ".rmfast-run"
 # what rmfast-train writes into a run folder, and all that --train.overwrite deletes
-OWNED = ("config.json", "metrics.jsonl", "checkpoints", "export", "tensorboard", "wandb", "mlflow.db", "tokenizer",
-         "backbone")
+OWNED = runfolder.OWNED
 
 # what a resumed run must share with the run that saved the checkpoint: NEVER cannot change at all (the
 # saved weights, optimizer shards or vocabulary would not fit); the rest only with resume_allow_changes

@@ -12,6 +12,7 @@ import os
 from pathlib import Path
 
 from .errors import UserError
+from .runfolder import RunFolder
 
 CHOICES = ("tensorboard", "wandb", "mlflow", "trackio", "none")
 DEFAULT = ["tensorboard"]
@@ -53,7 +54,7 @@ class TensorBoard(Tracker):
     def __init__(self, out, config):
         from torch.utils.tensorboard import SummaryWriter
 
-        self.writer = SummaryWriter(str(Path(out) / "tensorboard"), flush_secs=30)
+        self.writer = SummaryWriter(str(RunFolder(out).tensorboard), flush_secs=30)
         self.writer.add_text("config", "```\n" + json.dumps(config, indent=2, default=str) + "\n```")
 
     def log(self, step, values):
@@ -131,7 +132,7 @@ TRACKERS = {"tensorboard": TensorBoard, "wandb": Wandb, "mlflow": Mlflow, "track
 
 
 def local_mlflow_uri(out):
-    return f"sqlite:///{(Path(out) / 'mlflow.db').resolve()}"
+    return f"sqlite:///{RunFolder(out).mlflow_db.resolve()}"
 
 
 def flatten(config):
