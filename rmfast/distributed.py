@@ -47,7 +47,14 @@ def init_distributed(timeout_s=None):
             for name in ("default_pg_timeout", "default_pg_nccl_timeout"):
                 _OWN_DEFAULTS.setdefault(name, getattr(c10d, name))
                 setattr(c10d, name, datetime.timedelta(seconds=timeout_s))
-        # on CPU DeepSpeed prints that it built its shared-memory op; its errors are raised, not printed
+        # DeepSpeed's shared-memory all-reduce serves only its inference all-reduce, never training: on CPU
+        # it is a C++ build of about two minutes at a machine's first run (and a lock every other rank and run
+        # waits on), so it is not built
+        import importlib
+
+        # (by name: `import deepspeed.comm.torch as m` binds the torch package the module re-exports)
+        importlib.import_module("deepspeed.comm.torch").build_shm_op = lambda: None
+        # DeepSpeed's errors are raised, not printed; what it prints at start is not the user's
         with contextlib.redirect_stdout(io.StringIO()):
             kw = {"timeout": datetime.timedelta(seconds=timeout_s)} if timeout_s else {}
             deepspeed.init_distributed(dist_backend="nccl" if torch.cuda.is_available() else "gloo", **kw)

@@ -357,3 +357,19 @@ def test_a_finished_run_leaves_its_process_group(setup, tmp_path, nproc):
 
     first = curves(tmp_path / "run-1")
     assert len(first[0]) == 3 and len(first[1]) == 2 and first == curves(tmp_path / "run-2")  # the same seed
+
+
+def test_the_process_group_builds_no_deepspeed_inference_op():
+    """DeepSpeed's shared-memory all-reduce (a C++ build of minutes on a CPU machine's first run) serves
+    only its inference all-reduce: rmfast's process group does without it, and training all-reduces still
+    go through torch."""
+    script = ("import torch\nfrom deepspeed.comm import comm as c\n"
+              "from rmfast.distributed import close_distributed, init_distributed\n"
+              "init_distributed(60)\n"
+              "t = torch.ones(3)\n"
+              "c.all_reduce(t)\n"
+              "print(c.cdb.shm_comm_op, t.tolist())\n"
+              "close_distributed()\n")
+    res = subprocess.run([sys.executable, "-c", script], capture_output=True, text=True, env=clean_env(), timeout=300)
+    assert res.returncode == 0, res.stderr[-3000:]
+    assert res.stdout.split("\n")[-2] == "None [1.0, 1.0, 1.0]", res.stdout
