@@ -138,7 +138,7 @@ def unique_tokens(groups, tok):
 
 
 def start(name, path, port, args, log):
-    import httpx
+    from rmfast.serve.client import wait_ready
 
     if name == "baseline":
         cmd = [sys.executable, __file__, "--serve-baseline", str(path), "--port", str(port)]
@@ -151,16 +151,11 @@ def start(name, path, port, args, log):
     env = dict(os.environ, **({"OMP_NUM_THREADS": str(args.threads)} if args.threads else {}))
     proc = subprocess.Popen(cmd, stdout=open(log, "w"), stderr=subprocess.STDOUT, env=env)
     url = f"http://127.0.0.1:{port}"
-    for _ in range(600):
-        if proc.poll() is not None:
-            raise SystemExit(f"{name} exited:\n{Path(log).read_text()}")
-        try:
-            if httpx.get(url + "/health", timeout=2).status_code == 200:
-                return proc, url
-        except httpx.TransportError:
-            time.sleep(0.2)
-    proc.kill()
-    raise SystemExit(f"{name} did not start:\n{Path(log).read_text()}")
+    try:
+        wait_ready(proc, url, 180, log)
+    except RuntimeError as exc:
+        raise SystemExit(f"{name}: {exc}") from None
+    return proc, url
 
 
 def counters(name, client):

@@ -3,15 +3,16 @@ with one collective timeout on every group, and left after a run that succeeded.
 
 import contextlib
 import datetime
+import importlib
 import io
 import os
 import socket
 
 import torch
 import torch.distributed as dist
+from torch.distributed import distributed_c10d as c10d
 
 from . import rundir
-
 
 
 def _free_port():
@@ -42,17 +43,13 @@ def init_distributed(timeout_s=None):
         if timeout_s:
             # the groups DeepSpeed makes later (data parallel: the gradients' all-reduce) take torch's default
             # timeout, 30 minutes for gloo, 10 for NCCL, not the world group's: they get this one too
-            from torch.distributed import distributed_c10d as c10d
-
             for name in ("default_pg_timeout", "default_pg_nccl_timeout"):
                 _OWN_DEFAULTS.setdefault(name, getattr(c10d, name))
                 setattr(c10d, name, datetime.timedelta(seconds=timeout_s))
         # DeepSpeed's shared-memory all-reduce serves only its inference all-reduce, never training: on CPU
         # it is a C++ build of about two minutes at a machine's first run (and a lock every other rank and run
-        # waits on), so it is not built
-        import importlib
-
-        # (by name: `import deepspeed.comm.torch as m` binds the torch package the module re-exports)
+        # waits on), so it is not built (the module by name: `import deepspeed.comm.torch as m` binds the torch
+        # package that module re-exports)
         importlib.import_module("deepspeed.comm.torch").build_shm_op = lambda: None
         # DeepSpeed's errors are raised, not printed; what it prints at start is not the user's
         with contextlib.redirect_stdout(io.StringIO()):
@@ -88,8 +85,6 @@ def close_distributed():
         else:
             os.environ[key] = before
     _OWN_ENV.clear()
-    from torch.distributed import distributed_c10d as c10d
-
     for name, before in _OWN_DEFAULTS.items():
         setattr(c10d, name, before)
     _OWN_DEFAULTS.clear()

@@ -28,6 +28,7 @@ from .data import DataError, load_data
 from .data.groups import source_kind
 from .data.loader import Source
 from .data.options import add_data_options, data_config
+from .data.tokenize import LengthPolicy
 from .data.sampler import PairSampler
 from .data.sources import iter_rows
 from .model import RewardModel
@@ -154,7 +155,8 @@ def sequence_ids(tokenizer, max_length, text=None, messages=None, chat_template=
         rendered = True
     seq = tokenizer(text, add_special_tokens=not rendered)["input_ids"]
     eos = tokenizer.eos_token_id
-    if (not rendered or eos_after_template) and eos is not None and (not seq or seq[-1] != eos):
+    appends = LengthPolicy(max(max_length, 2), eos_after_template=eos_after_template).appends_eos(rendered)
+    if appends and eos is not None and (not seq or seq[-1] != eos):
         seq = seq + [eos]
     if len(seq) <= max_length:
         return seq, False

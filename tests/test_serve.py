@@ -25,6 +25,7 @@ from rmfast.data.synthetic import write_jsonl  # noqa: E402
 from rmfast.data.tokenizers import train_bpe_tokenizer  # noqa: E402
 from rmfast.export import write_export  # noqa: E402
 from rmfast.score import main as score_main  # noqa: E402
+from rmfast.serve.client import wait_ready  # noqa: E402
 from helpers import build, clean_env, free_port  # noqa: E402
 
 MAX_LENGTH = 512  # ordinary test texts fit it (up to ~420 tokens); long_text() does not
@@ -53,17 +54,8 @@ def start(path, log, *options):
     proc = subprocess.Popen(cmd + [str(path), "--port", str(port), "--log-level", "warning", *options],
                             stdout=open(log, "w"), stderr=subprocess.STDOUT, env=clean_env())
     url = f"http://127.0.0.1:{port}"
-    deadline = time.time() + 120
-    while time.time() < deadline:
-        if proc.poll() is not None:
-            raise AssertionError(f"rmfast-serve exited with {proc.returncode}:\n{Path(log).read_text()}")
-        try:
-            if httpx.get(url + "/health", timeout=2).status_code == 200:
-                return proc, url
-        except httpx.TransportError:
-            time.sleep(0.2)
-    proc.kill()
-    raise AssertionError(f"rmfast-serve did not answer /health in 120 s:\n{Path(log).read_text()}")
+    wait_ready(proc, url, 120, log)
+    return proc, url
 
 
 def stop(proc):

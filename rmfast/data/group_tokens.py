@@ -213,7 +213,7 @@ def _tokenize_one(group, tokenizer, policy, chat_template, counts, scoring=False
     """(prompt ids, response ids, scores, origin) of one group, or None when it is dropped (counted).
     scoring: keep groups with one response or no order (they are scored, not trained on)."""
     texts, prompt_text, special = render_group(group, tokenizer, chat_template)
-    eos = tokenizer.eos_token_id if not special or policy.eos_after_template else None  # see LengthPolicy
+    eos = tokenizer.eos_token_id if policy.appends_eos(special) else None
     seqs, prompt_len = _encode(texts, prompt_text, special, tokenizer, eos)
     seqs, kept, truncated = fit_group_length(seqs, prompt_len, policy, tokenizer.bos_token_id)
     counts.dropped_responses_too_long += len(texts) - len(kept)

@@ -31,6 +31,11 @@ class LengthPolicy:
     # EOS after it too, as rmfast runs before the convention did. Plain text always gets EOS.
     eos_after_template: bool = False
 
+    def appends_eos(self, rendered_by_template):
+        """Whether a sequence gets EOS at its end: plain text always; what a chat template rendered only with
+        eos_after_template (the reward-token convention)."""
+        return not rendered_by_template or self.eos_after_template
+
     def __post_init__(self):
         if self.overlong not in OVERLONG:
             raise UserError(f"overlong must be one of {', '.join(OVERLONG)}, got {self.overlong!r}")
@@ -191,7 +196,7 @@ def tokenize_pairs(pairs, tokenizer, policy: LengthPolicy, chat_template=None, b
                 prompt_len = common_prefix(ids_c, ids_r)
             else:  # tokens that start inside the prompt text
                 prompt_len = sum(1 for (s, e) in offsets if s < len(prompt_text))
-            if eos_id is not None and (not special or policy.eos_after_template):
+            if eos_id is not None and policy.appends_eos(special):
                 if not ids_c or ids_c[-1] != eos_id:
                     ids_c.append(eos_id)
                 if not ids_r or ids_r[-1] != eos_id:

@@ -64,13 +64,19 @@ class Usage(BaseModel):
     prompt_tokens_details: Optional[dict] = None
 
 
-class ClassificationResponse(BaseModel):
-    id: str = Field(default_factory=lambda: f"classify-{uuid.uuid4().hex}")
+class ListResponse(BaseModel):
+    """The envelope vLLM's list responses use: an id, "list", when, which model, and the token usage."""
+
+    id: str = Field(default_factory=lambda: uuid.uuid4().hex)
     object: str = "list"
     created: int = Field(default_factory=lambda: int(time.time()))
     model: str
-    data: list[ClassificationData]
     usage: Usage
+
+
+class ClassificationResponse(ListResponse):
+    id: str = Field(default_factory=lambda: f"classify-{uuid.uuid4().hex}")
+    data: list[ClassificationData]
 
 
 # ---- rmfast's group route ----
@@ -97,13 +103,9 @@ class GroupRewards(BaseModel):
     truncated: bool = Field(description="whether the length policy cut the group")
 
 
-class RewardsResponse(BaseModel):
+class RewardsResponse(ListResponse):
     id: str = Field(default_factory=lambda: f"rewards-{uuid.uuid4().hex}")
-    object: str = "list"
-    created: int = Field(default_factory=lambda: int(time.time()))
-    model: str
     data: list[GroupRewards]
-    usage: Usage
 
 
 class ErrorBody(BaseModel):
