@@ -37,9 +37,10 @@ from bench_train import DEFAULT_DATA, RESULTS, build_model, make_step, plot, set
 
 from rmfast.data.group_tokens import tokenize_groups  # noqa: E402
 from rmfast.data.groups import parse_group_row  # noqa: E402
-from rmfast.data.tokenize import LengthPolicy, TokenizedPairs, common_prefix  # noqa: E402
+from rmfast.data.tokenize import LengthPolicy  # noqa: E402
+from rmfast.data.tokens import TokenizedGroups  # noqa: E402
 from rmfast.data.tokenizers import train_bpe_tokenizer  # noqa: E402
-from rmfast.groups import group_lengths, prefix_shared_groups  # noqa: E402
+from rmfast import layouts  # noqa: E402
 from rmfast.layouts import ONE_ROW  # noqa: E402
 
 CONTENDERS = ("dschat", "trl", "rmfast-prefix", "rmfast-groups")
@@ -71,19 +72,15 @@ def hh_groups(rows, k, seed):
 
 
 def expand(groups, indices):
-    """The comparisons of groups `indices` as TokenizedPairs (better as chosen), group after group, with
-    each pair's shared prefix as the pair tokenizer finds it."""
-    chosen, rejected, shared = [], [], []
+    """The comparisons of groups `indices` as pairs (groups of two, better as chosen), group after group, each
+    pair's shared prefix as the pair tokenizer finds it."""
+    chosen, rejected = [], []
     for g in indices:
         pairs, _ = groups.comparisons(g)
         for b, w in pairs:
-            c, r = groups.sequence(g, b), groups.sequence(g, w)
-            chosen.append(c)
-            rejected.append(r)
-            shared.append(min(common_prefix(c, r), len(c) - 1, len(r) - 1))
-    shared = np.array(shared, np.int32)
-    return TokenizedPairs(chosen, rejected, shared.copy(), shared, np.full(len(chosen), np.nan, np.float32),
-                          [f"comparison {i}" for i in range(len(chosen))])
+            chosen.append(groups.sequence(g, b))
+            rejected.append(groups.sequence(g, w))
+    return TokenizedGroups.of_pairs(chosen, rejected, locations=[f"comparison {i}" for i in range(len(chosen))])
 
 
 def load(args):
@@ -102,7 +99,7 @@ def run(name, groups, order, args, tok):
         model.set_attention(how)
 
         def step(g):
-            b = prefix_shared_groups(groups, g, tok.pad_token_id, max_tokens=ONE_ROW).to(args.device)
+            b = layouts.prefix_shared(groups, g, tok.pad_token_id, max_tokens=ONE_ROW).to(args.device)
             return model(b).loss, b.positions, b.pairs
         batches = steps
     else:  # the comparisons as pairs, built before the clock as a data loader would
@@ -188,7 +185,7 @@ def main(argv=None):
         print("RESULT " + json.dumps(run(args.one, groups, order, args, tok)), flush=True)
         return
     timed = order[args.warmup * args.groups:]
-    unique = float(group_lengths(groups, timed).mean())
+    unique = float(groups.lengths("prefix_shared")[timed].mean())
     n_params = sum(p.numel() for p in build_model(len(tok), tok.pad_token_id, 0, args.hidden, args.layers).parameters())
     machine = machine_description(args.device)
     print(f"machine: {machine}\nmodel: Llama, {n_params / 1e6:.1f}M parameters; {len(groups)} groups of {args.k} "

@@ -164,10 +164,12 @@ def main(argv=None):
         "train.log_every": 10**6, "train.export": False, "train.tensorboard": False, "train.seed": args.seed})
     trainer = Trainer(config, log=lambda m: print(m, flush=True))
     pairs = trainer.train_pairs
-    c, r, s = pairs.chosen_lengths, pairs.rejected_lengths, pairs.shared
-    unique = (c.astype(np.int64) + r - s)
+    s = np.array([len(p) for p in pairs.prompt], np.int64)  # the shared prefix (a pair is a group of two)
+    c = s + np.array([len(x[0]) for x in pairs.responses], np.int64)
+    r = s + np.array([len(x[1]) for x in pairs.responses], np.int64)
+    unique = pairs.lengths("prefix_shared")
     attn = attended_pairs(c, r, s)
-    costs, combine = layouts.pair_costs(pairs, "prefix_shared")
+    costs, combine = layouts.costs(pairs, "prefix_shared")
     setup_s = time.perf_counter() - t_setup
     print(f"model: Llama {args.hidden}×{args.layers} (heads {args.heads}/{args.kv_heads}, intermediate "
           f"{args.intermediate}), {n_params / 1e6:.1f}M non-embedding parameters; {len(pairs)} pairs, "

@@ -69,8 +69,11 @@ def build_model(vocab, pad_id, seed, hidden, layers):
 def make_step(name, model, pad_id, device="cpu", how="segments"):
     """A function(pairs, indices) → (loss, positions, tokens) for one bare-loop contender."""
     if name == "dschat":
-        def step(pairs, idx):  # every sequence padded to 512
-            b = layouts.padded(pairs, idx, pad_id, pad_to_multiple_of=512).to(device)
+        def step(pairs, idx):  # every sequence padded to 512, chosen rows first then rejected (DeepSpeed-Chat's order)
+            b = layouts.padded(pairs, idx, pad_id, pad_to_multiple_of=512)
+            rows = torch.cat([torch.arange(0, b.input_ids.shape[0], 2), torch.arange(1, b.input_ids.shape[0], 2)])
+            b.input_ids, b.attention_mask = b.input_ids[rows], b.attention_mask[rows]  # rmfast: pair after pair
+            b = b.to(device)
             hidden = model.hidden_states(b)
             return dschat_loss(hidden, model.head.weight, b.input_ids, pad_id=pad_id), b.positions, b.tokens
         return step
@@ -128,7 +131,7 @@ def run_trainer(pairs, order, args, tok, rows):
         "train.warmup_ratio": 0.0, "train.log_every": 10**6, "train.eval_every": 0, "train.save_every": 0,
         "train.export": False, "train.tensorboard": False, "train.seed": args.seed})
     trainer = Trainer(config, log=lambda _: None)
-    trainer.sampler = PairSampler(trainer.train_pairs.chosen_lengths, pairs_per_batch=args.pairs, shuffle=False,
+    trainer.sampler = PairSampler(trainer.train_pairs.lengths("packed"), pairs_per_batch=args.pairs, shuffle=False,
                                   group_by_length=False)
     trainer.load_state_dict({"step": 0, "sampler": trainer.sampler.state_dict(), "world_size": 1})
     figures = []
@@ -367,8 +370,7 @@ def main(argv=None):
         print("RESULT " + json.dumps(run_one(args.one, pairs, order, args, tok, rows)), flush=True)
         return
     timed = order[args.warmup * args.pairs:]
-    c, r, s = pairs.chosen_lengths[timed], pairs.rejected_lengths[timed], pairs.shared[timed].astype(np.int64)
-    unique = float((c + r - s).mean())
+    unique = float(pairs.lengths("prefix_shared")[timed].mean())
     probe = build_model(len(tok), tok.pad_token_id, 0, args.hidden, args.layers)
     n_params = sum(p.numel() for p in probe.parameters())
     how = attention.resolve_attention(probe.backbone.config, args.attention, args.device, model_dtype(args))

@@ -117,7 +117,7 @@ class TrainConfig:
     epochs: float = _f(1.0, "passes over the training pairs (ignored when max_steps > 0)")
     max_steps: int = _f(0, "optimizer steps to run (0: from epochs)")
     layout: str = _f("auto", "padded, packed, or prefix_shared (the prompt computed once); auto: prefix_shared "
-                             "where the architecture supports it, else padded (groups: prefix_shared or padded)",
+                             "where the architecture supports it, else padded",
                      choices=["auto", "padded", "packed", "prefix_shared"])
     attention: str = _f("auto", "attention of the packed layouts: varlen (flash-attention varlen kernel, CUDA, "
                                 "bf16/fp16), flex (FlexAttention BlockMask, CUDA), segments (one sdpa per block) "
@@ -126,9 +126,8 @@ class TrainConfig:
                         choices=["auto", "varlen", "flex", "segments", "dense"])
     row_tokens: int = _f(0, "packed layouts: tokens per packed row (0: one row per micro-batch with segment "
                             "attention, rows as long as the longest sequence or pair with the dense mask)")
-    pairs_per_batch: int = _f(8, "pairs per micro-batch per rank (when token_budget is 0); with data.kind groups: "
-                                 "groups per micro-batch")
-    token_budget: int = _f(0, "tokens per micro-batch per rank instead of a fixed number of pairs")
+    pairs_per_batch: int = _f(8, "pairs (groups) per micro-batch per rank when token_budget is 0")
+    token_budget: int = _f(0, "tokens per micro-batch per rank instead of a fixed number of pairs (groups)")
     grad_accum: int = _f(1, "micro-batches per optimizer step")
     lr: float = _f(1e-5, "peak learning rate")
     weight_decay: float = _f(0.0, "AdamW weight decay")
@@ -138,20 +137,20 @@ class TrainConfig:
                         choices=["cosine", "linear", "constant"])
     warmup_ratio: float = _f(0.03, "share of steps spent warming up")
     max_grad_norm: float = _f(1.0, "gradient clipping (0: off)")
-    use_margin: bool = _f(True, "pass the data's margin column to the loss")
+    use_margin: bool = _f(True, "pass the data's margin column to the loss (a zero margin is a margin, not a tie)")
     center_coef: float = _f(0.0, "reward centering: center_coef · mean((r_c + r_r)²)")
-    group_weighting: str = _f("comparison", "data.kind groups: every comparison counts the same (comparison), or "
-                                            "every group the same, its loss divided by its comparisons (group)",
+    group_weighting: str = _f("comparison", "every comparison counts the same (comparison), or every group the "
+                                            "same, its loss divided by its comparisons (group; a pair has one)",
                               choices=["comparison", "group"])
-    margin_scale: float = _f(0.0, "data.kind groups: margin margin_scale · (score_better − score_worse) in the loss "
-                                  "(0: no margin)")
+    margin_scale: float = _f(0.0, "add margin_scale · (score_better − score_worse) to each comparison's margin "
+                                  "(0: none; a pair's scores differ by 1)")
     loss_backend: str = _f("auto", "fused-loss backend", choices=["auto", "triton", "cuda", "cpu", "torch"])
     zero_stage: int = _f(0, "DeepSpeed ZeRO stage", choices=[0, 1, 2, 3])
     offload_optimizer: bool = _f(False, "keep optimizer states on CPU (ZeRO ≥ 1)")
     offload_params: bool = _f(False, "keep parameters on CPU (ZeRO 3)")
     deepspeed_config: Optional[str] = _f(None, "your DeepSpeed JSON, merged over the generated one")
     eval_every: int = _f(0, "evaluate every N optimizer steps (0: only at the end)")
-    eval_pairs_per_batch: int = _f(16, "pairs per evaluation micro-batch (groups with data.kind groups)")
+    eval_pairs_per_batch: int = _f(16, "pairs (groups) per evaluation micro-batch")
     log_every: int = _f(10, "write metrics every N optimizer steps (each waits for the GPU once)")
     save_every: int = _f(0, "checkpoint every N optimizer steps (0: only at the end)")
     keep_last: int = _f(2, "checkpoints to keep")
@@ -206,10 +205,6 @@ class Config:
     model: ModelConfig = field(default_factory=ModelConfig)
     data: DataSection = field(default_factory=DataSection)
     train: TrainConfig = field(default_factory=TrainConfig)
-
-    def __post_init__(self):
-        _require(not (data_kind(self) == "groups" and self.train.layout == "packed"),
-                 "train.layout packed is for pairs; groups use prefix_shared (the default) or padded")
 
     def to_dict(self):
         return dataclasses.asdict(self)

@@ -1,9 +1,10 @@
-"""The training loop: a RewardModel on DeepSpeed, one forward for chosen and rejected rows, the fused loss.
+"""The training loop: a RewardModel on DeepSpeed, one forward for every response of a micro-batch of groups
+(a pair is a group of two), the fused loss over every comparison.
 
 Read top to bottom: the builders (tokenizer, data, model, sampler, engine), then ``Trainer``: its ``__init__``
 calls the builders, ``train`` runs ``train_step`` until the last step. The process group (distributed.py),
-DeepSpeed's configuration (ds_config.py), metrics (metrics.py), checkpoints (checkpoint.py) and export
-(export.py) live beside it."""
+DeepSpeed's configuration (ds_config.py), evaluation (evaluation.py), metrics (metrics.py), checkpoints
+(checkpoint.py) and export (export.py) live beside it."""
 
 import contextlib
 import hashlib
@@ -26,7 +27,7 @@ from .data.sampler import PairSampler
 from .distributed import close_distributed, init_distributed, on_rank0  # noqa: F401  (re-exported)
 from .ds_config import deepspeed_config, make_optimizer  # noqa: F401  (re-exported)
 from .errors import Failure, UserError
-from .group_train import eval_group_metrics, eval_part, loader_config
+from .evaluation import Evaluator
 from .metrics import MetricsLog, Window, train_line
 from .model import DTYPES, enable_activation_checkpointing
 from .runfolder import RunFolder
@@ -59,8 +60,8 @@ def build_tokenizer(model_config):
 
 
 def build_data(config: Config, tokenizer, rank, log):
-    """(train pairs, eval pairs or None); with data.kind groups, TokenizedGroups. Rank 0 tokenizes first;
-    the others then read its cache."""
+    """(train groups, eval groups or None), TokenizedGroups (data.kind says what the rows are: pairs become
+    groups of two). Rank 0 tokenizes first; the others then read its cache."""
     # tokenizing a large source takes longer than train.collective_timeout: the others wait in a group of
     # their own without that limit
     import datetime
@@ -68,8 +69,8 @@ def build_data(config: Config, tokenizer, rank, log):
     waiting = dist.new_group(backend="gloo", timeout=datetime.timedelta(days=1)) if dist.get_world_size() > 1 else None
     if rank != 0 and waiting is not None:
         dist.barrier(group=waiting)
-    train_pairs, eval_pairs, report = load_data(loader_config(config.data), tokenizer, progress=rank == 0,
-                                                kind=data_kind(config))
+    data = config.data.loader_config() if hasattr(config.data, "loader_config") else config.data
+    train_pairs, eval_pairs, report = load_data(data, tokenizer, progress=rank == 0, kind=data_kind(config))
     if waiting is not None:
         if rank == 0:
             dist.barrier(group=waiting)
@@ -128,27 +129,17 @@ def _finish_zero3_load(model, dtype, log):
         f"elements ({', '.join(dtypes)})")
 
 
-def build_sampler(config: Config, pairs, layout, rank, world):
-    """With a token budget, micro-batches are cut by what pairs cost in the layout; with a fixed number of
-    pairs they are grouped by length alone, so that every layout sees the same batches in the same order.
-    Groups (data.kind groups) the same way: cut by what they cost in the layout (rmfast.groups.group_costs),
-    or pairs_per_batch groups grouped by their prefix-shared length whatever the layout."""
+def build_sampler(config: Config, groups, layout, rank, world):
+    """With a token budget, micro-batches are cut by what groups cost in the layout; with a fixed number
+    (train.pairs_per_batch pairs or groups) they are grouped by their whole sequences' length alone, so that
+    every layout sees the same batches in the same order."""
     t = config.train
-    if data_kind(config) == "groups":
-        from .groups import group_costs, group_lengths
-
-        if t.token_budget:
-            costs, combine = group_costs(pairs, layout)
-            return PairSampler(costs, token_budget=t.token_budget, combine=combine, seed=t.seed, rank=rank,
-                               world_size=world)
-        return PairSampler(group_lengths(pairs), pairs_per_batch=t.pairs_per_batch, seed=t.seed, rank=rank,
-                           world_size=world)
     if t.token_budget:
-        costs, combine = layouts.pair_costs(pairs, layout)
+        costs, combine = layouts.costs(groups, layout)
         return PairSampler(costs, token_budget=t.token_budget, combine=combine, seed=t.seed, rank=rank,
                            world_size=world)
-    return PairSampler(pairs.chosen_lengths + pairs.rejected_lengths, pairs_per_batch=t.pairs_per_batch,
-                       seed=t.seed, rank=rank, world_size=world)
+    return PairSampler(groups.lengths("packed"), pairs_per_batch=t.pairs_per_batch, seed=t.seed, rank=rank,
+                       world_size=world)
 
 
 def build_engine(model, config: Config, ds_config, total_steps):
@@ -183,9 +174,6 @@ class Trainer:
 
         self.config, self.log = config, log
         t, m = config.train, config.model
-        self.groups = data_kind(config) == "groups"
-        if self.groups and t.layout == "packed":
-            raise UserError("train.layout packed is for pairs; groups use prefix_shared (the default) or padded")
         self.rank, self.world, self.device = init_distributed(t.collective_timeout)
         self.dtype = DTYPES[m.dtype]  # what the model computes in (DeepSpeed casts to it)
         if m.dtype == "fp16" and self.device.type != "cuda":
@@ -223,6 +211,8 @@ class Trainer:
         self._position = self.sampler.state_dict()  # where the sampler stands after the last trained batch
         self.metrics = MetricsLog(self.folder.metrics, self.rank, self.log,
                                   open_trackers(config, self.out, self.rank, self.log))
+        self.evaluator = Evaluator(self.eval_pairs, self.engine, lambda *a: self.make_batch(*a), t.eval_pairs_per_batch,
+                                   self.rank, self.world) if self.eval_pairs is not None else None
         if self.rank == 0:
             self._save_run_files()
         if t.resume:
@@ -248,18 +238,13 @@ class Trainer:
         self._position = self.sampler.state_dict()
 
     # -- micro-batches
-    def make_batch(self, pairs, indices):
-        """A micro-batch of pairs `indices` on the training device with its attention inputs built (pinned
+    def make_batch(self, groups, indices):
+        """A micro-batch of groups `indices` on the training device with its attention inputs built (pinned
         host memory first on CUDA, so that the copy does not wait)."""
         t = self.config.train
         rows = t.row_tokens or row_tokens(self.attention, self.device.type)
-        if self.groups:
-            from .groups import make_groups
-
-            batch = make_groups(self.layout, pairs, indices, self.tokenizer.pad_token_id, max_tokens=rows)
-        else:
-            batch = layouts.make(self.layout, pairs, indices, self.tokenizer.pad_token_id, max_tokens=rows,
-                                 use_margin=t.use_margin)
+        batch = layouts.make(self.layout, groups, indices, self.tokenizer.pad_token_id, max_tokens=rows,
+                             use_margin=t.use_margin, margin_scale=t.margin_scale, weighting=t.group_weighting)
         if self.device.type == "cuda":
             batch = batch.pin_memory()
         return self.model.prepare(batch.to(self.device))
@@ -284,11 +269,7 @@ class Trainer:
     def forward(self, batch):
         # the layouts build valid indices, so the op's own range check (a host sync on CUDA) is not needed
         t = self.config.train
-        if self.groups:
-            return self.engine(batch, weighting=t.group_weighting, margin_scale=t.margin_scale,
-                               center_coef=t.center_coef, backend=t.loss_backend, check_indices=False)
-        return self.engine(batch, center_coef=self.config.train.center_coef, backend=self.config.train.loss_backend,
-                           check_indices=False)
+        return self.engine(batch, center_coef=t.center_coef, backend=t.loss_backend, check_indices=False)
 
     # -- the loop
     def train(self):
@@ -332,7 +313,7 @@ class Trainer:
             out = self.forward(batch)
             ok = torch.isfinite(out.loss.detach()).all()
             if skip and not _all_finite(ok):
-                self.log(f"skipping non-finite loss at step {self.step + 1} (micro-batch of {self._unit} "
+                self.log(f"skipping non-finite loss at step {self.step + 1} (micro-batch of groups "
                          f"{indices[:4]}…)")
                 skipped += 1
                 if skipped > len(self.sampler):
@@ -343,7 +324,7 @@ class Trainer:
             self.engine.backward(out.loss)
             boundary = self.engine.is_gradient_accumulation_boundary()
             if boundary and not skip and not _all_finite(finite):
-                raise NonFiniteLoss(f"non-finite loss at step {self.step + 1} (its last micro-batch: {self._unit} "
+                raise NonFiniteLoss(f"non-finite loss at step {self.step + 1} (its last micro-batch: groups "
                                     f"{indices[:4]}…); nothing was trained on it. Lower the learning rate, use "
                                     f"bf16/fp32, or pass --train.on_nonfinite skip")
             self.engine.step()
@@ -377,64 +358,16 @@ class Trainer:
                 self.log(f"exported to {self.folder.export}")
         return final
 
-    @property
-    def _unit(self):
-        return "groups" if self.groups else "pairs"
-
-    # -- evaluation over the whole eval set, sharded and gathered
-    @torch.no_grad()
+    # -- evaluation over the whole eval set, sharded and gathered (evaluation.py)
     def evaluate(self):
-        pairs = self.eval_pairs
-        if pairs is None or len(pairs) == 0:
+        if self.evaluator is None or len(self.eval_pairs) == 0:
             return {"step": self.step, "eval": "no eval set"}
-        if self.groups:
-            return self._evaluate_groups()
-
-        def score(batch):
-            out = self.forward(batch)
-            return out.chosen_rewards.float().cpu(), out.rejected_rewards.float().cpu()
-
-        parts = self._eval_shards(pairs, score)
-        rc, rr = torch.cat([p[0] for p in parts]), torch.cat([p[1] for p in parts])
-        margin = torch.from_numpy(np.nan_to_num(pairs.margin, nan=0.0)) if self.config.train.use_margin else 0
-        return {"step": self.step, **eval_metrics(rc, rr, margin, complete=rc.numel() == len(pairs))}
-
-    def _evaluate_groups(self):
-        """Every response of every eval group scored (sharded like the pair eval, gathered), then
-        eval_group_metrics over all of them."""
-        def score(batch):
-            rewards = self.engine(batch, rewards_at=batch.response_index).float().cpu()
-            return eval_part(rewards, batch._map(torch.Tensor.cpu))
-
-        t = self.config.train
-        record = eval_group_metrics(self._eval_shards(self.eval_pairs, score), t.group_weighting, t.margin_scale)
-        if self.rank == 0:
+        record = {"step": self.step, **self.evaluator()}
+        if self.rank == 0 and record["eval_pairs"] > record["eval_groups"]:  # some group has K > 2
             self.log(f"eval groups at step {self.step}: top-1 accuracy {record['eval_top1_accuracy']:.3f}  "
                      f"Kendall tau {record['eval_kendall_tau']:.3f}  ({record['eval_groups']} groups, "
                      f"{record['eval_pairs']} comparisons)")
-        return {"step": self.step, **record}
-
-    def _eval_shards(self, data, score):
-        """score(batch) of every eval micro-batch (eval_pairs_per_batch pairs or groups), each rank taking
-        every world-th one, gathered from all ranks in dataset order. Every rank runs the same number of
-        forwards (ZeRO-3 needs it); the padding ones are not kept."""
-        self.engine.eval()
-        size = self.config.train.eval_pairs_per_batch
-        batches = [list(range(i, min(i + size, len(data)))) for i in range(0, len(data), size)]
-        n = -(-len(batches) // self.world) * self.world
-        parts = []
-        for k in range(self.rank, n, self.world):
-            out = score(self.make_batch(data, batches[k % len(batches)]))
-            if k < len(batches):
-                parts.append(out)
-        gathered = [None] * self.world
-        dist.all_gather_object(gathered, parts)
-        self.engine.train()
-        # rank r scored batches r, r + world, …: put them back in dataset order, which per-row columns
-        # (a pair's margin) follow
-        order = sorted(((r + j * self.world, p) for r, g in enumerate(gathered) for j, p in enumerate(g)),
-                       key=lambda kp: kp[0])
-        return [p for _, p in order]
+        return record
 
     # -- checkpoints
     def save(self):
@@ -500,22 +433,6 @@ def run_identity(config, backbone_config, tokenizer, world):
         source = Source.parse(spec)
         data.append([str(spec), hashlib.sha256(fingerprint(source.path, source.split).encode()).hexdigest()[:16]])
     return rundir.identity(config, backbone_config, tokenizer_fingerprint(tokenizer), data, world)
-
-
-def eval_metrics(rc, rr, margin, complete=True):
-    """Eval metrics of chosen / rejected rewards rc, rr [P] float32 (margin: [P] or 0); the loss only when
-    every pair was scored."""
-    diff = rc - rr
-    both = torch.cat([rc, rr])
-    return {
-        "eval_pairs": int(rc.numel()),
-        "eval_loss": float(torch.nn.functional.softplus(-(diff - margin)).mean()) if complete else float("nan"),
-        "eval_accuracy": float((diff > 0).float().mean()),
-        "eval_margin": float(diff.mean()),
-        "eval_chosen_mean": float(rc.mean()), "eval_chosen_std": float(rc.std()) if rc.numel() > 1 else 0.0,
-        "eval_rejected_mean": float(rr.mean()), "eval_rejected_std": float(rr.std()) if rr.numel() > 1 else 0.0,
-        "eval_reward_mean": float(both.mean()), "eval_reward_std": float(both.std()),
-    }
 
 
 def add_lora(backbone, model_config):

@@ -1,26 +1,43 @@
-"""Layouts: how a micro-batch of tokenized pairs becomes one backbone forward.
+"""Layouts: how a micro-batch of groups (rmfast.data.tokens.TokenizedGroups; a pair is a group of two)
+becomes one backbone forward, every comparison of every group in it.
 
-All layouts meet the fused loss through the same two index vectors (flat row indices into R·L), so the
-loss never knows the layout:
-- ``padded``: [2P, L], chosen rows first then rejected rows (DeepSpeed-Chat's order), padded on the right
-  (or left) to the batch's longest sequence;
-- ``packed``: every sequence end to end in rows, positions restarting at 0 for each;
-- ``prefix_shared``: each pair as [shared prefix][chosen suffix][rejected suffix], the prefix computed once.
-``make`` builds any of them, ``pair_costs`` says what a pair costs in each."""
+All layouts meet the loss through the same two index vectors (flat row indices into R·L of each
+comparison's better and worse response), so the loss never knows the layout:
+- ``padded``: every response as its own row ``[prompt + response]``, group after group, padded on the right
+  (or left) to the batch's longest sequence: what a plain trainer computes, and the reference;
+- ``packed``: every whole sequence ``[prompt + response]`` end to end in rows, positions restarting at 0;
+- ``prefix_shared``: each group as ``[prompt][r1][r2]…[rK]`` inside packed rows: the prompt is computed once;
+  response i's tokens see the prompt and their own earlier tokens only, positions restarting at the prompt
+  length (for a pair: [shared prefix][chosen suffix][rejected suffix]).
+``make`` builds any of them; ``TokenizedGroups.lengths(layout)`` says what a group costs in each.
+
+A response in several comparisons repeats in the index vectors; the fused op folds repeated rows (one
+gradient per row), so each response is still computed and read once."""
 
 from dataclasses import dataclass
 from typing import Optional
 
 import numpy as np
 import torch
+
 from .errors import UserError
+
+LAYOUTS = ("padded", "packed", "prefix_shared")
+WEIGHTINGS = ("comparison", "group")
 
 
 @dataclass
 class Batch:
     """input_ids, attention_mask: [R, L] int64; position_ids: [R, L] or None; chosen_index, rejected_index:
-    [P] int64 flat row indices into R·L; margin: [P] float32 or None. tokens: real tokens in the batch;
-    positions: token positions the forward computes (R·L)."""
+    [C] int64 flat row indices into R·L of each comparison's better and worse response's last token; margin:
+    [C] float32 or None (each comparison's margin in the loss); comparison_weight: [C] float32 or None (every
+    comparison counts the same). tokens: real tokens in the batch; positions: token positions the forward
+    computes (R·L).
+
+    The groups in it: response_index: [S] int64 flat last-token row of every response, group after group;
+    response_group: [S] int64 the group (0..G-1) of each response; response_scores: [S] float32;
+    better_response, worse_response: [C] int64 each comparison's responses (into the S responses);
+    comparison_group: [C] int64; score_diff: [C] float32 (better − worse score, > 0); group_weight: [G]."""
 
     input_ids: torch.Tensor
     attention_mask: torch.Tensor
@@ -31,17 +48,30 @@ class Batch:
     tokens: int = 0
     blocks: Optional[list] = None  # packed layouts: who attends to what (see Block)
     inputs: Optional[dict] = None  # the backbone's attention inputs, once built (RewardModel.prepare)
+    comparison_weight: Optional[torch.Tensor] = None
+    response_index: Optional[torch.Tensor] = None
+    response_group: Optional[torch.Tensor] = None
+    response_scores: Optional[torch.Tensor] = None
+    better_response: Optional[torch.Tensor] = None
+    worse_response: Optional[torch.Tensor] = None
+    comparison_group: Optional[torch.Tensor] = None
+    score_diff: Optional[torch.Tensor] = None
+    group_weight: Optional[torch.Tensor] = None
 
     @property
     def pairs(self):
+        """The number of comparisons (a pair has one)."""
         return self.chosen_index.shape[0]
+
+    @property
+    def groups(self):
+        return self.group_weight.shape[0]
 
     @property
     def positions(self):
         return self.input_ids.numel()
 
     def _map(self, fn):
-        # type(self): a subclass (rmfast.groups.GroupBatch) keeps its own fields through to() / pin_memory()
         return type(self)(**{k: (fn(v) if isinstance(v, torch.Tensor) else v) for k, v in self.__dict__.items()
                              if k != "inputs"})
 
@@ -55,11 +85,76 @@ class Batch:
         return self._map(lambda t: t.pin_memory())
 
 
-def padded(pairs, indices, pad_id, padding_side="right", pad_to_multiple_of=None, use_margin=True):
-    """Pairs ``indices`` of a TokenizedPairs as [2P, L]: chosen rows then rejected rows."""
+GroupBatch = Batch  # the name batches of groups had when pairs had their own
+
+
+# ---------------------------------------------------------------- what the loss reads of the groups
+
+
+def _objective(batch, groups, indices, last, use_margin=True, margin_scale=0.0, weighting="comparison"):
+    """`batch` (its rows built) with its comparisons: `last` [S] int64 flat last-token rows of the groups'
+    responses, group after group. The margin of a comparison: the row's margin column (a pair's, when
+    use_margin) plus margin_scale · (score_better − score_worse); its weight: its group's weight, divided by
+    the group's number of comparisons with weighting 'group' (see rmfast.objective)."""
+    if weighting not in WEIGHTINGS:
+        raise ValueError(f"weighting must be one of {', '.join(WEIGHTINGS)}, got {weighting!r}")
+    better, worse, cgroup, diff, rgroup, scores = [], [], [], [], [], []
+    offset = 0
+    for g, i in enumerate(indices):
+        pairs, d = groups.comparisons(i)
+        better.append(pairs[:, 0] + offset)
+        worse.append(pairs[:, 1] + offset)
+        cgroup.append(np.full(len(pairs), g, np.int64))
+        diff.append(d)
+        K = len(groups.responses[i])
+        rgroup.append(np.full(K, g, np.int64))
+        scores.append(np.asarray(groups.scores[i], np.float32))
+        offset += K
+    idx = np.asarray(indices, np.int64)
+    better, worse, cgroup = np.concatenate(better), np.concatenate(worse), np.concatenate(cgroup)
+    diff = np.concatenate(diff).astype(np.float32)
+    margin = None
+    column = groups.margin[idx] if use_margin else np.zeros(0)
+    if np.isfinite(column).any():
+        margin = np.nan_to_num(column, nan=0.0).astype(np.float32)[cgroup]
+    if margin_scale:
+        margin = (0 if margin is None else margin) + np.float32(margin_scale) * diff
+    group_weight = groups.weight[idx].astype(np.float32)
+    weight = None
+    per = group_weight[cgroup]
+    if weighting == "group":
+        per = per / np.bincount(cgroup, minlength=len(idx)).astype(np.float32)[cgroup]
+    if not np.all(per == 1):
+        if not per.sum() > 0:
+            raise UserError(f"the groups {[groups.locations[i] for i in idx[:4]]}… of a micro-batch have no loss "
+                            f"weight (their weights sum to 0): give the sources a weight above 0")
+        weight = torch.from_numpy(per.astype(np.float32))
+    last = torch.as_tensor(np.asarray(last, np.int64))
+    better_t, worse_t = torch.from_numpy(better), torch.from_numpy(worse)
+    batch.chosen_index, batch.rejected_index = last[better_t], last[worse_t]
+    batch.margin = None if margin is None else torch.from_numpy(np.asarray(margin, np.float32))
+    batch.comparison_weight = weight
+    batch.response_index = last
+    batch.response_group = torch.from_numpy(np.concatenate(rgroup))
+    batch.response_scores = torch.from_numpy(np.concatenate(scores))
+    batch.better_response, batch.worse_response = better_t, worse_t
+    batch.comparison_group = torch.from_numpy(cgroup)
+    batch.score_diff = torch.from_numpy(diff)
+    batch.group_weight = torch.from_numpy(group_weight)
+    return batch
+
+
+# ---------------------------------------------------------------- padded
+
+
+def padded(groups, indices, pad_id, padding_side="right", pad_to_multiple_of=None, **objective):
+    """Groups `indices` with every response as its own row [prompt + response] ([S, L], group after group),
+    padded to the longest (to a multiple of pad_to_multiple_of when given). objective: use_margin,
+    margin_scale, weighting (see _objective)."""
     if padding_side not in ("right", "left"):
         raise ValueError(f"padding_side must be right or left, got {padding_side!r}")
-    seqs = [pairs.chosen[i] for i in indices] + [pairs.rejected[i] for i in indices]
+    indices = [int(i) for i in indices]
+    seqs = [groups.sequence(i, k) for i in indices for k in range(len(groups.responses[i]))]
     lengths = np.array([len(s) for s in seqs], dtype=np.int64)
     L = int(lengths.max())
     if pad_to_multiple_of:
@@ -77,21 +172,21 @@ def padded(pairs, indices, pad_id, padding_side="right", pad_to_multiple_of=None
     # The last real token of each row, from its length: pad ids are never searched for.
     last_col = lengths - 1 if padding_side == "right" else np.full(R, L - 1)
     last = np.arange(R) * L + last_col
-    P = len(indices)
-    margin = _margin(pairs, indices, use_margin)
     position_ids = None
     if padding_side == "left":  # positions count from each sequence's first real token
         position_ids = torch.from_numpy(np.clip(np.cumsum(mask, axis=1) - 1, 0, None))
-    return Batch(torch.from_numpy(ids), torch.from_numpy(mask), torch.from_numpy(last[:P]),
-                 torch.from_numpy(last[P:]), margin, position_ids, int(lengths.sum()))
+    empty = torch.zeros(0, dtype=torch.int64)
+    batch = Batch(torch.from_numpy(ids), torch.from_numpy(mask), empty, empty, None, position_ids,
+                  int(lengths.sum()))
+    return _objective(batch, groups, indices, last, **objective)
 
 
 # ---------------------------------------------------------------- packed layouts
 #
 # Both pack units end to end into rows of at most max_tokens (first-fit decreasing) and describe each
-# row's attention as blocks: `Block(row, q0, q1, k_ranges)` says queries [q0, q1) of a row attend, causally
-# by position within the block, to the key ranges listed. The dense reference turns blocks into a 4-D
-# boolean mask; the segment attention runs one small sdpa per block instead.
+# row's attention as blocks: `Block(row, q0, q1, prefix)` says queries [q0, q1) of a row attend, causally
+# by position within the block, to themselves and to the key range `prefix` in full. The dense reference
+# turns blocks into a 4-D boolean mask; the segment attention runs one small sdpa per block instead.
 
 
 # max_tokens for "everything in one row": right for segment and flex attention, which pay nothing for long
@@ -126,105 +221,112 @@ def _first_fit(lengths, capacity):
     return rows
 
 
-def _check_capacity(longest, max_tokens, what):
-    if max_tokens is not None and longest > max_tokens:
-        raise UserError(f"a {what} of {longest} tokens does not fit max_tokens={max_tokens}; raise it to at "
-                        f"least data.max_length (×2 for prefix_shared pairs)")
-
-
-def _finish(rows_tokens, rows_pos, blocks, chosen_flat, rejected_flat, pad_id, margin, tokens):
-    """Pad rows to a common length L and make flat indices absolute."""
+def _rows(units, capacity, place, pad_id):
+    """Units laid out in packed rows: place(unit, row, start) → (tokens, positions, blocks, last columns).
+    Returns (Batch with rows and blocks, flat last-token rows of each unit's sequences, unit after unit)."""
+    lengths = [len(u[0]) + sum(len(r) for r in u[1]) for u in units]
+    rows = _first_fit(lengths, capacity)
+    rows_tokens, rows_pos, blocks = [], [], []
+    last = [None] * len(units)
+    for r, members in enumerate(rows):
+        toks, pos = [], []
+        for u in members:
+            t, p, b, cols = place(units[u], r, len(toks))
+            toks += t
+            pos += p
+            blocks += b
+            last[u] = [(r, c) for c in cols]
+        rows_tokens.append(toks)
+        rows_pos.append(pos)
     L = max(len(t) for t in rows_tokens)
     R = len(rows_tokens)
-    ids = np.full((R, L), pad_id, dtype=np.int64)
+    ids = np.full((R, L), pad_id or 0, dtype=np.int64)
     pos = np.zeros((R, L), dtype=np.int64)
     used = np.zeros((R, L), dtype=np.int64)
     for r, (t, p) in enumerate(zip(rows_tokens, rows_pos)):
         ids[r, : len(t)] = t
         pos[r, : len(p)] = p
         used[r, : len(t)] = 1
-    chosen = np.array([r * L + c for r, c in chosen_flat], dtype=np.int64)
-    rejected = np.array([r * L + c for r, c in rejected_flat], dtype=np.int64)
-    return Batch(torch.from_numpy(ids), torch.from_numpy(used), torch.from_numpy(chosen),
-                 torch.from_numpy(rejected), margin, torch.from_numpy(pos), tokens, blocks)
+    flat = np.array([r * L + c for per_unit in last for r, c in per_unit], dtype=np.int64)
+    empty = torch.zeros(0, dtype=torch.int64)
+    batch = Batch(torch.from_numpy(ids), torch.from_numpy(used), empty, empty, None, torch.from_numpy(pos),
+                  int(sum(lengths)), blocks)
+    return batch, flat
 
 
-def _margin(pairs, indices, use_margin):
-    if not use_margin:
-        return None
-    m = pairs.margin[np.asarray(indices)]
-    return torch.from_numpy(np.nan_to_num(m, nan=0.0).astype(np.float32)) if np.isfinite(m).any() else None
+def _place_group(unit, row, start):
+    """One group [prompt][r1]…[rK] from column `start` of `row`: (tokens, positions, blocks, last columns)."""
+    prompt, responses = unit
+    s, n1 = len(prompt), len(responses[0])
+    toks = list(prompt) + list(responses[0])
+    pos = list(range(s + n1))
+    blocks = [Block(row, start, start + s + n1)]  # prompt + first response: plain causal
+    last = [start + s + n1 - 1]
+    at = start + s + n1
+    for r in responses[1:]:
+        toks.extend(r)
+        pos.extend(range(s, s + len(r)))  # positions restart at the prompt length
+        blocks.append(Block(row, at, at + len(r), (start, start + s)))  # sees the prompt, then itself
+        at += len(r)
+        last.append(at - 1)
+    return toks, pos, blocks, last
+
+
+def _place_sequence(unit, row, start):
+    """One whole sequence from column `start` of `row`, positions from 0, seeing only itself."""
+    seq = unit[1][0]
+    n = len(seq)
+    return list(seq), list(range(n)), [Block(row, start, start + n)], [start + n - 1]
+
+
+def _capacity(lengths, max_tokens, what, hint):
+    longest = int(max(lengths))
+    capacity = max_tokens or longest
+    if longest > capacity:
+        raise UserError(f"{what(int(np.argmax(lengths)))} takes {longest} tokens and does not fit a row of "
+                        f"max_tokens={capacity}: raise max_tokens (the token budget) to at least {longest}, or "
+                        f"lower data.max_length; {hint}")
+    return capacity
 
 
 def pack_sequences(seqs, pad_id, max_tokens=None):
     """Sequences laid end to end in rows of at most max_tokens (default: the longest sequence); positions
-    restart at 0 for each, which sees only its own earlier tokens. chosen_index holds every sequence's
-    last-token index (rejected_index is empty)."""
-    lengths = [len(s) for s in seqs]
-    capacity = max_tokens or max(lengths)
-    _check_capacity(max(lengths), capacity, "sequence")
-    rows = _first_fit(lengths, capacity)
-    rows_tokens, rows_pos, blocks = [], [], []
-    last = [None] * len(seqs)
-    for r, members in enumerate(rows):
-        toks, pos, start = [], [], 0
-        for i in members:
-            n = lengths[i]
-            toks.extend(seqs[i])
-            pos.extend(range(n))
-            blocks.append(Block(r, start, start + n))
-            last[i] = (r, start + n - 1)
-            start += n
-        rows_tokens.append(toks)
-        rows_pos.append(pos)
-    return _finish(rows_tokens, rows_pos, blocks, last, [], pad_id, None, sum(lengths))
-
-
-def packed(pairs, indices, pad_id, max_tokens=None, use_margin=True):
-    """Every chosen and rejected sequence of the pairs, packed (see pack_sequences)."""
-    seqs = [pairs.chosen[i] for i in indices] + [pairs.rejected[i] for i in indices]
-    batch = pack_sequences(seqs, pad_id, max_tokens)
-    P = len(indices)
-    last = batch.chosen_index
-    batch.chosen_index, batch.rejected_index = last[:P].clone(), last[P:].clone()
-    batch.margin = _margin(pairs, indices, use_margin)
+    restart at 0 for each, which sees only its own earlier tokens. The Batch's response_index holds every
+    sequence's flat last-token row, in their order (no comparisons: single sequences are scored)."""
+    units = [((), [s]) for s in seqs]
+    capacity = _capacity([len(s) for s in seqs], max_tokens, lambda i: f"a sequence of {len(seqs[i])} tokens",
+                         "sequences are never split")
+    batch, last = _rows(units, capacity, _place_sequence, pad_id)
+    batch.response_index = torch.from_numpy(last)
     return batch
 
 
-def prefix_shared(pairs, indices, pad_id, max_tokens=None, use_margin=True):
-    """Each pair as [shared prefix][chosen suffix][rejected suffix] inside a packed row: the prefix is
-    computed once; rejected-suffix tokens see the prefix and their own earlier tokens, never the chosen
-    suffix, and their positions restart at the prefix length."""
-    units = []
-    for i in indices:
-        c, r, s = pairs.chosen[i], pairs.rejected[i], int(pairs.shared[i])
-        units.append((c[:s], c[s:], r[s:]))
-    lengths = [len(p) + len(c) + len(r) for p, c, r in units]
-    capacity = max_tokens or max(lengths)
-    _check_capacity(max(lengths), capacity, "pair")
-    rows = _first_fit(lengths, capacity)
-    rows_tokens, rows_pos, blocks = [], [], []
-    chosen_last, rejected_last = [None] * len(units), [None] * len(units)
-    for r, members in enumerate(rows):
-        toks, pos, start = [], [], 0
-        for u in members:
-            prefix, cs, rs = units[u]
-            s, nc, nr = len(prefix), len(cs), len(rs)
-            toks.extend(prefix)
-            toks.extend(cs)
-            toks.extend(rs)
-            pos.extend(range(s + nc))
-            pos.extend(range(s, s + nr))
-            blocks.append(Block(r, start, start + s + nc))                        # prefix + chosen: causal
-            blocks.append(Block(r, start + s + nc, start + s + nc + nr, (start, start + s)))  # rejected
-            chosen_last[u] = (r, start + s + nc - 1)
-            rejected_last[u] = (r, start + s + nc + nr - 1)
-            start += s + nc + nr
-        rows_tokens.append(toks)
-        rows_pos.append(pos)
-    tokens = int(sum(lengths))
-    return _finish(rows_tokens, rows_pos, blocks, chosen_last, rejected_last, pad_id,
-                   _margin(pairs, indices, use_margin), tokens)
+def packed(groups, indices, pad_id, max_tokens=None, **objective):
+    """Every whole sequence [prompt + response] of the groups, packed (each response its own sequence)."""
+    indices = [int(i) for i in indices]
+    seqs = [groups.sequence(i, k) for i in indices for k in range(len(groups.responses[i]))]
+    units = [((), [s]) for s in seqs]
+    capacity = _capacity([len(s) for s in seqs], max_tokens, lambda i: f"a sequence of {len(seqs[i])} tokens",
+                         "sequences are never split")
+    batch, last = _rows(units, capacity, _place_sequence, pad_id)
+    return _objective(batch, groups, indices, last, **objective)
+
+
+def prefix_shared(groups, indices, pad_id, max_tokens=None, **objective):
+    """Groups `indices` as [prompt][r1]…[rK] in packed rows of at most max_tokens (default: the longest
+    group), first-fit decreasing."""
+    indices = [int(i) for i in indices]
+    units = [(groups.prompt[i], groups.responses[i]) for i in indices]
+
+    def what(u):
+        i = indices[u]
+        K, s = len(groups.responses[i]), len(groups.prompt[i])
+        return f"group {groups.locations[i]} (a {s}-token prompt and {K} responses)"
+
+    capacity = _capacity(groups.lengths("prefix_shared")[indices] if indices else [0], max_tokens, what,
+                         "groups are never split")
+    batch, last = _rows(units, capacity, _place_group, pad_id)
+    return _objective(batch, groups, indices, last, **objective)
 
 
 def dense_mask(batch):
@@ -243,25 +345,19 @@ def dense_mask(batch):
     return mask
 
 
-def make(layout, pairs, indices, pad_id, max_tokens=None, use_margin=True):
-    """A Batch of pairs `indices` in `layout` (padded, packed or prefix_shared); max_tokens: packed rows'
-    capacity (ignored by padded)."""
+def make(layout, groups, indices, pad_id, max_tokens=None, **objective):
+    """A Batch of groups `indices` in `layout` (padded, packed or prefix_shared); max_tokens: packed rows'
+    capacity (ignored by padded); objective: use_margin, margin_scale, weighting (see _objective)."""
     if layout == "padded":
-        return padded(pairs, indices, pad_id, use_margin=use_margin)
+        return padded(groups, indices, pad_id, **objective)
     build = {"packed": packed, "prefix_shared": prefix_shared}.get(layout)
     if build is None:
         raise ValueError(f"unknown layout {layout!r}; use padded, packed or prefix_shared")
-    return build(pairs, indices, pad_id, max_tokens=max_tokens, use_margin=use_margin)
+    return build(groups, indices, pad_id, max_tokens=max_tokens, **objective)
 
 
-def pair_costs(pairs, layout):
-    """Token positions each pair costs in `layout` ([n] int64) and how a micro-batch's cost follows from
-    its pairs' costs: 'sum' (packed layouts) or 'max' (padded: every pair pays for the longest)."""
-    c, r = pairs.chosen_lengths.astype(np.int64), pairs.rejected_lengths.astype(np.int64)
-    if layout == "padded":
-        return 2 * np.maximum(c, r), "max"
-    if layout == "packed":
-        return c + r, "sum"
-    if layout == "prefix_shared":
-        return c + r - pairs.shared.astype(np.int64), "sum"
-    raise ValueError(f"unknown layout {layout!r}; use padded, packed or prefix_shared")
+def costs(groups, layout):
+    """Token positions each group costs in `layout` ([n] int64) and how a micro-batch's cost follows from its
+    groups' costs: 'sum' (packed layouts) or 'max' (padded: every row pays for the longest): what
+    rmfast.data.sampler.PairSampler takes."""
+    return groups.lengths(layout), ("max" if layout == "padded" else "sum")

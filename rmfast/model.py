@@ -9,7 +9,7 @@ import contextlib
 import torch
 from torch import nn
 
-from .loss import PairwiseRewardOutput, pairwise_reward_loss
+from .loss import PairwiseRewardOutput
 from .nn import RewardHead
 from .errors import UserError
 
@@ -106,27 +106,20 @@ class RewardModel(nn.Module):
         out = self.backbone(input_ids=batch.input_ids, use_cache=False, **self.backbone_inputs(batch))
         return out.last_hidden_state
 
-    def forward(self, batch, center_coef=0.0, backend="auto", check_indices=None, rewards_at=None,
-                **group_options) -> PairwiseRewardOutput:
-        """The fused loss and both rewards of a Batch: one forward for all its rows, read at
-        batch.chosen_index / rejected_index ([P] flat row indices into R·L). A GroupBatch (rmfast.groups)
-        gets the group loss over all its comparisons (group_options: weighting, margin_scale; see
-        rmfast.group_loss). rewards_at: [n] flat rows → just their rewards [n] float32 (evaluation through
-        the DeepSpeed engine, so that ZeRO-3 gathers the weights). check_indices: the op's own range check
-        (pairwise_reward_loss); the layouts build valid indices, so the trainer passes False."""
-        from .groups import GroupBatch
+    def forward(self, batch, center_coef=0.0, backend="auto", check_indices=None,
+                rewards_at=None) -> PairwiseRewardOutput:
+        """The fused loss and both rewards of a Batch (rmfast.layouts): one forward for all its rows, the
+        objective (rmfast.objective) over every comparison, read at batch.chosen_index / rejected_index ([C]
+        flat row indices into R·L). rewards_at: [n] flat rows → just their rewards [n] float32 (evaluation
+        through the DeepSpeed engine, so that ZeRO-3 gathers the weights). check_indices: the op's own range
+        check (pairwise_reward_loss); the layouts build valid indices, so the trainer passes False."""
+        from .objective import reward_loss
 
         hidden = self.hidden_states(batch)
         if rewards_at is not None:
             return self.head.rewards(hidden.reshape(-1, hidden.shape[-1]).index_select(0, rewards_at))
-        if isinstance(batch, GroupBatch):
-            from .group_loss import group_reward_loss
-
-            return group_reward_loss(hidden, self.head.weight, batch, bias=self.head.bias, center_coef=center_coef,
-                                     backend=backend, check_indices=check_indices, **group_options)
-        return pairwise_reward_loss(hidden, self.head.weight, batch.chosen_index, batch.rejected_index,
-                                    bias=self.head.bias, margin=batch.margin, center_coef=center_coef,
-                                    backend=backend, check_indices=check_indices)
+        return reward_loss(hidden, self.head.weight, batch, bias=self.head.bias, center_coef=center_coef,
+                           backend=backend, check_indices=check_indices)
 
     @torch.no_grad()
     def rewards(self, batch, index):

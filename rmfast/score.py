@@ -96,22 +96,16 @@ class Scorer:
     def _rewards(self, batch, index):
         return (self.model.rewards(batch.to(self.device), index.to(self.device)) + self.bias).float().cpu().numpy()
 
-    def score_pairs(self, pairs, indices):
-        batch = layouts.prefix_shared(pairs, indices, self.tokenizer.pad_token_id, max_tokens=self.row_tokens)
-        r = self._rewards(batch, torch.cat([batch.chosen_index, batch.rejected_index]))
-        return r[: len(indices)], r[len(indices):]
-
     def score_groups(self, groups, indices):
-        """Rewards of every response of groups `indices` (a TokenizedGroups), one [K] array per group."""
-        from .groups import prefix_shared_groups
-
-        batch = prefix_shared_groups(groups, indices, self.tokenizer.pad_token_id, max_tokens=self.row_tokens)
+        """Rewards of every response of groups `indices` (a TokenizedGroups; a pair is a group of two, chosen
+        first), one [K] array per group, each prompt computed once (prefix_shared)."""
+        batch = layouts.prefix_shared(groups, indices, self.tokenizer.pad_token_id, max_tokens=self.row_tokens)
         r = self._rewards(batch, batch.response_index)
         return np.split(r, np.cumsum(groups.sizes[np.asarray(indices)])[:-1])
 
     def score_sequences(self, seqs):
         batch = layouts.pack_sequences(seqs, self.tokenizer.pad_token_id, max_tokens=self.row_tokens)
-        return self._rewards(batch, batch.chosen_index)
+        return self._rewards(batch, batch.response_index)
 
 
 def check_reward_model(model_dir):
@@ -259,22 +253,23 @@ def main(argv=None):
 
 
 def _score_pairs(scorer, args):
-    """One record per pair (rewards, margin, correct), read like training data, prefix-shared batches."""
+    """One record per pair (rewards, margin, correct), read like training data into groups of two and scored as
+    every group is (Scorer.score_groups)."""
     from tqdm.auto import tqdm
 
     config = data_config(args, eos_after_template=scorer.eos_after_template)
     pairs, _, report = load_data(config, scorer.tokenizer)
     for line in report.lines():
         print(f"data: {line}", file=sys.stderr)
-    costs, _ = layouts.pair_costs(pairs, "prefix_shared")
+    costs = pairs.lengths("prefix_shared")
     subsets = _subsets(args.sources, args.columns.get("subset", "subset"))
     records = []
     for batch in tqdm(_token_batches(costs, max(args.token_budget, int(costs.max()))), desc="scoring pairs",
                       unit="batch"):
-        c, r = scorer.score_pairs(pairs, batch)
+        rewards = np.stack(scorer.score_groups(pairs, batch))  # [n, 2]: chosen, rejected
         if args.normalize:
-            c, r = scorer.normalize(c), scorer.normalize(r)
-        for i, rc, rr in zip(batch, c, r):
+            rewards = scorer.normalize(rewards)
+        for i, (rc, rr) in zip(batch, rewards):
             records.append({"location": pairs.locations[i], "chosen_reward": float(rc), "rejected_reward": float(rr),
                             "margin": float(rc - rr), "correct": bool(rc > rr)})
             if pairs.locations[i] in subsets:
@@ -415,8 +410,9 @@ def leaderboard_lines(name, result):
 def _read_groups(args, tokenizer, eos_after_template=False):
     """Group rows of every source, validated (rows without scores or ranking, and single responses, are
     taken: they are scored) and tokenized. Returns (TokenizedGroups, {location: the row's scores or None})."""
-    from .data.group_tokens import TokenizedGroups, tokenize_groups
+    from .data.group_tokens import tokenize_groups
     from .data.groups import parse_group_row
+    from .data.tokens import TokenizedGroups
     from .data.loader import _check_bad, read_rows
 
     config = data_config(args, eos_after_template=eos_after_template)
@@ -461,10 +457,8 @@ def _score_groups(scorer, args):
     groups: each prompt computed once. Prints and returns the metrics, overall and per subset."""
     from tqdm.auto import tqdm
 
-    from .groups import group_lengths
-
     groups, scores = _read_groups(args, scorer.tokenizer, scorer.eos_after_template)
-    costs = group_lengths(groups)
+    costs = groups.lengths("prefix_shared")
     records = []
     for batch in tqdm(_token_batches(costs, max(args.token_budget, int(costs.max()))), desc="scoring groups",
                       unit="batch"):

@@ -8,8 +8,7 @@ import sys
 import numpy as np
 import torch
 
-from rmfast.data import TokenizedPairs
-from rmfast.data.tokenize import shared_prefix
+from rmfast.data import TokenizedGroups
 from rmfast.model import RewardModel
 from rmfast.nn import RewardHead
 
@@ -58,10 +57,13 @@ def build(tmp_path, arch, bias=False, seed=0, vocab=VOCAB):
 
 
 def pairs_of(seqs_c, seqs_r):
-    n = len(seqs_c)
-    return TokenizedPairs([np.array(s, np.int32) for s in seqs_c], [np.array(s, np.int32) for s in seqs_r],
-                          np.zeros(n, np.int32), np.zeros(n, np.int32), np.full(n, np.nan, np.float32),
-                          [f"row {i}" for i in range(n)])
+    """Pairs (whole chosen and rejected id sequences) as the groups of two training reads."""
+    return TokenizedGroups.of_pairs(seqs_c, seqs_r, locations=[f"row {i}" for i in range(len(seqs_c))])
+
+
+def sides(groups, k):
+    """Whole sequence k (0: chosen, 1: rejected) of every pair of a TokenizedGroups of pairs."""
+    return [groups.sequence(i, k) for i in range(len(groups))]
 
 
 def random_pairs(n=4, eos=2, seed=0):
@@ -81,9 +83,7 @@ def edge_pairs(seed=0):
     c.append([5, 6, 7, 2]), r.append([5, 6, 7, 8, 2])      # one response a prefix of the other
     c.append([5, 6, 2]), r.append([5, 6, 7, 2])            # one-token response
     c.append([9, 2]), r.append([10, 2])                    # nothing in common
-    pairs = pairs_of(c, r)
-    pairs.shared[:] = [shared_prefix(a, b) for a, b in zip(c, r)]
-    return pairs
+    return pairs_of(c, r)
 
 
 def rewards_and_grads(model, batch, how="dense"):

@@ -39,9 +39,9 @@ def test_hh_groups_and_their_expanded_pairs():
     pairs = expand(tokenized, [0, 3])
     assert len(pairs) == 12  # 6 comparisons per group of 4
     first = tokenized.comparisons(0)[0][0]
-    np.testing.assert_array_equal(pairs.chosen[0], tokenized.sequence(0, first[0]))
-    np.testing.assert_array_equal(pairs.rejected[0], tokenized.sequence(0, first[1]))
-    assert all(s >= len(tokenized.prompt[0]) for s in pairs.shared[:6])  # the prompt at least is shared
+    np.testing.assert_array_equal(pairs.sequence(0, 0), tokenized.sequence(0, first[0]))
+    np.testing.assert_array_equal(pairs.sequence(0, 1), tokenized.sequence(0, first[1]))
+    assert all(len(pairs.prompt[i]) >= len(tokenized.prompt[0]) for i in range(6))  # the prompt at least is shared
 
 
 @needs_data

@@ -322,13 +322,12 @@ def test_flex_attention_gradients_at_head_dim_16_equal_padded_on_cuda(layout):
 @pytest.mark.skipif(not torch.cuda.is_available(), reason="no CUDA GPU")
 def test_flex_attention_group_gradients_at_head_dim_16_equal_padded_on_cuda():
     from rmfast import layouts
-    from rmfast.groups import padded_groups, prefix_shared_groups
     from test_groups import edge_groups, group_rewards_and_grads
 
     groups = edge_groups()
     idx = list(range(len(groups)))
     model = _llama_head_dim_16().cuda()
-    ref_r, ref_g = group_rewards_and_grads(model, padded_groups(groups, idx, 0).to("cuda"))
-    got_r, got_g = group_rewards_and_grads(model, prefix_shared_groups(groups, idx, 0, layouts.ONE_ROW).to("cuda"),
+    ref_r, ref_g = group_rewards_and_grads(model, layouts.padded(groups, idx, 0).to("cuda"))
+    got_r, got_g = group_rewards_and_grads(model, layouts.prefix_shared(groups, idx, 0, layouts.ONE_ROW).to("cuda"),
                                            "flex")
     _assert_grads_close(got_r, got_g, ref_r, ref_g)

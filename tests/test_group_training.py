@@ -148,10 +148,8 @@ def test_two_ranks_zero3_on_groups_follow_one_rank_zero0(engine_setup, groups_da
 
 
 def test_groups_of_two_from_pair_rows_train_as_the_pair_path(engine_setup, tmp_path):
-    # The pair rows read as groups of 2 (chosen over rejected). With a token budget both paths cut batches by
-    # the same costs (pair_costs prefix_shared = prompt + both responses = group_lengths), so the sampler
-    # gives the same batches; with pairs_per_batch they are sorted by different lengths (chosen + rejected
-    # for pairs, the prefix-shared length for groups) and would differ. Groups carry no margin column.
+    # The pair rows read by the group row reader (data.kind groups) and by the pair reader: the same groups of
+    # two, so the same batches, losses and eval.
     common = {"data.train": engine_setup / "train.jsonl", "data.eval": engine_setup / "eval.jsonl",
               "train.token_budget": 400, "train.layout": "prefix_shared", "train.use_margin": False}
     run(base_args(engine_setup, tmp_path / "pairs", **common))
@@ -172,24 +170,18 @@ def test_groups_of_two_from_pair_rows_train_as_the_pair_path(engine_setup, tmp_p
 def test_group_options_are_checked_before_anything_loads(engine_setup, tmp_path):
     from rmfast import config as config_module
 
-    with pytest.raises(ValueError, match="train.layout packed is for pairs; groups use prefix_shared"):
-        config_module.build(None, {"data.kind": "groups", "train.layout": "packed"})
     with pytest.raises(ValueError, match="data.kind must be one of pairs, groups"):
         config_module.build(None, {"data.kind": "triples"})
     with pytest.raises(ValueError, match="train.group_weighting must be one of comparison, group"):
         config_module.build(None, {"train.group_weighting": "response"})
     with pytest.raises(ValueError, match="train.margin_scale must be ≥ 0"):
         config_module.build(None, {"train.margin_scale": -1.0})
-    res = subprocess.run(command(1) + ["--model.name_or_path", str(engine_setup / "model"), "--data.train", "x.jsonl",
-                                       "--data.kind", "groups", "--train.layout", "packed"],
-                         capture_output=True, text=True, env=clean_env(), timeout=300)
-    assert res.returncode == 2 and "train.layout packed is for pairs" in res.stderr
+    assert config_module.build(None, {"data.kind": "groups", "train.layout": "packed"}).train.layout == "packed"
 
 
 def test_rmfast_data_synth_groups_and_inspect(tmp_path):
     from rmfast.data.cli import main
-    from rmfast.data.group_tokens import read_groups
-    from rmfast.data.loader import DataConfig, Source
+    from rmfast.data.loader import DataConfig, Source, read_groups
 
     path = tmp_path / "g.jsonl"
     assert main(["synth", "--groups", "4", "--pairs", "30", "--out", str(path)]) == 0

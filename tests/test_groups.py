@@ -11,9 +11,8 @@ from conftest import backend_device_params
 from helpers import ARCHS, assert_equal_to_padded, build, edge_pairs, rewards_and_grads
 from rmfast import attention, layouts
 from rmfast.data.group_tokens import TokenizedGroups, common_prefix_all
-from rmfast.group_loss import comparison_weights, group_forward, group_reward_loss
 from rmfast.group_metrics import group_metrics
-from rmfast.groups import GroupBatch, group_costs, padded_groups, prefix_shared_groups
+from rmfast.objective import reward_loss
 from rmfast.loss import pairwise_reward_loss
 
 
@@ -49,11 +48,12 @@ def edge_groups(seed=0):
     return groups_of(seqsets, scores, weights)
 
 
-def group_rewards_and_grads(model, batch, how="dense", **loss):
-    """Rewards of every comparison's better then worse response ([2C]) and every parameter's gradient."""
+def group_rewards_and_grads(model, batch, how="dense", center_coef=0.0):
+    """Rewards of every comparison's better then worse response ([2C]) and every parameter's gradient (the
+    batch carries the objective's margins and weights: rmfast.layouts)."""
     model.zero_grad()
     model.set_attention(how)
-    out = group_forward(model, batch, **loss)
+    out = model(batch, center_coef=center_coef)
     (out.loss + 0.1 * out.chosen_rewards.sum()).backward()
     grads = {n: p.grad.detach().clone() for n, p in model.named_parameters() if p.grad is not None}
     return torch.cat([out.chosen_rewards, out.rejected_rewards]).detach(), grads
@@ -76,8 +76,8 @@ def test_group_rewards_and_gradients_equal_padded(reference_kernel, arch, how, r
     groups = edge_groups()
     idx = list(range(len(groups)))
     model = build(None, arch)
-    ref_r, ref_g = group_rewards_and_grads(model, padded_groups(groups, idx, 0))
-    batch = prefix_shared_groups(groups, idx, 0, max_tokens=rows)
+    ref_r, ref_g = group_rewards_and_grads(model, layouts.padded(groups, idx, 0))
+    batch = layouts.prefix_shared(groups, idx, 0, max_tokens=rows)
     if rows == layouts.ONE_ROW:
         assert batch.input_ids.shape[0] == 1
     got_r, got_g = group_rewards_and_grads(model, batch, how)
@@ -90,10 +90,10 @@ def test_every_loss_option_is_exact_too(weighting, margin_scale):
     groups = edge_groups(1)
     idx = list(range(len(groups)))
     model = build(None, "qwen3", bias=True)
-    loss = dict(weighting=weighting, margin_scale=margin_scale, center_coef=0.01)
-    ref_r, ref_g = group_rewards_and_grads(model, padded_groups(groups, idx, 0), **loss)
-    got_r, got_g = group_rewards_and_grads(model, prefix_shared_groups(groups, idx, 0, max_tokens=40), "segments",
-                                           **loss)
+    objective = dict(weighting=weighting, margin_scale=margin_scale)
+    ref_r, ref_g = group_rewards_and_grads(model, layouts.padded(groups, idx, 0, **objective), center_coef=0.01)
+    got_r, got_g = group_rewards_and_grads(model, layouts.prefix_shared(groups, idx, 0, max_tokens=40, **objective),
+                                           "segments", center_coef=0.01)
     assert_equal_to_padded(got_r, got_g, ref_r, ref_g)
 
 
@@ -101,11 +101,25 @@ def test_every_response_reward_equals_padded():
     groups = edge_groups(2)
     idx = list(range(len(groups)))
     model = build(None, "llama")
-    ref = model.rewards(padded := padded_groups(groups, idx, 0), padded.response_index)
+    ref = model.rewards(padded := layouts.padded(groups, idx, 0), padded.response_index)
     model.set_attention("segments")
-    got = model.rewards(batch := prefix_shared_groups(groups, idx, 0), batch.response_index)
+    got = model.rewards(batch := layouts.prefix_shared(groups, idx, 0), batch.response_index)
     assert (got - ref).abs().max() <= 1e-5
     assert torch.equal(batch.response_group, padded.response_group)
+
+
+@pytest.mark.parametrize("how", ["dense", "segments"])
+def test_packed_groups_rewards_and_gradients_equal_padded(how):
+    # one layout family for every K: packed lays every response out as its own whole sequence
+    groups = edge_groups(4)
+    idx = list(range(len(groups)))
+    model = build(None, "qwen2", bias=True)
+    objective = dict(weighting="group", margin_scale=0.25)
+    ref_r, ref_g = group_rewards_and_grads(model, layouts.padded(groups, idx, 0, **objective))
+    batch = layouts.packed(groups, idx, 0, max_tokens=24, **objective)
+    assert batch.input_ids.shape[0] > 1 and batch.tokens == int(groups.lengths("packed").sum())
+    got_r, got_g = group_rewards_and_grads(model, batch, how)
+    assert_equal_to_padded(got_r, got_g, ref_r, ref_g)
 
 
 # ---------------------------------------------------------------- structure
@@ -114,7 +128,7 @@ def test_every_response_reward_equals_padded():
 def test_group_layout_positions_blocks_and_indices():
     # prompt [1 5] once, then r1 [6 7 2], r2 [8 2], r3 [2]; scores rank r2 > r1 > r3
     groups = groups_of([[[1, 5, 6, 7, 2], [1, 5, 8, 2], [1, 5, 2]]], [[1.0, 2.0, 0.0]])
-    b = prefix_shared_groups(groups, [0], pad_id=0)
+    b = layouts.prefix_shared(groups, [0], pad_id=0)
     assert b.input_ids.tolist() == [[1, 5, 6, 7, 2, 8, 2, 2]]
     assert b.position_ids.tolist() == [[0, 1, 2, 3, 4, 2, 3, 2]]  # each response restarts at the prompt length
     assert b.blocks == [layouts.Block(0, 0, 5), layouts.Block(0, 5, 7, (0, 2)), layouts.Block(0, 7, 8, (0, 2))]
@@ -130,7 +144,7 @@ def test_group_layout_positions_blocks_and_indices():
 
 def test_ties_give_no_comparison():
     groups = groups_of([[[4, 3, 9, 2], [4, 3, 8, 2], [4, 3, 7, 2], [4, 3, 6, 2]]], [[1, 1, 0, 0]])
-    b = prefix_shared_groups(groups, [0], 0)
+    b = layouts.prefix_shared(groups, [0], 0)
     better, worse = b.chosen_index.tolist(), b.rejected_index.tolist()
     assert len(better) == 4 and set(better) == set(b.response_index[:2].tolist())
     assert set(worse) == set(b.response_index[2:].tolist())
@@ -138,53 +152,65 @@ def test_ties_give_no_comparison():
 
 def test_groups_pack_first_fit_and_a_group_too_long_is_refused_not_split():
     groups = edge_groups()
-    b = prefix_shared_groups(groups, range(len(groups)), 0, max_tokens=40)
+    b = layouts.prefix_shared(groups, range(len(groups)), 0, max_tokens=40)
     assert b.input_ids.shape[1] <= 40 and b.input_ids.shape[0] > 1
-    longest = int(group_costs(groups, "prefix_shared")[0].max())
+    longest = int(layouts.costs(groups, "prefix_shared")[0].max())
     with pytest.raises(ValueError, match=f"takes {longest} tokens.*raise max_tokens.*to at least {longest}"):
-        prefix_shared_groups(groups, range(len(groups)), 0, max_tokens=longest - 1)
+        layouts.prefix_shared(groups, range(len(groups)), 0, max_tokens=longest - 1)
 
 
 def test_prefix_sharing_computes_each_prompt_once():
     groups = edge_groups()
     idx = list(range(len(groups)))
-    shared, padded = prefix_shared_groups(groups, idx, 0), padded_groups(groups, idx, 0)
+    shared, padded = layouts.prefix_shared(groups, idx, 0), layouts.padded(groups, idx, 0)
     prompts = sum(len(p) * (len(r) - 1) for p, r in zip(groups.prompt, groups.responses))
     assert shared.tokens == padded.tokens - prompts
-    costs, combine = group_costs(groups, "prefix_shared")
+    costs, combine = layouts.costs(groups, "prefix_shared")
     assert combine == "sum" and int(costs.sum()) == shared.tokens
-    assert group_costs(groups, "padded")[1] == "max"
+    assert layouts.costs(groups, "padded")[1] == "max"
 
 
 def test_group_batch_keeps_its_fields_on_the_way_to_a_device():
-    b = prefix_shared_groups(edge_groups(), [0, 1], 0)
+    b = layouts.prefix_shared(edge_groups(), [0, 1], 0)
     moved = b.to("cpu")
-    assert isinstance(moved, GroupBatch) and torch.equal(moved.comparison_group, b.comparison_group)
+    assert isinstance(moved, layouts.Batch) and torch.equal(moved.comparison_group, b.comparison_group)
     assert torch.equal(moved.group_weight, b.group_weight)
 
 
 # ---------------------------------------------------------------- K = 2 is the pair path
 
 
-def test_groups_of_two_lay_out_exactly_as_prefix_shared_pairs():
-    pairs = edge_pairs()
-    idx = list(range(len(pairs)))
-    pair_batch = layouts.prefix_shared(pairs, idx, 0, max_tokens=48)
-    group_batch = prefix_shared_groups(TokenizedGroups.from_pairs(pairs), idx, 0, max_tokens=48)
-    for name in ("input_ids", "attention_mask", "position_ids", "chosen_index", "rejected_index"):
-        assert torch.equal(getattr(group_batch, name), getattr(pair_batch, name)), name
-    assert group_batch.blocks == pair_batch.blocks and group_batch.tokens == pair_batch.tokens
-
-
 @pytest.mark.parametrize("weighting", ["comparison", "group"])
-def test_groups_of_two_give_the_pair_loss_and_gradients(weighting):
+def test_groups_of_two_give_the_plain_pair_loss_and_gradients(weighting):
+    # a pair has one comparison: either weighting is the mean over pairs of softplus(-(r_c - r_r)), as every
+    # pair trainer computes it on right-padded rows
     pairs = edge_pairs(3)
     idx = list(range(len(pairs)))
     model = build(None, "mistral")
-    ref_r, ref_g = rewards_and_grads(model, layouts.prefix_shared(pairs, idx, 0), "segments")
-    batch = prefix_shared_groups(TokenizedGroups.from_pairs(pairs), idx, 0)
-    got_r, got_g = group_rewards_and_grads(model, batch, "segments", weighting=weighting)
+    padded = layouts.padded(pairs, idx, 0)
+    assert padded.comparison_weight is None and padded.margin is None
+    ref_r, ref_g = rewards_and_grads(model, padded)
+    with torch.no_grad():
+        r = model.head.rewards(model.hidden_states(padded).reshape(-1, model.head.weight.shape[0]))
+        plain = torch.nn.functional.softplus(-(r[padded.chosen_index] - r[padded.rejected_index])).mean()
+        assert float(model(padded).loss) == pytest.approx(float(plain), rel=1e-5)
+    batch = layouts.prefix_shared(pairs, idx, 0, weighting=weighting)
+    got_r, got_g = group_rewards_and_grads(model, batch, "segments")
     assert_equal_to_padded(got_r, got_g, ref_r, ref_g)
+
+
+def test_a_pair_s_margin_column_reaches_its_comparison_and_zero_is_not_a_tie():
+    pairs = edge_pairs()
+    pairs.margin[:] = np.nan
+    pairs.margin[1], pairs.margin[2] = 1.5, 0.0
+    batch = layouts.prefix_shared(pairs, range(len(pairs)), 0)
+    assert batch.pairs == len(pairs)  # the zero margin keeps its comparison
+    expected = np.zeros(len(pairs), np.float32)
+    expected[1] = 1.5
+    assert batch.margin.tolist() == expected.tolist()
+    assert layouts.prefix_shared(pairs, range(len(pairs)), 0, use_margin=False).margin is None
+    scaled = layouts.prefix_shared(pairs, range(len(pairs)), 0, margin_scale=0.5)
+    assert scaled.margin.tolist() == (expected + 0.5).tolist()  # a pair's scores differ by 1
 
 
 # ---------------------------------------------------------------- the loss's options
@@ -201,31 +227,33 @@ def per_comparison(batch, margin=None):
 def test_each_comparison_counts_the_same_by_default():
     groups = edge_groups()
     groups.weight[:] = 1.0
-    batch = prefix_shared_groups(groups, range(len(groups)), 0)
+    batch = layouts.prefix_shared(groups, range(len(groups)), 0)
+    assert batch.comparison_weight is None
     hidden, weight, terms = per_comparison(batch)
-    assert torch.allclose(group_reward_loss(hidden, weight, batch).loss, terms.mean())
+    assert torch.allclose(reward_loss(hidden, weight, batch).loss, terms.mean())
 
 
 def test_each_group_counts_the_same_with_group_weighting():
     groups = edge_groups()
-    batch = prefix_shared_groups(groups, range(len(groups)), 0)
+    batch = layouts.prefix_shared(groups, range(len(groups)), 0, weighting="group")
     hidden, weight, terms = per_comparison(batch)
     g = batch.comparison_group
     means = torch.stack([terms[g == k].mean() for k in range(batch.groups)])  # InstructGPT: per-group mean
     expected = (means * batch.group_weight).sum() / batch.group_weight.sum()
-    assert torch.allclose(group_reward_loss(hidden, weight, batch, weighting="group").loss, expected)
-    assert torch.allclose(comparison_weights(batch, "group").sum(), torch.tensor(1.0))
+    assert torch.allclose(reward_loss(hidden, weight, batch).loss, expected)
+    counts = torch.bincount(g).float()
+    assert torch.allclose(batch.comparison_weight, batch.group_weight[g] / counts[g])
     with pytest.raises(ValueError, match="weighting"):
-        comparison_weights(batch, "pair")
+        layouts.prefix_shared(groups, range(len(groups)), 0, weighting="pair")
 
 
 def test_margin_is_the_scaled_score_difference_and_off_by_default():
     groups = edge_groups()
     groups.weight[:] = 1.0
-    batch = prefix_shared_groups(groups, range(len(groups)), 0)
+    batch = layouts.prefix_shared(groups, range(len(groups)), 0, margin_scale=0.5)
     hidden, weight, terms = per_comparison(batch, margin=0.5 * batch.score_diff)
-    assert torch.allclose(group_reward_loss(hidden, weight, batch, margin_scale=0.5).loss, terms.mean())
-    assert batch.margin is None
+    assert torch.allclose(reward_loss(hidden, weight, batch).loss, terms.mean())
+    assert layouts.prefix_shared(groups, range(len(groups)), 0).margin is None
 
 
 # ---------------------------------------------------------------- FlexAttention (forward on CPU)
@@ -235,13 +263,13 @@ def test_margin_is_the_scaled_score_difference_and_off_by_default():
 @pytest.mark.parametrize("arch", [a for a in ARCHS if a not in attention.DENSE_ONLY])
 def test_flex_attention_rewards_equal_padded(arch, K):
     # FlexAttention has no CPU backward: on CPU the forward is checked; gradients on CUDA below
-    groups = edge_groups() if K > 2 else TokenizedGroups.from_pairs(edge_pairs())
+    groups = edge_groups() if K > 2 else edge_pairs()
     idx = [i for i in range(len(groups)) if len(groups.responses[i]) <= K]
     model = build(None, arch)
     with torch.no_grad():
-        ref = model.rewards(p := padded_groups(groups, idx, 0), p.response_index)
+        ref = model.rewards(p := layouts.padded(groups, idx, 0), p.response_index)
         model.set_attention("flex")
-        got = model.rewards(b := prefix_shared_groups(groups, idx, 0, layouts.ONE_ROW), b.response_index)
+        got = model.rewards(b := layouts.prefix_shared(groups, idx, 0, layouts.ONE_ROW), b.response_index)
     assert (got - ref).abs().max() <= 1e-5
 
 
@@ -250,8 +278,8 @@ def test_flex_attention_group_gradients_equal_padded_on_cuda():
     groups = edge_groups()
     idx = list(range(len(groups)))
     model = build(None, "llama").cuda()
-    ref_r, ref_g = group_rewards_and_grads(model, padded_groups(groups, idx, 0).to("cuda"))
-    got_r, got_g = group_rewards_and_grads(model, prefix_shared_groups(groups, idx, 0, layouts.ONE_ROW).to("cuda"),
+    ref_r, ref_g = group_rewards_and_grads(model, layouts.padded(groups, idx, 0).to("cuda"))
+    got_r, got_g = group_rewards_and_grads(model, layouts.prefix_shared(groups, idx, 0, layouts.ONE_ROW).to("cuda"),
                                            "flex")
     assert (got_r - ref_r).abs().max() <= 1e-4
     for name, g in ref_g.items():
@@ -267,7 +295,7 @@ def test_flex_attention_group_gradients_equal_padded_on_cuda():
 ])
 def test_group_metrics_of_perfect_and_reversed_rewards(order, expected):
     groups = edge_groups()
-    batch = prefix_shared_groups(groups, range(len(groups)), 0)
+    batch = layouts.prefix_shared(groups, range(len(groups)), 0)
     rewards = batch.response_scores * (1 if order == "scores" else -1)
     m = group_metrics(rewards, batch)
     assert (m["comparison_accuracy"], m["top1_accuracy"], m["kendall_tau"]) == expected
@@ -277,7 +305,7 @@ def test_group_metrics_of_perfect_and_reversed_rewards(order, expected):
 def test_kendall_tau_is_per_group_then_averaged():
     # group 0: 3 comparisons, one reversed (τ = 1/3); group 1: one comparison, right (τ = 1)
     groups = groups_of([[[5, 2], [6, 2], [7, 2]], [[8, 2], [9, 2]]], [[2, 1, 0], [1, 0]])
-    batch = padded_groups(groups, [0, 1], 0)
+    batch = layouts.padded(groups, [0, 1], 0)
     m = group_metrics(torch.tensor([2.0, 0.0, 1.0, 1.0, 0.0]), batch)
     assert m["kendall_tau"] == pytest.approx((1 / 3 + 1) / 2) and m["comparison_accuracy"] == 0.75
     assert m["top1_accuracy"] == 1.0
@@ -289,7 +317,7 @@ def test_flex_block_mask_of_groups_equals_evaluating_the_mask(rows):
     from torch.nn.attention.flex_attention import create_block_mask
 
     groups = edge_groups(1)
-    batch = prefix_shared_groups(groups, list(range(len(groups))), 0, rows)
+    batch = layouts.prefix_shared(groups, list(range(len(groups))), 0, rows)
     R, L = batch.input_ids.shape
     ours = attention.block_mask(batch, size=4)
     ref = create_block_mask(ours.mask_mod, R, None, L, L, device="cpu", BLOCK_SIZE=4)
@@ -316,7 +344,8 @@ def test_group_loss_of_k_responses_matches_the_oracle(backend, device, weighting
     if device == "cuda" and not torch.cuda.is_available():
         pytest.skip("no CUDA GPU")
     groups = edge_groups(3)
-    batch = prefix_shared_groups(groups, list(range(len(groups))), 0, max_tokens=40)
+    batch = layouts.prefix_shared(groups, list(range(len(groups))), 0, max_tokens=40, weighting=weighting,
+                                  margin_scale=margin_scale)
     # the comparisons, derived here from the scores: every (i, j) of a group with score_i > score_j
     better, worse, cgroup, diff = [], [], [], []
     offset = 0
@@ -332,8 +361,8 @@ def test_group_loss_of_k_responses_matches_the_oracle(backend, device, weighting
     g = torch.Generator().manual_seed(4)
     rows = int(batch.response_index.max()) + 3
     hidden, weight, bias = torch.randn(rows, 24, generator=g), torch.randn(24, generator=g) / 5, torch.tensor(0.3)
-    out = group_reward_loss(hidden.to(device), weight.to(device), batch.to(device), bias=bias.to(device),
-                            weighting=weighting, margin_scale=margin_scale, center_coef=center_coef, backend=backend)
+    out = reward_loss(hidden.to(device), weight.to(device), batch.to(device), bias=bias.to(device),
+                      center_coef=center_coef, backend=backend)
     rewards = hidden.double().numpy() @ weight.double().numpy() + 0.3
     want = oracle.group_loss(rewards, last[better], last[worse], cgroup, groups.weight, weighting, diff,
                              margin_scale, center_coef)

@@ -35,7 +35,6 @@ def test_rewards_and_gradients_equal_padded(arch, layout, how):
 
 def test_prefix_shared_positions_and_indices():
     pairs = pairs_of([[1, 5, 6, 7, 2]], [[1, 5, 8, 2]])
-    pairs.shared[:] = [2]
     b = layouts.prefix_shared(pairs, [0], pad_id=0)
     assert b.input_ids.tolist() == [[1, 5, 6, 7, 2, 8, 2]]
     assert b.position_ids.tolist() == [[0, 1, 2, 3, 4, 2, 3]]
@@ -173,7 +172,6 @@ def test_varlen_attention_equals_padded(reference_kernel, arch, layout, rows):
 
 def test_varlen_plan_of_prefix_shared_pairs():
     pairs = pairs_of([[1, 5, 6, 7, 2]], [[1, 5, 8, 2]])
-    pairs.shared[:] = [2]
     plan = attention.varlen_plan(layouts.prefix_shared(pairs, [0], pad_id=0))
     # [1 5 | 6 7 2 | 8 2]: prefix+chosen is one block; the rejected block's keys are the prefix, then itself
     assert plan.q_index.tolist() == [0, 1, 2, 3, 4, 5, 6]

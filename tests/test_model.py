@@ -3,7 +3,7 @@
 import pytest
 import torch
 
-from helpers import ARCHS, VOCAB, build, pairs_of, random_pairs
+from helpers import ARCHS, VOCAB, build, pairs_of, random_pairs, sides
 from rmfast import layouts
 from rmfast.export import write_export
 from rmfast.model import RewardModel
@@ -13,7 +13,7 @@ def one_by_one(model, seqs):
     out = []
     for s in seqs:
         batch = layouts.padded(pairs_of([s], [s]), [0], pad_id=0)
-        out.append(model.rewards(batch, batch.chosen_index).item())
+        out.append(model.rewards(batch, batch.chosen_index).item())  # the pair (s, s): its one comparison
     return torch.tensor(out)
 
 
@@ -25,8 +25,8 @@ def test_padded_batch_rewards_equal_unpadded_rewards(tmp_path, arch, padding_sid
     batch = layouts.padded(pairs, [0, 1, 2, 3], pad_id=0, padding_side=padding_side)
     with torch.no_grad():
         out = model(batch)
-    torch.testing.assert_close(out.chosen_rewards, one_by_one(model, pairs.chosen), atol=1e-4, rtol=1e-4)
-    torch.testing.assert_close(out.rejected_rewards, one_by_one(model, pairs.rejected), atol=1e-4, rtol=1e-4)
+    torch.testing.assert_close(out.chosen_rewards, one_by_one(model, sides(pairs, 0)), atol=1e-4, rtol=1e-4)
+    torch.testing.assert_close(out.rejected_rewards, one_by_one(model, sides(pairs, 1)), atol=1e-4, rtol=1e-4)
 
 
 def test_pad_equal_to_eos_gives_correct_rewards(tmp_path):
@@ -35,14 +35,15 @@ def test_pad_equal_to_eos_gives_correct_rewards(tmp_path):
     batch = layouts.padded(pairs, [0, 1, 2, 3], pad_id=2)  # pad id == eos id: lengths decide, not pad ids
     with torch.no_grad():
         out = model(batch)
-    torch.testing.assert_close(out.chosen_rewards, one_by_one(model, pairs.chosen), atol=1e-4, rtol=1e-4)
+    torch.testing.assert_close(out.chosen_rewards, one_by_one(model, sides(pairs, 0)), atol=1e-4, rtol=1e-4)
 
 
-def test_padded_layout_puts_chosen_rows_first():
+def test_padded_layout_puts_each_pair_s_rows_together():
     pairs = pairs_of([[5, 6, 2], [7, 2]], [[8, 2], [9, 9, 9, 2]])
     batch = layouts.padded(pairs, [0, 1], pad_id=0)
-    assert batch.input_ids.tolist() == [[5, 6, 2, 0], [7, 2, 0, 0], [8, 2, 0, 0], [9, 9, 9, 2]]
-    assert batch.chosen_index.tolist() == [2, 5] and batch.rejected_index.tolist() == [9, 15]
+    assert batch.input_ids.tolist() == [[5, 6, 2, 0], [8, 2, 0, 0], [7, 2, 0, 0], [9, 9, 9, 2]]
+    assert batch.chosen_index.tolist() == [2, 9] and batch.rejected_index.tolist() == [5, 15]
+    assert batch.response_index.tolist() == [2, 5, 9, 15]
     assert batch.tokens == 11 and batch.positions == 16
 
 
@@ -74,7 +75,8 @@ def test_export_scores_exactly_as_the_engine(tmp_path, arch, pad_is_eos):
     # transformers' score layers have no bias; the export keeps it in its config
     hf_scores = hf_scores + hf.config.rmfast_score_bias
     assert hf.config.rmfast_score_bias == pytest.approx(bias)
-    torch.testing.assert_close(hf_scores, torch.cat([ours.chosen_rewards, ours.rejected_rewards]), atol=1e-4, rtol=1e-4)
+    per_row = torch.stack([ours.chosen_rewards, ours.rejected_rewards], dim=1).reshape(-1)  # rows: c0, r0, c1, …
+    torch.testing.assert_close(hf_scores, per_row, atol=1e-4, rtol=1e-4)
     reloaded = RewardModel.from_pretrained(path)
     with torch.no_grad():
         again = reloaded(batch)

@@ -5,7 +5,8 @@ from .formats import REASONS, Pair
 from .loader import DataConfig, DataError, DataReport, Source, load_data, load_source
 from .synthetic import generate_pairs
 from .synthetic_groups import generate_groups
-from .tokenize import LengthPolicy, TokenizedPairs, shared_prefix
+from .tokenize import LengthPolicy, shared_prefix
+from .tokens import TokenizedGroups
 
 __all__ = ["DataConfig", "DataError", "DataReport", "Source", "load_data", "load_source", "generate_pairs",
-           "generate_groups", "LengthPolicy", "TokenizedPairs", "shared_prefix", "Pair", "REASONS"]
+           "generate_groups", "LengthPolicy", "TokenizedGroups", "shared_prefix", "Pair", "REASONS"]

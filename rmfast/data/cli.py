@@ -11,9 +11,8 @@ import sys
 import numpy as np
 
 from ..errors import ArgumentParser
-from ..layouts import pair_costs
 from .groups import source_kind
-from .loader import DataConfig, DataError, Source, load_source, read_pairs
+from .loader import DataConfig, DataError, Source, load_source, read_groups, read_pairs
 from .options import add_data_options, data_config
 from .synthetic import generate_pairs, write_jsonl
 from .synthetic_groups import generate_groups
@@ -37,8 +36,6 @@ def _tokenizer(args, sources, groups=False):
 
     texts = []
     for spec in sources if groups else ():
-        from .group_tokens import read_groups
-
         rows, _ = read_groups(spec, DataConfig(train=[spec.path], format=args.format, columns=args.columns,
                                                on_bad_row="skip"))
         for g in rows[:5000]:
@@ -64,45 +61,36 @@ def _percentiles(x):
     return "  ".join(f"{name} {v:,.0f}" for name, v in zip(("min", "p50", "p90", "p99", "max"), p))
 
 
-def _describe_groups(args, groups):
-    """Group sizes, comparisons, lengths and token positions per comparison in each layout."""
-    from ..groups import group_costs
-
+def describe(args, groups):
+    """Group sizes, lengths, the shared prompt, token positions per comparison in each layout, margins (a pair
+    is a group of two: one comparison)."""
     sizes = groups.sizes
     values, n = np.unique(sizes, return_counts=True)
-    print("  responses per group: " + ", ".join(f"{v}: {c} groups" for v, c in zip(values, n)))
+    C = sum(len(groups.comparisons(i)[0]) for i in range(len(groups)))
+    pairs = bool(np.all(sizes == 2))
+    unit = "pair" if pairs else "comparison"
+    if not pairs:
+        print("  responses per group: " + ", ".join(f"{v}: {c} groups" for v, c in zip(values, n)))
     prompt = np.array([len(p) for p in groups.prompt])
-    response = np.array([len(r) for rs in groups.responses for r in rs])
-    print(f"  tokens, prompt:   {_percentiles(prompt)}")
-    print(f"  tokens, response: {_percentiles(response)}  (after the shared prompt)")
-    C, as_pairs = 0, 0  # as_pairs: each comparison as its own prefix-shared pair (prompt + both responses)
+    whole = [len(groups.prompt[i]) + len(r) for i in range(len(groups)) for r in groups.responses[i]]
+    longest = np.array([len(p) + max(len(r) for r in rs) for p, rs in zip(groups.prompt, groups.responses)])
+    print(f"  tokens, sequence: {_percentiles(whole)}  (prompt + response)")
+    print(f"  shared prefix:    {_percentiles(prompt)}  ({(prompt / np.maximum(longest, 1)).mean():.0%} of the "
+          f"longest response on average; {np.mean(prompt == 0):.1%} of {'pairs' if pairs else 'groups'} share "
+          f"nothing)")
+    cost = {layout: groups.lengths(layout).sum() / max(C, 1) for layout in ("padded", "packed", "prefix_shared")}
+    as_pairs = 0  # each comparison as its own prefix-shared pair (prompt + both responses)
     for i in range(len(groups)):
         rs = [len(r) for r in groups.responses[i]]
-        for better, worse in groups.comparisons(i)[0]:
-            C += 1
-            as_pairs += len(groups.prompt[i]) + rs[better] + rs[worse]
-    cost = {layout: group_costs(groups, layout)[0].sum() / max(C, 1) for layout in ("padded", "prefix_shared")}
-    print(f"  token positions per comparison: padded (every response its own row, padded to the group's "
-          f"longest): {cost['padded']:,.1f}; prefix shared (the prompt once, every response once): "
-          f"{cost['prefix_shared']:,.1f}; each comparison as its own prefix-shared pair: "
-          f"{as_pairs / max(C, 1):,.1f}")
-
-
-def _describe_pairs(args, pairs):
-    """Lengths, shared prefixes, token positions per pair in each layout, margins."""
-    c, r, s, p = pairs.chosen_lengths, pairs.rejected_lengths, pairs.shared.astype(np.int64), pairs.prompt
-    print(f"  tokens, chosen:   {_percentiles(c)}")
-    print(f"  tokens, rejected: {_percentiles(r)}")
-    print(f"  tokens, prompt:   {_percentiles(p)}")
-    print(f"  shared prefix:    {_percentiles(s)}  ({(s / np.maximum(np.maximum(c, r), 1)).mean():.0%} of the "
-          f"longer side on average; {np.mean(s == 0):.1%} of pairs share nothing)")
-    cost = {layout: pair_costs(pairs, layout)[0].mean() for layout in ("padded", "packed", "prefix_shared")}
-    print(f"  token positions per pair: padded to {args.max_length}: {2 * args.max_length:,}; padded to the "
-          f"pair's longer side: {cost['padded']:,.0f}; packed: {cost['packed']:,.0f}; "
-          f"prefix shared: {cost['prefix_shared']:,.0f}")
-    with_margin = np.isfinite(pairs.margin)
+        as_pairs += sum(len(groups.prompt[i]) + rs[b] + rs[w] for b, w in groups.comparisons(i)[0])
+    fixed = f"padded to {args.max_length}: {2 * args.max_length:,}; " if pairs else ""
+    print(f"  token positions per {unit}: {fixed}padded (every response its own row, to the "
+          f"{'pair' if pairs else 'group'}'s longest): {cost['padded']:,.1f}; packed: "
+          f"{cost['packed']:,.1f}; prefix shared (the prompt once): {cost['prefix_shared']:,.1f}"
+          + ("" if pairs else f"; each comparison as its own prefix-shared pair: {as_pairs / max(C, 1):,.1f}"))
+    with_margin = np.isfinite(groups.margin)
     if with_margin.any():
-        print(f"  margins: {with_margin.mean():.0%} of pairs, mean {pairs.margin[with_margin].mean():.3g}")
+        print(f"  margins: {with_margin.mean():.0%} of {unit}s, mean {groups.margin[with_margin].mean():.3g}")
 
 
 def inspect(args):
@@ -122,7 +110,7 @@ def inspect(args):
             print(f"    e.g. {example}")
         total_bad += sum(report.bad.values())
         if len(data):
-            (_describe_groups if kind == "groups" else _describe_pairs)(args, data)
+            describe(args, data)
     if total_bad and args.strict:
         raise DataError(f"--strict: {total_bad} bad row(s) (listed above)")
     return 0

@@ -14,109 +14,9 @@ from dataclasses import dataclass, field
 
 import numpy as np
 
-from .groups import comparisons, parse_group_row
+from .groups import comparisons
 from .tokenize import LengthPolicy, check_chat_template, common_prefix
-
-
-@dataclass
-class TokenizedGroups:
-    """Tokenized groups, columnar. prompt: [n] int32 arrays (what every response of the group shares);
-    responses: [n] lists of K_g int32 arrays (each response's own tokens; prompt + response is the whole
-    sequence, ending in EOS); scores: [n] float32 arrays [K_g], higher is better; weight: float32 [n],
-    each group's loss weight; locations: where each came from; tags: the row's `subset` or None;
-    origin: [n] int64 arrays, for each response of the row as read, the response it became (identical ones
-    merged) or -1 where the length policy dropped it."""
-
-    prompt: list
-    responses: list
-    scores: list
-    weight: np.ndarray = None
-    locations: list = None
-    tags: list = None
-    origin: list = None
-
-    def __post_init__(self):
-        n = len(self.prompt)
-        if self.origin is None:
-            self.origin = [np.arange(len(r), dtype=np.int64) for r in self.responses]
-        self.weight = np.ones(n, np.float32) if self.weight is None else np.asarray(self.weight, np.float32)
-        self.locations = self.locations if self.locations is not None else [f"group {i}" for i in range(n)]
-        self.tags = self.tags if self.tags is not None else [None] * n
-
-    def __len__(self):
-        return len(self.prompt)
-
-    @property
-    def sizes(self):
-        """K of each group, int64 [n]."""
-        return np.fromiter((len(r) for r in self.responses), dtype=np.int64, count=len(self))
-
-    def sequence(self, g, k):
-        """The whole token sequence of response k of group g (int32)."""
-        return np.concatenate([self.prompt[g], self.responses[g][k]])
-
-    def comparisons(self, g):
-        """([C, 2] int64 (better, worse) response indices, [C] float32 score differences) of group g."""
-        pairs, diff, _ = comparisons(self.scores[g])
-        return pairs, diff
-
-    def subset(self, indices):
-        idx = [int(i) for i in indices]
-        return TokenizedGroups([self.prompt[i] for i in idx], [self.responses[i] for i in idx],
-                               [self.scores[i] for i in idx], self.weight[idx],
-                               [self.locations[i] for i in idx], [self.tags[i] for i in idx],
-                               [self.origin[i] for i in idx])
-
-    @staticmethod
-    def concat(parts):
-        parts = list(parts)
-        return TokenizedGroups([x for p in parts for x in p.prompt], [x for p in parts for x in p.responses],
-                               [x for p in parts for x in p.scores],
-                               np.concatenate([p.weight for p in parts] or [np.zeros(0, np.float32)]),
-                               [x for p in parts for x in p.locations], [x for p in parts for x in p.tags],
-                               [x for p in parts for x in p.origin])
-
-    def save(self, path):
-        """To an .npz of flat arrays (read back with allow_pickle=False: a cache file cannot run code)."""
-        def flat(seqs, dtype):
-            offsets = np.zeros(len(seqs) + 1, dtype=np.int64)
-            np.cumsum([len(s) for s in seqs], out=offsets[1:])
-            return (np.concatenate(seqs).astype(dtype) if seqs else np.zeros(0, dtype)), offsets
-
-        responses = [r for rs in self.responses for r in rs]
-        arrays = {}
-        for name, seqs, dtype in (("prompt", self.prompt, np.int32), ("responses", responses, np.int32),
-                                  ("scores", self.scores, np.float32), ("origin", self.origin, np.int64)):
-            arrays[name], arrays[f"{name}_offsets"] = flat(seqs, dtype)
-        np.savez(path, **arrays, sizes=self.sizes, weight=self.weight, locations=np.array(self.locations, dtype=str),
-                 tags=np.array(["" if t is None else t for t in self.tags], dtype=str),
-                 tagged=np.array([t is not None for t in self.tags], dtype=bool))
-
-    @staticmethod
-    def load(path):
-        z = np.load(path, allow_pickle=False)
-
-        def split(name):
-            data, offsets = z[name], z[f"{name}_offsets"]
-            return [data[offsets[i]:offsets[i + 1]] for i in range(len(offsets) - 1)]
-
-        flat, at, responses = split("responses"), 0, []
-        for k in z["sizes"].tolist():
-            responses.append(flat[at:at + k])
-            at += k
-        tags = [t if tagged else None for t, tagged in zip(z["tags"].tolist(), z["tagged"].tolist())]
-        return TokenizedGroups(split("prompt"), responses, split("scores"), z["weight"], z["locations"].tolist(),
-                               tags, split("origin"))
-
-    @staticmethod
-    def from_pairs(pairs):
-        """TokenizedPairs as groups of 2: the shared prefix as the prompt, chosen (score 1) over rejected (0)."""
-        prompt, responses = [], []
-        for c, r, s in zip(pairs.chosen, pairs.rejected, pairs.shared):
-            prompt.append(np.asarray(c[:s], np.int32))
-            responses.append([np.asarray(c[s:], np.int32), np.asarray(r[s:], np.int32)])
-        scores = [np.array([1.0, 0.0], np.float32) for _ in prompt]
-        return TokenizedGroups(prompt, responses, scores, None, list(pairs.locations))
+from .tokens import TokenizedGroups  # noqa: F401  (the one tokenized form; re-exported)
 
 
 def common_prefix_all(seqs):
@@ -246,7 +146,7 @@ def tokenize_groups(groups, tokenizer, policy: LengthPolicy, chat_template=None,
     if any(g.format == "conversational" for g in groups):
         check_chat_template(tokenizer, chat_template)
     counts = GroupCounts()
-    prompt, responses, scores, weight, locations, tags, origin = [], [], [], [], [], [], []
+    prompt, responses, scores, weight, locations, tags, origin, margin = [], [], [], [], [], [], [], []
     for i, group in enumerate(groups):
         out = _tokenize_one(group, tokenizer, policy, chat_template, counts, scoring)
         if progress is not None:
@@ -260,46 +160,6 @@ def tokenize_groups(groups, tokenizer, policy: LengthPolicy, chat_template=None,
         weight.append(1.0 if weights is None else weights[i])
         locations.append(group.location)
         tags.append(group.tag)
+        margin.append(np.nan if group.margin is None else group.margin)
     return TokenizedGroups(prompt, responses, scores, np.array(weight, np.float32), locations, tags,
-                           origin), counts
-
-
-def read_groups(source, config):
-    """Read and validate one source's group rows (rmfast.data.loader.Source, DataConfig: format, columns).
-    Returns (groups, DataReport) — bad rows are counted with file:line and reason, never silently lost."""
-    from .loader import read_rows
-
-    return read_rows(source, config, parse_group_row)
-
-
-def tokenize_group_source(source, tokenizer, config, progress=True):
-    """Read, validate and tokenize one source of groups (no cache; rmfast.data.loader.load_source caches
-    it). Returns (TokenizedGroups, DataReport with its `groups` counts)."""
-    from collections import Counter
-
-    from .loader import _check_bad, progress_bar
-
-    groups, report = read_groups(source, config)
-    _check_bad(report, config, source.path)
-    bar = progress_bar(progress, len(groups), source.path, "group")
-    tokenized, counts = tokenize_groups(groups, tokenizer, config.policy(), config.chat_template, progress=bar)
-    if bar is not None:
-        bar.close()
-    report.pairs = counts.comparisons
-    report.truncated = counts.truncated
-    report.dropped.update(counts.dropped)
-    report.groups = Counter(groups=counts.groups, comparisons=counts.comparisons, ties=counts.ties,
-                            merged=counts.merged, responses_dropped=counts.dropped_responses_too_long)
-    return tokenized, report
-
-
-def load_groups(source, tokenizer, config, progress=True):
-    """One source of group rows, validated (on_bad_row as for pairs: error stops with file:line and reason)
-    and tokenized, from the cache when seen before. Returns (TokenizedGroups, DataReport, GroupCounts)."""
-    from .loader import Source, load_source
-
-    tokenized, report = load_source(Source.parse(source), tokenizer, config, progress=progress, kind="groups")
-    g = report.groups
-    counts = GroupCounts(g["groups"], g["comparisons"], g["ties"], g["merged"], report.truncated,
-                         g["responses_dropped"], dict(report.dropped))
-    return tokenized, report, counts
+                           origin, np.array(margin, np.float32)), counts

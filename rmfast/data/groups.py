@@ -13,8 +13,8 @@ of the list ``a``):
                    ``columns=ULTRAFEEDBACK``;
 - RewardBench 2:   ``{"prompt", "chosen": [...], "rejected": [...], "subset"}``: every chosen beats every
                    rejected; chosen among themselves, and rejected among themselves, are unordered;
-- a pair row (any shape rmfast.data.formats reads): the group of 2, chosen over rejected (its ``margin``
-  is not carried: a group's margins come from its score differences, see rmfast.group_loss).
+- a pair row (any shape rmfast.data.formats reads): the group of 2, chosen over rejected its ``margin``
+  column carried (the loss adds it to the comparison's margin: rmfast.objective).
 
 Every shape becomes one score per response (a ranking: K-1 for the best down to 0; RewardBench 2: 1 for
 chosen, 0 for rejected); equal scores give no comparison. A bad row raises BadRow with a reason code."""
@@ -44,6 +44,7 @@ class Group:
     responses: list
     scores: list
     tag: Optional[str] = None
+    margin: Optional[float] = None  # a pair row's margin column
 
 
 def comparisons(scores):
@@ -210,4 +211,5 @@ def parse_group_row(location, row, fmt="auto", columns=None, preference=True) ->
     if col["chosen"] not in row and ("responses" in columns or "chosen" not in columns):
         read_column(row, "responses", col["responses"])  # neither shape: name the group columns
     pair = parse_row(location, row, fmt, columns)
-    return Group(location, pair.format, pair.prompt, [pair.chosen, pair.rejected], [1.0, 0.0], _tag(row, col))
+    return Group(location, pair.format, pair.prompt, [pair.chosen, pair.rejected], [1.0, 0.0], _tag(row, col),
+                 pair.margin)

@@ -18,10 +18,13 @@ import numpy as np
 
 from . import sources
 from .formats import FORMATS, REASONS, BadRow, parse_row
-from .tokenize import LengthPolicy, TokenizedPairs, tokenize_pairs_parallel
+from .group_tokens import GroupCounts, tokenize_groups
+from .groups import parse_group_row, source_kind
+from .tokenize import LengthPolicy, tokenize_pairs_parallel
+from .tokens import TokenizedGroups
 from ..errors import UserError
 
-CACHE_VERSION = 2  # 2: no pickled arrays
+CACHE_VERSION = 3  # 2: no pickled arrays; 3: pairs and groups in one form (TokenizedGroups)
 BAD_ROW_MODES = ("error", "skip")
 
 
@@ -159,8 +162,6 @@ def read_pairs(source: Source, config: DataConfig):
     Group rows (a prompt with K responses) read as pairs are named as such, with the option that reads them."""
     pairs, report = read_rows(source, config, parse_row)
     if report.bad["missing_field"] and (not pairs or config.on_bad_row == "error"):
-        from .groups import source_kind
-
         if source_kind(source.path, source.split, config.columns) == "groups":
             raise DataError(f"{source.path} holds groups (a prompt with several responses), not pairs: train on it "
                             f"with --data.kind groups (data.kind: groups in a config)")
@@ -187,15 +188,10 @@ def read_rows(source: Source, config: DataConfig, parse):
 
 
 def load_source(source: Source, tokenizer, config: DataConfig, tokenizer_fp=None, progress=True, kind="pairs"):
-    """One source, tokenized as pairs (TokenizedPairs) or groups (rmfast.data.group_tokens.TokenizedGroups;
-    the report's `groups` holds their counts); from the on-disk cache when the same data, tokenizer and
-    options were seen. Returns (tokenized, DataReport)."""
-    if kind == "groups":
-        from .group_tokens import TokenizedGroups, tokenize_group_source
-
-        cls, tokenize_source = TokenizedGroups, tokenize_group_source
-    else:
-        cls, tokenize_source = TokenizedPairs, _tokenize_pair_source
+    """One source, its rows read as pairs or groups (`kind`, what the rows are) and tokenized into the one
+    form, TokenizedGroups (a pair is a group of two; the report's `groups` holds group counts); from the
+    on-disk cache when the same data, tokenizer and options were seen. Returns (TokenizedGroups, DataReport)."""
+    tokenize_source = tokenize_group_source if kind == "groups" else _tokenize_pair_source
     tokenizer_fp = tokenizer_fp or tokenizer_fingerprint(tokenizer)
     root = cache_root(config)
     key = _cache_key(source, tokenizer_fp, config, kind)
@@ -207,8 +203,8 @@ def load_source(source: Source, tokenizer, config: DataConfig, tokenizer_fp=None
                                 meta["truncated"], Counter(meta["dropped"]), cached=True,
                                 groups=Counter(meta["groups"]) if meta.get("groups") is not None else None)
             with np.load(data_path, allow_pickle=False) as arrays:
-                check_cache_arrays(arrays, kind, len(tokenizer), meta["pairs"] if kind == "pairs" else None)
-            tokenized = cls.load(data_path)
+                check_cache_arrays(arrays, len(tokenizer))
+            tokenized = TokenizedGroups.load(data_path)
         except (ValueError, OSError, KeyError, TypeError, EOFError, zipfile.BadZipFile) as exc:
             cache_warning(root, f"ignoring its entry {key} ({type(exc).__name__}: {exc}) and tokenizing again")
         else:
@@ -247,38 +243,26 @@ def cache_warning(root, what):
           f"data.cache_dir / --cache-dir or RMFAST_CACHE)", file=sys.stderr)
 
 
-# the token arrays of each kind's cache file (each with its X_offsets), and the arrays with one entry per item
-_CACHE_TOKENS = {"pairs": ("chosen", "rejected"), "groups": ("prompt", "responses")}
-_CACHE_ITEMS = {"pairs": ("prompt", "shared", "margin", "locations"), "groups": ("sizes", "weight", "locations")}
-
-
-def check_cache_arrays(arrays, kind, vocab, items):
-    """A cache file's arrays hold `items` pairs (groups: as many as its arrays agree on) with token ids below
-    `vocab` and offsets that stay inside their arrays; ValueError naming the first array that does not (a
-    truncated or foreign file)."""
+def check_cache_arrays(arrays, vocab):
+    """A cache file's arrays agree on how many groups they hold, with token ids below `vocab` and offsets
+    that stay inside their arrays; ValueError naming the first array that does not (a truncated or foreign
+    file)."""
     counts = {}
-    for name in _CACHE_TOKENS[kind] + (("scores", "origin") if kind == "groups" else ()):
+    for name in ("prompt", "responses", "scores", "origin"):
         data, offsets = arrays[name], arrays[f"{name}_offsets"]
         if offsets.ndim != 1 or len(offsets) == 0 or offsets[0] != 0 or offsets[-1] != len(data) \
                 or np.any(np.diff(offsets) < 0):
             raise ValueError(f"{name}_offsets do not index {name}")
         counts[name] = len(offsets) - 1
-        if name in _CACHE_TOKENS[kind] and len(data) and (data.min() < 0 or data.max() >= vocab):
+        if name in ("prompt", "responses") and len(data) and (data.min() < 0 or data.max() >= vocab):
             raise ValueError(f"{name} holds token ids outside the tokenizer's {vocab}")
-    for name in _CACHE_ITEMS[kind]:
+    for name in ("sizes", "weight", "margin", "locations"):
         counts[name] = len(arrays[name])
-    if kind == "pairs":
-        if not all(n == items for n in counts.values()):
-            raise ValueError(f"array lengths {counts} disagree with its {items} pairs")
-        chosen, rejected = np.diff(arrays["chosen_offsets"]), np.diff(arrays["rejected_offsets"])
-        if np.any(arrays["shared"] > np.minimum(chosen, rejected)) or np.any(arrays["prompt"] > chosen):
-            raise ValueError("a prompt or shared prefix is longer than its sequences")
-    else:
-        sizes, n = arrays["sizes"], counts["prompt"]
-        if not all(counts[k] == n for k in ("sizes", "weight", "locations", "scores", "origin")) \
-                or int(sizes.sum()) != counts["responses"] or np.any(sizes < 0) \
-                or np.any(np.diff(arrays["scores_offsets"]) != sizes):
-            raise ValueError(f"array lengths {counts} disagree with each other")
+    sizes, n = arrays["sizes"], counts["prompt"]
+    if not all(counts[k] == n for k in ("sizes", "weight", "margin", "locations", "scores", "origin")) \
+            or int(sizes.sum()) != counts["responses"] or np.any(sizes < 0) \
+            or np.any(np.diff(arrays["scores_offsets"]) != sizes):
+        raise ValueError(f"array lengths {counts} disagree with each other")
 
 
 def progress_bar(progress, total, name, unit):
@@ -293,7 +277,8 @@ def progress_bar(progress, total, name, unit):
 
 
 def _tokenize_pair_source(source: Source, tokenizer, config: DataConfig, progress=True):
-    """Read, validate and tokenize one source of pairs (no cache). Returns (TokenizedPairs, DataReport)."""
+    """Read, validate and tokenize one source of pairs (no cache). Returns (TokenizedGroups of two,
+    DataReport)."""
     pairs, report = read_pairs(source, config)
     _check_bad(report, config, source.path)
     bar = progress_bar(progress, len(pairs), source.path, "pair")
@@ -320,7 +305,7 @@ def _check_bad(report: DataReport, config: DataConfig, name):
 
 
 def _weighted(data, weight, rng):
-    """`data` (pairs or groups) repeated `weight` times: whole copies, then a seeded share of one more."""
+    """`data` (TokenizedGroups) repeated `weight` times: whole copies, then a seeded share of one more."""
     if weight < 0:
         raise UserError(f"a source weight must be ≥ 0, got {weight}")
     whole = int(weight)
@@ -332,15 +317,12 @@ def _weighted(data, weight, rng):
 
 
 def load_data(config: DataConfig, tokenizer, progress=True, kind="pairs"):
-    """Train and eval data for a config: pairs (TokenizedPairs) or groups (TokenizedGroups), each source
-    cached, weighted (PATH@WEIGHT) and split (eval sources, else a seeded eval_fraction of each train
-    source). Returns (train, eval or None, DataReport)."""
+    """Train and eval data for a config, its rows read as pairs or groups (`kind`) into the one tokenized form
+    (TokenizedGroups), each source cached, weighted (PATH@WEIGHT) and split (eval sources, else a seeded
+    eval_fraction of each train source). Returns (train, eval or None, DataReport)."""
     if not config.train:
         raise UserError("no training data: give at least one source (a file, folder, datasets dir or hub name)")
-    if kind == "groups":
-        from .group_tokens import TokenizedGroups as cls
-    else:
-        cls = TokenizedPairs
+    cls = TokenizedGroups
     rng = np.random.default_rng(config.seed)
     tokenizer_fp = tokenizer_fingerprint(tokenizer)
     report = DataReport(cached=True)
@@ -364,3 +346,36 @@ def load_data(config: DataConfig, tokenizer, progress=True, kind="pairs"):
         raise DataError(f"no training {kind} left after validation and the length policy:\n" +
                         "\n".join(report.lines()))
     return train, (cls.concat(eval_parts) if eval_parts else None), report
+
+
+def read_groups(source, config):
+    """Read and validate one source's group rows (rmfast.data.loader.Source, DataConfig: format, columns).
+    Returns (groups, DataReport) — bad rows are counted with file:line and reason, never silently lost."""
+    return read_rows(source, config, parse_group_row)
+
+
+def tokenize_group_source(source, tokenizer, config, progress=True):
+    """Read, validate and tokenize one source of groups (no cache; rmfast.data.loader.load_source caches
+    it). Returns (TokenizedGroups, DataReport with its `groups` counts)."""
+    groups, report = read_groups(source, config)
+    _check_bad(report, config, source.path)
+    bar = progress_bar(progress, len(groups), source.path, "group")
+    tokenized, counts = tokenize_groups(groups, tokenizer, config.policy(), config.chat_template, progress=bar)
+    if bar is not None:
+        bar.close()
+    report.pairs = counts.comparisons
+    report.truncated = counts.truncated
+    report.dropped.update(counts.dropped)
+    report.groups = Counter(groups=counts.groups, comparisons=counts.comparisons, ties=counts.ties,
+                            merged=counts.merged, responses_dropped=counts.dropped_responses_too_long)
+    return tokenized, report
+
+
+def load_groups(source, tokenizer, config, progress=True):
+    """One source of group rows, validated (on_bad_row as for pairs: error stops with file:line and reason)
+    and tokenized, from the cache when seen before. Returns (TokenizedGroups, DataReport, GroupCounts)."""
+    tokenized, report = load_source(Source.parse(source), tokenizer, config, progress=progress, kind="groups")
+    g = report.groups
+    counts = GroupCounts(g["groups"], g["comparisons"], g["ties"], g["merged"], report.truncated,
+                         g["responses_dropped"], dict(report.dropped))
+    return tokenized, report, counts

@@ -1,10 +1,9 @@
 """Rendering, tokenization, the length policy and the token-level shared prefix of preference pairs.
 
 Each pair becomes token ids for both sides, ending in EOS (plain text) or where the chat template ends
-(conversations; see LengthPolicy.eos_after_template), plus:
-- ``prompt``: how many leading tokens belong to the prompt (for implicit pairs: the shared prefix);
-- ``shared``: the longest common prefix of the two id sequences, capped so that each side keeps at least
-  one token of its own (the prefix-shared layout computes those tokens once).
+(conversations; see LengthPolicy.eos_after_template), and then a group of two (rmfast.data.tokens): the
+prompt is the longest common prefix of the two id sequences, capped so that each side keeps at least one
+token of its own (the prefix-shared layout computes those tokens once), chosen scored 1 over rejected 0.
 """
 
 from dataclasses import dataclass
@@ -12,6 +11,7 @@ from dataclasses import dataclass
 import numpy as np
 
 from .formats import Pair
+from .tokens import TokenizedGroups, common_prefix, shared_prefix  # noqa: F401  (re-exported)
 from ..errors import UserError
 
 OVERLONG = ("truncate", "drop")
@@ -41,20 +41,6 @@ class LengthPolicy:
             raise UserError(f"overlong must be one of {', '.join(OVERLONG)}, got {self.overlong!r}")
         if self.max_length < 2:
             raise UserError(f"max_length must be at least 2, got {self.max_length}")
-
-
-def common_prefix(a, b):
-    """Length of the longest common prefix of two id sequences."""
-    n = min(len(a), len(b))
-    if n == 0:
-        return 0
-    diff = np.flatnonzero(np.asarray(a[:n]) != np.asarray(b[:n]))
-    return int(diff[0]) if diff.size else n
-
-
-def shared_prefix(a, b):
-    """The longest common prefix, capped so that each side keeps at least one token of its own."""
-    return min(common_prefix(a, b), len(a) - 1, len(b) - 1)
 
 
 def render(pair: Pair, tokenizer, chat_template=None):
@@ -107,76 +93,14 @@ def fit_length(chosen, rejected, prompt_len, policy: LengthPolicy, bos_id):
     return chosen, rejected, min(prompt_len, len(chosen) - 1, len(rejected) - 1), True
 
 
-@dataclass
-class TokenizedPairs:
-    """Tokenized pairs, columnar. chosen / rejected: lists of int32 arrays; prompt, shared: int32 [n];
-    margin: float32 [n] (NaN where the row had none); locations: where each pair came from."""
-
-    chosen: list
-    rejected: list
-    prompt: np.ndarray
-    shared: np.ndarray
-    margin: np.ndarray
-    locations: list
-
-    def __len__(self):
-        return len(self.chosen)
-
-    @property
-    def chosen_lengths(self):
-        return np.fromiter((len(x) for x in self.chosen), dtype=np.int64, count=len(self))
-
-    @property
-    def rejected_lengths(self):
-        return np.fromiter((len(x) for x in self.rejected), dtype=np.int64, count=len(self))
-
-    def subset(self, indices):
-        indices = np.asarray(indices, dtype=np.int64)
-        return TokenizedPairs([self.chosen[i] for i in indices], [self.rejected[i] for i in indices],
-                              self.prompt[indices], self.shared[indices], self.margin[indices],
-                              [self.locations[i] for i in indices])
-
-    @staticmethod
-    def concat(parts):
-        parts = list(parts)
-        return TokenizedPairs(
-            [x for p in parts for x in p.chosen], [x for p in parts for x in p.rejected],
-            np.concatenate([p.prompt for p in parts]).astype(np.int32),
-            np.concatenate([p.shared for p in parts]).astype(np.int32),
-            np.concatenate([p.margin for p in parts]).astype(np.float32),
-            [x for p in parts for x in p.locations])
-
-    def save(self, path):
-        def flat(seqs):
-            offsets = np.zeros(len(seqs) + 1, dtype=np.int64)
-            np.cumsum([len(s) for s in seqs], out=offsets[1:])
-            data = np.concatenate(seqs).astype(np.int32) if seqs else np.zeros(0, np.int32)
-            return data, offsets
-
-        c, co = flat(self.chosen)
-        r, ro = flat(self.rejected)
-        np.savez(path, chosen=c, chosen_offsets=co, rejected=r, rejected_offsets=ro, prompt=self.prompt,
-                 shared=self.shared, margin=self.margin, locations=np.array(self.locations, dtype=str))
-
-    @staticmethod
-    def load(path):
-        z = np.load(path, allow_pickle=False)  # a cache file must never be able to run code
-
-        def split(data, offsets):
-            return [data[offsets[i]:offsets[i + 1]] for i in range(len(offsets) - 1)]
-
-        return TokenizedPairs(split(z["chosen"], z["chosen_offsets"]), split(z["rejected"], z["rejected_offsets"]),
-                              z["prompt"], z["shared"], z["margin"], z["locations"].tolist())
-
-
 def tokenize_pairs(pairs, tokenizer, policy: LengthPolicy, chat_template=None, batch_size=512, progress=None):
-    """Tokenize validated pairs. Returns (TokenizedPairs, counts) with counts of truncated pairs and of
-    dropped pairs by reason ('too_long', 'identical_after_truncation')."""
+    """Tokenize validated pairs. Returns (TokenizedGroups of two, counts) with counts of truncated pairs and
+    of dropped pairs by reason ('too_long', 'identical_after_truncation')."""
     if any(p.format == "conversational" for p in pairs):
         check_chat_template(tokenizer, chat_template)
     eos_id = tokenizer.eos_token_id
     bos_id = tokenizer.bos_token_id
-    chosen_out, rejected_out, prompt_out, margin_out, locations = [], [], [], [], []
+    chosen_out, rejected_out, margin_out, locations = [], [], [], []
     counts = {"truncated": 0, "dropped_too_long": 0, "dropped_identical_after_truncation": 0}
     for start in range(0, len(pairs), batch_size):
         batch = pairs[start:start + batch_size]
@@ -194,7 +118,7 @@ def tokenize_pairs(pairs, tokenizer, policy: LengthPolicy, chat_template=None, b
             ids_c, ids_r = list(ids_c), list(ids_r)
             if prompt_text is None:
                 prompt_len = common_prefix(ids_c, ids_r)
-            else:  # tokens that start inside the prompt text
+            else:  # tokens that start inside the prompt text (the length policy keeps them apart)
                 prompt_len = sum(1 for (s, e) in offsets if s < len(prompt_text))
             if eos_id is not None and policy.appends_eos(special):
                 if not ids_c or ids_c[-1] != eos_id:
@@ -205,23 +129,19 @@ def tokenize_pairs(pairs, tokenizer, policy: LengthPolicy, chat_template=None, b
             if fitted is None:
                 counts["dropped_too_long"] += 1
                 continue
-            ids_c, ids_r, prompt_len, truncated = fitted
+            ids_c, ids_r, _, truncated = fitted
             if ids_c == ids_r:
                 counts["dropped_identical_after_truncation"] += 1
                 continue
             counts["truncated"] += truncated
             chosen_out.append(np.asarray(ids_c, dtype=np.int32))
             rejected_out.append(np.asarray(ids_r, dtype=np.int32))
-            prompt_out.append(prompt_len)
             margin_out.append(np.nan if pair.margin is None else pair.margin)
             locations.append(pair.location)
         if progress is not None:
             progress.update(len(batch))
-    shared = np.array([shared_prefix(c, r) for c, r in zip(chosen_out, rejected_out)], dtype=np.int32)
-    prompt = np.minimum(np.array(prompt_out, dtype=np.int32), shared) if prompt_out else np.zeros(0, np.int32)
-    result = TokenizedPairs(chosen_out, rejected_out, prompt, shared, np.array(margin_out, dtype=np.float32),
-                            locations)
-    return result, counts
+    return TokenizedGroups.of_pairs(chosen_out, rejected_out, np.array(margin_out, dtype=np.float32),
+                                    locations), counts
 
 
 def _tokenize_chunk(args):
@@ -248,4 +168,4 @@ def tokenize_pairs_parallel(pairs, tokenizer, policy: LengthPolicy, chat_templat
                 counts[k] = counts.get(k, 0) + v
             if progress is not None:
                 progress.update(len(chunk))
-    return TokenizedPairs.concat(parts), counts
+    return TokenizedGroups.concat(parts), counts

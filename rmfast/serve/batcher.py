@@ -12,8 +12,8 @@ from dataclasses import dataclass
 import numpy as np
 import torch
 
-from ..data.group_tokens import TokenizedGroups
-from ..groups import group_lengths, prefix_shared_groups
+from .. import layouts
+from ..data.tokens import TokenizedGroups
 from ..score import _token_batches
 
 
@@ -94,7 +94,7 @@ class Batcher:
             self.metrics.rejected.inc()
             raise QueueFull(f"{len(self.pending)} requests are waiting (--max-queue {self.max_queue}); retry later")
         loop = asyncio.get_running_loop()
-        job = _Job(groups, int(group_lengths(groups).sum()), loop.create_future(), loop.time())
+        job = _Job(groups, int(groups.lengths("prefix_shared").sum()), loop.create_future(), loop.time())
         self.pending.append(job)
         self.metrics.queue_depth.set(len(self.pending))
         self._wake.set()
@@ -161,13 +161,13 @@ class Batcher:
     def forward(self, groups):
         """Rewards of every unit of `groups` (one float32 array per unit), in forwards of up to the token
         budget. Runs on the batcher's thread."""
-        costs = group_lengths(groups)
+        costs = groups.lengths("prefix_shared")
         out = [None] * len(groups)
         scorer = self.scorer
         for batch_indices in _token_batches(costs, max(self.token_budget, int(costs.max()))):
             t0 = time.perf_counter()
-            batch = prefix_shared_groups(groups, batch_indices, scorer.tokenizer.pad_token_id or 0,
-                                         max_tokens=scorer.row_tokens)
+            batch = layouts.prefix_shared(groups, batch_indices, scorer.tokenizer.pad_token_id or 0,
+                                          max_tokens=scorer.row_tokens)
             with torch.inference_mode():
                 r = scorer._rewards(batch, batch.response_index)
             if self.normalize:

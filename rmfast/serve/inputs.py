@@ -9,10 +9,10 @@ from dataclasses import dataclass, field
 import numpy as np
 
 from ..data.formats import BadRow, _messages
-from ..data.group_tokens import TokenizedGroups, tokenize_groups
+from ..data.group_tokens import tokenize_groups
+from ..data.tokens import TokenizedGroups
 from ..data.groups import Group, parse_group_row
 from ..errors import UserError
-from ..groups import group_lengths
 from ..score import sequence_ids
 
 
@@ -35,7 +35,7 @@ class Work:
     @property
     def tokens(self):
         """Tokens the units take in the prefix-shared layout (each prompt once)."""
-        return int(group_lengths(self.groups).sum()) if len(self.groups) else 0
+        return int(self.groups.lengths("prefix_shared").sum()) if len(self.groups) else 0
 
     def per_response(self, rewards):
         """Unit rewards ([n] arrays over each unit's responses as computed, identical ones merged) as read:
