@@ -1,5 +1,5 @@
 """rmfast-train on groups (data.kind groups) end to end on CPU: a tiny model learns to rank synthetic groups,
-prefix_shared training follows padded_groups training, and groups of 2 made of pair rows train exactly as
+prefix_shared training follows padded training, and groups of 2 made of pair rows train exactly as
 the pair path. Each run is its own process, as in real use."""
 
 import json
@@ -105,7 +105,7 @@ def test_groups_learn_to_rank_held_out_groups(tmp_path):
     assert scored["kendall_tau"] == pytest.approx(last["eval_kendall_tau"], abs=2 / 600)
 
 
-def test_prefix_shared_group_training_follows_padded_groups(engine_setup, groups_data, tmp_path):
+def test_prefix_shared_group_training_follows_padded(engine_setup, groups_data, tmp_path):
     runs, evals = {}, {}
     for layout in ("padded", "prefix_shared"):
         out = tmp_path / layout
