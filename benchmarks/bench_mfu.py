@@ -185,8 +185,7 @@ def main(argv=None):
         """A sampler cutting micro-batches at `budget` tokens, and a fresh stream of batches from it."""
         if state["batches"] is not None:
             state["batches"].close()
-        trainer.sampler = PairSampler(costs, token_budget=budget, combine=combine, seed=args.seed)
-        trainer.load_state_dict({"step": 0, "sampler": trainer.sampler.state_dict(), "world_size": 1})
+        trainer.use_sampler(PairSampler(costs, token_budget=budget, combine=combine, seed=args.seed))
         gen = trainer.micro_batches(pool)
 
         def tap():  # the pairs of every micro-batch the step takes, for exact token and attention counts

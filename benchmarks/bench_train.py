@@ -130,10 +130,11 @@ def run_trainer(pairs, order, args, tok, rows):
         "train.pairs_per_batch": args.pairs, "train.max_steps": steps + cuda, "train.lr": 1e-4,
         "train.warmup_ratio": 0.0, "train.log_every": 10**6, "train.eval_every": 0, "train.save_every": 0,
         "train.export": False, "train.tensorboard": False, "train.seed": args.seed})
-    trainer = Trainer(config, log=lambda _: None)
-    trainer.sampler = PairSampler(trainer.train_pairs.lengths("packed"), pairs_per_batch=args.pairs, shuffle=False,
-                                  group_by_length=False)
-    trainer.load_state_dict({"step": 0, "sampler": trainer.sampler.state_dict(), "world_size": 1})
+    def in_order(config, groups, layout, rank, world):  # the pairs as written: the bare loops' batches
+        return PairSampler(groups.lengths("packed"), pairs_per_batch=args.pairs, shuffle=False,
+                           group_by_length=False)
+
+    trainer = Trainer(config, log=lambda _: None, make_sampler=in_order)
     figures = []
 
     def tap(gen):  # each micro-batch's positions and tokens, as the bare loops count them

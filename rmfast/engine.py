@@ -169,7 +169,9 @@ class Trainer:
     train() → train_step() → the engine's forward, backward and step. Its resumable state is
     state_dict() / load_state_dict(); checkpoint.py saves it beside DeepSpeed's."""
 
-    def __init__(self, config: Config, log=print):
+    def __init__(self, config: Config, log=print, *, make_sampler=None):
+        """make_sampler(config, train groups, layout, rank, world) → a PairSampler: build_sampler unless given
+        (a benchmark's fixed order, say)."""
         from transformers import AutoConfig
 
         self.config, self.log = config, log
@@ -203,7 +205,7 @@ class Trainer:
                                  self.log if self.rank == 0 else (lambda _: None))
         if self.layout != "padded":
             self.model.set_attention(self.attention)
-        self.sampler = build_sampler(config, self.train_pairs, self.layout, self.rank, self.world)
+        self.sampler = (make_sampler or build_sampler)(config, self.train_pairs, self.layout, self.rank, self.world)
         steps_per_epoch = max(1, len(self.sampler) // t.grad_accum)
         self.total_steps = t.max_steps or max(1, math.ceil(t.epochs * steps_per_epoch))
         self.engine, self.scheduler = build_engine(self.model, config, self.ds_config, self.total_steps)
@@ -223,6 +225,11 @@ class Trainer:
         with carrying_template(self.tokenizer, self.config.data.chat_template):
             self.tokenizer.save_pretrained(self.folder.tokenizer)
         self.model.backbone.config.save_pretrained(self.folder.backbone)
+
+    def use_sampler(self, sampler):
+        """Take micro-batches from `sampler` from its start on (the step count stays)."""
+        self.sampler = sampler
+        self._position = sampler.state_dict()
 
     # -- resumable state
     def state_dict(self):

@@ -42,6 +42,29 @@ def write(path, rows):
     return path
 
 
+def both_sides(data):
+    """Every pair's chosen then rejected sequence, pair by pair."""
+    return [data.sequence(i, k) for i in range(len(data)) for k in (0, 1)]
+
+
+def shared_lengths(data):
+    """Tokens each pair's two sequences share (the prompt of its group of two), int64 [n]."""
+    return np.array([len(p) for p in data.prompt], np.int64)
+
+
+def longest_side(data):
+    """The longer of each pair's two whole sequences, int64 [n]."""
+    return np.array([max(len(data.sequence(i, 0)), len(data.sequence(i, 1))) for i in range(len(data))], np.int64)
+
+
+def assert_is_shared_prefix(data, i):
+    """Pair i's prompt is exactly its two sequences' shared prefix, each keeping a token of its own."""
+    c, r = data.sequence(i, 0), data.sequence(i, 1)
+    assert len(data.prompt[i]) == shared_prefix(c, r)
+    assert list(c[: len(data.prompt[i])]) == list(r[: len(data.prompt[i])]) == list(data.prompt[i])
+    assert list(data.scores[i]) == [1.0, 0.0]
+
+
 # ---------------------------------------------------------------- formats and sources
 
 
@@ -49,8 +72,12 @@ def test_explicit_rows_keep_prompt_and_margin(tmp_path, tokenizer, cfg):
     train, _, report = load_data(cfg(write(tmp_path / "a.jsonl", ROWS)), tokenizer)
     assert len(train) == 2 and report.pairs == 2
     prompt_ids = tokenizer(ROWS[0]["prompt"])["input_ids"]
-    assert list(train.chosen[0][: len(prompt_ids)]) == prompt_ids
-    assert train.prompt[0] == len(prompt_ids)
+    assert list(train.sequence(0, 0)[: len(prompt_ids)]) == prompt_ids
+    # the pair's prompt is the shared prefix: at least the prompt's tokens (" 2 plus 2 is" is shared too)
+    assert len(train.prompt[0]) >= len(prompt_ids)
+    assert list(train.prompt[0][: len(prompt_ids)]) == prompt_ids
+    for i in range(len(train)):
+        assert_is_shared_prefix(train, i)
     assert np.isnan(train.margin[0]) and train.margin[1] == 1.5
     assert train.locations[1].endswith("a.jsonl:2")
 
@@ -58,24 +85,33 @@ def test_explicit_rows_keep_prompt_and_margin(tmp_path, tokenizer, cfg):
 def test_implicit_rows_use_the_shared_prefix_as_prompt(tmp_path, tokenizer, cfg):
     rows = [{"chosen": r["prompt"] + r["chosen"], "rejected": r["prompt"] + r["rejected"]} for r in ROWS]
     train, _, _ = load_data(cfg(write(tmp_path / "a.jsonl", rows)), tokenizer)
-    assert list(train.prompt) == list(train.shared)
-    assert all(train.shared > 5)
+    for i in range(len(train)):
+        assert_is_shared_prefix(train, i)
+        prompt_ids = tokenizer(ROWS[i]["prompt"])["input_ids"]
+        assert list(train.sequence(i, 0)[: len(prompt_ids)]) == prompt_ids
+        assert len(train.prompt[i]) >= len(prompt_ids)
+    assert all(shared_lengths(train) > 5)
 
 
 def test_conversational_rows_render_with_the_chat_template(tmp_path, tokenizer, cfg):
     rows = generate_pairs(5, seed=1)
     train, _, _ = load_data(cfg(write(tmp_path / "c.jsonl", rows)), tokenizer)
-    text = tokenizer.decode(train.chosen[0])
+    text = tokenizer.decode(train.sequence(0, 0))
     # exactly what apply_chat_template renders (ChatML ends its turn with <|im_end|>\n), nothing after it
     rendered = tokenizer.apply_chat_template(rows[0]["prompt"] + rows[0]["chosen"], tokenize=False)
     assert text == rendered and text.startswith("<s><|im_start|>user\n") and text.endswith("<|im_end|>\n")
-    assert train.chosen[0].tolist() == tokenizer.apply_chat_template(rows[0]["prompt"] + rows[0]["chosen"],
+    assert train.sequence(0, 0).tolist() == tokenizer.apply_chat_template(rows[0]["prompt"] + rows[0]["chosen"],
                                                                      return_dict=True)["input_ids"]
     prompt = tokenizer.apply_chat_template(rows[0]["prompt"], add_generation_prompt=True, tokenize=False)
-    assert tokenizer.decode(train.chosen[0][: train.prompt[0]]) == prompt
+    # the shared prefix holds the whole rendered prompt (and whatever the two answers also share)
+    assert_is_shared_prefix(train, 0)
+    assert tokenizer.decode(train.prompt[0]).startswith(prompt)
+    prompt_ids = tokenizer.apply_chat_template(rows[0]["prompt"], add_generation_prompt=True, return_dict=True)
+    assert list(train.sequence(0, 0)[: len(prompt_ids["input_ids"])]) == prompt_ids["input_ids"]
+    assert len(train.prompt[0]) >= len(prompt_ids["input_ids"])
     # the convention of runs before it was recorded: EOS after the template's end
     train, _, _ = load_data(cfg(write(tmp_path / "c.jsonl", rows), eos_after_template=True), tokenizer)
-    assert tokenizer.decode(train.chosen[0]) == rendered + "</s>"
+    assert tokenizer.decode(train.sequence(0, 0)) == rendered + "</s>"
 
 
 def test_conversational_without_chat_template_says_how_to_fix(tmp_path, tokenizer, cfg):
@@ -88,7 +124,9 @@ def test_column_mapping(tmp_path, tokenizer, cfg):
     rows = [{"q": r["prompt"], "good": r["chosen"], "bad": r["rejected"]} for r in ROWS]
     config = cfg(write(tmp_path / "m.jsonl", rows), columns={"prompt": "q", "chosen": "good", "rejected": "bad"})
     train, _, _ = load_data(config, tokenizer)
-    assert len(train) == 2 and train.prompt[0] > 0
+    prompt_ids = tokenizer(ROWS[0]["prompt"])["input_ids"]  # the prompt came from the "q" column
+    assert len(train) == 2 and len(train.prompt[0]) >= len(prompt_ids) > 0
+    assert list(train.sequence(0, 0)[: len(prompt_ids)]) == prompt_ids
 
 
 @pytest.mark.parametrize("kind", ["jsonl", "jsonl.gz", "json", "json-object", "csv", "parquet", "folder", "datasets"])
@@ -124,7 +162,7 @@ def test_every_source_kind_loads_the_same_pairs(tmp_path, tokenizer, cfg, kind):
     train, _, report = load_data(cfg(path), tokenizer)
     assert report.bad == {} and len(train) == 2
     expected = tokenizer(ROWS[1]["prompt"] + ROWS[1]["chosen"])["input_ids"] + [tokenizer.eos_token_id]
-    assert list(train.chosen[1]) == expected
+    assert list(train.sequence(1, 0)) == expected
     assert list(train.margin) == [0.0, 1.5]
 
 
@@ -157,7 +195,7 @@ def test_hh_sample_loads_with_no_bad_rows_and_prefix_reaching_last_assistant_tur
     for i, row in enumerate(rows):
         text = row["chosen"]
         head = text[: text.rindex("\n\nAssistant:") + len("\n\nAssistant:")]
-        reached += int(train.shared[i] >= len(tokenizer(head)["input_ids"]))
+        reached += int(len(train.prompt[i]) >= len(tokenizer(head)["input_ids"]))
     assert reached / len(rows) >= 0.99
 
 
@@ -229,16 +267,19 @@ def test_second_load_does_no_tokenization(tmp_path, tokenizer, cfg, monkeypatch)
     monkeypatch.setattr(loader, "tokenize_pairs_parallel", fail)
     second, _, report2 = load_data(config, tokenizer)
     assert report2.cached
-    assert all(np.array_equal(a, b) for a, b in zip(first.chosen, second.chosen))
-    assert np.array_equal(first.shared, second.shared) and first.locations == second.locations
+    assert len(first) == len(second) == 50
+    assert all(np.array_equal(a, b) for a, b in zip(both_sides(first), both_sides(second)))
+    assert np.array_equal(shared_lengths(first), shared_lengths(second)) and first.locations == second.locations
+    assert np.array_equal(first.margin, second.margin, equal_nan=True)
 
 
 def test_several_processes_give_the_same_tokens(tmp_path, tokenizer, cfg):
     path = write(tmp_path / "a.jsonl", generate_pairs(1200, seed=9))
     one, _, _ = load_data(cfg(path, num_proc=1, cache_dir=str(tmp_path / "c1")), tokenizer)
     two, _, _ = load_data(cfg(path, num_proc=2, cache_dir=str(tmp_path / "c2")), tokenizer)
-    assert one.locations == two.locations and np.array_equal(one.shared, two.shared)
-    assert all(np.array_equal(a, b) for a, b in zip(one.chosen + one.rejected, two.chosen + two.rejected))
+    assert len(one) == len(two) and one.locations == two.locations
+    assert np.array_equal(shared_lengths(one), shared_lengths(two))
+    assert all(np.array_equal(a, b) for a, b in zip(both_sides(one), both_sides(two)))
 
 
 def test_cache_is_keyed_by_data_options_and_tokenizer(tmp_path, tokenizer, cfg):
@@ -266,9 +307,9 @@ def _spoil(kind):
         else:
             arrays = dict(np.load(data, allow_pickle=False))
             if kind == "offsets out of range":
-                arrays["chosen_offsets"][-1] += 1000
+                arrays["responses_offsets"][-1] += 1000
             else:  # ids out of range
-                arrays["rejected"][3] = 10**6
+                arrays["responses"][3] = 10**6
             np.savez(data, **arrays)
     return spoil
 
@@ -286,7 +327,8 @@ def test_a_bad_cache_entry_is_named_once_and_tokenized_again(tmp_path, tokenizer
     err = capsys.readouterr().err
     assert not report.cached and err.count("tokenization cache") == 1 and str(tmp_path / "cache") in err
     assert "RMFAST_CACHE" in err and "data.cache_dir" in err
-    assert all(np.array_equal(a, b) for a, b in zip(first.chosen + first.rejected, again.chosen + again.rejected))
+    assert len(first) == len(again) == 30
+    assert all(np.array_equal(a, b) for a, b in zip(both_sides(first), both_sides(again)))
     assert load_data(config, tokenizer)[2].cached  # written again, whole
 
 
@@ -305,7 +347,7 @@ def test_a_cache_that_cannot_be_written_never_stops_loading(tmp_path, tokenizer,
             Path(target).write_bytes(b"partial")
             raise OSError(errno.ENOSPC, "No space left on device")
 
-        monkeypatch.setattr(loader.TokenizedPairs, "save", full)
+        monkeypatch.setattr(loader.TokenizedGroups, "save", full)
     for _ in range(2):
         train, _, report = load_data(cfg(path, eval_fraction=0.0), tokenizer)
         assert len(train) == 30 and not report.cached
@@ -322,7 +364,7 @@ def test_eos_is_appended_once(tmp_path, tokenizer, cfg):
     rows = [{"chosen": "a b c</s>", "rejected": "a b d"}]
     train, _, _ = load_data(cfg(write(tmp_path / "e.jsonl", rows)), tokenizer)
     eos = tokenizer.eos_token_id
-    for ids in (train.chosen[0], train.rejected[0]):
+    for ids in (train.sequence(0, 0), train.sequence(0, 1)):
         assert ids[-1] == eos and list(ids).count(eos) == 1
 
 
@@ -351,14 +393,14 @@ def test_overlong_pairs_dropped_by_flag_and_counted(tmp_path, tokenizer, cfg):
     rows = generate_pairs(40, style="explicit", seed=3)
     path = write(tmp_path / "l.jsonl", rows)
     full, _, _ = load_data(cfg(path, max_length=4096), tokenizer)
-    limit = int(np.median(np.maximum(full.chosen_lengths, full.rejected_lengths)))
-    over = int(np.sum(np.maximum(full.chosen_lengths, full.rejected_lengths) > limit))
+    limit = int(np.median(longest_side(full)))
+    over = int(np.sum(longest_side(full) > limit))
     dropped, _, report = load_data(cfg(path, max_length=limit, overlong="drop"), tokenizer)
     assert len(dropped) == 40 - over and report.dropped == {"too_long": over}
     kept, _, report = load_data(cfg(path, max_length=limit, min_prompt_tokens=4), tokenizer)
     assert len(kept) == 40 and report.truncated == over
-    assert max(kept.chosen_lengths.max(), kept.rejected_lengths.max()) <= limit
-    assert all(ids[-1] == tokenizer.eos_token_id for ids in kept.chosen + kept.rejected)
+    assert over > 0 and longest_side(kept).max() <= limit
+    assert all(ids[-1] == tokenizer.eos_token_id for ids in both_sides(kept))
 
 
 def test_truncation_that_leaves_identical_sides_drops_the_pair(tmp_path, tokenizer, cfg):

@@ -10,8 +10,10 @@ import pytest
 from rmfast.data import REASONS, DataConfig, DataError, generate_groups, generate_pairs, load_data
 from rmfast.data import tokenize as pair_tokenize
 from rmfast.data.formats import BadRow
-from rmfast.data.group_tokens import TokenizedGroups, fit_group_length, load_groups, tokenize_groups
+from rmfast.data.group_tokens import fit_group_length, tokenize_groups
 from rmfast.data.groups import ULTRAFEEDBACK, Group, comparisons, parse_group_row
+from rmfast.data.loader import load_groups
+from rmfast.data.tokens import TokenizedGroups
 from rmfast.data.tokenizers import train_bpe_tokenizer
 
 MSG = lambda role, text: {"role": role, "content": text}  # noqa: E731
@@ -169,11 +171,23 @@ def test_pairs_tokenize_as_groups_of_two_exactly_as_the_pair_path(tmp_path, toke
     config = cfg(train=[str(path)], max_length=max_length, min_prompt_tokens=4)
     pairs, _, _ = load_data(config, tokenizer)
     groups, _, counts = load_groups(str(path), tokenizer, config)
-    expected = TokenizedGroups.from_pairs(pairs)
-    assert len(groups) == len(expected) == counts.comparisons
+    # the pair path's whole chosen and rejected sequences, made groups of two: the shared prefix the prompt
+    expected = TokenizedGroups.of_pairs([pairs.sequence(i, 0) for i in range(len(pairs))],
+                                        [pairs.sequence(i, 1) for i in range(len(pairs))], pairs.margin,
+                                        pairs.locations)
+    assert len(groups) == len(pairs) == len(expected) == counts.comparisons
     for g in range(len(groups)):
-        assert groups.prompt[g].tolist() == expected.prompt[g].tolist()
-        assert [r.tolist() for r in groups.responses[g]] == [r.tolist() for r in expected.responses[g]]
+        for got in (groups, pairs):
+            assert got.prompt[g].tolist() == expected.prompt[g].tolist()
+            assert [r.tolist() for r in got.responses[g]] == [r.tolist() for r in expected.responses[g]]
+            assert got.scores[g].tolist() == [1.0, 0.0]
+    assert groups.locations == pairs.locations
+    # the pair's margin comes along as the group's (NaN where the row had none)
+    margins = [np.nan if r.get("margin") is None else r["margin"] for r in rows]
+    assert np.isnan(margins[:12]).all() and not np.isnan(margins[12:]).any()
+    kept = [int(loc.rsplit(":", 1)[1]) - 1 for loc in groups.locations]
+    np.testing.assert_array_equal(groups.margin, np.array([margins[i] for i in kept], np.float32))
+    np.testing.assert_array_equal(groups.margin, pairs.margin)
 
 
 def test_truncation_cuts_the_prompt_from_the_left_then_responses_from_the_right():
