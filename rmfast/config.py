@@ -3,6 +3,7 @@
 Every field is a flag: ``--model.name_or_path DIR``, ``--train.lr 1e-5``, ``--data.train a.jsonl b.jsonl``.
 The help text of each flag is the comment in its field's metadata."""
 
+import math
 import argparse
 import dataclasses
 import json
@@ -142,6 +143,12 @@ class TrainConfig:
     group_weighting: str = _f("comparison", "every comparison counts the same (comparison), or every group the "
                                             "same, its loss divided by its comparisons (group; a pair has one)",
                               choices=["comparison", "group"])
+    objective: str = _f("bradley_terry", "the loss over a micro-batch's comparisons: bradley_terry (pairwise), "
+                                         "davidson (ties kept: a tie column, equal scores) or plackett_luce (each "
+                                         "group's whole ranking); see rmfast/objective.py",
+                        choices=["bradley_terry", "davidson", "plackett_luce"])
+    tie_nu: float = _f(1.0, "davidson: the tie parameter ν's starting value (> 0)")
+    learn_tie_nu: bool = _f(True, "davidson: learn ν with the model (false: keep tie_nu fixed)")
     margin_scale: float = _f(0.0, "add margin_scale · (score_better − score_worse) to each comparison's margin "
                                   "(0: none; a pair's scores differ by 1)")
     loss_backend: str = _f("auto", "fused-loss backend", choices=["auto", "triton", "cuda", "cpu", "torch"])
@@ -185,6 +192,7 @@ class TrainConfig:
         _require(self.max_steps > 0 or self.epochs > 0,
                  f"train.epochs must be > 0 (or set train.max_steps), got {self.epochs}")
         _require(self.lr > 0, f"train.lr must be > 0, got {self.lr}")
+        _require(math.isfinite(self.tie_nu) and self.tie_nu > 0, f"train.tie_nu must be > 0, got {self.tie_nu}")
         _require(0 <= self.warmup_ratio <= 1, f"train.warmup_ratio must be in [0, 1], got {self.warmup_ratio}")
         _require(self.adam_eps > 0, f"train.adam_eps must be > 0, got {self.adam_eps}")
         _require(len(self.adam_betas) == 2 and all(0 <= b < 1 for b in self.adam_betas),

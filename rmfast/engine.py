@@ -75,12 +75,34 @@ def build_data(config: Config, tokenizer, rank, log):
         if rank == 0:
             dist.barrier(group=waiting)
         dist.destroy_process_group(waiting)
+    ties = config.train.objective == "davidson"
+    train_pairs, aside = with_comparisons(train_pairs, ties)
+    if eval_pairs is not None:
+        eval_pairs, eval_aside = with_comparisons(eval_pairs, ties)
+        aside += eval_aside
     if rank == 0:
         for line in report.lines():
             log(f"data: {line}")
+        if aside:
+            log(f"data: {aside} tied pairs or groups set aside: {config.train.objective} has no comparison in them "
+                f"(--train.objective davidson trains on ties)")
         if eval_pairs is None or len(eval_pairs) == 0:
             log("data: no eval set (give --data.eval or --data.eval_fraction): training metrics only")
     return train_pairs, eval_pairs
+
+
+def with_comparisons(groups, ties=False):
+    """(the groups that have a comparison to train on: a strict one, or a tie when `ties`; how many had none)."""
+    from .data.groups import tied_pairs
+
+    keep = [i for i in range(len(groups))
+            if len(groups.comparisons(i)[0]) or (ties and len(tied_pairs(groups.scores[i])))]
+    if len(keep) == len(groups):
+        return groups, 0
+    if not keep:
+        raise UserError(f"no comparison left: every one of the {len(groups)} pairs or groups is a tie; train them "
+                        f"with --train.objective davidson")
+    return groups.subset(keep), len(groups) - len(keep)
 
 
 def build_model(config: Config, ds_config, dtype, grow_vocab, log):
@@ -103,6 +125,8 @@ def build_model(config: Config, ds_config, dtype, grow_vocab, log):
         model.backbone.resize_token_embeddings(grow_vocab)
     if m.lora_r:
         model.backbone = add_lora(model.backbone, m)
+    if config.train.objective == "davidson":
+        model.add_tie_parameter(config.train.tie_nu, config.train.learn_tie_nu)
     if zero3:
         _finish_zero3_load(model, dtype, log)
     if m.gradient_checkpointing:
@@ -214,7 +238,8 @@ class Trainer:
         self.metrics = MetricsLog(self.folder.metrics, self.rank, self.log,
                                   open_trackers(config, self.out, self.rank, self.log))
         self.evaluator = Evaluator(self.eval_pairs, self.engine, lambda *a: self.make_batch(*a), t.eval_pairs_per_batch,
-                                   self.rank, self.world) if self.eval_pairs is not None else None
+                                   self.rank, self.world, objective=t.objective,
+                                   log_nu=self._log_nu) if self.eval_pairs is not None else None
         if self.rank == 0:
             self._save_run_files()
         if t.resume:
@@ -225,6 +250,16 @@ class Trainer:
         with carrying_template(self.tokenizer, self.config.data.chat_template):
             self.tokenizer.save_pretrained(self.folder.tokenizer)
         self.model.backbone.config.save_pretrained(self.folder.backbone)
+
+    def _log_nu(self):
+        """Davidson's log ν as trained so far (0 when the objective has none)."""
+        p = self.model.tie_log_nu
+        if p is None:
+            return 0.0
+        from .model import _gathered
+
+        with _gathered([p]):
+            return float(p.detach().float().reshape(-1)[0])
 
     def use_sampler(self, sampler):
         """Take micro-batches from `sampler` from its start on (the step count stays)."""
@@ -251,7 +286,8 @@ class Trainer:
         t = self.config.train
         rows = t.row_tokens or row_tokens(self.attention, self.device.type)
         batch = layouts.make(self.layout, groups, indices, self.tokenizer.pad_token_id, max_tokens=rows,
-                             use_margin=t.use_margin, margin_scale=t.margin_scale, weighting=t.group_weighting)
+                             use_margin=t.use_margin, margin_scale=t.margin_scale, weighting=t.group_weighting,
+                             ties=t.objective == "davidson")
         if self.device.type == "cuda":
             batch = batch.pin_memory()
         return self.model.prepare(batch.to(self.device))
@@ -276,7 +312,8 @@ class Trainer:
     def forward(self, batch):
         # the layouts build valid indices, so the op's own range check (a host sync on CUDA) is not needed
         t = self.config.train
-        return self.engine(batch, center_coef=t.center_coef, backend=t.loss_backend, check_indices=False)
+        return self.engine(batch, center_coef=t.center_coef, backend=t.loss_backend, check_indices=False,
+                           objective=t.objective)
 
     # -- the loop
     def train(self):
@@ -370,7 +407,7 @@ class Trainer:
         if self.evaluator is None or len(self.eval_pairs) == 0:
             return {"step": self.step, "eval": "no eval set"}
         record = {"step": self.step, **self.evaluator()}
-        if self.rank == 0 and record["eval_pairs"] > record["eval_groups"]:  # some group has K > 2
+        if self.rank == 0 and (self.eval_pairs.sizes > 2).any():  # groups, not only pairs
             self.log(f"eval groups at step {self.step}: top-1 accuracy {record['eval_top1_accuracy']:.3f}  "
                      f"Kendall tau {record['eval_kendall_tau']:.3f}  ({record['eval_groups']} groups, "
                      f"{record['eval_pairs']} comparisons)")

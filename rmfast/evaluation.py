@@ -1,16 +1,19 @@
 """Evaluation during training: every response of every eval group scored (a pair is a group of two),
 sharded over the ranks and gathered back in dataset order, then the eval metrics over all of them.
 
-Metrics (eval_*): pairs (the number of comparisons), loss (the training objective's margins and weights,
-without the centering term), accuracy (the share of comparisons whose better response gets the higher
-reward), margin (the mean better − worse reward), chosen / rejected mean and std (the better and the worse
-side of every comparison), reward mean and std (over every response: what an export's normalisation
-reads), groups, top1_accuracy and kendall_tau (rmfast.group_metrics, means over groups)."""
+Metrics (eval_*): pairs (the number of comparisons), loss (the training objective with its margins and
+weights, without the centering term), accuracy (the share of strict comparisons whose better response gets
+the higher reward), margin (the mean better − worse reward), chosen / rejected mean and std (the better and
+the worse side of every comparison), reward mean and std (over every response: what an export's
+normalisation reads), groups, top1_accuracy and kendall_tau (rmfast.group_metrics, means over groups). With
+ties (the davidson objective): ties (tied comparisons), tie_accuracy (over every comparison, ties included:
+the outcome Davidson's model finds likeliest, a tie when |r_b − r_w| < 2 log ν) and tie_nu."""
 
 import torch
 import torch.distributed as dist
 
 from .group_metrics import group_metrics
+from .objective import davidson_terms, plackett_luce_terms, tie_threshold
 
 
 def eval_part(rewards, batch):
@@ -20,27 +23,49 @@ def eval_part(rewards, batch):
     C = batch.better_response.shape[0]
     margin = batch.margin.float() if batch.margin is not None else torch.zeros(C)
     weight = batch.comparison_weight.float() if batch.comparison_weight is not None else torch.ones(C)
+    tie = batch.tie if batch.tie is not None else torch.zeros(C, dtype=torch.bool)
     return {"rewards": rewards, "better": rewards[batch.better_response], "worse": rewards[batch.worse_response],
-            "margin": margin, "weight": weight, "metrics": group_metrics(rewards, batch)}
+            "margin": margin, "weight": weight, "tie": tie, "group": batch.response_group,
+            "scores": batch.response_scores, "group_weight": batch.group_weight.float(),
+            "metrics": group_metrics(rewards, batch)}
 
 
 def _std(x):
     return float(x.std()) if x.numel() > 1 else 0.0
 
 
-def eval_metrics(parts):
+def _loss(parts, objective, log_nu):
+    """The objective's loss over the whole eval set (its weights; no centering term)."""
+    if objective == "plackett_luce":
+        total = weights = 0.0
+        for p in parts:
+            G = p["group_weight"].shape[0]
+            per_group = plackett_luce_terms(p["rewards"].double(), p["group"], p["scores"], G)
+            total += float((per_group * p["group_weight"].double()).sum())
+            weights += float(p["group_weight"].sum())
+        return total / weights if weights else float("nan")
+    better, worse = torch.cat([p["better"] for p in parts]).double(), torch.cat([p["worse"] for p in parts]).double()
+    margin, weight = torch.cat([p["margin"] for p in parts]).double(), torch.cat([p["weight"] for p in parts]).double()
+    if objective == "davidson":
+        per = davidson_terms(better, worse, log_nu, margin, torch.cat([p["tie"] for p in parts]))
+    else:
+        per = torch.nn.functional.softplus(-(better - worse - margin))
+    return float((per * weight).sum() / weight.sum()) if len(per) else float("nan")
+
+
+def eval_metrics(parts, objective="bradley_terry", log_nu=0.0):
     """The eval record (see the module docstring) of scored eval batches (eval_part each)."""
     better, worse = torch.cat([p["better"] for p in parts]), torch.cat([p["worse"] for p in parts])
-    margin, weight = torch.cat([p["margin"] for p in parts]), torch.cat([p["weight"] for p in parts])
+    tie = torch.cat([p["tie"] for p in parts])
     rewards = torch.cat([p["rewards"] for p in parts])
     diff = better - worse
+    strict = diff[~tie]
     C = int(diff.numel())
     G = sum(p["metrics"]["groups"] for p in parts)
-    losses = torch.nn.functional.softplus(-(diff - margin))
-    return {
+    record = {
         "eval_pairs": C,
-        "eval_loss": float((losses * weight).sum() / weight.sum()) if C else float("nan"),
-        "eval_accuracy": float((diff > 0).float().mean()) if C else float("nan"),
+        "eval_loss": _loss(parts, objective, log_nu) if C else float("nan"),
+        "eval_accuracy": float((strict > 0).float().mean()) if len(strict) else float("nan"),
         "eval_margin": float(diff.mean()) if C else float("nan"),
         "eval_chosen_mean": float(better.mean()), "eval_chosen_std": _std(better),
         "eval_rejected_mean": float(worse.mean()), "eval_rejected_std": _std(worse),
@@ -49,6 +74,13 @@ def eval_metrics(parts):
         "eval_top1_accuracy": sum(p["metrics"]["top1_accuracy"] * p["metrics"]["groups"] for p in parts) / max(G, 1),
         "eval_kendall_tau": sum(p["metrics"]["kendall_tau"] * p["metrics"]["groups"] for p in parts) / max(G, 1),
     }
+    if objective == "davidson":
+        threshold = tie_threshold(log_nu)
+        called_tie = diff.abs() < threshold
+        right = torch.where(tie, called_tie, ~called_tie & (diff > 0))
+        record.update(eval_ties=int(tie.sum()), eval_tie_accuracy=float(right.float().mean()) if C else float("nan"),
+                      eval_tie_nu=float(torch.tensor(float(log_nu)).exp()))
+    return record
 
 
 class Evaluator:
@@ -57,9 +89,11 @@ class Evaluator:
     world-th one and every rank runs the same number of forwards (ZeRO-3 needs it; the padding ones are not
     kept). Calling it returns the eval record."""
 
-    def __init__(self, data, engine, make_batch, batch_size, rank=0, world=1):
+    def __init__(self, data, engine, make_batch, batch_size, rank=0, world=1, objective="bradley_terry",
+                 log_nu=lambda: 0.0):
         self.data, self.engine, self.make_batch = data, engine, make_batch
         self.batch_size, self.rank, self.world = batch_size, rank, world
+        self.objective, self.log_nu = objective, log_nu
 
     def _score(self, batch):
         rewards = self.engine(batch, rewards_at=batch.response_index).float().cpu()
@@ -91,4 +125,5 @@ class Evaluator:
 
     @torch.no_grad()
     def __call__(self):
-        return eval_metrics(self.parts())
+        log_nu = self.log_nu()  # on every rank (a ZeRO-3 gather)
+        return eval_metrics(self.parts(), self.objective, log_nu)

@@ -271,7 +271,7 @@ class _Export:
                  eos_after_template=False):
         self.out = Path(out_dir)
         self.target = _target(backbone_config, tokenizer)
-        self.dtype, self.lora, self.score_bias = dtype, lora, None
+        self.dtype, self.lora, self.score_bias, self.tie_nu = dtype, lora, None, None
         self.eos_after_template = bool(eos_after_template)
         self.tmp = _staging(self.out)
         self.shards = _Shards(self.tmp, max_shard_size)
@@ -301,6 +301,9 @@ class _Export:
                 return None
             self.score_bias = 0.0
             return f"{t.head}.bias", value.reshape(1)
+        if key == "tie_log_nu":  # Davidson's tie parameter (the davidson objective): kept in the config
+            self.tie_nu = float(value.detach().double().exp().reshape(-1)[0])
+            return None
         raise ValueError(f"export: unexpected weight {key} (neither backbone.* nor head.*)")
 
     def _put(self, name, value):
@@ -333,6 +336,8 @@ class _Export:
             config.rmfast_reward_std = eval_metrics["eval_reward_std"]
         if self.score_bias is not None:
             config.rmfast_score_bias = self.score_bias
+        if self.tie_nu is not None:
+            config.rmfast_tie_nu = self.tie_nu
         # where the reward is read (rmfast.data.tokenize.LengthPolicy): what a scorer of this export must do
         setattr(config, EOS_AFTER_TEMPLATE, self.eos_after_template)
         config.save_pretrained(self.tmp)

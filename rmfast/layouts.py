@@ -37,7 +37,8 @@ class Batch:
     The groups in it: response_index: [S] int64 flat last-token row of every response, group after group;
     response_group: [S] int64 the group (0..G-1) of each response; response_scores: [S] float32;
     better_response, worse_response: [C] int64 each comparison's responses (into the S responses);
-    comparison_group: [C] int64; score_diff: [C] float32 (better − worse score, > 0); group_weight: [G]."""
+    comparison_group: [C] int64; score_diff: [C] float32 (better − worse score, > 0; 0 for a tie);
+    group_weight: [G]."""
 
     input_ids: torch.Tensor
     attention_mask: torch.Tensor
@@ -57,6 +58,8 @@ class Batch:
     comparison_group: Optional[torch.Tensor] = None
     score_diff: Optional[torch.Tensor] = None
     group_weight: Optional[torch.Tensor] = None
+    tie: Optional[torch.Tensor] = None  # [C] bool: tied comparisons (the davidson objective), None when none
+    ties: int = 0  # how many
 
     @property
     def pairs(self):
@@ -91,17 +94,25 @@ GroupBatch = Batch  # the name batches of groups had when pairs had their own
 # ---------------------------------------------------------------- what the loss reads of the groups
 
 
-def _objective(batch, groups, indices, last, use_margin=True, margin_scale=0.0, weighting="comparison"):
+def _objective(batch, groups, indices, last, use_margin=True, margin_scale=0.0, weighting="comparison", ties=False):
     """`batch` (its rows built) with its comparisons: `last` [S] int64 flat last-token rows of the groups'
     responses, group after group. The margin of a comparison: the row's margin column (a pair's, when
     use_margin) plus margin_scale · (score_better − score_worse); its weight: its group's weight, divided by
-    the group's number of comparisons with weighting 'group' (see rmfast.objective)."""
+    the group's number of comparisons with weighting 'group' (see rmfast.objective). ties: the tied response
+    pairs of each group are comparisons too (after its strict ones; batch.tie marks them, margin 0)."""
+    from .data.groups import tied_pairs
+
     if weighting not in WEIGHTINGS:
         raise ValueError(f"weighting must be one of {', '.join(WEIGHTINGS)}, got {weighting!r}")
-    better, worse, cgroup, diff, rgroup, scores = [], [], [], [], [], []
+    better, worse, cgroup, diff, rgroup, scores, tie = [], [], [], [], [], [], []
     offset = 0
     for g, i in enumerate(indices):
         pairs, d = groups.comparisons(i)
+        tie.append(np.zeros(len(pairs), bool))
+        if ties:
+            tied = tied_pairs(groups.scores[i])
+            pairs, d = np.concatenate([pairs, tied]), np.concatenate([d, np.zeros(len(tied), np.float32)])
+            tie.append(np.ones(len(tied), bool))
         better.append(pairs[:, 0] + offset)
         worse.append(pairs[:, 1] + offset)
         cgroup.append(np.full(len(pairs), g, np.int64))
@@ -113,12 +124,15 @@ def _objective(batch, groups, indices, last, use_margin=True, margin_scale=0.0, 
     idx = np.asarray(indices, np.int64)
     better, worse, cgroup = np.concatenate(better), np.concatenate(worse), np.concatenate(cgroup)
     diff = np.concatenate(diff).astype(np.float32)
+    tie = np.concatenate(tie)
     margin = None
     column = groups.margin[idx] if use_margin else np.zeros(0)
     if np.isfinite(column).any():
         margin = np.nan_to_num(column, nan=0.0).astype(np.float32)[cgroup]
     if margin_scale:
         margin = (0 if margin is None else margin) + np.float32(margin_scale) * diff
+    if margin is not None and tie.any():
+        margin = np.where(tie, np.float32(0), margin)
     group_weight = groups.weight[idx].astype(np.float32)
     weight = None
     per = group_weight[cgroup]
@@ -141,6 +155,8 @@ def _objective(batch, groups, indices, last, use_margin=True, margin_scale=0.0, 
     batch.comparison_group = torch.from_numpy(cgroup)
     batch.score_diff = torch.from_numpy(diff)
     batch.group_weight = torch.from_numpy(group_weight)
+    batch.tie = torch.from_numpy(tie) if tie.any() else None
+    batch.ties = int(tie.sum())
     return batch
 
 
@@ -347,7 +363,7 @@ def dense_mask(batch):
 
 def make(layout, groups, indices, pad_id, max_tokens=None, **objective):
     """A Batch of groups `indices` in `layout` (padded, packed or prefix_shared); max_tokens: packed rows'
-    capacity (ignored by padded); objective: use_margin, margin_scale, weighting (see _objective)."""
+    capacity (ignored by padded); objective: use_margin, margin_scale, weighting, ties (see _objective)."""
     if layout == "padded":
         return padded(groups, indices, pad_id, **objective)
     build = {"packed": packed, "prefix_shared": prefix_shared}.get(layout)

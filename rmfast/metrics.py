@@ -18,13 +18,17 @@ class Window:
         self.device = device
         self.loss = torch.zeros((), dtype=torch.float64, device=device)
         self.correct = torch.zeros((), dtype=torch.float64, device=device)
-        self.pairs = self.tokens = self.positions = self.batches = 0
+        self.pairs = self.strict = self.tokens = self.positions = self.batches = 0
         self.start = time.perf_counter()
 
     def add(self, out, batch):
         self.loss += out.loss.detach().double()
-        self.correct += (out.chosen_rewards.detach() > out.rejected_rewards.detach()).sum()
+        right = out.chosen_rewards.detach() > out.rejected_rewards.detach()
+        if batch.tie is not None:  # accuracy is over strict comparisons
+            right = right & ~batch.tie
+        self.correct += right.sum()
         self.pairs += batch.pairs
+        self.strict += batch.pairs - batch.ties
         self.tokens += batch.tokens
         self.positions += batch.positions
         self.batches += 1
@@ -32,14 +36,14 @@ class Window:
     def reduce(self, world):
         """The window's metrics over every rank: one all-reduce of a tensor on the trainer's device (NCCL
         takes device tensors only) and one host sync."""
-        counts = torch.tensor([self.pairs, self.tokens, self.positions, self.batches], dtype=torch.float64,
-                              device=self.device)
+        counts = torch.tensor([self.pairs, self.strict, self.tokens, self.positions, self.batches],
+                              dtype=torch.float64, device=self.device)
         t = torch.cat([torch.stack([self.loss, self.correct]), counts])
         if world > 1:
             dist.all_reduce(t)
-        loss, correct, pairs, tokens, positions, batches = t.tolist()
+        loss, correct, pairs, strict, tokens, positions, batches = t.tolist()
         elapsed = max(time.perf_counter() - self.start, 1e-9)
-        return {"loss": loss / max(batches, 1), "accuracy": correct / max(pairs, 1), "pairs": int(pairs),
+        return {"loss": loss / max(batches, 1), "accuracy": correct / max(strict, 1), "pairs": int(pairs),
                 "tokens": int(tokens),
                 "pairs_per_s": pairs / elapsed, "tokens_per_s": tokens / elapsed,
                 "positions_per_pair": positions / max(pairs, 1)}
@@ -66,8 +70,10 @@ class MetricsLog:
             for tracker in self.trackers:
                 tracker.log(record["step"], values)
         if "eval_accuracy" in record:
+            ties = (f"  tie accuracy {record['eval_tie_accuracy']:.3f} (ν {record['eval_tie_nu']:.3f})"
+                    if "eval_tie_accuracy" in record else "")
             self.log(f"eval at step {record['step']}: loss {record['eval_loss']:.4f}  "
-                     f"accuracy {record['eval_accuracy']:.3f}  margin {record['eval_margin']:.3f}")
+                     f"accuracy {record['eval_accuracy']:.3f}  margin {record['eval_margin']:.3f}{ties}")
 
     def close(self):
         for tracker in self.trackers:

@@ -34,6 +34,7 @@ class RewardModel(nn.Module):
         self.head = head
         self.attention = "dense"  # how packed batches are attended (set_attention)
         self._native_attention = None  # the backbone's own attention, restored for dense
+        self.tie_log_nu = None  # Davidson's log ν (the davidson objective): add_tie_parameter
 
     @property
     def config(self):
@@ -106,8 +107,18 @@ class RewardModel(nn.Module):
         out = self.backbone(input_ids=batch.input_ids, use_cache=False, **self.backbone_inputs(batch))
         return out.last_hidden_state
 
-    def forward(self, batch, center_coef=0.0, backend="auto", check_indices=None,
-                rewards_at=None) -> PairwiseRewardOutput:
+    def add_tie_parameter(self, nu=1.0, learn=True):
+        """Davidson's tie parameter as log ν, a parameter of the model (trained with it when `learn`; saved in
+        checkpoints, and in an export's config as rmfast_tie_nu)."""
+        from .objective import log_nu_of
+
+        device, dtype = self.head.weight.device, torch.float32
+        # [1], not a 0-d tensor: DeepSpeed broadcasts parameters as bytes, which a 0-d tensor cannot be viewed as
+        self.tie_log_nu = nn.Parameter(torch.tensor([log_nu_of(nu)], device=device, dtype=dtype), requires_grad=learn)
+        return self.tie_log_nu
+
+    def forward(self, batch, center_coef=0.0, backend="auto", check_indices=None, rewards_at=None,
+                objective="bradley_terry") -> PairwiseRewardOutput:
         """The fused loss and both rewards of a Batch (rmfast.layouts): one forward for all its rows, the
         objective (rmfast.objective) over every comparison, read at batch.chosen_index / rejected_index ([C]
         flat row indices into R·L). rewards_at: [n] flat rows → just their rewards [n] float32 (evaluation
@@ -118,8 +129,10 @@ class RewardModel(nn.Module):
         hidden = self.hidden_states(batch)
         if rewards_at is not None:
             return self.head.rewards(hidden.reshape(-1, hidden.shape[-1]).index_select(0, rewards_at))
+        log_nu = self.tie_log_nu if self.tie_log_nu is not None else 0.0
         return reward_loss(hidden, self.head.weight, batch, bias=self.head.bias, center_coef=center_coef,
-                           backend=backend, check_indices=check_indices)
+                           backend=backend, check_indices=check_indices, objective=objective,
+                           log_nu=log_nu.float().reshape(()) if torch.is_tensor(log_nu) else log_nu)
 
     @torch.no_grad()
     def rewards(self, batch, index):

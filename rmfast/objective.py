@@ -1,32 +1,116 @@
-"""The training objective over a batch of groups (a pair is a group of two): the Bradley–Terry loss of every
-comparison (better, worse) through the fused pairwise op, each with its margin and weight.
+"""The training objectives over a batch of groups (a pair is a group of two), through the fused end of the model:
+the op gathers each response's last-token row and projects it with the value head (forward and backward in
+one pass); what is left here works on [C]- or [S]-sized reward vectors.
 
-The batch carries both, built on the host by the layout (rmfast.layouts._objective):
-- a comparison's margin: the row's margin column (a pair's), plus ``margin_scale · (score_better −
-  score_worse)`` when margin_scale > 0;
-- a comparison's weight: its group's weight; with ``weighting="group"`` divided by its group's number of
-  comparisons (InstructGPT: the K(K-1)/2 comparisons of a group are correlated, and counting each would weigh
-  big groups more). With every weight 1 (pairs, and groups by default) the loss is the op's own mean.
+- ``bradley_terry`` (the default): the loss of every comparison (better, worse), ``softplus(-(r_b - r_w -
+  margin))``, computed inside the op. A comparison's margin is its row's margin column (a pair's) plus
+  ``margin_scale · (score_better − score_worse)``.
+- ``davidson``: Davidson's extension of Bradley–Terry with ties kept. With d = r_b − r_w − margin and the tie
+  parameter ν > 0 (learnt or fixed), P(b wins) = e^{d/2} / (e^{d/2} + e^{-d/2} + ν) and P(tie) = ν / (…);
+  tied comparisons (equal scores, or a pair row's tie column) are trained on as ties instead of dropped.
+- ``plackett_luce``: the listwise likelihood of each group's ranking, Σ_k [log Σ_{j ranked ≤ k} e^{r_j} − r_k]
+  over its responses (ties in the scores share their risk set: Breslow's rule); with K = 2 it is
+  Bradley–Terry. Margins do not apply.
 
-Responses in several comparisons are rows the op gathers more than once and folds (one gradient per row)."""
+Weights (rmfast.layouts): a comparison's weight is its group's weight (the rows' weight column times the
+source's), divided by its group's number of comparisons with ``weighting="group"``; plackett_luce weighs
+groups by their weight. With every weight 1 the Bradley–Terry loss is the op's own mean. The centering term
+``center_coef · (r_b + r_w)²`` is averaged over comparisons with the same weights."""
+
+import math
+
+import torch
 
 from .layouts import WEIGHTINGS  # noqa: F401  (re-exported)
 from .loss import PairwiseRewardOutput, pairwise_reward_loss
 
+OBJECTIVES = ("bradley_terry", "davidson", "plackett_luce")
 
-def reward_loss(hidden, weight, batch, bias=None, center_coef=0.0, backend="auto",
-                check_indices=None) -> PairwiseRewardOutput:
-    """The loss of a Batch from hidden states [R, L, D] (or [N, D]) and a value head weight [D].
+
+def _weighted_mean(per, weight):
+    if weight is None:
+        return per.mean()
+    weight = weight.to(device=per.device, dtype=per.dtype)
+    return (per * weight).sum() / weight.sum()
+
+
+def davidson_terms(better, worse, log_nu, margin=None, tie=None):
+    """Davidson's negative log-likelihood of each comparison ([C] each, float): −log P(better wins), or −log
+    P(tie) where tie [C] bool says so. log_nu: log ν, a float or a scalar tensor (learnt)."""
+    d = better - worse
+    if margin is not None:
+        d = d - margin.to(d.dtype)
+    log_nu = torch.as_tensor(log_nu, dtype=d.dtype, device=d.device)
+    half = d / 2
+    total = torch.logaddexp(torch.logaddexp(half, -half), log_nu.expand_as(d))  # log(e^{d/2} + e^{-d/2} + ν)
+    win = total - half
+    if tie is None:
+        return win
+    return torch.where(tie.to(d.device), total - log_nu, win)
+
+
+def plackett_luce_terms(rewards, group, scores, groups):
+    """Each group's Plackett–Luce negative log-likelihood [G] from its responses' rewards [S] (group [S]
+    int64, scores [S]): for every response k, log Σ_j e^{r_j} over the responses j of its group scored ≤ its
+    score, minus r_k (the lowest gives 0)."""
+    group, scores = group.to(rewards.device), scores.to(rewards.device)
+    risk = (group[:, None] == group[None, :]) & (scores[None, :] <= scores[:, None])
+    lse = torch.logsumexp(rewards[None, :].expand(len(rewards), -1).masked_fill(~risk, float("-inf")), dim=1)
+    return torch.zeros(groups, dtype=rewards.dtype, device=rewards.device).index_add_(0, group, lse - rewards)
+
+
+def plackett_luce_loss(rewards, batch):
+    """The weighted mean over a batch's groups of plackett_luce_terms."""
+    per_group = plackett_luce_terms(rewards, batch.response_group, batch.response_scores, batch.groups)
+    return _weighted_mean(per_group, batch.group_weight)
+
+
+def reward_loss(hidden, weight, batch, bias=None, center_coef=0.0, backend="auto", check_indices=None,
+                objective="bradley_terry", log_nu=0.0) -> PairwiseRewardOutput:
+    """The loss of a Batch from hidden states [R, L, D] (or [N, D]) and a value head weight [D] under
+    `objective` (log_nu: Davidson's log ν).
 
     Returns PairwiseRewardOutput(loss: scalar, chosen_rewards, rejected_rewards: [C] float32, the better and
-    the worse response's reward of each comparison). Gradients reach hidden, weight and bias."""
+    the worse response's reward of each comparison). Gradients reach hidden, weight, bias (and log_nu)."""
+    op = dict(bias=bias, backend=backend, check_indices=check_indices)
     w = batch.comparison_weight
-    if w is None:
-        return pairwise_reward_loss(hidden, weight, batch.chosen_index, batch.rejected_index, bias=bias,
-                                    margin=batch.margin, center_coef=center_coef, backend=backend,
-                                    check_indices=check_indices)
-    out = pairwise_reward_loss(hidden, weight, batch.chosen_index, batch.rejected_index, bias=bias,
-                               margin=batch.margin, center_coef=center_coef, reduction="none", backend=backend,
-                               check_indices=check_indices)
-    w = w.to(device=out.loss.device, dtype=out.loss.dtype)
-    return PairwiseRewardOutput((out.loss * w).sum() / w.sum(), out.chosen_rewards, out.rejected_rewards)
+    if objective == "bradley_terry":
+        if w is None:
+            return pairwise_reward_loss(hidden, weight, batch.chosen_index, batch.rejected_index,
+                                        margin=batch.margin, center_coef=center_coef, **op)
+        out = pairwise_reward_loss(hidden, weight, batch.chosen_index, batch.rejected_index, margin=batch.margin,
+                                   center_coef=center_coef, reduction="none", **op)
+        return PairwiseRewardOutput(_weighted_mean(out.loss, w), out.chosen_rewards, out.rejected_rewards)
+    if objective == "davidson":
+        out = pairwise_reward_loss(hidden, weight, batch.chosen_index, batch.rejected_index, reduction="none", **op)
+        rb, rw = out.chosen_rewards, out.rejected_rewards
+        per = davidson_terms(rb, rw, log_nu, batch.margin, batch.tie)
+    elif objective == "plackett_luce":
+        # every response's reward once, through the op (its own loss unused: only the rewards carry gradients)
+        out = pairwise_reward_loss(hidden, weight, batch.response_index, batch.response_index, reduction="none", **op)
+        r = out.chosen_rewards
+        rb, rw = r[batch.better_response.to(r.device)], r[batch.worse_response.to(r.device)]
+        loss = plackett_luce_loss(r, batch)
+        if center_coef:
+            loss = loss + center_coef * _weighted_mean((rb + rw).square(), w)
+        return PairwiseRewardOutput(loss, rb, rw)
+    else:
+        raise ValueError(f"objective must be one of {', '.join(OBJECTIVES)}, got {objective!r}")
+    if center_coef:
+        per = per + center_coef * (rb + rw).square()
+    return PairwiseRewardOutput(_weighted_mean(per, w), rb, rw)
+
+
+def tie_threshold(log_nu):
+    """|r_b − r_w| below which Davidson's model finds a tie the likeliest outcome: 2 log ν (none when ν ≤ 1)."""
+    return max(0.0, 2 * float(log_nu))
+
+
+def log_nu_of(nu):
+    if not (isinstance(nu, (int, float)) and math.isfinite(nu) and nu > 0):
+        raise ValueError(f"Davidson's tie parameter ν must be a finite number > 0, got {nu!r}")
+    return math.log(nu)
+
+
+__all__ = ["OBJECTIVES", "reward_loss", "davidson_terms", "plackett_luce_terms", "plackett_luce_loss",
+           "tie_threshold", "log_nu_of"]

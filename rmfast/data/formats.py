@@ -3,7 +3,9 @@
 - explicit:        ``prompt``, ``chosen``, ``rejected`` strings (the responses continue the prompt);
 - implicit:        ``chosen``, ``rejected`` full texts (HH-RLHF);
 - conversational:  ``chosen`` / ``rejected`` (and optional ``prompt``) as lists of {role, content} messages.
-Any of them may carry a per-pair ``margin``. A row that breaks a rule is reported with a reason code."""
+Any of them may carry a per-pair ``margin``, a loss ``weight`` (≥ 0, default 1) and a ``tie`` flag (the two
+responses are equally good: kept for the davidson objective, set aside by the others). A row that breaks a
+rule is reported with a reason code."""
 
 import math
 from dataclasses import dataclass
@@ -28,6 +30,8 @@ REASONS = {
     "empty_text": "empty chosen or rejected",
     "identical": "chosen identical to rejected",
     "bad_margin": "margin is not a finite number",
+    "bad_weight": "weight is not a finite number ≥ 0",
+    "bad_tie": "tie is not true/false (or 1/0)",
     # groups (rmfast.data.groups): a prompt with K ranked or scored responses
     "few_responses": "fewer than 2 responses",
     "empty_response": "empty response",
@@ -50,6 +54,8 @@ class Pair:
     rejected: Text
     prompt: Optional[Text] = None
     margin: Optional[float] = None
+    weight: Optional[float] = None  # the pair's loss weight (None: 1)
+    tie: bool = False  # chosen and rejected equally good
 
 
 class BadRow(Exception):
@@ -94,10 +100,40 @@ def detect_format(row, columns):
     return "explicit" if isinstance(prompt, str) else "implicit"
 
 
+def read_weight(row, column):
+    """A row's loss weight from `column` (None when absent or an empty CSV cell); BadRow unless a finite
+    number ≥ 0."""
+    value = row.get(column)
+    if value is None or (isinstance(value, str) and not value.strip()):
+        return None
+    try:
+        weight = float(value)
+    except (TypeError, ValueError):
+        raise BadRow("bad_weight", f"{column!r} is {value!r}") from None
+    if not math.isfinite(weight) or weight < 0:
+        raise BadRow("bad_weight", f"{column!r} is {value!r}")
+    return weight
+
+
+_TRUE, _FALSE = ("true", "1", "yes", "tie"), ("false", "0", "no", "")
+
+
+def read_tie(row, column):
+    """A row's tie flag from `column`: true/false, 1/0, yes/no (or the word tie); absent: False."""
+    value = row.get(column)
+    if value is None or isinstance(value, bool):
+        return bool(value)
+    if isinstance(value, (int, float)) and value in (0, 1):
+        return bool(value)
+    if isinstance(value, str) and value.strip().lower() in _TRUE + _FALSE:
+        return value.strip().lower() in _TRUE
+    raise BadRow("bad_tie", f"{column!r} is {value!r}")
+
+
 def parse_row(location, row, fmt="auto", columns=None) -> Pair:
     """Validate one row and return its Pair; raises BadRow with the reason."""
     columns = columns or {}
-    col = {k: columns.get(k, k) for k in ("prompt", "chosen", "rejected", "margin")}
+    col = {k: columns.get(k, k) for k in ("prompt", "chosen", "rejected", "margin", "weight", "tie")}
     if fmt == "auto":
         fmt = detect_format(row, columns)
     chosen = _field(row, "chosen", col["chosen"])
@@ -133,4 +169,5 @@ def parse_row(location, row, fmt="auto", columns=None) -> Pair:
             raise BadRow("bad_margin", f"{col['margin']!r} is {margin!r}") from None
         if not math.isfinite(margin):
             raise BadRow("bad_margin", f"{col['margin']!r} is {margin}")
-    return Pair(location, fmt, chosen, rejected, prompt, margin)
+    return Pair(location, fmt, chosen, rejected, prompt, margin, read_weight(row, col["weight"]),
+                read_tie(row, col["tie"]))

@@ -157,7 +157,7 @@ def tokenize_groups(groups, tokenizer, policy: LengthPolicy, chat_template=None,
         responses.append(out[1])
         scores.append(out[2])
         origin.append(out[3])
-        weight.append(1.0 if weights is None else weights[i])
+        weight.append((1.0 if weights is None else weights[i]) * (1.0 if group.weight is None else group.weight))
         locations.append(group.location)
         tags.append(group.tag)
         margin.append(np.nan if group.margin is None else group.margin)

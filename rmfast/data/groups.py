@@ -25,11 +25,11 @@ from typing import Optional
 
 import numpy as np
 
-from .formats import BadRow, Text, _field, _messages, parse_row
+from .formats import BadRow, Text, _field, _messages, parse_row, read_weight
 
 ULTRAFEEDBACK = {"prompt": "instruction", "responses": "completions[].response",
                  "scores": "completions[].overall_score"}
-GROUP_COLUMNS = ("prompt", "responses", "scores", "ranking", "chosen", "rejected", "subset")
+GROUP_COLUMNS = ("prompt", "responses", "scores", "ranking", "chosen", "rejected", "subset", "weight")
 
 
 @dataclass
@@ -45,6 +45,7 @@ class Group:
     scores: list
     tag: Optional[str] = None
     margin: Optional[float] = None  # a pair row's margin column
+    weight: Optional[float] = None  # the row's loss weight column (None: 1)
 
 
 def comparisons(scores):
@@ -58,6 +59,14 @@ def comparisons(scores):
     worse = np.where(diff > 0, j, i)[keep]
     return (np.stack([better, worse], axis=1).astype(np.int64), np.abs(diff[keep]).astype(np.float32),
             int((~keep).sum()))
+
+
+def tied_pairs(scores):
+    """[T, 2] int64 response indices (i < j) of a group's tied pairs: equal scores, no strict comparison."""
+    s = np.asarray(scores, dtype=np.float64)
+    i, j = np.triu_indices(len(s), k=1)
+    keep = s[i] == s[j]
+    return np.stack([i[keep], j[keep]], axis=1).astype(np.int64)
 
 
 def read_column(row, name, spec, required=True):
@@ -204,12 +213,15 @@ def parse_group_row(location, row, fmt="auto", columns=None, preference=True) ->
     columns = columns or {}
     col = {k: columns.get(k, k) for k in GROUP_COLUMNS}
     if col["responses"].partition("[].")[0] in row:
-        return _scored(location, row, col, preference)
-    chosen = row.get(col["chosen"])
-    if isinstance(chosen, list) and chosen and not isinstance(chosen[0], dict):  # a list of responses
-        return _chosen_rejected_lists(location, row, col)
-    if col["chosen"] not in row and ("responses" in columns or "chosen" not in columns):
-        read_column(row, "responses", col["responses"])  # neither shape: name the group columns
-    pair = parse_row(location, row, fmt, columns)
-    return Group(location, pair.format, pair.prompt, [pair.chosen, pair.rejected], [1.0, 0.0], _tag(row, col),
-                 pair.margin)
+        group = _scored(location, row, col, preference)
+    elif isinstance(row.get(col["chosen"]), list) and row[col["chosen"]] \
+            and not isinstance(row[col["chosen"]][0], dict):  # a list of responses
+        group = _chosen_rejected_lists(location, row, col)
+    else:
+        if col["chosen"] not in row and ("responses" in columns or "chosen" not in columns):
+            read_column(row, "responses", col["responses"])  # neither shape: name the group columns
+        pair = parse_row(location, row, fmt, columns)
+        return Group(location, pair.format, pair.prompt, [pair.chosen, pair.rejected],
+                     [1.0, 1.0] if pair.tie else [1.0, 0.0], _tag(row, col), pair.margin, pair.weight)
+    group.weight = read_weight(row, col["weight"])
+    return group

@@ -102,6 +102,7 @@ class DataReport:
     dropped: Counter = field(default_factory=Counter)
     cached: bool = False
     groups: Optional[Counter] = None  # group sources: groups, comparisons, ties, merged, responses_dropped
+    ties: int = 0  # pair rows marked as ties
 
     def merge(self, other):
         self.rows += other.rows
@@ -111,6 +112,7 @@ class DataReport:
         self.truncated += other.truncated
         self.dropped.update(other.dropped)
         self.cached = self.cached and other.cached
+        self.ties += other.ties
         if other.groups is not None:
             self.groups = (self.groups or Counter()) + other.groups + Counter()  # + Counter(): keeps zeros out
 
@@ -123,6 +125,9 @@ class DataReport:
             out = [f"{self.rows} rows read, {g['groups']} groups kept ({self.pairs} comparisons); {tail}",
                    f"{g['ties']} tied response pairs (no comparison), {g['merged']} identical responses merged, "
                    f"{g['responses_dropped']} responses dropped as too long"]
+        if self.ties:
+            out.append(f"{self.ties} of the pairs are ties (the davidson objective trains on them; the others set "
+                       f"them aside)")
         for reason, n in sorted(self.dropped.items()):
             out.append(f"  dropped ({reason.replace('_', ' ')}): {n}")
         for reason, n in self.bad.most_common():
@@ -201,7 +206,8 @@ def load_source(source: Source, tokenizer, config: DataConfig, tokenizer_fp=None
             meta = json.loads(meta_path.read_text())
             report = DataReport(meta["rows"], meta["pairs"], Counter(meta["bad"]), meta["bad_examples"],
                                 meta["truncated"], Counter(meta["dropped"]), cached=True,
-                                groups=Counter(meta["groups"]) if meta.get("groups") is not None else None)
+                                groups=Counter(meta["groups"]) if meta.get("groups") is not None else None,
+                                ties=meta.get("ties", 0))
             with np.load(data_path, allow_pickle=False) as arrays:
                 check_cache_arrays(arrays, len(tokenizer))
             tokenized = TokenizedGroups.load(data_path)
@@ -213,7 +219,7 @@ def load_source(source: Source, tokenizer, config: DataConfig, tokenizer_fp=None
     tokenized, report = tokenize_source(source, tokenizer, config, progress)
     meta = {"source": source.path, "rows": report.rows, "pairs": report.pairs, "bad": dict(report.bad),
             "bad_examples": report.bad_examples, "truncated": report.truncated, "dropped": dict(report.dropped),
-            "groups": dict(report.groups) if report.groups is not None else None}
+            "groups": dict(report.groups) if report.groups is not None else None, "ties": report.ties}
     tmp_data, tmp_meta = root / f".{key}.tmp.{os.getpid()}.npz", root / f".{key}.tmp.{os.getpid()}.json"
     try:  # both files atomically (a reader sees the whole entry or none of it); a cache is optional
         root.mkdir(parents=True, exist_ok=True)
@@ -288,6 +294,7 @@ def _tokenize_pair_source(source: Source, tokenizer, config: DataConfig, progres
         bar.close()
     report.pairs = len(tokenized)
     report.truncated = counts["truncated"]
+    report.ties = counts["ties"]
     report.dropped = Counter({k[len("dropped_"):]: v for k, v in counts.items() if k.startswith("dropped_") and v})
     return tokenized, report
 

@@ -47,12 +47,13 @@ def _wrong(rng, c, difficulty):
 
 
 def generate_pairs(n, seed=0, max_operand=9, ops=("plus",), max_history=3, style="conversational",
-                   difficulty="hard"):
+                   difficulty="hard", ties=0.0):
     """n preference rows. style: 'conversational' ({prompt, chosen, rejected} as message lists),
     'explicit' (prompt/chosen/rejected strings) or 'implicit' (chosen/rejected full texts, HH-RLHF style).
     difficulty: 'hard' makes the wrong answer off by 1–3 (telling them apart takes arithmetic); 'easy' off
     by 7–12, so a tiny model learns the preference in a minute. Each row also has 'margin': how far the
-    wrong answer is from the right one."""
+    wrong answer is from the right one. ties: the share of rows that are ties instead: two right answers in
+    different words, marked "tie": true (no margin)."""
     if difficulty not in _OFFSETS:
         raise ValueError(f"difficulty must be one of {', '.join(_OFFSETS)}, got {difficulty!r}")
     if style not in ("conversational", "explicit", "implicit"):
@@ -84,16 +85,20 @@ def generate_pairs(n, seed=0, max_operand=9, ops=("plus",), max_history=3, style
         good = template.format(a=x, op=op, b=y, c=c)
         bad = template.format(a=x, op=op, b=y, c=wrong)
         margin = float(abs(wrong - c))
+        extra = {"margin": margin}
+        if ties and rng.random() < ties:  # a tie: the right answer in another template
+            other = rng.choice([t for t in _ANSWER if t != template])
+            bad, extra = other.format(a=x, op=op, b=y, c=c), {"tie": True}
         if style == "conversational":
             rows.append({"prompt": messages, "chosen": [{"role": "assistant", "content": good}],
-                         "rejected": [{"role": "assistant", "content": bad}], "margin": margin})
+                         "rejected": [{"role": "assistant", "content": bad}], **extra})
             continue
         text = "".join(f"\n\n{'Human' if m['role'] == 'user' else 'Assistant'}: {m['content']}" for m in messages)
         text += "\n\nAssistant:"
         if style == "explicit":
-            rows.append({"prompt": text, "chosen": " " + good, "rejected": " " + bad, "margin": margin})
+            rows.append({"prompt": text, "chosen": " " + good, "rejected": " " + bad, **extra})
         else:
-            rows.append({"chosen": text + " " + good, "rejected": text + " " + bad, "margin": margin})
+            rows.append({"chosen": text + " " + good, "rejected": text + " " + bad, **extra})
     return rows
 
 

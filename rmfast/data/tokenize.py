@@ -100,8 +100,8 @@ def tokenize_pairs(pairs, tokenizer, policy: LengthPolicy, chat_template=None, b
         check_chat_template(tokenizer, chat_template)
     eos_id = tokenizer.eos_token_id
     bos_id = tokenizer.bos_token_id
-    chosen_out, rejected_out, margin_out, locations = [], [], [], []
-    counts = {"truncated": 0, "dropped_too_long": 0, "dropped_identical_after_truncation": 0}
+    chosen_out, rejected_out, margin_out, locations, weight_out, tie_out = [], [], [], [], [], []
+    counts = {"truncated": 0, "ties": 0, "dropped_too_long": 0, "dropped_identical_after_truncation": 0}
     for start in range(0, len(pairs), batch_size):
         batch = pairs[start:start + batch_size]
         rendered = [render(p, tokenizer, chat_template) for p in batch]
@@ -138,10 +138,16 @@ def tokenize_pairs(pairs, tokenizer, policy: LengthPolicy, chat_template=None, b
             rejected_out.append(np.asarray(ids_r, dtype=np.int32))
             margin_out.append(np.nan if pair.margin is None else pair.margin)
             locations.append(pair.location)
+            weight_out.append(1.0 if pair.weight is None else pair.weight)
+            tie_out.append(pair.tie)
+            counts["ties"] += pair.tie
         if progress is not None:
             progress.update(len(batch))
-    return TokenizedGroups.of_pairs(chosen_out, rejected_out, np.array(margin_out, dtype=np.float32),
-                                    locations), counts
+    out = TokenizedGroups.of_pairs(chosen_out, rejected_out, np.array(margin_out, dtype=np.float32), locations,
+                                   np.array(weight_out, np.float32))
+    for i in np.flatnonzero(tie_out):  # a tie: both responses scored the same (no strict comparison)
+        out.scores[i] = np.array([1.0, 1.0], np.float32)
+    return out, counts
 
 
 def _tokenize_chunk(args):

@@ -103,7 +103,7 @@ class TokenizedGroups:
                                np.concatenate([p.margin for p in parts] or [np.zeros(0, np.float32)]))
 
     @staticmethod
-    def of_pairs(chosen, rejected, margin=None, locations=None):
+    def of_pairs(chosen, rejected, margin=None, locations=None, weight=None):
         """Pairs as groups of 2 (chosen scored 1 over rejected scored 0) from whole id sequences: the prompt
         is their longest common prefix, capped so that each keeps at least one token of its own."""
         prompt, responses = [], []
@@ -113,7 +113,7 @@ class TokenizedGroups:
             prompt.append(c[:s])
             responses.append([c[s:], r[s:]])
         scores = [np.array([1.0, 0.0], np.float32) for _ in prompt]
-        return TokenizedGroups(prompt, responses, scores, None, locations, None, None, margin)
+        return TokenizedGroups(prompt, responses, scores, weight, locations, None, None, margin)
 
     def save(self, path):
         """To an .npz of flat arrays (read back with allow_pickle=False: a cache file cannot run code)."""

@@ -1,0 +1,168 @@
+"""Objectives beyond Bradley–Terry (rmfast/objective.py): Davidson's ties and Plackett–Luce rankings held to
+float64 numpy references written from the formulas, on every backend; prefix_shared equal to padded for every
+objective at K = 2 and K > 2; the data's tie and weight columns."""
+
+import json
+
+import numpy as np
+import pytest
+import torch
+
+from conftest import backend_device_params
+from helpers import assert_equal_to_padded, build, edge_pairs
+from rmfast import layouts
+from rmfast.data.formats import BadRow, parse_row
+from rmfast.objective import davidson_terms, plackett_luce_terms, reward_loss
+from test_groups import edge_groups, group_rewards_and_grads
+
+
+def np_davidson(rb, rw, nu, margin, tie):
+    """−log P(outcome) under Davidson (1970): P(i beats j) = π_i / (π_i + π_j + ν √(π_i π_j)), π = e^r."""
+    pi, pj = np.exp(rb - margin), np.exp(rw)
+    denominator = pi + pj + nu * np.sqrt(pi * pj)
+    return np.where(tie, -np.log(nu * np.sqrt(pi * pj) / denominator), -np.log(pi / denominator))
+
+
+def np_plackett_luce(rewards, scores):
+    """−log of a group's ranking under Plackett–Luce: responses taken best first, each against those not yet
+    taken; tied scores share one set (Breslow)."""
+    r, s = np.asarray(rewards, np.float64), np.asarray(scores, np.float64)
+    return sum(np.log(np.exp(r[s <= s[k]]).sum()) - r[k] for k in range(len(r)))
+
+
+def test_davidson_terms_match_the_formula_and_learn_nu():
+    rng = np.random.default_rng(0)
+    rb, rw, margin = rng.normal(size=12), rng.normal(size=12), rng.uniform(0, 1, size=12)
+    tie = np.arange(12) % 3 == 0
+    for nu in (0.3, 1.0, 2.5):
+        log_nu = torch.tensor(np.log(nu), dtype=torch.float64, requires_grad=True)
+        got = davidson_terms(torch.tensor(rb), torch.tensor(rw), log_nu, torch.tensor(margin), torch.tensor(tie))
+        np.testing.assert_allclose(got.detach().numpy(), np_davidson(rb, rw, nu, margin, tie), rtol=1e-12)
+        got.sum().backward()  # d/d log ν against a central difference of the formula
+        eps = 1e-6
+        numeric = (np_davidson(rb, rw, nu * np.exp(eps), margin, tie).sum()
+                   - np_davidson(rb, rw, nu * np.exp(-eps), margin, tie).sum()) / (2 * eps)
+        assert float(log_nu.grad) == pytest.approx(numeric, rel=1e-6)
+    # far apart rewards: stable in float32 (no overflow of e^{d/2})
+    far = davidson_terms(torch.tensor([200.0]), torch.tensor([-200.0]), 0.0)
+    assert torch.isfinite(far).all() and float(far) < 1e-30 + 1e-6
+
+
+def test_plackett_luce_terms_match_the_formula_and_k2_is_bradley_terry():
+    rng = np.random.default_rng(1)
+    groups = [rng.permutation(4).astype(float), np.array([2.0, 2.0, 0.0, 1.0, 2.0]), np.array([1.0, 0.0])]
+    rewards = rng.normal(size=sum(len(s) for s in groups))
+    group = np.concatenate([np.full(len(s), g) for g, s in enumerate(groups)])
+    got = plackett_luce_terms(torch.tensor(rewards), torch.tensor(group), torch.tensor(np.concatenate(groups)), 3)
+    at = np.cumsum([0] + [len(s) for s in groups])
+    want = [np_plackett_luce(rewards[at[g]:at[g + 1]], s) for g, s in enumerate(groups)]
+    np.testing.assert_allclose(got.numpy(), want, rtol=1e-12)
+    rc, rr = rewards[-2], rewards[-1]
+    assert float(got[2]) == pytest.approx(np.log1p(np.exp(-(rc - rr))), rel=1e-12)  # softplus(-(r_c - r_r))
+
+
+@pytest.mark.parametrize("backend,device", backend_device_params())
+@pytest.mark.parametrize("objective", ["davidson", "plackett_luce"])
+def test_every_backend_gives_the_reference_loss(backend, device, objective):
+    if device == "cuda" and not torch.cuda.is_available():
+        pytest.skip("no CUDA GPU")
+    groups = edge_groups(3)
+    batch = layouts.prefix_shared(groups, range(len(groups)), 0, max_tokens=40, ties=objective == "davidson")
+    g = torch.Generator().manual_seed(4)
+    rows = int(batch.response_index.max()) + 3
+    hidden, weight = torch.randn(rows, 24, generator=g), torch.randn(24, generator=g) / 5
+    log_nu = np.log(1.7)
+    out = reward_loss(hidden.to(device), weight.to(device), batch.to(device), bias=torch.tensor(0.3, device=device),
+                      backend=backend, objective=objective, log_nu=log_nu)
+    r = hidden.double().numpy() @ weight.double().numpy() + 0.3
+    w = groups.weight.astype(np.float64)
+    if objective == "davidson":
+        assert batch.tie is not None and batch.ties == int(batch.tie.sum()) > 0
+        per = np_davidson(r[batch.chosen_index.numpy()], r[batch.rejected_index.numpy()], np.exp(log_nu), 0.0,
+                          batch.tie.numpy())
+        cw = w[batch.comparison_group.numpy()]
+        want = (per * cw).sum() / cw.sum()
+    else:
+        last = batch.response_index.numpy()
+        at = np.cumsum([0] + list(groups.sizes))
+        per = [np_plackett_luce(r[last[at[k]:at[k + 1]]], groups.scores[k]) for k in range(len(groups))]
+        want = (np.array(per) * w).sum() / w.sum()
+    assert float(out.loss) == pytest.approx(want, rel=2e-5, abs=1e-6)
+
+
+@pytest.mark.parametrize("objective", ["davidson", "plackett_luce"])
+@pytest.mark.parametrize("K", [2, 5])
+def test_prefix_shared_equals_padded_for_every_objective(objective, K):
+    groups = edge_groups() if K > 2 else edge_pairs()
+    if K == 2:  # some pairs tied
+        groups.scores[1] = groups.scores[4] = np.array([1.0, 1.0], np.float32)
+    idx = list(range(len(groups)))
+    model = build(None, "llama", bias=True)
+    if objective == "davidson":
+        model.add_tie_parameter(1.5)
+    options = dict(ties=objective == "davidson", weighting="group")
+
+    def run(batch, how):
+        model.zero_grad()
+        model.set_attention(how)
+        out = model(batch, objective=objective, center_coef=0.01)
+        (out.loss + 0.1 * out.chosen_rewards.sum()).backward()
+        grads = {n: p.grad.detach().clone() for n, p in model.named_parameters() if p.grad is not None}
+        return torch.cat([out.chosen_rewards, out.rejected_rewards]).detach(), grads
+
+    ref_r, ref_g = run(layouts.padded(groups, idx, 0, **options), "dense")
+    got_r, got_g = run(layouts.prefix_shared(groups, idx, 0, max_tokens=40, **options), "segments")
+    assert ("tie_log_nu" in ref_g) == (objective == "davidson")
+    assert_equal_to_padded(got_r, got_g, ref_r, ref_g)
+
+
+def test_bradley_terry_of_groups_is_unchanged_by_the_objective_argument():
+    groups = edge_groups(1)
+    model = build(None, "qwen2")
+    batch = layouts.prefix_shared(groups, range(len(groups)), 0)
+    ref_r, ref_g = group_rewards_and_grads(model, batch, "segments")
+    model.zero_grad()
+    out = model(batch, objective="bradley_terry")
+    assert torch.allclose(torch.cat([out.chosen_rewards, out.rejected_rewards]).detach(), ref_r)
+    with pytest.raises(ValueError, match="objective must be one of"):
+        model(batch, objective="ranknet")
+
+
+def test_tie_and_weight_columns():
+    row = {"prompt": "q", "chosen": " a", "rejected": " b"}
+    assert parse_row("f:1", row).tie is False and parse_row("f:1", row).weight is None
+    assert parse_row("f:1", {**row, "tie": True}).tie and parse_row("f:1", {**row, "tie": "1"}).tie
+    assert parse_row("f:1", {**row, "winner_tie": 1}, columns={"tie": "winner_tie"}).tie
+    assert parse_row("f:1", {**row, "weight": "2.5"}).weight == 2.5
+    assert parse_row("f:1", {**row, "strength": 0}, columns={"weight": "strength"}).weight == 0.0
+    for bad, reason in (({"tie": "maybe"}, "bad_tie"), ({"weight": -1}, "bad_weight"),
+                        ({"weight": "heavy"}, "bad_weight"), ({"weight": float("nan")}, "bad_weight")):
+        with pytest.raises(BadRow) as err:
+            parse_row("f:1", {**row, **bad})
+        assert err.value.reason == reason
+
+
+def test_tie_pairs_are_counted_weighted_and_set_aside_unless_davidson(tmp_path):
+    from rmfast.data import DataConfig, generate_pairs, load_data
+    from rmfast.data.tokenizers import train_bpe_tokenizer
+    from rmfast.engine import with_comparisons
+
+    rows = generate_pairs(40, seed=2, style="explicit", max_history=0, ties=0.25)
+    for i, r in enumerate(rows):
+        r["weight"] = 1 + i % 3
+    ties = sum(bool(r.get("tie")) for r in rows)
+    assert 0 < ties < 40 and all("margin" not in r for r in rows if r.get("tie"))
+    path = tmp_path / "pairs.jsonl"
+    path.write_text("".join(json.dumps(r) + "\n" for r in rows))
+    tok = train_bpe_tokenizer([r["prompt"] + r["chosen"] for r in rows], vocab_size=300)
+    train, _, report = load_data(DataConfig(train=[str(path)], cache_dir=str(tmp_path / "cache")), tok)
+    assert report.ties == ties and any("of the pairs are ties" in line for line in report.lines())
+    np.testing.assert_array_equal(train.weight, [1 + i % 3 for i in range(40)])
+    tied = [i for i in range(40) if rows[i].get("tie")]
+    assert all(list(train.scores[i]) == [1.0, 1.0] for i in tied)
+    kept, aside = with_comparisons(train)
+    assert aside == ties and len(kept) == 40 - ties
+    assert with_comparisons(train, ties=True) == (train, 0)
+    batch = layouts.prefix_shared(train, range(8), tok.pad_token_id, ties=True)
+    assert batch.ties == sum(1 for i in range(8) if rows[i].get("tie"))
+    assert batch.comparison_weight.tolist() == [1 + i % 3 for i in range(8)]
