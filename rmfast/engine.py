@@ -84,25 +84,29 @@ def build_data(config: Config, tokenizer, rank, log):
         for line in report.lines():
             log(f"data: {line}")
         if aside:
-            log(f"data: {aside} tied pairs or groups set aside: {config.train.objective} has no comparison in them "
-                f"(--train.objective davidson trains on ties)")
+            log(f"data: {aside} pairs or groups set aside: weight 0, or ties, which {config.train.objective} has no "
+                f"comparison in (--train.objective davidson trains on ties)")
         if eval_pairs is None or len(eval_pairs) == 0:
             log("data: no eval set (give --data.eval or --data.eval_fraction): training metrics only")
     return train_pairs, eval_pairs
 
 
 def with_comparisons(groups, ties=False):
-    """(the groups that have a comparison to train on: a strict one, or a tie when `ties`; how many had none)."""
-    from .data.groups import tied_pairs
-
-    keep = [i for i in range(len(groups))
-            if len(groups.comparisons(i)[0]) or (ties and len(tied_pairs(groups.scores[i])))]
-    if len(keep) == len(groups):
+    """(the groups with something to train on, how many were set aside): a group of weight 0 never is, nor one
+    whose responses all score the same unless `ties` (the davidson objective: every pair of responses is then
+    a comparison or a tie)."""
+    sizes = groups.sizes
+    keep = (groups.weight > 0) & (sizes >= 2)
+    if not ties and len(groups):
+        flat = np.concatenate(groups.scores).astype(np.float64)
+        starts = np.concatenate([[0], np.cumsum(sizes)[:-1]])
+        keep &= np.maximum.reduceat(flat, starts) > np.minimum.reduceat(flat, starts)
+    if keep.all():
         return groups, 0
-    if not keep:
-        raise UserError(f"no comparison left: every one of the {len(groups)} pairs or groups is a tie; train them "
-                        f"with --train.objective davidson")
-    return groups.subset(keep), len(groups) - len(keep)
+    if not keep.any():
+        raise UserError(f"nothing to train on: every one of the {len(groups)} pairs or groups is a tie or has weight "
+                        f"0 (ties train with --train.objective davidson)")
+    return groups.subset(np.flatnonzero(keep)), int((~keep).sum())
 
 
 def build_model(config: Config, ds_config, dtype, grow_vocab, log):

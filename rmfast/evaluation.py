@@ -2,12 +2,13 @@
 sharded over the ranks and gathered back in dataset order, then the eval metrics over all of them.
 
 Metrics (eval_*): pairs (the number of comparisons), loss (the training objective with its margins and
-weights, without the centering term), accuracy (the share of strict comparisons whose better response gets
-the higher reward), margin (the mean better − worse reward), chosen / rejected mean and std (the better and
-the worse side of every comparison), reward mean and std (over every response: what an export's
-normalisation reads), groups, top1_accuracy and kendall_tau (rmfast.group_metrics, means over groups). With
-ties (the davidson objective): ties (tied comparisons), tie_accuracy (over every comparison, ties included:
-the outcome Davidson's model finds likeliest, a tie when |r_b − r_w| < 2 log ν) and tie_nu."""
+weights, without the centering term: Σ weight · loss / Σ weight over the set), accuracy (the share of strict
+comparisons whose better response gets the higher reward), margin (the mean better − worse reward), chosen /
+rejected mean and std (the better and the worse side of every strict comparison), reward mean and std (over
+every response: what an export's normalisation reads), groups (those with a strict comparison),
+top1_accuracy and kendall_tau (rmfast.group_metrics, means over those groups). With ties (the davidson
+objective): ties (tied comparisons), tie_accuracy (over every comparison, ties included: the outcome
+Davidson's model finds likeliest, a tie when |r_b − r_w| < 2 log ν) and tie_nu."""
 
 import torch
 import torch.distributed as dist
@@ -59,20 +60,22 @@ def eval_metrics(parts, objective="bradley_terry", log_nu=0.0):
     tie = torch.cat([p["tie"] for p in parts])
     rewards = torch.cat([p["rewards"] for p in parts])
     diff = better - worse
-    strict = diff[~tie]
+    strict, sb, sw = diff[~tie], better[~tie], worse[~tie]  # a tie's two sides are in no order
     C = int(diff.numel())
-    G = sum(p["metrics"]["groups"] for p in parts)
+    G = sum(p["metrics"]["groups"] for p in parts)  # groups with a strict comparison
+    nan = float("nan")
+    over_groups = lambda key: sum(p["metrics"].get(key, 0.0) * p["metrics"]["groups"] for p in parts) / max(G, 1)  # noqa: E731
     record = {
         "eval_pairs": C,
-        "eval_loss": _loss(parts, objective, log_nu) if C else float("nan"),
-        "eval_accuracy": float((strict > 0).float().mean()) if len(strict) else float("nan"),
-        "eval_margin": float(diff.mean()) if C else float("nan"),
-        "eval_chosen_mean": float(better.mean()), "eval_chosen_std": _std(better),
-        "eval_rejected_mean": float(worse.mean()), "eval_rejected_std": _std(worse),
+        "eval_loss": _loss(parts, objective, log_nu) if C else nan,
+        "eval_accuracy": float((strict > 0).float().mean()) if len(strict) else nan,
+        "eval_margin": float(strict.mean()) if len(strict) else nan,
+        "eval_chosen_mean": float(sb.mean()) if len(sb) else nan, "eval_chosen_std": _std(sb),
+        "eval_rejected_mean": float(sw.mean()) if len(sw) else nan, "eval_rejected_std": _std(sw),
         "eval_reward_mean": float(rewards.mean()), "eval_reward_std": _std(rewards),
         "eval_groups": G,
-        "eval_top1_accuracy": sum(p["metrics"]["top1_accuracy"] * p["metrics"]["groups"] for p in parts) / max(G, 1),
-        "eval_kendall_tau": sum(p["metrics"]["kendall_tau"] * p["metrics"]["groups"] for p in parts) / max(G, 1),
+        "eval_top1_accuracy": over_groups("top1_accuracy"),
+        "eval_kendall_tau": over_groups("kendall_tau"),
     }
     if objective == "davidson":
         threshold = tie_threshold(log_nu)

@@ -44,9 +44,9 @@ def summarize(per_group):
 
 
 def group_metrics(rewards, batch):
-    """rewards: [S] float, one per response of a GroupBatch in its order (RewardModel.rewards(batch,
+    """rewards: [S] float, one per response of a Batch (rmfast.layouts) in its order (RewardModel.rewards(batch,
     batch.response_index)). Returns {comparisons, groups, comparison_accuracy, top1_accuracy, kendall_tau,
-    best_of_n} as Python numbers (a GroupBatch's groups all have comparisons)."""
+    best_of_n} as Python numbers over the groups that have a strict comparison."""
     rewards = rewards.detach().float().cpu().numpy()
     which = batch.response_group.cpu().numpy()
     scores = batch.response_scores.cpu().numpy()

@@ -60,6 +60,7 @@ class Batch:
     group_weight: Optional[torch.Tensor] = None
     tie: Optional[torch.Tensor] = None  # [C] bool: tied comparisons (the davidson objective), None when none
     ties: int = 0  # how many
+    loss_count: int = 0  # a weighted loss's divisor: the comparisons, or the groups with weighting "group"
 
     @property
     def pairs(self):
@@ -86,9 +87,6 @@ class Batch:
     def pin_memory(self):
         """The batch in page-locked host memory, so that a later to(cuda) overlaps with compute."""
         return self._map(lambda t: t.pin_memory())
-
-
-GroupBatch = Batch  # the name batches of groups had when pairs had their own
 
 
 # ---------------------------------------------------------------- what the loss reads of the groups
@@ -139,10 +137,10 @@ def _objective(batch, groups, indices, last, use_margin=True, margin_scale=0.0, 
     if weighting == "group":
         per = per / np.bincount(cgroup, minlength=len(idx)).astype(np.float32)[cgroup]
     if not np.all(per == 1):
-        if not per.sum() > 0:
-            raise UserError(f"the groups {[groups.locations[i] for i in idx[:4]]}… of a micro-batch have no loss "
-                            f"weight (their weights sum to 0): give the sources a weight above 0")
         weight = torch.from_numpy(per.astype(np.float32))
+    # what a weighted loss is divided by: the comparisons (or groups), so that a row's weight multiplies its
+    # comparisons' share of the loss whatever else the micro-batch holds
+    batch.loss_count = len(idx) if weighting == "group" else len(cgroup)
     last = torch.as_tensor(np.asarray(last, np.int64))
     better_t, worse_t = torch.from_numpy(better), torch.from_numpy(worse)
     batch.chosen_index, batch.rejected_index = last[better_t], last[worse_t]

@@ -12,10 +12,12 @@ one pass); what is left here works on [C]- or [S]-sized reward vectors.
   over its responses (ties in the scores share their risk set: Breslow's rule); with K = 2 it is
   Bradley–Terry. Margins do not apply.
 
-Weights (rmfast.layouts): a comparison's weight is its group's weight (the rows' weight column times the
-source's), divided by its group's number of comparisons with ``weighting="group"``; plackett_luce weighs
-groups by their weight. With every weight 1 the Bradley–Terry loss is the op's own mean. The centering term
-``center_coef · (r_b + r_w)²`` is averaged over comparisons with the same weights."""
+Weights (rmfast.layouts): a comparison's weight is its group's weight (the row's weight column), divided by
+its group's number of comparisons with ``weighting="group"``; the loss is Σ weight · loss over the
+micro-batch's comparisons divided by their number (by the number of groups with ``weighting="group"``), so a
+row of weight 0.5 counts half whatever else its micro-batch holds. plackett_luce weighs each group's loss by
+its weight, over the number of groups. With every weight 1 the Bradley–Terry loss is the op's own mean. The
+centering term ``center_coef · (r_b + r_w)²`` is averaged over comparisons with the same weights."""
 
 import math
 
@@ -27,11 +29,12 @@ from .loss import PairwiseRewardOutput, pairwise_reward_loss
 OBJECTIVES = ("bradley_terry", "davidson", "plackett_luce")
 
 
-def _weighted_mean(per, weight):
+def _weighted_mean(per, weight, count):
+    """Σ weight · per / count (per.mean() without weights)."""
     if weight is None:
         return per.mean()
     weight = weight.to(device=per.device, dtype=per.dtype)
-    return (per * weight).sum() / weight.sum()
+    return (per * weight).sum() / max(count, 1)
 
 
 def davidson_terms(better, worse, log_nu, margin=None, tie=None):
@@ -62,7 +65,7 @@ def plackett_luce_terms(rewards, group, scores, groups):
 def plackett_luce_loss(rewards, batch):
     """The weighted mean over a batch's groups of plackett_luce_terms."""
     per_group = plackett_luce_terms(rewards, batch.response_group, batch.response_scores, batch.groups)
-    return _weighted_mean(per_group, batch.group_weight)
+    return _weighted_mean(per_group, batch.group_weight, batch.groups)
 
 
 def reward_loss(hidden, weight, batch, bias=None, center_coef=0.0, backend="auto", check_indices=None,
@@ -80,7 +83,8 @@ def reward_loss(hidden, weight, batch, bias=None, center_coef=0.0, backend="auto
                                         margin=batch.margin, center_coef=center_coef, **op)
         out = pairwise_reward_loss(hidden, weight, batch.chosen_index, batch.rejected_index, margin=batch.margin,
                                    center_coef=center_coef, reduction="none", **op)
-        return PairwiseRewardOutput(_weighted_mean(out.loss, w), out.chosen_rewards, out.rejected_rewards)
+        return PairwiseRewardOutput(_weighted_mean(out.loss, w, batch.loss_count), out.chosen_rewards,
+                                    out.rejected_rewards)
     if objective == "davidson":
         out = pairwise_reward_loss(hidden, weight, batch.chosen_index, batch.rejected_index, reduction="none", **op)
         rb, rw = out.chosen_rewards, out.rejected_rewards
@@ -92,13 +96,13 @@ def reward_loss(hidden, weight, batch, bias=None, center_coef=0.0, backend="auto
         rb, rw = r[batch.better_response.to(r.device)], r[batch.worse_response.to(r.device)]
         loss = plackett_luce_loss(r, batch)
         if center_coef:
-            loss = loss + center_coef * _weighted_mean((rb + rw).square(), w)
+            loss = loss + center_coef * _weighted_mean((rb + rw).square(), w, batch.loss_count)
         return PairwiseRewardOutput(loss, rb, rw)
     else:
         raise ValueError(f"objective must be one of {', '.join(OBJECTIVES)}, got {objective!r}")
     if center_coef:
         per = per + center_coef * (rb + rw).square()
-    return PairwiseRewardOutput(_weighted_mean(per, w), rb, rw)
+    return PairwiseRewardOutput(_weighted_mean(per, w, batch.loss_count), rb, rw)
 
 
 def tie_threshold(log_nu):

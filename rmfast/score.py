@@ -253,8 +253,8 @@ def main(argv=None):
 
 
 def _score_pairs(scorer, args):
-    """One record per pair (rewards, margin, correct), read like training data into groups of two and scored as
-    every group is (Scorer.score_groups)."""
+    """One record per pair (rewards, margin, correct; a tie row: tie instead of correct), read like training
+    data into groups of two and scored as every group is (Scorer.score_groups). Accuracy is over strict pairs."""
     from tqdm.auto import tqdm
 
     config = data_config(args, eos_after_template=scorer.eos_after_template)
@@ -271,13 +271,21 @@ def _score_pairs(scorer, args):
             rewards = scorer.normalize(rewards)
         for i, (rc, rr) in zip(batch, rewards):
             records.append({"location": pairs.locations[i], "chosen_reward": float(rc), "rejected_reward": float(rr),
-                            "margin": float(rc - rr), "correct": bool(rc > rr)})
+                            "margin": float(rc - rr)})
+            if pairs.scores[i][0] == pairs.scores[i][1]:
+                records[-1]["tie"] = True
+            else:
+                records[-1]["correct"] = bool(rc > rr)
             if pairs.locations[i] in subsets:
                 records[-1]["subset"] = subsets[pairs.locations[i]]
 
     def metrics(rs):
-        return {"pairs": len(rs), "accuracy": float(np.mean([x["correct"] for x in rs])),
-                "mean_margin": float(np.mean([x["margin"] for x in rs]))}
+        strict = [x["correct"] for x in rs if "correct" in x]
+        out = {"pairs": len(rs), "accuracy": float(np.mean(strict)) if strict else float("nan"),
+               "mean_margin": float(np.mean([x["margin"] for x in rs]))}
+        if len(strict) < len(rs):
+            out["ties"] = len(rs) - len(strict)
+        return out
 
     summary = metrics(records)
     print(f"{len(records)} pairs: accuracy {summary['accuracy']:.4f}, mean margin {summary['mean_margin']:.4f}",

@@ -68,7 +68,8 @@ def group_loss(rewards, better, worse, comparison_group, group_weight, weighting
                margin_scale=0.0, center_coef=0.0):
     """The loss of K-response groups from each response's reward: every comparison (better, worse) a pair,
     its per-pair loss ("none" above, margin margin_scale·score_diff) weighted by its group's weight,
-    divided by the group's number of comparisons with weighting "group", the weights normalised to sum 1."""
+    divided by the group's number of comparisons with weighting "group"; the weighted sum is divided by
+    the number of comparisons (of groups with weighting "group")."""
     r = np.asarray(rewards, np.float64)
     rb, rw = r[np.asarray(better)], r[np.asarray(worse)]
     m = margin_scale * np.asarray(score_diff, np.float64) if margin_scale else 0.0
@@ -77,4 +78,4 @@ def group_loss(rewards, better, worse, comparison_group, group_weight, weighting
     w = np.asarray(group_weight, np.float64)[g]
     if weighting == "group":
         w = w / np.bincount(g, minlength=len(group_weight))[g]
-    return float((per * w).sum() / w.sum())
+    return float((per * w).sum() / (len(group_weight) if weighting == "group" else len(per)))

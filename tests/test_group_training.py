@@ -1,6 +1,7 @@
 """rmfast-train on groups (data.kind groups) end to end on CPU: a tiny model learns to rank synthetic groups,
-prefix_shared training follows padded training, and groups of 2 made of pair rows train exactly as
-the pair path. Each run is its own process, as in real use."""
+prefix_shared training follows padded training, two ranks follow one. Each run is its own process, as in real
+use. (Pair rows read as groups give the pair reader's tokens exactly, tests/test_group_data.py; below the
+readers pairs and groups are one code path.)"""
 
 import json
 import subprocess
@@ -145,26 +146,6 @@ def test_two_ranks_zero3_on_groups_follow_one_rank_zero0(engine_setup, groups_da
     for key in ("eval_pairs", "eval_groups", "eval_accuracy", "eval_top1_accuracy"):
         assert two_eval[-1][key] == one_eval[-1][key], key
     assert two_eval[-1]["eval_loss"] == pytest.approx(one_eval[-1]["eval_loss"], abs=1e-3)
-
-
-def test_groups_of_two_from_pair_rows_train_as_the_pair_path(engine_setup, tmp_path):
-    # The pair rows read by the group row reader (data.kind groups) and by the pair reader: the same groups of
-    # two, so the same batches, losses and eval.
-    common = {"data.train": engine_setup / "train.jsonl", "data.eval": engine_setup / "eval.jsonl",
-              "train.token_budget": 400, "train.layout": "prefix_shared", "train.use_margin": False}
-    run(base_args(engine_setup, tmp_path / "pairs", **common))
-    run(base_args(engine_setup, tmp_path / "groups", **common, **{"data.kind": "groups"}))
-    pairs, pair_evals = metrics(tmp_path / "pairs")
-    groups, group_evals = metrics(tmp_path / "groups")
-    assert [r["pairs"] for r in groups] == [r["pairs"] for r in pairs]
-    assert [r["tokens"] for r in groups] == [r["tokens"] for r in pairs]
-    np.testing.assert_allclose([r["loss"] for r in groups], [r["loss"] for r in pairs], rtol=0, atol=1e-6)
-    np.testing.assert_allclose([r["accuracy"] for r in groups], [r["accuracy"] for r in pairs], rtol=0, atol=0)
-    # eval: the same pairs scored, the pair eval's rewards from the fused op, the group eval's from the head
-    assert group_evals[-1]["eval_pairs"] == pair_evals[-1]["eval_pairs"] == 40
-    assert group_evals[-1]["eval_accuracy"] == pytest.approx(pair_evals[-1]["eval_accuracy"], abs=1e-6)
-    for key in ("eval_loss", "eval_margin", "eval_reward_mean", "eval_reward_std"):
-        assert group_evals[-1][key] == pytest.approx(pair_evals[-1][key], abs=1e-5), key
 
 
 def test_group_options_are_checked_before_anything_loads(engine_setup, tmp_path):

@@ -239,7 +239,7 @@ def test_each_group_counts_the_same_with_group_weighting():
     hidden, weight, terms = per_comparison(batch)
     g = batch.comparison_group
     means = torch.stack([terms[g == k].mean() for k in range(batch.groups)])  # InstructGPT: per-group mean
-    expected = (means * batch.group_weight).sum() / batch.group_weight.sum()
+    expected = (means * batch.group_weight).sum() / batch.groups  # a group of weight w counts w times
     assert torch.allclose(reward_loss(hidden, weight, batch).loss, expected)
     counts = torch.bincount(g).float()
     assert torch.allclose(batch.comparison_weight, batch.group_weight[g] / counts[g])

@@ -81,12 +81,12 @@ def test_every_backend_gives_the_reference_loss(backend, device, objective):
         per = np_davidson(r[batch.chosen_index.numpy()], r[batch.rejected_index.numpy()], np.exp(log_nu), 0.0,
                           batch.tie.numpy())
         cw = w[batch.comparison_group.numpy()]
-        want = (per * cw).sum() / cw.sum()
+        want = (per * cw).sum() / len(per)
     else:
         last = batch.response_index.numpy()
         at = np.cumsum([0] + list(groups.sizes))
         per = [np_plackett_luce(r[last[at[k]:at[k + 1]]], groups.scores[k]) for k in range(len(groups))]
-        want = (np.array(per) * w).sum() / w.sum()
+        want = (np.array(per) * w).sum() / len(groups)
     assert float(out.loss) == pytest.approx(want, rel=2e-5, abs=1e-6)
 
 
@@ -166,3 +166,78 @@ def test_tie_pairs_are_counted_weighted_and_set_aside_unless_davidson(tmp_path):
     batch = layouts.prefix_shared(train, range(8), tok.pad_token_id, ties=True)
     assert batch.ties == sum(1 for i in range(8) if rows[i].get("tie"))
     assert batch.comparison_weight.tolist() == [1 + i % 3 for i in range(8)]
+
+
+@pytest.mark.slow
+def test_davidson_learns_to_call_ties_through_rmfast_train(tmp_path):
+    # the demo's model on synthetic pairs of which a third are ties (two right answers in different words):
+    # strict pairs ordered, ties called ties (ν learnt above 1), through rmfast-train as users run it
+    import subprocess
+
+    from helpers import clean_env, command
+    from rmfast.cli import demo_setup
+    from rmfast.data import generate_pairs
+    from rmfast.data.synthetic import write_jsonl
+
+    demo = demo_setup(tmp_path / "demo", pairs=10)
+    kw = dict(style="explicit", max_history=0, max_operand=3, difficulty="easy", ties=0.3)
+    train = write_jsonl(generate_pairs(300, seed=0, **kw), tmp_path / "train.jsonl")
+    held_out = write_jsonl(generate_pairs(100, seed=1, **kw), tmp_path / "eval.jsonl")
+    out = tmp_path / "run"
+    env = clean_env()
+    env["OMP_NUM_THREADS"] = "2"
+    flags = {"model.name_or_path": demo["model.name_or_path"], "model.dtype": "fp32", "data.train": train,
+             "data.eval": held_out, "data.max_length": 256, "train.output_dir": out, "train.objective": "davidson",
+             "train.pairs_per_batch": 16, "train.lr": 3e-3, "train.epochs": 3, "train.warmup_ratio": 0.05,
+             "train.log_every": 20, "train.tensorboard": False}
+    res = subprocess.run(command(1) + [x for k, v in flags.items() for x in (f"--{k}", str(v))],
+                         capture_output=True, text=True, env=env, timeout=900)
+    assert res.returncode == 0, res.stdout[-3000:] + res.stderr[-3000:]
+    assert "of the pairs are ties (the davidson objective trains on them" in res.stdout
+    evals = [json.loads(x) for x in (out / "metrics.jsonl").read_text().splitlines() if "eval_ties" in x]
+    first, last = evals[0], evals[-1]
+    assert 20 <= last["eval_ties"] <= 40 and last["eval_pairs"] == 100
+    assert first["eval_tie_accuracy"] < 0.7 and last["eval_tie_accuracy"] >= 0.9, (first, last)
+    assert last["eval_accuracy"] >= 0.95 and last["eval_tie_nu"] > 1.0
+    assert "tie accuracy" in res.stdout
+    exported = json.loads((out / "export" / "config.json").read_text())
+    assert exported["rmfast_tie_nu"] == pytest.approx(last["eval_tie_nu"], rel=1e-5)
+
+
+def test_an_eval_batch_of_only_ties_and_weights_that_multiply():
+    from rmfast.evaluation import eval_metrics, eval_part
+
+    pairs = edge_pairs()
+    pairs.scores[0] = np.array([1.0, 1.0], np.float32)  # batch [0] alone: nothing but a tie
+    parts = []
+    for idx in ([0], [1, 2, 3]):
+        b = layouts.padded(pairs, idx, 0, ties=True)
+        parts.append(eval_part(torch.linspace(-1, 1, b.response_index.shape[0]), b))
+    record = eval_metrics(parts, "davidson", 0.5)
+    assert record["eval_ties"] == 1 and record["eval_pairs"] == 4 and record["eval_groups"] == 3
+    assert np.isfinite(record["eval_top1_accuracy"]) and np.isfinite(record["eval_loss"])
+    # a row's weight multiplies its share of the loss, whatever else its micro-batch holds
+    hidden, weight = torch.randn(200, 24, generator=torch.Generator().manual_seed(0)), torch.randn(24) / 5
+    ones = layouts.padded(pairs, [1, 2, 3], 0)
+    pairs.weight[[1, 2, 3]] = 0.5
+    halves = layouts.padded(pairs, [1, 2, 3], 0)
+    a, b = reward_loss(hidden, weight, ones).loss, reward_loss(hidden, weight, halves).loss
+    assert float(b) == pytest.approx(0.5 * float(a), rel=1e-6)
+
+
+def test_weight_0_rows_are_set_aside_and_a_change_of_objective_is_not_resumed():
+    from rmfast.engine import with_comparisons
+    from rmfast.rundir import SAVED_DEFAULTS, RunDirError, check_resume
+
+    pairs = edge_pairs()
+    pairs.weight[2] = 0.0
+    pairs.scores[3] = np.array([1.0, 1.0], np.float32)
+    kept, aside = with_comparisons(pairs)
+    assert aside == 2 and len(kept) == len(pairs) - 2
+    kept, aside = with_comparisons(pairs, ties=True)
+    assert aside == 1 and kept.locations == [x for i, x in enumerate(pairs.locations) if i != 2]
+    layouts.prefix_shared(pairs, [2], 0)  # a batch of weight 0 is still laid out (scoring reads it)
+    before = {k: v for k, v in SAVED_DEFAULTS.items() if k != "train.objective"}  # saved before objectives
+    check_resume(before, dict(SAVED_DEFAULTS), "ckpt", False)  # … were recorded: Bradley–Terry
+    with pytest.raises(RunDirError, match="train.objective"):
+        check_resume(before, {**SAVED_DEFAULTS, "train.objective": "davidson"}, "ckpt", True)

@@ -131,6 +131,24 @@ def test_classify_speaks_vllms_protocol_with_rmfast_scores_rewards(server, expor
     assert raw == pytest.approx(want[0], abs=1e-4)
 
 
+def test_classify_truncate_prompt_tokens_keeps_each_input_s_last_tokens_as_vllm(server, export):
+    from rmfast.score import Scorer, sequence_ids
+
+    _, path, rows, _ = export
+    text = rows[0]["prompt"] + rows[0]["chosen"]
+    scorer = Scorer(path)
+    ids, _ = sequence_ids(scorer.tokenizer, 10**6, text=text)
+    assert len(ids) > 6
+    want_cut, want_whole = scorer.score_sequences([ids[-6:]])[0], scorer.score_sequences([ids])[0]
+    cut = server.post("/classify", json={"input": text, "truncate_prompt_tokens": 6, "use_activation": False})
+    whole = server.post("/classify", json={"input": text, "truncate_prompt_tokens": -1, "use_activation": False})
+    cut, whole = cut.json()["data"][0], whole.json()["data"][0]
+    assert cut["truncated"] and not whole["truncated"]
+    assert cut["probs"][0] == pytest.approx(want_cut, abs=1e-4) and whole["probs"][0] == pytest.approx(want_whole,
+                                                                                                      abs=1e-4)
+    assert abs(want_cut - want_whole) > 1e-3  # what was cut mattered
+
+
 def test_classify_reads_messages_and_rendered_chat_text_where_the_template_ends(server, export, tmp_path):
     """vLLM's chat form and verl's (the rendered conversation sent with add_special_tokens false) both read the
     reward where apply_chat_template ends, as rmfast-score scores {"messages"} rows."""
@@ -181,6 +199,7 @@ BAD = [
     ("/classify", b'{"model": "rm"}', 422, "input"),
     ("/classify", b'{"input": []}', 422, "input"),
     ("/classify", b'{"input": ["fine", "  "]}', 422, "input[1]"),
+    ("/classify", b'{"input": "fine", "truncate_prompt_tokens": 0}', 422, "truncate_prompt_tokens"),
     ("/v1/classify", b'{"messages": [{"role": "wizard", "content": "hi"}]}', 422, "messages"),
     ("/v1/rewards", b'{"prompt": "p", "responses": []}', 422, "responses"),
     ("/v1/rewards", b'{"prompt": "p"}', 422, "responses"),

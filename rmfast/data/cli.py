@@ -76,9 +76,10 @@ def describe(args, groups):
     longest = np.array([len(p) + max(len(r) for r in rs) for p, rs in zip(groups.prompt, groups.responses)])
     print(f"  tokens, sequence: {_percentiles(whole)}  (prompt + response)")
     print(f"  shared prefix:    {_percentiles(prompt)}  ({(prompt / np.maximum(longest, 1)).mean():.0%} of the "
-          f"longest response on average; {np.mean(prompt == 0):.1%} of {'pairs' if pairs else 'groups'} share "
+          f"longest sequence on average; {np.mean(prompt == 0):.1%} of {'pairs' if pairs else 'groups'} share "
           f"nothing)")
-    cost = {layout: groups.lengths(layout).sum() / max(C, 1) for layout in ("padded", "packed", "prefix_shared")}
+    per = len(groups) if pairs else max(C, 1)  # a pair (a tie too) or a comparison
+    cost = {layout: groups.lengths(layout).sum() / per for layout in ("padded", "packed", "prefix_shared")}
     as_pairs = 0  # each comparison as its own prefix-shared pair (prompt + both responses)
     for i in range(len(groups)):
         rs = [len(r) for r in groups.responses[i]]

@@ -225,14 +225,19 @@ def build_app(service, max_body_bytes):
         """vLLM's classify protocol: one label, probs = [sigmoid(reward)] (or [reward] without activation)."""
         if (body.input is None) == (body.messages is None):
             raise BadInput("input", "give `input` (a text or a list of texts) or `messages`, one of them")
+        last = body.truncate_prompt_tokens
+        if last is not None and last != -1 and last < 1:
+            raise BadInput("truncate_prompt_tokens", f"is {last}; give k ≥ 1 (keep each input's last k tokens) or -1 "
+                                                     f"(no limit but max_length)")
+        last = None if last == -1 else last
         if body.messages is not None:
-            work = await service.tokenize(service.inputs.messages, body.messages, "messages")
+            work = await service.tokenize(service.inputs.messages, body.messages, "messages", last)
         else:
             texts = [body.input] if isinstance(body.input, str) else body.input
             if not texts:
                 raise BadInput("input", "is an empty list; give at least one text")
             rendered = body.add_special_tokens is False
-            work = await service.tokenize(service.inputs.texts, texts, "input", rendered)
+            work = await service.tokenize(service.inputs.texts, texts, "input", rendered, last)
         rewards = [float(r[0]) for r in await service.rewards(work, request)]
         activate = next((x for x in (body.use_activation, body.activation, body.softmax) if x is not None), True)
         data = [{"index": i, "label": service.label, "num_classes": 1, "truncated": bool(work.truncated[i]),

@@ -47,6 +47,13 @@ def _single(ids):
     return np.zeros(0, np.int32), [np.asarray(ids, np.int32)]
 
 
+def keep_last(ids, cut, k):
+    """vLLM's truncate_prompt_tokens: only the last k tokens of a sequence (k None: all). Returns (ids, cut)."""
+    if k is None or len(ids) <= k:
+        return ids, cut
+    return ids[-k:], True
+
+
 class Inputs:
     """Tokenizes requests with the export's tokenizer and convention and the data config's length policy.
     max_text_chars: the longest text taken at all (longer is refused before any tokenization)."""
@@ -70,33 +77,34 @@ class Inputs:
                                   f"(texts up to {self.max_text_chars} characters are taken, and truncated by the "
                                   f"length policy; see --max-text-chars)", status=413)
 
-    def texts(self, texts, param, rendered=False):
-        """Single texts (rmfast-score's `text` rows; rendered: already holding their special tokens)."""
+    def texts(self, texts, param, rendered=False, last=None):
+        """Single texts (rmfast-score's `text` rows; rendered: already holding their special tokens); last: keep
+        only each one's last tokens (vLLM's truncate_prompt_tokens)."""
         prompts, responses, truncated = [], [], []
         for i, text in enumerate(texts):
             where = f"{param}[{i}]" if param else f"[{i}]"
             if not text.strip():
                 raise BadInput(where, "is empty; a text to score is needed")
             self.check_length(text, where)
-            ids, cut = sequence_ids(self.tokenizer, self.policy.max_length, text=text, rendered=rendered,
-                                    eos_after_template=self.policy.eos_after_template)
+            ids, cut = keep_last(*sequence_ids(self.tokenizer, self.policy.max_length, text=text, rendered=rendered,
+                                               eos_after_template=self.policy.eos_after_template), last)
             p, r = _single(ids)
             prompts.append(p)
             responses.append(r)
             truncated.append(cut)
         return Work(TokenizedGroups(prompts, responses, [np.zeros(1, np.float32)] * len(texts)), truncated)
 
-    def messages(self, messages, param):
-        """One conversation (rmfast-score's `messages` rows): rendered by the chat template."""
+    def messages(self, messages, param, last=None):
+        """One conversation (rmfast-score's `messages` rows): rendered by the chat template; last: as texts."""
         try:
             messages = _messages(messages, param)
         except BadRow as exc:
             raise BadInput(param, exc.detail or str(exc)) from None
         self.check_length(messages, param)
         self._check_template(param)
-        ids, cut = sequence_ids(self.tokenizer, self.policy.max_length, messages=messages,
-                                chat_template=self.config.chat_template,
-                                eos_after_template=self.policy.eos_after_template)
+        ids, cut = keep_last(*sequence_ids(self.tokenizer, self.policy.max_length, messages=messages,
+                                           chat_template=self.config.chat_template,
+                                           eos_after_template=self.policy.eos_after_template), last)
         p, r = _single(ids)
         return Work(TokenizedGroups([p], [r], [np.zeros(1, np.float32)]), [cut])
 

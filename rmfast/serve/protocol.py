@@ -45,7 +45,9 @@ class ClassifyRequest(Request):
         None, description="input texts: true (default) adds the tokenizer's special tokens and EOS, as rmfast-score "
                           "scores a `text` row; false reads the text as rendered (a chat template's output): EOS "
                           "after it only where the export says so")
-    truncate_prompt_tokens: Optional[int] = Field(None, description="ignored: the training length policy applies")
+    truncate_prompt_tokens: Optional[int] = Field(
+        None, description="as vLLM: keep only each input's last k tokens (after the training length policy); -1: "
+                          "no limit but max_length")
     user: Optional[str] = None
 
 
