@@ -465,7 +465,8 @@ def main(argv=None):
     parser.add_argument("run", help="a training output dir (its latest checkpoint), a checkpoints dir, or a step "
                                     "folder")
     parser.add_argument("--out", required=True, help="where to write the Hugging Face folder")
-    parser.add_argument("--dtype", default="bf16", choices=["bf16", "fp16", "fp32"])
+    parser.add_argument("--dtype", default=None, choices=["bf16", "fp16", "fp32"],
+                        help="the export's weights (default: the run's model.dtype, as rmfast-train exports)")
     parser.add_argument("--max-shard-size", type=float, default=MAX_SHARD_SIZE / 1024**3,
                         help="GiB per safetensors file (default %(default)s)")
     args = parser.parse_args(argv)
@@ -508,7 +509,8 @@ def _export_run(run, args):
     # consume: each layer leaves the state once written, so memory falls as the shards go out
     # a run saved before the convention was recorded appended EOS after chat templates
     eos_after_template = run_config.get("data", {}).get("eos_after_template", True)
-    path = write_export(config, state, tokenizer, args.out, _last_eval(out_root), DTYPES[args.dtype], lora=lora,
+    dtype = args.dtype or model_config.get("dtype") or "bf16"  # the run's own, as its end-of-training export
+    path = write_export(config, state, tokenizer, args.out, _last_eval(out_root), DTYPES[dtype], lora=lora,
                         max_shard_size=int(args.max_shard_size * 1024**3), consume=True,
                         eos_after_template=eos_after_template)
     print(f"exported {checkpoint} to {path}")

@@ -158,9 +158,10 @@ def test_sigkill_then_resume_matches_an_uninterrupted_run(setup, tmp_path):
         torch.testing.assert_close(a[k], b[k], rtol=0, atol=1e-6)
     kept = sorted(p.name for p in (out / "checkpoints").iterdir() if p.is_dir())
     assert len(kept) == 2  # keep_last
-    # rmfast-export from the run's latest checkpoint writes the same weights as the end-of-run export
-    subprocess.run([sys.executable, "-m", "rmfast.export", str(out), "--out", str(tmp_path / "again"),
-                    "--dtype", "fp32"], check=True, capture_output=True, env=clean_env())
+    # rmfast-export from the run's latest checkpoint writes the same weights as the end-of-run export, in the
+    # run's dtype (fp32 here) unless told otherwise
+    subprocess.run([sys.executable, "-m", "rmfast.export", str(out), "--out", str(tmp_path / "again")],
+                   check=True, capture_output=True, env=clean_env())
     c = load_file(tmp_path / "again" / "model.safetensors")
     for k in b:
         torch.testing.assert_close(c[k], b[k], rtol=0, atol=1e-6)

@@ -241,3 +241,36 @@ def test_weight_0_rows_are_set_aside_and_a_change_of_objective_is_not_resumed():
     check_resume(before, dict(SAVED_DEFAULTS), "ckpt", False)  # … were recorded: Bradley–Terry
     with pytest.raises(RunDirError, match="train.objective"):
         check_resume(before, {**SAVED_DEFAULTS, "train.objective": "davidson"}, "ckpt", True)
+
+
+@pytest.mark.slow
+def test_plackett_luce_learns_to_order_groups_through_rmfast_train(tmp_path):
+    # the demo's model on scored groups of 4 answers (the right one, three wrong ones further and further off):
+    # the whole ranking learnt from each group's likelihood, through rmfast-train as users run it
+    import subprocess
+
+    from helpers import clean_env, command
+    from rmfast.cli import demo_setup
+    from rmfast.data import generate_groups
+    from rmfast.data.synthetic import write_jsonl
+
+    demo = demo_setup(tmp_path / "demo", pairs=10)
+    kw = {"k": 4, "max_operand": 3, "max_history": 0, "shape": "scores"}
+    train = write_jsonl(generate_groups(300, seed=0, **kw), tmp_path / "train.jsonl")
+    held_out = write_jsonl(generate_groups(60, seed=1, **kw), tmp_path / "eval.jsonl")
+    out = tmp_path / "run"
+    env = clean_env()
+    env["OMP_NUM_THREADS"] = "2"
+    flags = {"model.name_or_path": demo["model.name_or_path"], "model.dtype": "fp32", "data.kind": "groups",
+             "data.train": train, "data.eval": held_out, "data.max_length": 256, "train.output_dir": out,
+             "train.objective": "plackett_luce", "train.pairs_per_batch": 16, "train.lr": 4e-3, "train.epochs": 12,
+             "train.warmup_ratio": 0.05, "train.log_every": 50, "train.tensorboard": False, "train.export": False}
+    res = subprocess.run(command(1) + [x for k, v in flags.items() for x in (f"--{k}", str(v))],
+                         capture_output=True, text=True, env=env, timeout=900)
+    assert res.returncode == 0, res.stdout[-3000:] + res.stderr[-3000:]
+    evals = [json.loads(x) for x in (out / "metrics.jsonl").read_text().splitlines() if "eval_kendall_tau" in x]
+    first, last = evals[0], evals[-1]
+    assert last["eval_groups"] == 60 and last["eval_pairs"] == 360
+    assert first["eval_kendall_tau"] < 0.5 and first["eval_accuracy"] < 0.8, first
+    assert last["eval_kendall_tau"] >= 0.8 and last["eval_accuracy"] >= 0.9 and last["eval_top1_accuracy"] >= 0.7, last
+    assert last["eval_loss"] < first["eval_loss"] / 2  # the Plackett–Luce loss itself
