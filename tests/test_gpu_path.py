@@ -43,7 +43,7 @@ def test_metrics_window_reduces_a_tensor_on_the_trainer_device(collectives):
                                       torch.zeros(3, device=device))
 
     class _Batch:
-        pairs, tokens, positions = 3, 30, 32
+        pairs, tokens, positions, tie, ties = 3, 30, 32, None, 0
 
     window.add(out, _Batch)
     with pytest.raises(_Stop):

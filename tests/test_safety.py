@@ -412,8 +412,11 @@ def test_ctrl_c_names_the_last_checkpoint_and_how_to_resume(engine_setup, tmp_pa
     import time
 
     out = tmp_path / "run"
+    # a shell's background job (make test &, nohup … &) inherits SIGINT ignored, and Python then keeps it
+    # ignored: the run is given the default disposition, as a terminal's Ctrl-C finds it
     proc = subprocess.Popen(command(1) + args_for(engine_setup, out, **{"train.max_steps": 400, "train.save_every": 2}),
-                            stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, env=clean_env())
+                            stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, env=clean_env(),
+                            preexec_fn=lambda: signal.signal(signal.SIGINT, signal.SIG_DFL))
     deadline = time.time() + 300
     while time.time() < deadline and proc.poll() is None and not checkpoint.checkpoint_tags(out / "checkpoints"):
         time.sleep(0.05)
@@ -461,7 +464,7 @@ def test_only_the_last_keep_last_checkpoints_are_kept(monkeypatch, tmp_path):
 def test_a_resume_on_the_other_data_kind_is_refused():
     # data.kind is in what a checkpoint records; one saved before it was recorded trained on pairs
     saved = {"architecture": {"model_type": "llama"}, "tokenizer": "t", "lora": None, "world_size": 1,
-             "data.eos_after_template": True}
+             "data.eos_after_template": True, "train.objective": "bradley_terry"}
     rundir.check_resume(dict(saved), {**saved, "data.kind": "pairs"}, "step-4", False)
     with pytest.raises(rundir.RunDirError, match=r'data.kind: "pairs" then, "groups" now \(never allowed\)'):
         rundir.check_resume(dict(saved), {**saved, "data.kind": "groups"}, "step-4", True)
@@ -472,7 +475,7 @@ def test_a_resume_on_the_other_data_kind_is_refused():
 def test_a_checkpoint_from_before_the_reward_token_convention_resumes_only_as_it_was_trained():
     # such a run appended EOS after chat templates; resuming it otherwise would move its reward token
     saved = {"architecture": {"model_type": "llama"}, "tokenizer": "t", "lora": None, "world_size": 1,
-             "data.kind": "pairs"}
+             "data.kind": "pairs", "train.objective": "bradley_terry"}
     now = {**saved, "data.eos_after_template": False}
     with pytest.raises(rundir.RunDirError, match=r"data.eos_after_template: true then, false now \(never allowed\)"):
         rundir.check_resume(dict(saved), now, "step-4", True)
