@@ -70,10 +70,7 @@ def make_step(name, model, pad_id, device="cpu", how="segments"):
     """A function(pairs, indices) → (loss, positions, tokens) for one bare-loop contender."""
     if name == "dschat":
         def step(pairs, idx):  # every sequence padded to 512, chosen rows first then rejected (DeepSpeed-Chat's order)
-            b = layouts.padded(pairs, idx, pad_id, pad_to_multiple_of=512)
-            rows = torch.cat([torch.arange(0, b.input_ids.shape[0], 2), torch.arange(1, b.input_ids.shape[0], 2)])
-            b.input_ids, b.attention_mask = b.input_ids[rows], b.attention_mask[rows]  # rmfast: pair after pair
-            b = b.to(device)
+            b = layouts.padded(pairs, idx, pad_id, pad_to_multiple_of=512).to(device)
             hidden = model.hidden_states(b)
             return dschat_loss(hidden, model.head.weight, b.input_ids, pad_id=pad_id), b.positions, b.tokens
         return step

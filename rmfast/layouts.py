@@ -3,9 +3,12 @@ becomes one backbone forward, every comparison of every group in it.
 
 All layouts meet the loss through the same two index vectors (flat row indices into R·L of each
 comparison's better and worse response), so the loss never knows the layout:
-- ``padded``: every response as its own row ``[prompt + response]``, group after group, padded on the right
-  (or left) to the batch's longest sequence: what a plain trainer computes, and the reference;
-- ``packed``: every whole sequence ``[prompt + response]`` end to end in rows, positions restarting at 0;
+- ``padded``: every response as its own row ``[prompt + response]``, padded on the right (or left) to the
+  batch's longest sequence: what a plain trainer computes, and the reference. Rows go response by response:
+  every group's first response, then every group's second, … (for pairs: the chosen rows, then the rejected
+  rows, DeepSpeed-Chat's order);
+- ``packed``: every whole sequence ``[prompt + response]`` end to end in rows (taken in the padded rows'
+  order), positions restarting at 0;
 - ``prefix_shared``: each group as ``[prompt][r1][r2]…[rK]`` inside packed rows: the prompt is computed once;
   response i's tokens see the prompt and their own earlier tokens only, positions restarting at the prompt
   length (for a pair: [shared prefix][chosen suffix][rejected suffix]).
@@ -161,14 +164,32 @@ def _objective(batch, groups, indices, last, use_margin=True, margin_scale=0.0, 
 # ---------------------------------------------------------------- padded
 
 
+def _by_response(groups, indices):
+    """Every response (u: its group's place in `indices`, k) in the order whole-sequence layouts take them:
+    every group's first response, then every group's second, … — for pairs, the chosen sequences then the
+    rejected ones, the order rmfast's pair layouts always had."""
+    sizes = [len(groups.responses[i]) for i in indices]
+    return [(u, k) for k in range(max(sizes, default=0)) for u, K in enumerate(sizes) if k < K], sizes
+
+
+def _group_major(order, sizes, flat):
+    """flat[j], the last-token row of response order[j], rearranged group after group (what _objective reads)."""
+    start = np.concatenate([[0], np.cumsum(sizes)[:-1]]).astype(np.int64)
+    out = np.empty(len(order), np.int64)
+    for j, (u, k) in enumerate(order):
+        out[start[u] + k] = flat[j]
+    return out
+
+
 def padded(groups, indices, pad_id, padding_side="right", pad_to_multiple_of=None, **objective):
-    """Groups `indices` with every response as its own row [prompt + response] ([S, L], group after group),
-    padded to the longest (to a multiple of pad_to_multiple_of when given). objective: use_margin,
-    margin_scale, weighting (see _objective)."""
+    """Groups `indices` with every response as its own row [prompt + response] ([S, L], response by response:
+    see _by_response), padded to the longest (to a multiple of pad_to_multiple_of when given). objective:
+    use_margin, margin_scale, weighting, ties (see _objective)."""
     if padding_side not in ("right", "left"):
         raise ValueError(f"padding_side must be right or left, got {padding_side!r}")
     indices = [int(i) for i in indices]
-    seqs = [groups.sequence(i, k) for i in indices for k in range(len(groups.responses[i]))]
+    order, sizes = _by_response(groups, indices)
+    seqs = [groups.sequence(indices[u], k) for u, k in order]
     lengths = np.array([len(s) for s in seqs], dtype=np.int64)
     L = int(lengths.max())
     if pad_to_multiple_of:
@@ -192,7 +213,7 @@ def padded(groups, indices, pad_id, padding_side="right", pad_to_multiple_of=Non
     empty = torch.zeros(0, dtype=torch.int64)
     batch = Batch(torch.from_numpy(ids), torch.from_numpy(mask), empty, empty, None, position_ids,
                   int(lengths.sum()))
-    return _objective(batch, groups, indices, last, **objective)
+    return _objective(batch, groups, indices, _group_major(order, sizes, last), **objective)
 
 
 # ---------------------------------------------------------------- packed layouts
@@ -316,14 +337,16 @@ def pack_sequences(seqs, pad_id, max_tokens=None):
 
 
 def packed(groups, indices, pad_id, max_tokens=None, **objective):
-    """Every whole sequence [prompt + response] of the groups, packed (each response its own sequence)."""
+    """Every whole sequence [prompt + response] of the groups, packed (each response its own sequence, taken
+    response by response as padded's rows, first-fit decreasing)."""
     indices = [int(i) for i in indices]
-    seqs = [groups.sequence(i, k) for i in indices for k in range(len(groups.responses[i]))]
+    order, sizes = _by_response(groups, indices)
+    seqs = [groups.sequence(indices[u], k) for u, k in order]
     units = [((), [s]) for s in seqs]
     capacity = _capacity([len(s) for s in seqs], max_tokens, lambda i: f"a sequence of {len(seqs[i])} tokens",
                          "sequences are never split")
     batch, last = _rows(units, capacity, _place_sequence, pad_id)
-    return _objective(batch, groups, indices, last, **objective)
+    return _objective(batch, groups, indices, _group_major(order, sizes, last), **objective)
 
 
 def prefix_shared(groups, indices, pad_id, max_tokens=None, **objective):

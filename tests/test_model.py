@@ -38,12 +38,12 @@ def test_pad_equal_to_eos_gives_correct_rewards(tmp_path):
     torch.testing.assert_close(out.chosen_rewards, one_by_one(model, sides(pairs, 0)), atol=1e-4, rtol=1e-4)
 
 
-def test_padded_layout_puts_each_pair_s_rows_together():
+def test_padded_layout_puts_chosen_rows_first():
     pairs = pairs_of([[5, 6, 2], [7, 2]], [[8, 2], [9, 9, 9, 2]])
     batch = layouts.padded(pairs, [0, 1], pad_id=0)
-    assert batch.input_ids.tolist() == [[5, 6, 2, 0], [8, 2, 0, 0], [7, 2, 0, 0], [9, 9, 9, 2]]
-    assert batch.chosen_index.tolist() == [2, 9] and batch.rejected_index.tolist() == [5, 15]
-    assert batch.response_index.tolist() == [2, 5, 9, 15]
+    assert batch.input_ids.tolist() == [[5, 6, 2, 0], [7, 2, 0, 0], [8, 2, 0, 0], [9, 9, 9, 2]]
+    assert batch.chosen_index.tolist() == [2, 5] and batch.rejected_index.tolist() == [9, 15]
+    assert batch.response_index.tolist() == [2, 9, 5, 15]  # group after group: pair 0's two, then pair 1's
     assert batch.tokens == 11 and batch.positions == 16
 
 
@@ -75,8 +75,8 @@ def test_export_scores_exactly_as_the_engine(tmp_path, arch, pad_is_eos):
     # transformers' score layers have no bias; the export keeps it in its config
     hf_scores = hf_scores + hf.config.rmfast_score_bias
     assert hf.config.rmfast_score_bias == pytest.approx(bias)
-    per_row = torch.stack([ours.chosen_rewards, ours.rejected_rewards], dim=1).reshape(-1)  # rows: c0, r0, c1, …
-    torch.testing.assert_close(hf_scores, per_row, atol=1e-4, rtol=1e-4)
+    torch.testing.assert_close(hf_scores, torch.cat([ours.chosen_rewards, ours.rejected_rewards]), atol=1e-4,
+                               rtol=1e-4)  # rows: the chosen ones, then the rejected ones
     reloaded = RewardModel.from_pretrained(path)
     with torch.no_grad():
         again = reloaded(batch)
