@@ -59,6 +59,7 @@ def main():
     parser.add_argument("--prompts", help="a .jsonl of {prompt} rows")
     parser.add_argument("--num-generations", type=int, default=8, help="K completions per prompt")
     parser.add_argument("--max-steps", type=int, default=10)
+    parser.add_argument("--max-completion-length", type=int, default=128)
     parser.add_argument("--output-dir", default="runs/grpo")
     args = parser.parse_args()
     reward = RemoteReward(args.url)
@@ -68,12 +69,15 @@ def main():
         return
     if not (args.policy and args.prompts):
         parser.error("give --policy and --prompts (or --check)")
+    import torch
     from datasets import load_dataset
     from trl import GRPOConfig, GRPOTrainer
 
+    cuda = torch.cuda.is_available()  # TRL's default is bf16, which needs a GPU: on CPU the policy runs in fp32
     config = GRPOConfig(output_dir=args.output_dir, num_generations=args.num_generations,
-                        per_device_train_batch_size=args.num_generations, max_completion_length=128,
-                        max_steps=args.max_steps, logging_steps=1, report_to=[])
+                        per_device_train_batch_size=args.num_generations,
+                        max_completion_length=args.max_completion_length,
+                        max_steps=args.max_steps, logging_steps=1, report_to=[], bf16=cuda, use_cpu=not cuda)
     trainer = GRPOTrainer(model=args.policy, reward_funcs=[reward], args=config,
                           train_dataset=load_dataset("json", data_files=args.prompts, split="train"))
     trainer.train()

@@ -324,3 +324,36 @@ def test_sigterm_answers_the_requests_in_flight_then_exits_0(export):
     assert proc.wait(30) == 0, (root / "sigterm.log").read_text()
     with pytest.raises(httpx.TransportError):
         httpx.get(url + "/health", timeout=2)
+
+
+def _rewards_served(server):
+    text = server.get("/metrics").text
+    return sum(float(line.split()[-1]) for line in text.splitlines() if line.startswith("rmfast_serve_rewards_total"))
+
+
+@pytest.mark.slow
+def test_trl_grpo_trainer_trains_on_rewards_from_the_server(server, export, tmp_path):
+    # examples/serve_trl_grpo.py as a user runs it: TRL's GRPOTrainer, a tiny policy, every prompt's K completions
+    # sent to /v1/rewards as one group
+    pytest.importorskip("trl")
+    import torch
+    from transformers import AutoTokenizer, LlamaConfig, LlamaForCausalLM
+
+    _, path, rows, _ = export
+    tok = AutoTokenizer.from_pretrained(path)
+    cfg = LlamaConfig(vocab_size=len(tok), hidden_size=32, intermediate_size=64, num_hidden_layers=1,
+                      num_attention_heads=4, num_key_value_heads=2, max_position_embeddings=256,
+                      bos_token_id=tok.bos_token_id, eos_token_id=tok.eos_token_id, pad_token_id=tok.pad_token_id)
+    torch.manual_seed(0)
+    LlamaForCausalLM(cfg).save_pretrained(tmp_path / "policy")
+    tok.save_pretrained(tmp_path / "policy")
+    write_jsonl([{"prompt": r["prompt"]} for r in rows[:4]], tmp_path / "prompts.jsonl")
+    before = _rewards_served(server)
+    res = subprocess.run([sys.executable, str(Path(__file__).resolve().parents[1] / "examples" / "serve_trl_grpo.py"),
+                          "--policy", str(tmp_path / "policy"), "--prompts", str(tmp_path / "prompts.jsonl"),
+                          "--url", str(server.base_url), "--num-generations", "2", "--max-steps", "2",
+                          "--max-completion-length", "8", "--output-dir", str(tmp_path / "grpo")],
+                         capture_output=True, text=True, timeout=600, env=clean_env())
+    assert res.returncode == 0, res.stdout[-2000:] + res.stderr[-3000:]
+    assert "rewards/rmfast_serve/mean" in res.stdout + res.stderr  # TRL logged the server's rewards
+    assert _rewards_served(server) - before == 2 * 2  # 2 steps of one prompt's 2 completions
