@@ -10,6 +10,7 @@ import contextlib
 import hashlib
 import json
 import math
+import os
 import random
 import sys
 from pathlib import Path
@@ -61,19 +62,23 @@ def build_tokenizer(model_config):
 
 def build_data(config: Config, tokenizer, rank, log):
     """(train groups, eval groups or None), TokenizedGroups (data.kind says what the rows are: pairs become
-    groups of two). Rank 0 tokenizes first; the others then read its cache."""
+    groups of two). Tokenized once per node: global rank 0 first, then the first rank of every other node
+    (which finds its cache when the cache folder is shared, and tokenizes when it is node-local), then the
+    rest, who read their node's cache."""
     # tokenizing a large source takes longer than train.collective_timeout: the others wait in a group of
     # their own without that limit
     import datetime
 
-    waiting = dist.new_group(backend="gloo", timeout=datetime.timedelta(days=1)) if dist.get_world_size() > 1 else None
-    if rank != 0 and waiting is not None:
-        dist.barrier(group=waiting)
+    world = dist.get_world_size()
+    waiting = dist.new_group(backend="gloo", timeout=datetime.timedelta(days=1)) if world > 1 else None
+    mine = load_phase(rank, int(os.environ.get("LOCAL_RANK", rank)))
     data = config.data.loader_config() if hasattr(config.data, "loader_config") else config.data
-    train_pairs, eval_pairs, report = load_data(data, tokenizer, progress=rank == 0, kind=data_kind(config))
-    if waiting is not None:
-        if rank == 0:
+    for phase in range(3 if waiting is not None else 1):
+        if phase == mine or waiting is None:
+            train_pairs, eval_pairs, report = load_data(data, tokenizer, progress=rank == 0, kind=data_kind(config))
+        if waiting is not None:
             dist.barrier(group=waiting)
+    if waiting is not None:
         dist.destroy_process_group(waiting)
     ties = config.train.objective == "davidson"
     train_pairs, aside = with_comparisons(train_pairs, ties)
@@ -89,6 +94,11 @@ def build_data(config: Config, tokenizer, rank, log):
         if eval_pairs is None or len(eval_pairs) == 0:
             log("data: no eval set (give --data.eval or --data.eval_fraction): training metrics only")
     return train_pairs, eval_pairs
+
+
+def load_phase(rank, local_rank):
+    """When a rank reads its data (build_data): 0 global rank 0, 1 the first rank of another node, 2 the rest."""
+    return 0 if rank == 0 else (1 if local_rank == 0 else 2)
 
 
 def with_comparisons(groups, ties=False):

@@ -558,3 +558,35 @@ def test_bare_hub_model_ids_are_taken_and_paths_that_are_no_folder_refused():
     for bad in ("./missing", "/no/such/model", "a/b/c"):
         with pytest.raises(ValueError, match="no such folder"):
             check_model_path(bad, "--model.name_or_path")
+
+
+def test_parquet_is_read_in_batches_not_whole(tmp_path, monkeypatch):
+    import pyarrow as pa
+    import pyarrow.parquet as pq
+
+    from rmfast.data import sources
+
+    rows = [{"prompt": f"q{i}", "chosen": f" a{i}", "rejected": f" b{i}"} for i in range(20000)]
+    pq.write_table(pa.Table.from_pylist(rows), tmp_path / "x.parquet", row_group_size=3000)
+    monkeypatch.setattr(pq, "read_table", lambda *a, **k: pytest.fail("the whole table was read"))
+    seen = []
+    real = pq.ParquetFile.iter_batches
+
+    def spy(self, *args, **kwargs):
+        for batch in real(self, *args, **kwargs):
+            seen.append(batch.num_rows)
+            yield batch
+
+    monkeypatch.setattr(pq.ParquetFile, "iter_batches", spy)
+    got = list(sources.iter_rows(str(tmp_path / "x.parquet")))
+    assert [r.data for r in got] == rows
+    assert got[0].location.endswith("x.parquet:row 1") and got[-1].location.endswith("x.parquet:row 20000")
+    assert len(seen) > 1 and max(seen) <= 8192
+
+
+def test_data_is_tokenized_once_per_node():
+    # global rank 0 first; then the first rank of every other node (its cache may be node-local); then the rest
+    from rmfast.engine import load_phase
+
+    ranks = [(r, r % 4) for r in range(8)]  # two nodes of four
+    assert [load_phase(r, local) for r, local in ranks] == [0, 2, 2, 2, 1, 2, 2, 2]

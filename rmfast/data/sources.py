@@ -247,15 +247,19 @@ def _read_csv(path: Path):
         yield RawRow(f"{path}:0", None, "empty_file", "the file holds no rows")
 
 
-def _read_parquet(path: Path):
+def _read_parquet(path: Path, batch_rows=8192):
+    """Rows of a Parquet file, read batch_rows at a time (never the whole table in memory at once)."""
     import pyarrow.parquet as pq
 
-    table = pq.read_table(path)
-    if table.num_rows == 0:
-        yield RawRow(f"{path}:0", None, "empty_file", "the file holds no rows")
-        return
-    for i, row in enumerate(table.to_pylist(), start=1):
-        yield RawRow(f"{path}:row {i}", row)
+    with pq.ParquetFile(path) as f:
+        if f.metadata.num_rows == 0:
+            yield RawRow(f"{path}:0", None, "empty_file", "the file holds no rows")
+            return
+        i = 0
+        for batch in f.iter_batches(batch_size=batch_rows):
+            for row in batch.to_pylist():
+                i += 1
+                yield RawRow(f"{path}:row {i}", row)
 
 
 def _iter_datasets_dir(path: Path, split: str):
