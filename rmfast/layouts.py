@@ -23,6 +23,7 @@ from typing import Optional
 import numpy as np
 import torch
 
+from .data.groups import tied_pairs
 from .errors import UserError
 
 LAYOUTS = ("padded", "packed", "prefix_shared")
@@ -101,8 +102,6 @@ def _objective(batch, groups, indices, last, use_margin=True, margin_scale=0.0, 
     use_margin) plus margin_scale · (score_better − score_worse); its weight: its group's weight, divided by
     the group's number of comparisons with weighting 'group' (see rmfast.objective). ties: the tied response
     pairs of each group are comparisons too (after its strict ones; batch.tie marks them, margin 0)."""
-    from .data.groups import tied_pairs
-
     if weighting not in WEIGHTINGS:
         raise ValueError(f"weighting must be one of {', '.join(WEIGHTINGS)}, got {weighting!r}")
     better, worse, cgroup, diff, rgroup, scores, tie = [], [], [], [], [], [], []

@@ -10,6 +10,7 @@ import torch
 from torch import nn
 
 from .loss import PairwiseRewardOutput
+from .objective import log_nu_of, reward_loss
 from .nn import RewardHead
 from .errors import UserError
 
@@ -110,8 +111,6 @@ class RewardModel(nn.Module):
     def add_tie_parameter(self, nu=1.0, learn=True):
         """Davidson's tie parameter as log ν, a parameter of the model (trained with it when `learn`; saved in
         checkpoints, and in an export's config as rmfast_tie_nu)."""
-        from .objective import log_nu_of
-
         device, dtype = self.head.weight.device, torch.float32
         # [1], not a 0-d tensor: DeepSpeed broadcasts parameters as bytes, which a 0-d tensor cannot be viewed as
         self.tie_log_nu = nn.Parameter(torch.tensor([log_nu_of(nu)], device=device, dtype=dtype), requires_grad=learn)
@@ -124,8 +123,6 @@ class RewardModel(nn.Module):
         flat row indices into R·L). rewards_at: [n] flat rows → just their rewards [n] float32 (evaluation
         through the DeepSpeed engine, so that ZeRO-3 gathers the weights). check_indices: the op's own range
         check (pairwise_reward_loss); the layouts build valid indices, so the trainer passes False."""
-        from .objective import reward_loss
-
         hidden = self.hidden_states(batch)
         if rewards_at is not None:
             return self.head.rewards(hidden.reshape(-1, hidden.shape[-1]).index_select(0, rewards_at))

@@ -23,7 +23,6 @@ import math
 
 import torch
 
-from .layouts import WEIGHTINGS  # noqa: F401  (re-exported)
 from .loss import PairwiseRewardOutput, pairwise_reward_loss
 
 OBJECTIVES = ("bradley_terry", "davidson", "plackett_luce")

@@ -125,6 +125,21 @@ def clean_env():
     return env
 
 
+def train_cli(flags, threads=1):
+    """rmfast-train as a user runs it, in its own process, with `--section.field value` flags (a list value
+    gives several); asserts it exits 0 and returns the finished process."""
+    import subprocess
+
+    argv = []
+    for k, v in flags.items():
+        argv += [f"--{k}", *([str(x) for x in v] if isinstance(v, list) else [str(v)])]
+    env = clean_env()
+    env["OMP_NUM_THREADS"] = str(threads)
+    res = subprocess.run(command(1) + argv, capture_output=True, text=True, env=env, timeout=900)
+    assert res.returncode == 0, res.stdout[-3000:] + res.stderr[-5000:]
+    return res
+
+
 def reference_varlen(q, k, v, cu_q, cu_k, max_q, max_k, scale, dropout):
     """The varlen kernels' contract in plain torch, checking what they require of their inputs: per block,
     causal attention aligned to the bottom right (query i of n sees keys up to i + m - n of m)."""

@@ -11,20 +11,11 @@ from pathlib import Path
 import numpy as np
 import pytest
 
-from helpers import clean_env, command
+from helpers import clean_env, command, train_cli
 from rmfast.data import generate_groups
 from rmfast.data.synthetic import write_jsonl
 
 pytestmark = pytest.mark.slow
-
-
-def run(args, env=None):
-    flat = []
-    for k, v in args.items():
-        flat += [f"--{k}", *([str(x) for x in v] if isinstance(v, list) else [str(v)])]
-    res = subprocess.run(command(1) + flat, capture_output=True, text=True, env=env or clean_env(), timeout=900)
-    assert res.returncode == 0, res.stdout[-3000:] + res.stderr[-5000:]
-    return res
 
 
 def metrics(out):
@@ -71,12 +62,11 @@ def test_groups_learn_to_rank_held_out_groups(tmp_path):
     train = write_jsonl(generate_groups(600, seed=0, **kw), tmp_path / "train.jsonl")
     held_out = write_jsonl(generate_groups(100, seed=1, **kw), tmp_path / "eval.jsonl")
     out = tmp_path / "run"
-    env = clean_env()
-    env["OMP_NUM_THREADS"] = "2"
-    res = run({"model.name_or_path": demo["model.name_or_path"], "model.dtype": "fp32", "data.kind": "groups",
-               "data.train": train, "data.eval": held_out, "data.max_length": 256, "train.output_dir": out,
-               "train.pairs_per_batch": 16, "train.lr": 3e-3, "train.epochs": 6.0, "train.warmup_ratio": 0.05,
-               "train.log_every": 10, "train.export": True, "train.tensorboard": False}, env)
+    res = train_cli({
+        "model.name_or_path": demo["model.name_or_path"], "model.dtype": "fp32", "data.kind": "groups",
+        "data.train": train, "data.eval": held_out, "data.max_length": 256, "train.output_dir": out,
+        "train.pairs_per_batch": 16, "train.lr": 3e-3, "train.epochs": 6.0, "train.warmup_ratio": 0.05,
+        "train.log_every": 10, "train.export": True, "train.tensorboard": False}, threads=2)
     assert "layout: prefix_shared" in res.stdout
     assert "data: 700 rows read, 700 groups kept (4200 comparisons); 0 truncated" in res.stdout
     assert "data: 0 tied response pairs (no comparison), 0 identical responses merged" in res.stdout
@@ -110,7 +100,7 @@ def test_prefix_shared_group_training_follows_padded(engine_setup, groups_data, 
     runs, evals = {}, {}
     for layout in ("padded", "prefix_shared"):
         out = tmp_path / layout
-        res = run(base_args(engine_setup, out, **{
+        res = train_cli(base_args(engine_setup, out, **{
             "data.kind": "groups", "data.train": groups_data / "train.jsonl", "data.eval": groups_data / "eval.jsonl",
             "train.layout": layout, "train.group_weighting": "group", "train.margin_scale": 0.1}))
         assert f"layout: {layout}" in res.stdout

@@ -168,33 +168,36 @@ def test_tie_pairs_are_counted_weighted_and_set_aside_unless_davidson(tmp_path):
     assert batch.comparison_weight.tolist() == [1 + i % 3 for i in range(8)]
 
 
-@pytest.mark.slow
-def test_davidson_learns_to_call_ties_through_rmfast_train(tmp_path):
-    # the demo's model on synthetic pairs of which a third are ties (two right answers in different words):
-    # strict pairs ordered, ties called ties (ν learnt above 1), through rmfast-train as users run it
-    import subprocess
-
-    from helpers import clean_env, command
+def learn_on_the_demo_model(tmp_path, train_rows, eval_rows, **flags):
+    """rmfast-train as users run it: the demo's model (a 2-layer Llama, hidden 128) on these rows, with these
+    flags besides the common ones. Returns (the finished process, every eval record, the run folder)."""
+    from helpers import train_cli
     from rmfast.cli import demo_setup
-    from rmfast.data import generate_pairs
     from rmfast.data.synthetic import write_jsonl
 
     demo = demo_setup(tmp_path / "demo", pairs=10)
-    kw = dict(style="explicit", max_history=0, max_operand=3, difficulty="easy", ties=0.3)
-    train = write_jsonl(generate_pairs(300, seed=0, **kw), tmp_path / "train.jsonl")
-    held_out = write_jsonl(generate_pairs(100, seed=1, **kw), tmp_path / "eval.jsonl")
     out = tmp_path / "run"
-    env = clean_env()
-    env["OMP_NUM_THREADS"] = "2"
-    flags = {"model.name_or_path": demo["model.name_or_path"], "model.dtype": "fp32", "data.train": train,
-             "data.eval": held_out, "data.max_length": 256, "train.output_dir": out, "train.objective": "davidson",
-             "train.pairs_per_batch": 16, "train.lr": 3e-3, "train.epochs": 3, "train.warmup_ratio": 0.05,
-             "train.log_every": 20, "train.tensorboard": False}
-    res = subprocess.run(command(1) + [x for k, v in flags.items() for x in (f"--{k}", str(v))],
-                         capture_output=True, text=True, env=env, timeout=900)
-    assert res.returncode == 0, res.stdout[-3000:] + res.stderr[-3000:]
+    res = train_cli({"model.name_or_path": demo["model.name_or_path"], "model.dtype": "fp32",
+                     "data.train": write_jsonl(train_rows, tmp_path / "train.jsonl"),
+                     "data.eval": write_jsonl(eval_rows, tmp_path / "eval.jsonl"), "data.max_length": 256,
+                     "train.output_dir": out, "train.pairs_per_batch": 16, "train.warmup_ratio": 0.05,
+                     "train.tensorboard": False, **flags}, threads=2)
+    evals = [json.loads(x) for x in (out / "metrics.jsonl").read_text().splitlines() if '"eval_accuracy"' in x]
+    return res, evals, out
+
+
+@pytest.mark.slow
+def test_davidson_learns_to_call_ties_through_rmfast_train(tmp_path):
+    # the demo's model on synthetic pairs of which a third are ties (two right answers in different words):
+    # strict pairs ordered, ties called ties (ν learnt above 1)
+    from rmfast.data import generate_pairs
+
+    kw = dict(style="explicit", max_history=0, max_operand=3, difficulty="easy", ties=0.3)
+    res, evals, out = learn_on_the_demo_model(tmp_path, generate_pairs(300, seed=0, **kw),
+                                              generate_pairs(100, seed=1, **kw), **{
+                                                  "train.objective": "davidson", "train.lr": 3e-3,
+                                                  "train.epochs": 3, "train.log_every": 20})
     assert "of the pairs are ties (the davidson objective trains on them" in res.stdout
-    evals = [json.loads(x) for x in (out / "metrics.jsonl").read_text().splitlines() if "eval_ties" in x]
     first, last = evals[0], evals[-1]
     assert 20 <= last["eval_ties"] <= 40 and last["eval_pairs"] == 100
     assert first["eval_tie_accuracy"] < 0.7 and last["eval_tie_accuracy"] >= 0.9, (first, last)
@@ -246,29 +249,15 @@ def test_weight_0_rows_are_set_aside_and_a_change_of_objective_is_not_resumed():
 @pytest.mark.slow
 def test_plackett_luce_learns_to_order_groups_through_rmfast_train(tmp_path):
     # the demo's model on scored groups of 4 answers (the right one, three wrong ones further and further off):
-    # the whole ranking learnt from each group's likelihood, through rmfast-train as users run it
-    import subprocess
-
-    from helpers import clean_env, command
-    from rmfast.cli import demo_setup
+    # the whole ranking learnt from each group's likelihood
     from rmfast.data import generate_groups
-    from rmfast.data.synthetic import write_jsonl
 
-    demo = demo_setup(tmp_path / "demo", pairs=10)
     kw = {"k": 4, "max_operand": 3, "max_history": 0, "shape": "scores"}
-    train = write_jsonl(generate_groups(300, seed=0, **kw), tmp_path / "train.jsonl")
-    held_out = write_jsonl(generate_groups(60, seed=1, **kw), tmp_path / "eval.jsonl")
-    out = tmp_path / "run"
-    env = clean_env()
-    env["OMP_NUM_THREADS"] = "2"
-    flags = {"model.name_or_path": demo["model.name_or_path"], "model.dtype": "fp32", "data.kind": "groups",
-             "data.train": train, "data.eval": held_out, "data.max_length": 256, "train.output_dir": out,
-             "train.objective": "plackett_luce", "train.pairs_per_batch": 16, "train.lr": 4e-3, "train.epochs": 12,
-             "train.warmup_ratio": 0.05, "train.log_every": 50, "train.tensorboard": False, "train.export": False}
-    res = subprocess.run(command(1) + [x for k, v in flags.items() for x in (f"--{k}", str(v))],
-                         capture_output=True, text=True, env=env, timeout=900)
-    assert res.returncode == 0, res.stdout[-3000:] + res.stderr[-3000:]
-    evals = [json.loads(x) for x in (out / "metrics.jsonl").read_text().splitlines() if "eval_kendall_tau" in x]
+    _, evals, _ = learn_on_the_demo_model(tmp_path, generate_groups(300, seed=0, **kw),
+                                          generate_groups(60, seed=1, **kw), **{
+                                              "data.kind": "groups", "train.objective": "plackett_luce",
+                                              "train.lr": 4e-3, "train.epochs": 12, "train.log_every": 50,
+                                              "train.export": False})
     first, last = evals[0], evals[-1]
     assert last["eval_groups"] == 60 and last["eval_pairs"] == 360
     assert first["eval_kendall_tau"] < 0.5 and first["eval_accuracy"] < 0.8, first

@@ -337,13 +337,15 @@ def test_trl_grpo_trainer_trains_on_rewards_from_the_server(server, export, tmp_
     # sent to /v1/rewards as one group
     pytest.importorskip("trl")
     import torch
-    from transformers import AutoTokenizer, LlamaConfig, LlamaForCausalLM
+    from transformers import AutoTokenizer, LlamaForCausalLM
+
+    from helpers import tiny_config
 
     _, path, rows, _ = export
     tok = AutoTokenizer.from_pretrained(path)
-    cfg = LlamaConfig(vocab_size=len(tok), hidden_size=32, intermediate_size=64, num_hidden_layers=1,
-                      num_attention_heads=4, num_key_value_heads=2, max_position_embeddings=256,
-                      bos_token_id=tok.bos_token_id, eos_token_id=tok.eos_token_id, pad_token_id=tok.pad_token_id)
+    cfg = tiny_config("llama", pad_id=tok.pad_token_id, eos_id=tok.eos_token_id, bos_id=tok.bos_token_id,
+                      vocab=len(tok))
+    cfg.max_position_embeddings = 256  # a prompt and its completion
     torch.manual_seed(0)
     LlamaForCausalLM(cfg).save_pretrained(tmp_path / "policy")
     tok.save_pretrained(tmp_path / "policy")

@@ -66,7 +66,12 @@ def describe(args, groups):
     is a group of two: one comparison)."""
     sizes = groups.sizes
     values, n = np.unique(sizes, return_counts=True)
-    C = sum(len(groups.comparisons(i)[0]) for i in range(len(groups)))
+    C, as_pairs = 0, 0  # as_pairs: each comparison as its own prefix-shared pair (prompt + both responses)
+    for i in range(len(groups)):
+        rs = [len(r) for r in groups.responses[i]]
+        for b, w in groups.comparisons(i)[0]:
+            C += 1
+            as_pairs += len(groups.prompt[i]) + rs[b] + rs[w]
     pairs = bool(np.all(sizes == 2))
     unit = "pair" if pairs else "comparison"
     if not pairs:
@@ -80,10 +85,6 @@ def describe(args, groups):
           f"nothing)")
     per = len(groups) if pairs else max(C, 1)  # a pair (a tie too) or a comparison
     cost = {layout: groups.lengths(layout).sum() / per for layout in ("padded", "packed", "prefix_shared")}
-    as_pairs = 0  # each comparison as its own prefix-shared pair (prompt + both responses)
-    for i in range(len(groups)):
-        rs = [len(r) for r in groups.responses[i]]
-        as_pairs += sum(len(groups.prompt[i]) + rs[b] + rs[w] for b, w in groups.comparisons(i)[0])
     fixed = f"padded to {args.max_length}: {2 * args.max_length:,}; " if pairs else ""
     print(f"  token positions per {unit}: {fixed}padded (every response its own row, to the "
           f"{'pair' if pairs else 'group'}'s longest): {cost['padded']:,.1f}; packed: "
