@@ -295,40 +295,120 @@ def test_cache_is_keyed_by_data_options_and_tokenizer(tmp_path, tokenizer, cfg):
     assert not report.cached and len(train) == 21
 
 
+def _mapped(array):
+    """Whether a numpy array reads a memory-mapped file (through however many views)."""
+    import mmap
+
+    while array is not None and not isinstance(array, mmap.mmap):
+        array = array.base
+    return array is not None
+
+
+def test_cached_data_is_memory_mapped_and_shared_not_copied(tmp_path, tokenizer, cfg):
+    """A cache entry is read in place: its token arrays are views of the mapped files (every rank of a node maps
+    the same pages), and splitting, weighting and mixing sources make new row indices, not copies. The rows
+    equal the freshly tokenized ones, as lists and as mapped views alike."""
+    a = write(tmp_path / "a.jsonl", generate_pairs(40, style="explicit", seed=1))
+    b = write(tmp_path / "b.jsonl", generate_pairs(30, style="explicit", seed=2))
+    config = cfg(f"{a}@1.5", b, eval_fraction=0.25)
+    uncached, _, _ = load_data(cfg(f"{a}@1.5", b, eval_fraction=0.25, cache_dir=str(tmp_path / "other")), tokenizer)
+    train, evals, report = load_data(config, tokenizer)
+    assert not report.cached
+    again, evals_again, report = load_data(config, tokenizer)
+    assert report.cached
+    for data in (train, again, evals, evals_again):
+        assert all(_mapped(p) for p in data.prompt) and all(_mapped(r) for rs in data.responses for r in rs)
+    entry = next(p for p in (tmp_path / "cache").iterdir() if p.is_dir() and json.loads(
+        (p / "meta.json").read_text())["source"] == str(a))
+    assert {p.name for p in entry.iterdir()} >= {"meta.json", "prompt.npy", "responses.npy"}
+    assert len(train) == len(again) == 30 + 15 + 22 and len(evals) == 10 + 8
+    for x, y in ((train, again), (evals, evals_again)):
+        assert list(x.locations) == list(y.locations) and x.locations == y.locations
+        assert all(np.array_equal(p, q) for p, q in zip(both_sides(x), both_sides(y)))
+        assert list(x.tags) == [None] * len(x)
+    # the same rows as a load that tokenized in memory (its cache in another folder, read back mapped too)
+    assert all(np.array_equal(p, q) for p, q in zip(both_sides(uncached), both_sides(again)))
+    np.testing.assert_array_equal(uncached.margin, again.margin)
+
+
+def test_ragged_rows_read_like_lists():
+    """The mapped form's row sequences: take (repeats), concat over several parts, nested rows, text, absent
+    entries, slices and negative indices give what the same operations on lists give."""
+    from rmfast.data.tokens import Ragged, TokenizedGroups
+
+    rng = np.random.default_rng(0)
+
+    def groups(n, seed):
+        r = np.random.default_rng(seed)
+        return TokenizedGroups([r.integers(0, 50, r.integers(0, 5)).astype(np.int32) for _ in range(n)],
+                               [[r.integers(0, 50, r.integers(1, 4)).astype(np.int32) for _ in range(r.integers(2, 5))]
+                                for _ in range(n)],
+                               [r.random(1).astype(np.float32) for _ in range(n)],
+                               locations=[f"f{seed}.jsonl:{i} é" for i in range(n)],
+                               tags=[None if i % 3 else f"s{i}" for i in range(n)])
+
+    lists = [groups(7, 1), groups(5, 2)]
+    mapped = [TokenizedGroups.of_arrays(g.arrays()) for g in lists]
+    assert isinstance(mapped[0].responses, Ragged)
+    pick = [rng.integers(0, 12, 20), rng.integers(0, 12, 3)]
+
+    def rows(g):
+        return ([p.tolist() for p in g.prompt], [[r.tolist() for r in rs] for rs in g.responses],
+                [s.tolist() for s in g.scores], list(g.locations), list(g.tags), [o.tolist() for o in g.origin])
+
+    for idx in pick:
+        want = TokenizedGroups.concat(lists).subset(idx)
+        got = TokenizedGroups.concat(mapped).subset(idx)
+        assert isinstance(got.prompt, Ragged) and len(got.prompt.parts) == 2
+        assert rows(got) == rows(want) and got.locations == list(want.locations)
+        assert got.tags[-1] == want.tags[-1] and got.prompt[-1].tolist() == want.prompt[-1].tolist()
+        assert [x.tolist() for x in got.prompt[1:4]] == [x.tolist() for x in want.prompt[1:4]]
+    with pytest.raises(IndexError):
+        mapped[0].prompt[7]
+    empty = TokenizedGroups.concat([mapped[0].subset([])])
+    assert len(empty) == 0 and list(empty.prompt) == []
+
+
 def _spoil(kind):
     """Ways a cache entry goes bad: each must be noticed, named once, and the data tokenized again."""
     def spoil(root):
-        meta = next(root.glob("*.json"))
-        data = next(root.glob("*.npz"))
+        entry = next(p for p in root.iterdir() if p.is_dir())
+        meta = entry / "meta.json"
         if kind == "truncated metadata":
             meta.write_text(meta.read_text()[:25])
         elif kind == "truncated data":
+            data = entry / "responses.npy"
             data.write_bytes(data.read_bytes()[:200])
+        elif kind == "a missing array":
+            (entry / "origin.npy").unlink()
         else:
-            arrays = dict(np.load(data, allow_pickle=False))
+            name = "responses_offsets" if kind == "offsets out of range" else "responses"
+            array = np.load(entry / f"{name}.npy")
             if kind == "offsets out of range":
-                arrays["responses_offsets"][-1] += 1000
+                array[-1] += 1000
             else:  # ids out of range
-                arrays["responses"][3] = 10**6
-            np.savez(data, **arrays)
+                array[3] = 10**6
+            np.save(entry / f"{name}.npy", array)
     return spoil
 
 
-@pytest.mark.parametrize("kind", ["truncated metadata", "truncated data", "offsets out of range", "ids out of range"])
+@pytest.mark.parametrize("kind", ["truncated metadata", "truncated data", "a missing array", "offsets out of range",
+                                  "ids out of range"])
 def test_a_bad_cache_entry_is_named_once_and_tokenized_again(tmp_path, tokenizer, cfg, capsys, kind, monkeypatch):
     import rmfast.data.loader as loader
 
     monkeypatch.setattr(loader, "_WARNED", set())
     config = cfg(write(tmp_path / "a.jsonl", generate_pairs(30, style="explicit")))
     first, _, _ = load_data(config, tokenizer)
+    first = [np.array(x) for x in both_sides(first)]  # copied: the test spoils the files it maps in place
     _spoil(kind)(tmp_path / "cache")
     capsys.readouterr()
     again, _, report = load_data(config, tokenizer)
     err = capsys.readouterr().err
     assert not report.cached and err.count("tokenization cache") == 1 and str(tmp_path / "cache") in err
     assert "RMFAST_CACHE" in err and "data.cache_dir" in err
-    assert len(first) == len(again) == 30
-    assert all(np.array_equal(a, b) for a, b in zip(both_sides(first), both_sides(again)))
+    assert len(first) == 60 and len(again) == 30
+    assert all(np.array_equal(a, b) for a, b in zip(first, both_sides(again)))
     assert load_data(config, tokenizer)[2].cached  # written again, whole
 
 
@@ -343,11 +423,11 @@ def test_a_cache_that_cannot_be_written_never_stops_loading(tmp_path, tokenizer,
     if kind == "a file":
         (tmp_path / "cache").write_text("not a folder")
     else:
-        def full(self, target):
-            Path(target).write_bytes(b"partial")
+        def full(file, array, allow_pickle=True):
+            Path(file).write_bytes(b"partial")
             raise OSError(errno.ENOSPC, "No space left on device")
 
-        monkeypatch.setattr(loader.TokenizedGroups, "save", full)
+        monkeypatch.setattr(np, "save", full)
     for _ in range(2):
         train, _, report = load_data(cfg(path, eval_fraction=0.0), tokenizer)
         assert len(train) == 30 and not report.cached

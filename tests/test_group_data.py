@@ -245,7 +245,7 @@ def test_groups_are_cached_like_pairs(tmp_path, tokenizer, cfg):
     first, report1, counts1 = load_groups(str(path), tokenizer, config)
     second, report2, counts2 = load_groups(str(path), tokenizer, config)
     assert not report1.cached and report2.cached and counts1 == counts2 and counts1.merged == 1
-    assert len(list((tmp_path / "cache").glob("*.npz"))) == 1
+    assert len(list((tmp_path / "cache").iterdir())) == 1
     a, b = first, second
     assert a.locations == b.locations and a.tags == b.tags == ["s1", None]
     assert [x.tolist() for x in a.prompt] == [x.tolist() for x in b.prompt]
@@ -259,7 +259,7 @@ def test_groups_are_cached_like_pairs(tmp_path, tokenizer, cfg):
     pair_path = write(tmp_path / "pairs.jsonl", [{"prompt": "Q: hi", "chosen": " hello", "rejected": " bye"}])
     load_groups(str(pair_path), tokenizer, config)
     load_data(DataConfig(train=[str(pair_path)], cache_dir=config.cache_dir), tokenizer)
-    assert len(list((tmp_path / "cache").glob("*.npz"))) == 3  # a pair file read as groups and as pairs
+    assert len(list((tmp_path / "cache").iterdir())) == 3  # a pair file read as groups and as pairs
 
 
 # ---------------------------------------------------------------- the other kind, and mappings, named

@@ -7,8 +7,8 @@ by reason in the returned report, which the caller prints before training starts
 import hashlib
 import json
 import os
+import shutil
 import sys
-import zipfile
 from collections import Counter
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
@@ -21,10 +21,10 @@ from .formats import FORMATS, REASONS, BadRow, parse_row
 from .group_tokens import GroupCounts, tokenize_groups
 from .groups import parse_group_row, source_kind
 from .tokenize import LengthPolicy, tokenize_pairs_parallel
-from .tokens import TokenizedGroups
+from .tokens import TokenizedGroups, read_arrays
 from ..errors import UserError
 
-CACHE_VERSION = 3  # 2: no pickled arrays; 3: pairs and groups in one form (TokenizedGroups)
+CACHE_VERSION = 4  # 2: no pickled arrays; 3: pairs and groups in one form; 4: a folder of .npy, memory-mapped
 BAD_ROW_MODES = ("error", "skip")
 
 
@@ -200,19 +200,13 @@ def load_source(source: Source, tokenizer, config: DataConfig, tokenizer_fp=None
     tokenizer_fp = tokenizer_fp or tokenizer_fingerprint(tokenizer)
     root = cache_root(config)
     key = _cache_key(source, tokenizer_fp, config, kind)
-    data_path, meta_path = root / f"{key}.npz", root / f"{key}.json"
-    if data_path.exists() and meta_path.exists():
+    entry, stale = root / key, False
+    if entry.is_dir():
         try:
-            meta = json.loads(meta_path.read_text())
-            report = DataReport(meta["rows"], meta["pairs"], Counter(meta["bad"]), meta["bad_examples"],
-                                meta["truncated"], Counter(meta["dropped"]), cached=True,
-                                groups=Counter(meta["groups"]) if meta.get("groups") is not None else None,
-                                ties=meta.get("ties", 0))
-            with np.load(data_path, allow_pickle=False) as arrays:
-                check_cache_arrays(arrays, len(tokenizer))
-            tokenized = TokenizedGroups.load(data_path)
-        except (ValueError, OSError, KeyError, TypeError, EOFError, zipfile.BadZipFile) as exc:
+            tokenized, report = _read_entry(entry, len(tokenizer))
+        except (ValueError, OSError, KeyError, TypeError, EOFError) as exc:
             cache_warning(root, f"ignoring its entry {key} ({type(exc).__name__}: {exc}) and tokenizing again")
+            stale = True
         else:
             _check_bad(report, config, source.path)
             return tokenized, report
@@ -220,21 +214,33 @@ def load_source(source: Source, tokenizer, config: DataConfig, tokenizer_fp=None
     meta = {"source": source.path, "rows": report.rows, "pairs": report.pairs, "bad": dict(report.bad),
             "bad_examples": report.bad_examples, "truncated": report.truncated, "dropped": dict(report.dropped),
             "groups": dict(report.groups) if report.groups is not None else None, "ties": report.ties}
-    tmp_data, tmp_meta = root / f".{key}.tmp.{os.getpid()}.npz", root / f".{key}.tmp.{os.getpid()}.json"
-    try:  # both files atomically (a reader sees the whole entry or none of it); a cache is optional
+    try:  # one folder renamed into place: a reader sees the whole entry or none of it; a cache is optional
         root.mkdir(parents=True, exist_ok=True)
-        tokenized.save(tmp_data)
-        tmp_meta.write_text(json.dumps(meta, indent=1))
-        os.replace(tmp_data, data_path)
-        os.replace(tmp_meta, meta_path)
+        if stale:
+            shutil.rmtree(entry)
+        tokenized.save(entry, extra={META: json.dumps(meta, indent=1)})
     except OSError as exc:
         cache_warning(root, f"cannot write to it ({exc.strerror or exc})")
-        for tmp in (tmp_data, tmp_meta):
-            try:
-                tmp.unlink(missing_ok=True)
-            except OSError:
-                pass
-    return tokenized, report
+        return tokenized, report
+    try:  # read back memory-mapped: this rank then holds the data as the others will, in pages they share
+        return _read_entry(entry, len(tokenizer))[0], report
+    except (ValueError, OSError, KeyError, TypeError, EOFError):
+        return tokenized, report
+
+
+META = "meta.json"
+
+
+def _read_entry(entry, vocab):
+    """(TokenizedGroups memory-mapped from a cache folder, DataReport); ValueError & co. for a bad entry."""
+    meta = json.loads((entry / META).read_text())
+    report = DataReport(meta["rows"], meta["pairs"], Counter(meta["bad"]), meta["bad_examples"],
+                        meta["truncated"], Counter(meta["dropped"]), cached=True,
+                        groups=Counter(meta["groups"]) if meta.get("groups") is not None else None,
+                        ties=meta.get("ties", 0))
+    arrays = read_arrays(entry)
+    check_cache_arrays(arrays, vocab)
+    return TokenizedGroups.of_arrays(arrays), report
 
 
 _WARNED = set()
@@ -254,7 +260,7 @@ def check_cache_arrays(arrays, vocab):
     that stay inside their arrays; ValueError naming the first array that does not (a truncated or foreign
     file)."""
     counts = {}
-    for name in ("prompt", "responses", "scores", "origin"):
+    for name in ("prompt", "responses", "scores", "origin", "locations", "tags"):
         data, offsets = arrays[name], arrays[f"{name}_offsets"]
         if offsets.ndim != 1 or len(offsets) == 0 or offsets[0] != 0 or offsets[-1] != len(data) \
                 or np.any(np.diff(offsets) < 0):
@@ -262,10 +268,11 @@ def check_cache_arrays(arrays, vocab):
         counts[name] = len(offsets) - 1
         if name in ("prompt", "responses") and len(data) and (data.min() < 0 or data.max() >= vocab):
             raise ValueError(f"{name} holds token ids outside the tokenizer's {vocab}")
-    for name in ("sizes", "weight", "margin", "locations"):
+    for name in ("sizes", "weight", "margin", "tagged"):
         counts[name] = len(arrays[name])
     sizes, n = arrays["sizes"], counts["prompt"]
-    if not all(counts[k] == n for k in ("sizes", "weight", "margin", "locations", "scores", "origin")) \
+    if not all(counts[k] == n for k in ("sizes", "weight", "margin", "locations", "tags", "tagged", "scores",
+                                         "origin")) \
             or int(sizes.sum()) != counts["responses"] or np.any(sizes < 0) \
             or np.any(np.diff(arrays["scores_offsets"]) != sizes):
         raise ValueError(f"array lengths {counts} disagree with each other")

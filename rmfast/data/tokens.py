@@ -4,7 +4,11 @@ two, chosen scored 1 over rejected scored 0), columnar, with its on-disk cache f
 Every row shape (pairs, scored or ranked groups) becomes a TokenizedGroups at tokenization; everything below
 (layouts, the objective, evaluation, the scorer, the server) reads this form alone."""
 
+import os
+import shutil
+from collections.abc import Sequence
 from dataclasses import dataclass
+from pathlib import Path
 
 import numpy as np
 
@@ -25,6 +29,115 @@ def shared_prefix(a, b):
     return min(common_prefix(a, b), len(a) - 1, len(b) - 1)
 
 
+class Ragged(Sequence):
+    """Rows of variable-length arrays over flat storage, read without copying. A part is (data, offsets, nest,
+    present): item j is data[offsets[j]:offsets[j + 1]]; row r is item r, or with `nest` the list of items
+    nest[r]:nest[r + 1] (a group's responses); with `present`, row r is None where present[r] is false. Row i of
+    this sequence is row rows[i] of part which[i]. text: items are UTF-8 bytes, read as str.
+
+    The parts are held by reference: a cache entry's arrays memory-mapped from disk are shared by every process
+    of a node that maps them (the page cache holds one copy), and take()/concat() make new row indices, never
+    copies of the data."""
+
+    def __init__(self, parts, which, rows, text=False):
+        self.parts, self.which, self.rows, self.text = parts, which, rows, text
+
+    @classmethod
+    def of(cls, data, offsets, nest=None, present=None, text=False):
+        n = len(nest if nest is not None else offsets) - 1
+        return cls([(data, offsets, nest, present)], None, np.arange(n, dtype=np.int64), text)
+
+    def __len__(self):
+        return len(self.rows)
+
+    def _item(self, data, offsets, j):
+        x = data[offsets[j]:offsets[j + 1]]
+        return x.tobytes().decode() if self.text else x
+
+    def __getitem__(self, i):
+        if isinstance(i, slice):
+            return self.take(np.arange(len(self))[i])
+        r = self.rows[i]
+        data, offsets, nest, present = self.parts[0 if self.which is None else self.which[i]]
+        if present is not None and not present[r]:
+            return None
+        if nest is None:
+            return self._item(data, offsets, r)
+        return [self._item(data, offsets, j) for j in range(nest[r], nest[r + 1])]
+
+    def __iter__(self):
+        return (self[i] for i in range(len(self)))
+
+    def __eq__(self, other):
+        if isinstance(other, (list, Ragged)) and self.text:
+            return list(self) == list(other)
+        return NotImplemented
+
+    __hash__ = None
+
+    def __repr__(self):
+        return f"Ragged({len(self)} rows over {len(self.parts)} part(s))"
+
+    def take(self, indices):
+        idx = np.asarray(indices, np.int64)
+        return Ragged(self.parts, None if self.which is None else self.which[idx], self.rows[idx], self.text)
+
+    @staticmethod
+    def concat(items):
+        """One sequence of the items' rows in order, over their parts (by reference)."""
+        parts, which, rows = [], [], []
+        for item in items:
+            ids = []
+            for part in item.parts:
+                at = next((k for k, p in enumerate(parts) if p is part), None)
+                if at is None:
+                    parts.append(part)
+                    at = len(parts) - 1
+                ids.append(at)
+            which.append(np.asarray(ids, np.int32)[item.which if item.which is not None else
+                                                   np.zeros(len(item), np.int64)])
+            rows.append(item.rows)
+        text = bool(items) and items[0].text
+        if not parts:
+            return Ragged.of(np.zeros(0, np.uint8 if text else np.int32), np.zeros(1, np.int64), text=text)
+        which = np.concatenate(which)
+        return Ragged(parts, None if len(parts) == 1 else which, np.concatenate(rows), text)
+
+
+def _take(seq, idx):
+    return seq.take(idx) if isinstance(seq, Ragged) else [seq[i] for i in idx]
+
+
+def _concat(seqs):
+    if seqs and all(isinstance(s, Ragged) for s in seqs):
+        return Ragged.concat(seqs)
+    return [x for s in seqs for x in s]
+
+
+def _flat(seqs, dtype):
+    """(data, offsets) of a sequence of arrays laid end to end."""
+    offsets = np.zeros(len(seqs) + 1, dtype=np.int64)
+    np.cumsum([len(s) for s in seqs], out=offsets[1:])
+    return (np.concatenate(list(seqs)).astype(dtype, copy=False) if len(seqs) else np.zeros(0, dtype)), offsets
+
+
+def _flat_text(texts):
+    encoded = [np.frombuffer((t or "").encode(), np.uint8) for t in texts]
+    return _flat(encoded, np.uint8)
+
+
+def read_arrays(path, mmap=True):
+    """{name: array} of a folder written by TokenizedGroups.save (memory-mapped read-only with mmap); an array
+    of Python objects is refused (ValueError), never unpickled."""
+    return {name: np.asarray(np.load(Path(path) / f"{name}.npy", mmap_mode="r" if mmap else None,
+                                     allow_pickle=False)) for name in ARRAYS}
+
+
+ARRAYS = ("prompt", "prompt_offsets", "responses", "responses_offsets", "sizes", "scores", "scores_offsets",
+          "origin", "origin_offsets", "weight", "margin", "locations", "locations_offsets", "tags",
+          "tags_offsets", "tagged")
+
+
 @dataclass
 class TokenizedGroups:
     """Tokenized groups, columnar. prompt: [n] int32 arrays (what every response of the group shares);
@@ -33,7 +146,10 @@ class TokenizedGroups:
     weight; locations: where each came from; tags: the row's `subset` or None; origin: [n] int64 arrays, for
     each response of the row as read, the response it became (identical ones merged) or -1 where the length
     policy dropped it; margin: float32 [n], the row's margin column (a pair's), added to each of its
-    comparisons' margins in the loss, NaN where the row had none (a zero margin is a margin, not a tie)."""
+    comparisons' margins in the loss, NaN where the row had none (a zero margin is a margin, not a tie).
+
+    The per-row columns are lists as tokenization builds them, or Ragged views of a cache entry's
+    memory-mapped arrays (load): rows are read alike from either."""
 
     prompt: list
     responses: list
@@ -85,22 +201,21 @@ class TokenizedGroups:
             return self.sizes * (prompt + longest)
         raise ValueError(f"unknown layout {layout!r}; use padded, packed or prefix_shared")
 
+    COLUMNS = ("prompt", "responses", "scores", "locations", "tags", "origin")
+
     def subset(self, indices):
-        idx = [int(i) for i in indices]
-        return TokenizedGroups([self.prompt[i] for i in idx], [self.responses[i] for i in idx],
-                               [self.scores[i] for i in idx], self.weight[idx],
-                               [self.locations[i] for i in idx], [self.tags[i] for i in idx],
-                               [self.origin[i] for i in idx], self.margin[idx])
+        """The groups at `indices` (repeats allowed); memory-mapped columns stay mapped (no copy)."""
+        idx = np.asarray(indices, np.int64).reshape(-1)
+        cols = {name: _take(getattr(self, name), idx) for name in self.COLUMNS}
+        return TokenizedGroups(weight=self.weight[idx], margin=self.margin[idx], **cols)
 
     @staticmethod
     def concat(parts):
         parts = list(parts)
-        return TokenizedGroups([x for p in parts for x in p.prompt], [x for p in parts for x in p.responses],
-                               [x for p in parts for x in p.scores],
-                               np.concatenate([p.weight for p in parts] or [np.zeros(0, np.float32)]),
-                               [x for p in parts for x in p.locations], [x for p in parts for x in p.tags],
-                               [x for p in parts for x in p.origin],
-                               np.concatenate([p.margin for p in parts] or [np.zeros(0, np.float32)]))
+        cols = {name: _concat([getattr(p, name) for p in parts]) for name in TokenizedGroups.COLUMNS}
+        return TokenizedGroups(weight=np.concatenate([p.weight for p in parts] or [np.zeros(0, np.float32)]),
+                               margin=np.concatenate([p.margin for p in parts] or [np.zeros(0, np.float32)]),
+                               **cols)
 
     @staticmethod
     def of_pairs(chosen, rejected, margin=None, locations=None, weight=None):
@@ -115,35 +230,57 @@ class TokenizedGroups:
         scores = [np.array([1.0, 0.0], np.float32) for _ in prompt]
         return TokenizedGroups(prompt, responses, scores, weight, locations, None, None, margin)
 
-    def save(self, path):
-        """To an .npz of flat arrays (read back with allow_pickle=False: a cache file cannot run code)."""
-        def flat(seqs, dtype):
-            offsets = np.zeros(len(seqs) + 1, dtype=np.int64)
-            np.cumsum([len(s) for s in seqs], out=offsets[1:])
-            return (np.concatenate(seqs).astype(dtype) if seqs else np.zeros(0, dtype)), offsets
-
+    def arrays(self):
+        """The flat arrays of the cache format (ARRAYS): each column laid end to end with its offsets."""
+        out = {}
         responses = [r for rs in self.responses for r in rs]
-        arrays = {}
         for name, seqs, dtype in (("prompt", self.prompt, np.int32), ("responses", responses, np.int32),
                                   ("scores", self.scores, np.float32), ("origin", self.origin, np.int64)):
-            arrays[name], arrays[f"{name}_offsets"] = flat(seqs, dtype)
-        np.savez(path, **arrays, sizes=self.sizes, weight=self.weight, margin=self.margin,
-                 locations=np.array(self.locations, dtype=str),
-                 tags=np.array(["" if t is None else t for t in self.tags], dtype=str),
-                 tagged=np.array([t is not None for t in self.tags], dtype=bool))
+            out[name], out[f"{name}_offsets"] = _flat(seqs, dtype)
+        out["locations"], out["locations_offsets"] = _flat_text(self.locations)
+        out["tags"], out["tags_offsets"] = _flat_text(self.tags)
+        out.update(sizes=self.sizes, weight=self.weight, margin=self.margin,
+                   tagged=np.array([t is not None for t in self.tags], dtype=bool))
+        return out
+
+    def save(self, path, extra=None):
+        """To a folder of .npy files, one per array (read back with allow_pickle=False: a cache file cannot run
+        code), written beside it and renamed into place: a reader sees the whole folder or none of it. extra: {file
+        name: text} written into the folder too. Returns False when another process put the same folder there
+        first (it then holds the same data)."""
+        path = Path(path)
+        tmp = path.with_name(f".{path.name}.tmp.{os.getpid()}")
+        shutil.rmtree(tmp, ignore_errors=True)
+        tmp.mkdir(parents=True)
+        try:
+            for name, array in self.arrays().items():
+                np.save(tmp / f"{name}.npy", np.ascontiguousarray(array), allow_pickle=False)
+            for name, text in (extra or {}).items():
+                (tmp / name).write_text(text)
+            try:
+                os.rename(tmp, path)
+            except OSError:
+                if not path.is_dir():
+                    raise
+                return False
+            return True
+        finally:
+            shutil.rmtree(tmp, ignore_errors=True)
 
     @staticmethod
-    def load(path):
-        z = np.load(path, allow_pickle=False)
+    def load(path, mmap=True):
+        """A folder written by save(). mmap: the arrays are memory-mapped, read-only, and the groups read them
+        in place (every rank of a node maps the same pages); else read into memory."""
+        return TokenizedGroups.of_arrays(read_arrays(path, mmap))
 
-        def split(name):
-            data, offsets = z[name], z[f"{name}_offsets"]
-            return [data[offsets[i]:offsets[i + 1]] for i in range(len(offsets) - 1)]
-
-        flat, at, responses = split("responses"), 0, []
-        for k in z["sizes"].tolist():
-            responses.append(flat[at:at + k])
-            at += k
-        tags = [t if tagged else None for t, tagged in zip(z["tags"].tolist(), z["tagged"].tolist())]
-        return TokenizedGroups(split("prompt"), responses, split("scores"), z["weight"], z["locations"].tolist(),
-                               tags, split("origin"), z["margin"])
+    @staticmethod
+    def of_arrays(z):
+        """The groups over the flat arrays of arrays() (by reference)."""
+        nest = np.zeros(len(z["sizes"]) + 1, np.int64)
+        np.cumsum(z["sizes"], out=nest[1:])
+        return TokenizedGroups(Ragged.of(z["prompt"], z["prompt_offsets"]),
+                               Ragged.of(z["responses"], z["responses_offsets"], nest=nest),
+                               Ragged.of(z["scores"], z["scores_offsets"]), z["weight"],
+                               Ragged.of(z["locations"], z["locations_offsets"], text=True),
+                               Ragged.of(z["tags"], z["tags_offsets"], present=z["tagged"], text=True),
+                               Ragged.of(z["origin"], z["origin_offsets"]), z["margin"])
