@@ -5,7 +5,7 @@ PY     := $(VENV)/bin/python
 PIP    := $(PY) -m pip
 TORCH  ?= torch==2.14.1
 
-.PHONY: setup demo demo-loss test test-fast lint bench env clean
+.PHONY: setup demo demo-loss test test-fast test-floors lint bench env clean
 
 # Marker files keep `make test` from reinstalling; csrc changes rebuild the extension.
 $(VENV)/.torch:
@@ -38,6 +38,12 @@ lint: setup
 test-fast: setup
 	$(PY) -m pytest tests -n 2 -m "not slow"
 
+# the unit tier again with the lowest version pyproject.toml admits of every dependency with a floor (torch
+# excepted): the declared floors are tested (tools/floors.py)
+test-floors: setup
+	$(PY) tools/floors.py .venv-floors $(PY)
+	.venv-floors/bin/python -m pytest tests -n 2 -m "not slow" -q -p no:cacheprovider
+
 bench: setup
 	$(PY) benchmarks/bench_loss.py
 
@@ -45,4 +51,4 @@ env: setup
 	$(VENV)/bin/rmfast-env
 
 clean:
-	rm -rf $(VENV) build *.egg-info rmfast/_C*.so
+	rm -rf $(VENV) .venv-floors build *.egg-info rmfast/_C*.so
