@@ -93,7 +93,23 @@ def test_deepspeed_launcher_runs_as_torchrun_does(setup, tmp_path):
                          timeout=900)
     assert res.returncode == 0, res.stdout[-3000:] + res.stderr[-5000:]
     assert "(bfloat16)" in res.stdout + res.stderr
-    train(setup, tmp_path / "torchrun", nproc=2, **run)
+    # the same run as two nodes of one rank each, each with a node-local cache (empty): each node tokenizes the
+    # data once, node 1 after node 0 (tokenized once per node), and trains as the launcher's two ranks did
+    port, procs = free_port(), []
+    for node in (0, 1):
+        env = {**clean_env(), "RMFAST_CACHE": str(tmp_path / f"node{node}")}
+        args = args_for(setup, tmp_path / "torchrun", **run)
+        at = args.index("--data.cache_dir")
+        del args[at:at + 2]
+        procs.append(subprocess.Popen(
+            [sys.executable, "-m", "torch.distributed.run", "--nnodes", "2", "--node_rank", str(node),
+             "--nproc_per_node", "1", "--master_addr", "127.0.0.1", "--master_port", str(port), "-m",
+             "rmfast.cli", *args], env=env, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True))
+    logs = [p.communicate(timeout=900)[0] for p in procs]
+    assert [p.returncode for p in procs] == [0, 0], logs[0][-3000:] + logs[1][-3000:]
+    entries = [sorted((tmp_path / f"node{n}" / "tokenized").iterdir()) for n in (0, 1)]
+    assert [len(e) for e in entries] == [2, 2] and [p.name for p in entries[0]] == [p.name for p in entries[1]]
+    assert min(p.stat().st_mtime for p in entries[1]) >= max(p.stat().st_mtime for p in entries[0])
     a, _ = metrics(tmp_path / "torchrun")
     b, _ = metrics(out)
     assert [r["step"] for r in b] == list(range(1, 7))
