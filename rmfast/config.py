@@ -144,9 +144,14 @@ class TrainConfig:
                                             "same, its loss divided by its comparisons (group; a pair has one)",
                               choices=["comparison", "group"])
     objective: str = _f("bradley_terry", "the loss over a micro-batch's comparisons: bradley_terry (pairwise), "
-                                         "davidson (ties kept: a tie column, equal scores) or plackett_luce (each "
-                                         "group's whole ranking); see rmfast/objective.py",
-                        choices=["bradley_terry", "davidson", "plackett_luce"])
+                                         "davidson (ties kept: a tie column, equal scores), plackett_luce (each "
+                                         "group's whole ranking), regression (an attribute head on "
+                                         "data.attributes, masked MSE) or regression+bradley_terry (both, "
+                                         "Bradley–Terry on the combined score); see rmfast/objective.py",
+                        choices=["bradley_terry", "davidson", "plackett_luce", "regression",
+                                 "regression+bradley_terry"])
+    attribute_weights: list = _f([], "regression: the fixed combination of the attributes that is the scalar "
+                                     "reward (one weight per data.attributes; default: their mean)", item=float)
     tie_nu: float = _f(1.0, "davidson: the tie parameter ν's starting value (> 0)")
     learn_tie_nu: bool = _f(True, "davidson: learn ν with the model (false: keep tie_nu fixed)")
     margin_scale: float = _f(0.0, "add margin_scale · (score_better − score_worse) to each comparison's margin "
@@ -203,8 +208,19 @@ class TrainConfig:
         trackers.check(self.report_to, self.tensorboard)
 
 
+def attribute_combination(config):
+    """The fixed combination of a run's attributes that is its scalar reward ([A] floats: train.attribute_weights,
+    else their mean), or None without data.attributes."""
+    names = list(getattr(config.data, "attributes", None) or [])
+    if not names:
+        return None
+    return [float(w) for w in config.train.attribute_weights] or [1.0 / len(names)] * len(names)
+
+
 def data_kind(config):
-    """'pairs' or 'groups' (a Config built with a plain DataConfig holds pairs)."""
+    """'pairs' or 'groups' (a Config built with a plain DataConfig holds pairs; attribute rows are groups)."""
+    if getattr(config.data, "attributes", None):
+        return "groups"
     return getattr(config.data, "kind", "pairs")
 
 
@@ -213,6 +229,19 @@ class Config:
     model: ModelConfig = field(default_factory=ModelConfig)
     data: DataSection = field(default_factory=DataSection)
     train: TrainConfig = field(default_factory=TrainConfig)
+
+    def __post_init__(self):
+        regression = self.train.objective in ("regression", "regression+bradley_terry")
+        attributes = list(getattr(self.data, "attributes", []) or [])
+        _require(not regression or attributes, f"train.objective {self.train.objective} regresses attribute columns: "
+                                               f"name them with --data.attributes (e.g. helpfulness correctness)")
+        _require(regression or not attributes, f"data.attributes {attributes} are trained by --train.objective "
+                                               f"regression or regression+bradley_terry, not {self.train.objective}")
+        w = self.train.attribute_weights
+        _require(not w or len(w) == len(attributes),
+                 f"train.attribute_weights gives {len(w)} weights for {len(attributes)} data.attributes")
+        _require(all(isinstance(x, (int, float)) and math.isfinite(x) for x in w),
+                 f"train.attribute_weights must be finite numbers, got {w}")
 
     def to_dict(self):
         return dataclasses.asdict(self)
@@ -279,6 +308,8 @@ _DATA_HELP = {
     "min_prompt_tokens": "prompt tokens truncation keeps", "chat_template": "Jinja chat template (text or file)",
     "on_bad_row": "stop on a bad row, or skip and count it", "cache_dir": "tokenization cache folder",
     "seed": "seed of the eval split and source weights", "num_proc": "tokenization processes (0: automatic)",
+    "attributes": "attribute columns (a number per response, e.g. helpfulness correctness): rows are read as "
+                  "groups (one response is a group of one), for the regression objectives",
     "eos_after_template": "append EOS after a chat template's own end too, as runs of rmfast before this option "
                           "did (off: the reward is read where apply_chat_template ends, as transformers, vLLM "
                           "and RewardBench read it)",
@@ -307,7 +338,8 @@ def add_arguments(parser):
             if isinstance(default, bool) or f.metadata.get("type") is bool:
                 kw.update(type=_parse_bool, metavar="BOOL")
             elif isinstance(default, list):
-                kw.update(nargs="+", type=float if default and isinstance(default[0], float) else str)
+                kw.update(nargs="+", type=f.metadata.get("item", float if default and isinstance(default[0], float)
+                                                         else str))
             elif isinstance(default, dict):
                 kw.update(type=json.loads, metavar="JSON")
             elif isinstance(default, (int, float)):

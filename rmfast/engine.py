@@ -22,7 +22,7 @@ import torch.distributed as dist
 from . import layouts, rundir
 from .attention import row_tokens
 from .checkpoint import load_checkpoint, read_state, resolve, save_checkpoint
-from .config import Config, data_kind
+from .config import Config, attribute_combination, data_kind
 from .data import load_data
 from .data.sampler import PairSampler
 from .distributed import close_distributed, init_distributed, on_rank0  # noqa: F401  (re-exported)
@@ -83,7 +83,7 @@ def build_data(config: Config, tokenizer, rank, log):
     ties = config.train.objective == "davidson"
     train_pairs, aside = with_comparisons(train_pairs, ties)
     if eval_pairs is not None:
-        eval_pairs, eval_aside = with_comparisons(eval_pairs, ties)
+        eval_pairs, eval_aside = with_comparisons(eval_pairs, ties) if len(eval_pairs) else (eval_pairs, 0)
         aside += eval_aside
     if rank == 0:
         for line in report.lines():
@@ -96,6 +96,12 @@ def build_data(config: Config, tokenizer, rank, log):
     return train_pairs, eval_pairs
 
 
+def export_attributes(config):
+    """(names, combination) of a run's attribute head for its export, or None."""
+    combination = attribute_combination(config)
+    return None if combination is None else (list(config.data.attributes), combination)
+
+
 def load_phase(rank, local_rank):
     """When a rank reads its data (build_data): 0 global rank 0, 1 the first rank of another node, 2 the rest."""
     return 0 if rank == 0 else (1 if local_rank == 0 else 2)
@@ -104,13 +110,16 @@ def load_phase(rank, local_rank):
 def with_comparisons(groups, ties=False):
     """(the groups with something to train on, how many were set aside): a group of weight 0 never is, nor one
     whose responses all score the same unless `ties` (the davidson objective: every pair of responses is then
-    a comparison or a tie)."""
+    a comparison or a tie), unless it has attribute values (the regression objectives)."""
     sizes = groups.sizes
     keep = (groups.weight > 0) & (sizes >= 2)
     if not ties and len(groups):
-        flat = np.concatenate(groups.scores).astype(np.float64)
+        flat = np.concatenate(list(groups.scores)).astype(np.float64)
         starts = np.concatenate([[0], np.cumsum(sizes)[:-1]])
         keep &= np.maximum.reduceat(flat, starts) > np.minimum.reduceat(flat, starts)
+    if groups.attributes is not None:
+        valued = np.fromiter((np.isfinite(a).any() for a in groups.attributes), bool, count=len(groups))
+        keep |= (groups.weight > 0) & valued
     if keep.all():
         return groups, 0
     if not keep.any():
@@ -141,6 +150,8 @@ def build_model(config: Config, ds_config, dtype, grow_vocab, log):
         model.backbone = add_lora(model.backbone, m)
     if config.train.objective == "davidson":
         model.add_tie_parameter(config.train.tie_nu, config.train.learn_tie_nu)
+    if config.data.attributes:
+        model.use_attribute_head(len(config.data.attributes), attribute_combination(config))
     if zero3:
         _finish_zero3_load(model, dtype, log)
     if m.gradient_checkpointing:
@@ -252,8 +263,8 @@ class Trainer:
         self.metrics = MetricsLog(self.folder.metrics, self.rank, self.log,
                                   open_trackers(config, self.out, self.rank, self.log))
         self.evaluator = Evaluator(self.eval_pairs, self.engine, lambda *a: self.make_batch(*a), t.eval_pairs_per_batch,
-                                   self.rank, self.world, objective=t.objective,
-                                   log_nu=self._log_nu) if self.eval_pairs is not None else None
+                                   self.rank, self.world, objective=t.objective, log_nu=self._log_nu,
+                                   attributes=list(config.data.attributes)) if self.eval_pairs is not None else None
         if self.rank == 0:
             self._save_run_files()
         if t.resume:
@@ -411,7 +422,8 @@ class Trainer:
             with carrying_template(self.tokenizer, self.config.data.chat_template):
                 export_model(self.engine.module, self.tokenizer, self.folder.export, final,
                              lora=config_lora(self.config.model),
-                             eos_after_template=self.config.data.eos_after_template)
+                             eos_after_template=self.config.data.eos_after_template,
+                             attributes=export_attributes(self.config))
             if self.rank == 0:
                 self.log(f"exported to {self.folder.export}")
         return final

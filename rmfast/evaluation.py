@@ -8,31 +8,56 @@ rejected mean and std (the better and the worse side of every strict comparison)
 every response: what an export's normalisation reads), groups (those with a strict comparison),
 top1_accuracy and kendall_tau (rmfast.group_metrics, means over those groups). With ties (the davidson
 objective): ties (tied comparisons), tie_accuracy (over every comparison, ties included: the outcome
-Davidson's model finds likeliest, a tie when |r_b − r_w| < 2 log ν) and tie_nu."""
+Davidson's model finds likeliest, a tie when |r_b − r_w| < 2 log ν) and tie_nu. With attributes (the regression
+objectives): NAME_rmse and NAME_pearson of each attribute over the responses that have a value for it, and
+attribute_values (how many values there were); the loss is the objective's (the masked mean squared error, plus
+the Bradley–Terry loss for regression+bradley_terry)."""
 
 import torch
 import torch.distributed as dist
 
 from .group_metrics import group_metrics
-from .objective import davidson_terms, plackett_luce_terms, tie_threshold
+from .objective import davidson_terms, plackett_luce_terms, regression_terms, tie_threshold
 
 
-def eval_part(rewards, batch):
+def eval_part(rewards, batch, attributes=None):
     """What the eval keeps of one scored Batch (CPU tensors, small enough to gather): every response's reward
     and, per comparison, the better and the worse reward, its margin and weight, and the batch's ranking
-    metrics."""
+    metrics; with attributes ([S, A] predicted), those, the data's and each response's weight."""
     C = batch.better_response.shape[0]
+    extra = {}
+    if attributes is not None:
+        extra = {"attributes": attributes, "target": batch.response_attributes.float(),
+                 "response_weight": batch.group_weight.float()[batch.response_group]}
     margin = batch.margin.float() if batch.margin is not None else torch.zeros(C)
     weight = batch.comparison_weight.float() if batch.comparison_weight is not None else torch.ones(C)
     tie = batch.tie if batch.tie is not None else torch.zeros(C, dtype=torch.bool)
     return {"rewards": rewards, "better": rewards[batch.better_response], "worse": rewards[batch.worse_response],
             "margin": margin, "weight": weight, "tie": tie, "group": batch.response_group,
             "scores": batch.response_scores, "group_weight": batch.group_weight.float(),
-            "metrics": group_metrics(rewards, batch)}
+            "metrics": group_metrics(rewards, batch), **extra}
 
 
 def _std(x):
     return float(x.std()) if x.numel() > 1 else 0.0
+
+
+def _attribute_metrics(parts, names):
+    """(the weighted masked mean squared error, {eval_NAME_rmse, eval_NAME_pearson, eval_attribute_values})."""
+    pred = torch.cat([p["attributes"] for p in parts]).double()
+    target = torch.cat([p["target"] for p in parts]).double()
+    weight = torch.cat([p["response_weight"] for p in parts]).double()
+    sq, n = regression_terms(pred, target)
+    count = float((weight * n).sum())
+    mse = float((weight * sq).sum()) / count if count else float("nan")
+    out = {"eval_attribute_values": int(n.sum())}
+    for a, name in enumerate(names):
+        have = torch.isfinite(target[:, a])
+        x, y = pred[have, a], target[have, a]
+        out[f"eval_{name}_rmse"] = float((x - y).square().mean().sqrt()) if len(x) else float("nan")
+        ok = len(x) > 1 and float(x.std()) > 0 and float(y.std()) > 0
+        out[f"eval_{name}_pearson"] = float(torch.corrcoef(torch.stack([x, y]))[0, 1]) if ok else float("nan")
+    return mse, out
 
 
 def _loss(parts, objective, log_nu):
@@ -54,8 +79,9 @@ def _loss(parts, objective, log_nu):
     return float((per * weight).sum() / weight.sum()) if len(per) else float("nan")
 
 
-def eval_metrics(parts, objective="bradley_terry", log_nu=0.0):
-    """The eval record (see the module docstring) of scored eval batches (eval_part each)."""
+def eval_metrics(parts, objective="bradley_terry", log_nu=0.0, attributes=()):
+    """The eval record (see the module docstring) of scored eval batches (eval_part each); attributes: the
+    attribute names (the regression objectives)."""
     better, worse = torch.cat([p["better"] for p in parts]), torch.cat([p["worse"] for p in parts])
     tie = torch.cat([p["tie"] for p in parts])
     rewards = torch.cat([p["rewards"] for p in parts])
@@ -77,6 +103,10 @@ def eval_metrics(parts, objective="bradley_terry", log_nu=0.0):
         "eval_top1_accuracy": over_groups("top1_accuracy"),
         "eval_kendall_tau": over_groups("kendall_tau"),
     }
+    if attributes:
+        mse, per_attribute = _attribute_metrics(parts, attributes)
+        pairwise = record["eval_loss"] if objective == "regression+bradley_terry" and C else 0.0
+        record.update(eval_loss=mse + pairwise, **per_attribute)
     if objective == "davidson":
         threshold = tie_threshold(log_nu)
         called_tie = diff.abs() < threshold
@@ -93,14 +123,18 @@ class Evaluator:
     kept). Calling it returns the eval record."""
 
     def __init__(self, data, engine, make_batch, batch_size, rank=0, world=1, objective="bradley_terry",
-                 log_nu=lambda: 0.0):
+                 log_nu=lambda: 0.0, attributes=()):
         self.data, self.engine, self.make_batch = data, engine, make_batch
         self.batch_size, self.rank, self.world = batch_size, rank, world
-        self.objective, self.log_nu = objective, log_nu
+        self.objective, self.log_nu, self.attributes = objective, log_nu, list(attributes)
 
     def _score(self, batch):
-        rewards = self.engine(batch, rewards_at=batch.response_index).float().cpu()
-        return eval_part(rewards, batch._map(torch.Tensor.cpu))
+        if not self.attributes:
+            rewards = self.engine(batch, rewards_at=batch.response_index).float().cpu()
+            return eval_part(rewards, batch._map(torch.Tensor.cpu))
+        attributes = self.engine(batch, attributes_at=batch.response_index).float().cpu()
+        combination = getattr(self.engine, "module", self.engine).head.combination.float().cpu()
+        return eval_part(attributes @ combination, batch._map(torch.Tensor.cpu), attributes)
 
     def parts(self):
         """eval_part of every eval micro-batch, gathered from all ranks in dataset order."""
@@ -129,4 +163,4 @@ class Evaluator:
     @torch.no_grad()
     def __call__(self):
         log_nu = self.log_nu()  # on every rank (a ZeRO-3 gather)
-        return eval_metrics(self.parts(), self.objective, log_nu)
+        return eval_metrics(self.parts(), self.objective, log_nu, self.attributes)

@@ -130,14 +130,18 @@ def _no_zero3_init():
         hf_deepspeed._hf_deepspeed_config_weak_ref = registered
 
 
-def _target(backbone_config, tokenizer):
-    """The export's layout, from the model built on the meta device (no memory, no zero.Init, no collective)."""
+def _target(backbone_config, tokenizer, labels=None):
+    """The export's layout, from the model built on the meta device (no memory, no zero.Init, no collective).
+    labels: the attribute names of an attribute head (one label each), else one label."""
     from torch import nn
     from transformers import AutoModelForSequenceClassification
 
     tokenizer = copy.deepcopy(tokenizer)
     config = backbone_config.__class__.from_dict(backbone_config.to_dict())
-    config.num_labels = 1
+    config.num_labels = len(labels) if labels else 1
+    if labels:
+        config.id2label = dict(enumerate(labels))
+        config.label2id = {name: i for i, name in enumerate(labels)}
     config.problem_type = "regression"
     grow = 0
     if tokenizer.pad_token_id is None or tokenizer.pad_token_id == tokenizer.eos_token_id:
@@ -268,9 +272,10 @@ class _Export:
     dtype: the export's floating dtype (None: the first tensor's). lora: (r, alpha) to merge adapters."""
 
     def __init__(self, backbone_config, tokenizer, out_dir, dtype=None, lora=None, max_shard_size=MAX_SHARD_SIZE,
-                 eos_after_template=False):
+                 eos_after_template=False, attributes=None):
         self.out = Path(out_dir)
-        self.target = _target(backbone_config, tokenizer)
+        self.attributes = attributes  # (names, combination) of an attribute head, or None
+        self.target = _target(backbone_config, tokenizer, attributes[0] if attributes else None)
         self.dtype, self.lora, self.score_bias, self.tie_nu = dtype, lora, None, None
         self.eos_after_template = bool(eos_after_template)
         self.tmp = _staging(self.out)
@@ -292,15 +297,17 @@ class _Export:
         if key.startswith("backbone."):
             return f"{t.prefix}.{key[len('backbone.'):]}", value
         if key == "head.weight":
-            return f"{t.head}.weight", value.reshape(1, -1)
+            return f"{t.head}.weight", value.reshape(-1, value.shape[-1])
         if key == "head.bias":
             # transformers' score layers have no bias: the export's rewards are the engine's minus this constant
-            # (pair orderings and accuracy are unchanged). It is kept in the config to add back.
-            self.score_bias = float(value.detach().reshape(-1)[0])
+            # (pair orderings and accuracy are unchanged). It is kept in the config to add back (one per
+            # attribute for an attribute head).
+            bias = value.detach().reshape(-1).double()
+            self.score_bias = bias.tolist() if self.attributes else float(bias[0])
             if not t.head_bias:
                 return None
-            self.score_bias = 0.0
-            return f"{t.head}.bias", value.reshape(1)
+            self.score_bias = [0.0] * len(bias) if self.attributes else 0.0
+            return f"{t.head}.bias", value.reshape(-1)
         if key == "tie_log_nu":  # Davidson's tie parameter (the davidson objective): kept in the config
             self.tie_nu = float(value.detach().double().exp().reshape(-1)[0])
             return None
@@ -338,6 +345,8 @@ class _Export:
             config.rmfast_score_bias = self.score_bias
         if self.tie_nu is not None:
             config.rmfast_tie_nu = self.tie_nu
+        if self.attributes:  # the scalar reward: this combination of the labels (the attributes)
+            config.rmfast_attribute_weights = [float(w) for w in self.attributes[1]]
         # where the reward is read (rmfast.data.tokenize.LengthPolicy): what a scorer of this export must do
         setattr(config, EOS_AFTER_TEMPLATE, self.eos_after_template)
         config.save_pretrained(self.tmp)
@@ -352,11 +361,11 @@ class _Export:
 
 
 def write_export(backbone_config, state, tokenizer, out_dir, eval_metrics=None, dtype=None, lora=None,
-                 max_shard_size=MAX_SHARD_SIZE, consume=False, eos_after_template=False):
+                 max_shard_size=MAX_SHARD_SIZE, consume=False, eos_after_template=False, attributes=None):
     """state: RewardModel state dict (backbone.* and head.*; PEFT keys when lora=(r, alpha)) → HF
     sequence-classification folder out_dir. dtype: the weights' dtype (default: the first tensor's).
     consume: pop tensors from state as they are written (the caller's dict shrinks; less memory)."""
-    export = _Export(backbone_config, tokenizer, out_dir, dtype, lora, max_shard_size, eos_after_template)
+    export = _Export(backbone_config, tokenizer, out_dir, dtype, lora, max_shard_size, eos_after_template, attributes)
     try:
         for keys in _layers(list(state)):
             export.feed({k: state.pop(k) if consume else state[k] for k in keys})
@@ -392,7 +401,7 @@ def _agree(error, distributed):
 
 
 def export_model(model, tokenizer, out_dir, eval_metrics=None, dtype=None, lora=None, max_shard_size=MAX_SHARD_SIZE,
-                 eos_after_template=False):
+                 eos_after_template=False, attributes=None):
     """Write the HF export of a RewardModel; every rank calls it, rank 0 writes (returns the folder; the
     other ranks None). Under ZeRO-3 the parameters are gathered one layer at a time (a tensor, or a LoRA
     layer), so a rank holds its partition plus one layer, and rank 0 the shard being written besides.
@@ -408,7 +417,7 @@ def export_model(model, tokenizer, out_dir, eval_metrics=None, dtype=None, lora=
     export, error = None, None
     if rank == 0:
         try:
-            export = _Export(config, tokenizer, out_dir, dtype, lora, max_shard_size, eos_after_template)
+            export = _Export(config, tokenizer, out_dir, dtype, lora, max_shard_size, eos_after_template, attributes)
         except Exception as e:  # noqa: BLE001 - every rank must hear of it before the gathers start
             error = e
     _agree(error, distributed)
@@ -510,9 +519,11 @@ def _export_run(run, args):
     # a run saved before the convention was recorded appended EOS after chat templates
     eos_after_template = run_config.get("data", {}).get("eos_after_template", True)
     dtype = args.dtype or model_config.get("dtype") or "bf16"  # the run's own, as its end-of-training export
+    names = run_config.get("data", {}).get("attributes") or []
+    weights = run_config.get("train", {}).get("attribute_weights") or [1.0 / max(len(names), 1)] * len(names)
     path = write_export(config, state, tokenizer, args.out, _last_eval(out_root), DTYPES[dtype], lora=lora,
                         max_shard_size=int(args.max_shard_size * 1024**3), consume=True,
-                        eos_after_template=eos_after_template)
+                        eos_after_template=eos_after_template, attributes=(names, weights) if names else None)
     print(f"exported {checkpoint} to {path}")
 
 

@@ -65,6 +65,7 @@ class Batch:
     tie: Optional[torch.Tensor] = None  # [C] bool: tied comparisons (the davidson objective), None when none
     ties: int = 0  # how many
     loss_count: int = 0  # a weighted loss's divisor: the comparisons, or the groups with weighting "group"
+    response_attributes: Optional[torch.Tensor] = None  # [S, A] float32, NaN where missing (data.attributes)
 
     @property
     def pairs(self):
@@ -157,6 +158,9 @@ def _objective(batch, groups, indices, last, use_margin=True, margin_scale=0.0, 
     batch.group_weight = torch.from_numpy(group_weight)
     batch.tie = torch.from_numpy(tie) if tie.any() else None
     batch.ties = int(tie.sum())
+    if groups.attributes is not None:
+        batch.response_attributes = torch.from_numpy(np.concatenate(
+            [np.asarray(groups.attributes[i], np.float32) for i in indices]).reshape(-1, groups.num_attributes))
     return batch
 
 

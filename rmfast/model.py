@@ -11,17 +11,17 @@ from torch import nn
 
 from .loss import PairwiseRewardOutput
 from .objective import log_nu_of, reward_loss
-from .nn import RewardHead
+from .nn import AttributeHead, RewardHead
 from .errors import UserError
 
 DTYPES = {"fp32": torch.float32, "bf16": torch.bfloat16, "fp16": torch.float16}
 
 
-def _score_linear(seq_model):
-    """The one-output Linear of a *ForSequenceClassification model (score / classifier / v_head)."""
+def _score_linear(seq_model, outputs=1):
+    """The `outputs`-output Linear of a *ForSequenceClassification model (score / classifier / v_head)."""
     for name in ("score", "classifier", "v_head", "value_head"):
         layer = getattr(seq_model, name, None)
-        if isinstance(layer, nn.Linear) and layer.out_features == 1:
+        if isinstance(layer, nn.Linear) and layer.out_features == outputs:
             return layer
     return None
 
@@ -54,17 +54,21 @@ class RewardModel(nn.Module):
         if attn_implementation and attn_implementation != "auto":  # auto: transformers' best supported one
             kwargs["attn_implementation"] = attn_implementation
         archs = getattr(config, "architectures", None) or []
-        if any(a.endswith("ForSequenceClassification") for a in archs) and getattr(config, "num_labels", 0) == 1:
+        combination = getattr(config, "rmfast_attribute_weights", None)  # an rmfast attribute head's export
+        labels = getattr(config, "num_labels", 0)
+        if any(a.endswith("ForSequenceClassification") for a in archs) and (labels == 1 or combination):
             seq = AutoModelForSequenceClassification.from_pretrained(name_or_path, **kwargs)
-            score = _score_linear(seq)
+            score = _score_linear(seq, labels)
             if score is None:
-                raise UserError(f"{name_or_path}: a sequence-classification checkpoint without a one-output "
+                raise UserError(f"{name_or_path}: a sequence-classification checkpoint without a {labels}-output "
                                 f"score head")
-            head = RewardHead(score.in_features, bias=score.bias is not None, dtype=torch_dtype)
+            bias = score.bias is not None
+            head = AttributeHead(score.in_features, labels, combination, bias=bias, dtype=torch_dtype) \
+                if combination else RewardHead(score.in_features, bias=bias, dtype=torch_dtype)
             with torch.no_grad(), _gathered([score.weight, score.bias]):
-                head.weight.copy_(score.weight.reshape(-1))
+                head.weight.copy_(score.weight.reshape(head.weight.shape))
                 if score.bias is not None:
-                    head.bias.copy_(score.bias.reshape(1))
+                    head.bias.copy_(score.bias.reshape(head.bias.shape))
             return cls(seq.base_model, head)
         backbone = AutoModel.from_pretrained(name_or_path, **kwargs)
         hidden = _hidden_size(backbone.config)
@@ -108,6 +112,18 @@ class RewardModel(nn.Module):
         out = self.backbone(input_ids=batch.input_ids, use_cache=False, **self.backbone_inputs(batch))
         return out.last_hidden_state
 
+    def use_attribute_head(self, num_attributes, combination=None):
+        """Replace the value head with an AttributeHead of num_attributes outputs (the regression objectives),
+        on the value head's device and dtype, with its bias setting; an AttributeHead of that size is kept."""
+        old = self.head
+        if isinstance(old, AttributeHead) and old.num_attributes == num_attributes:
+            if combination is not None:
+                old.combination.copy_(torch.as_tensor(combination, dtype=torch.float32))
+            return old
+        self.head = AttributeHead(old.hidden_size, num_attributes, combination, bias=old.bias is not None,
+                                  device=old.weight.device, dtype=old.weight.dtype)
+        return self.head
+
     def add_tie_parameter(self, nu=1.0, learn=True):
         """Davidson's tie parameter as log ν, a parameter of the model (trained with it when `learn`; saved in
         checkpoints, and in an export's config as rmfast_tie_nu)."""
@@ -117,19 +133,27 @@ class RewardModel(nn.Module):
         return self.tie_log_nu
 
     def forward(self, batch, center_coef=0.0, backend="auto", check_indices=None, rewards_at=None,
-                objective="bradley_terry") -> PairwiseRewardOutput:
+                objective="bradley_terry", attributes_at=None) -> PairwiseRewardOutput:
         """The fused loss and both rewards of a Batch (rmfast.layouts): one forward for all its rows, the
         objective (rmfast.objective) over every comparison, read at batch.chosen_index / rejected_index ([C]
         flat row indices into R·L). rewards_at: [n] flat rows → just their rewards [n] float32 (evaluation
-        through the DeepSpeed engine, so that ZeRO-3 gathers the weights). check_indices: the op's own range
+        through the DeepSpeed engine, so that ZeRO-3 gathers the weights); attributes_at: the same for an
+        attribute head's [n, A] attributes. check_indices: the op's own range
         check (pairwise_reward_loss); the layouts build valid indices, so the trainer passes False."""
         hidden = self.hidden_states(batch)
         if rewards_at is not None:
             return self.head.rewards(hidden.reshape(-1, hidden.shape[-1]).index_select(0, rewards_at))
+        if attributes_at is not None:
+            return self.head.attributes(hidden.reshape(-1, hidden.shape[-1]).index_select(0, attributes_at))
         log_nu = self.tie_log_nu if self.tie_log_nu is not None else 0.0
-        return reward_loss(hidden, self.head.weight, batch, bias=self.head.bias, center_coef=center_coef,
+        weight, bias, attribute_head = self.head.weight, self.head.bias, None
+        if isinstance(self.head, AttributeHead):
+            weight, bias = self.head.scalar()
+            attribute_head = (self.head.weight, self.head.bias, self.head.combination)
+        return reward_loss(hidden, weight, batch, bias=bias, center_coef=center_coef,
                            backend=backend, check_indices=check_indices, objective=objective,
-                           log_nu=log_nu.float().reshape(()) if torch.is_tensor(log_nu) else log_nu)
+                           log_nu=log_nu.float().reshape(()) if torch.is_tensor(log_nu) else log_nu,
+                           attribute_head=attribute_head)
 
     @torch.no_grad()
     def rewards(self, batch, index):

@@ -11,6 +11,12 @@ one pass); what is left here works on [C]- or [S]-sized reward vectors.
 - ``plackett_luce``: the listwise likelihood of each group's ranking, Σ_k [log Σ_{j ranked ≤ k} e^{r_j} − r_k]
   over its responses (ties in the scores share their risk set: Breslow's rule); with K = 2 it is
   Bradley–Terry. Margins do not apply.
+- ``regression``: an attribute head of A outputs (rmfast.nn.AttributeHead) trained by the mean squared error
+  of every response's attributes against the data's (data.attributes), over the values the data has: a missing
+  value is masked, not 0. Each response's weight is its group's. The reward the comparisons are read with is
+  the head's fixed combination of the attributes.
+- ``regression+bradley_terry``: both, summed: the regression loss, plus Bradley–Terry over the comparisons on
+  the combined score (HelpSteer2-Preference's recipe), through the fused op with the combined head.
 
 Weights (rmfast.layouts): a comparison's weight is its group's weight (the row's weight column), divided by
 its group's number of comparisons with ``weighting="group"``; the loss is Σ weight · loss over the
@@ -25,7 +31,8 @@ import torch
 
 from .loss import PairwiseRewardOutput, pairwise_reward_loss
 
-OBJECTIVES = ("bradley_terry", "davidson", "plackett_luce")
+OBJECTIVES = ("bradley_terry", "davidson", "plackett_luce", "regression", "regression+bradley_terry")
+REGRESSION = ("regression", "regression+bradley_terry")
 
 
 def _weighted_mean(per, weight, count):
@@ -67,14 +74,54 @@ def plackett_luce_loss(rewards, batch):
     return _weighted_mean(per_group, batch.group_weight, batch.groups)
 
 
+def attribute_predictions(hidden, weight, bias, index):
+    """[S, A] float32: the attributes of the rows at flat `index` [S] of hidden [R, L, D] (or [N, D]) through
+    an attribute head weight [A, D] (bias [A] or None)."""
+    h = hidden.reshape(-1, hidden.shape[-1]).index_select(0, index.to(hidden.device))
+    acc = torch.float64 if hidden.dtype == torch.float64 else torch.float32
+    out = h.to(acc) @ weight.to(acc).t()
+    return out + bias.to(acc) if bias is not None else out
+
+
+def regression_terms(predicted, target):
+    """Per response [S]: Σ over its observed attributes of (predicted − target)², and [S] how many it has
+    (target NaN: missing, masked)."""
+    target = target.to(device=predicted.device, dtype=predicted.dtype)
+    have = torch.isfinite(target)
+    err = torch.where(have, predicted - torch.nan_to_num(target), torch.zeros_like(predicted))
+    return err.square().sum(dim=1), have.sum(dim=1)
+
+
+def regression_loss(predicted, batch):
+    """The masked mean squared error of a batch's attributes, each response weighted by its group's weight:
+    Σ w · Σ_a (p − y)² / Σ w · (observed values) (0 when nothing is observed)."""
+    sq, n = regression_terms(predicted, batch.response_attributes)
+    w = batch.group_weight.to(device=predicted.device, dtype=predicted.dtype)[batch.response_group.to(predicted.device)]
+    count = (w * n).sum()
+    return (w * sq).sum() / count.clamp_min(torch.finfo(predicted.dtype).tiny) if n.any() else sq.sum() * 0
+
+
 def reward_loss(hidden, weight, batch, bias=None, center_coef=0.0, backend="auto", check_indices=None,
-                objective="bradley_terry", log_nu=0.0) -> PairwiseRewardOutput:
+                objective="bradley_terry", log_nu=0.0, attribute_head=None) -> PairwiseRewardOutput:
     """The loss of a Batch from hidden states [R, L, D] (or [N, D]) and a value head weight [D] under
-    `objective` (log_nu: Davidson's log ν).
+    `objective` (log_nu: Davidson's log ν; attribute_head: (weight [A, D], bias [A] or None, combination [A])
+    for the regression objectives, whose scalar head is `weight`/`bias`).
 
     Returns PairwiseRewardOutput(loss: scalar, chosen_rewards, rejected_rewards: [C] float32, the better and
     the worse response's reward of each comparison). Gradients reach hidden, weight, bias (and log_nu)."""
     op = dict(bias=bias, backend=backend, check_indices=check_indices)
+    if objective in REGRESSION:
+        if attribute_head is None or batch.response_attributes is None:
+            raise ValueError(f"the {objective} objective needs an attribute head and data with attributes")
+        a_weight, a_bias, combination = attribute_head
+        predicted = attribute_predictions(hidden, a_weight, a_bias, batch.response_index)
+        loss = regression_loss(predicted, batch)
+        if objective == "regression" or batch.pairs == 0:
+            r = predicted @ combination.to(predicted)
+            rb, rw = r[batch.better_response.to(r.device)], r[batch.worse_response.to(r.device)]
+            return PairwiseRewardOutput(loss, rb, rw)
+        out = reward_loss(hidden, weight, batch, bias, center_coef, backend, check_indices)
+        return PairwiseRewardOutput(loss + out.loss, out.chosen_rewards, out.rejected_rewards)
     w = batch.comparison_weight
     if objective == "bradley_terry":
         if w is None:
@@ -115,5 +162,6 @@ def log_nu_of(nu):
     return math.log(nu)
 
 
-__all__ = ["OBJECTIVES", "reward_loss", "davidson_terms", "plackett_luce_terms", "plackett_luce_loss",
+__all__ = ["OBJECTIVES", "REGRESSION", "reward_loss", "regression_loss", "regression_terms",
+           "attribute_predictions", "davidson_terms", "plackett_luce_terms", "plackett_luce_loss",
            "tie_threshold", "log_nu_of"]

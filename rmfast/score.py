@@ -78,6 +78,13 @@ class Scorer:
         self.mean = getattr(config, "rmfast_reward_mean", None)
         self.std = getattr(config, "rmfast_reward_std", None)
         self.bias = getattr(config, "rmfast_score_bias", 0.0) or 0.0
+        # an attribute head (num_labels = A): the labels' names, and the bias of each kept in the config
+        self.attributes = [config.id2label[i] for i in range(config.num_labels)] \
+            if getattr(config, "rmfast_attribute_weights", None) else []
+        if self.attributes:
+            self.attribute_bias = np.asarray(self.bias if isinstance(self.bias, list) else [0.0] * len(self.attributes),
+                                             np.float32)
+            self.bias = float(np.dot(self.attribute_bias, self.model.head.combination.cpu().numpy()))
         self.eos_after_template = eos_after_template(model_dir, config)
         kind = getattr(self.model.backbone.config, "model_type", "")
         if kind in attention.SUPPORTED and kind not in attention.DENSE_ONLY:
@@ -94,14 +101,29 @@ class Scorer:
         return (rewards - self.mean) / self.std
 
     def _rewards(self, batch, index):
-        return (self.model.rewards(batch.to(self.device), index.to(self.device)) + self.bias).float().cpu().numpy()
+        return self._outputs(batch, index)[0]
 
-    def score_groups(self, groups, indices):
+    def _outputs(self, batch, index):
+        """(rewards [n], attributes [n, A] or None: an attribute head's), numpy float32."""
+        batch, index = batch.to(self.device), index.to(self.device)
+        if not self.attributes:
+            return (self.model.rewards(batch, index) + self.bias).float().cpu().numpy(), None
+        with torch.no_grad():
+            hidden = self.model.hidden_states(batch)
+            attrs = self.model.head.attributes(hidden.reshape(-1, hidden.shape[-1]).index_select(0, index))
+        attrs = attrs.float().cpu().numpy() + self.attribute_bias
+        return attrs @ self.model.head.combination.float().cpu().numpy(), attrs
+
+    def score_groups(self, groups, indices, with_attributes=False):
         """Rewards of every response of groups `indices` (a TokenizedGroups; a pair is a group of two, chosen
-        first), one [K] array per group, each prompt computed once (prefix_shared)."""
+        first), one [K] array per group, each prompt computed once (prefix_shared). with_attributes: (those,
+        one [K, A] array of attributes per group) for an attribute head."""
         batch = layouts.prefix_shared(groups, indices, self.tokenizer.pad_token_id, max_tokens=self.row_tokens)
-        r = self._rewards(batch, batch.response_index)
-        return np.split(r, np.cumsum(groups.sizes[np.asarray(indices)])[:-1])
+        r, attrs = self._outputs(batch, batch.response_index)
+        split = np.cumsum(groups.sizes[np.asarray(indices)])[:-1]
+        if with_attributes:
+            return np.split(r, split), (np.split(attrs, split) if attrs is not None else [None] * len(indices))
+        return np.split(r, split)
 
     def score_sequences(self, seqs):
         batch = layouts.pack_sequences(seqs, self.tokenizer.pad_token_id, max_tokens=self.row_tokens)
@@ -126,7 +148,8 @@ def check_reward_model(model_dir):
         raise UserError(f"{model_dir}/config.json is not valid JSON ({exc.msg}); {what}") from None
     archs = config.get("architectures") or []
     labels = len(config.get("id2label") or {}) or config.get("num_labels", 2)  # transformers saves id2label
-    if not any(a.endswith("ForSequenceClassification") for a in archs) or labels != 1:
+    attributes = len(config.get("rmfast_attribute_weights") or []) == labels  # an rmfast attribute head
+    if not any(a.endswith("ForSequenceClassification") for a in archs) or (labels != 1 and not attributes):
         seq = any(a.endswith("ForSequenceClassification") for a in archs)
         this = f"{', '.join(archs)} with {labels} labels" if seq else f"a bare backbone ({', '.join(archs) or '?'})"
         raise UserError(f"{model_dir}: not a reward model (a one-label *ForSequenceClassification; this one is "
@@ -441,9 +464,10 @@ def _read_groups(args, tokenizer, eos_after_template=False):
     return groups, scores
 
 
-def _group_record(groups, i, rewards, scores):
+def _group_record(groups, i, rewards, scores, attributes=None, names=()):
     """One output record: the reward of every response as read (None where the length policy dropped it;
-    identical responses share theirs), the best one's index, and the group's metrics when it has scores."""
+    identical responses share theirs), the best one's index, the group's metrics when it has scores, and an
+    attribute head's attributes ({name: a value per response as read})."""
     from .group_metrics import rank_metrics
 
     origin = groups.origin[i]
@@ -451,6 +475,9 @@ def _group_record(groups, i, rewards, scores):
     kept = np.flatnonzero(origin >= 0)
     record = {"location": groups.locations[i], "rewards": per_response,
               "best": int(kept[np.argmax(rewards[origin[kept]])])}
+    if attributes is not None:
+        record["attributes"] = {name: [float(attributes[o, a]) if o >= 0 else None for o in origin]
+                                for a, name in enumerate(names)}
     if groups.tags[i] is not None:
         record["subset"] = groups.tags[i]
     if scores is not None:
@@ -470,10 +497,12 @@ def _score_groups(scorer, args):
     records = []
     for batch in tqdm(_token_batches(costs, max(args.token_budget, int(costs.max()))), desc="scoring groups",
                       unit="batch"):
-        for i, rewards in zip(batch, scorer.score_groups(groups, batch)):
+        rewards_of, attributes_of = scorer.score_groups(groups, batch, with_attributes=True)
+        for i, rewards, attributes in zip(batch, rewards_of, attributes_of):
             if args.normalize:
                 rewards = scorer.normalize(rewards)
-            records.append(_group_record(groups, i, rewards, scores[groups.locations[i]]))
+            records.append(_group_record(groups, i, rewards, scores[groups.locations[i]], attributes,
+                                         scorer.attributes))
     summary = group_summary(records)
     for line in group_summary_lines(summary, int(groups.sizes.sum())):
         print(line, file=sys.stderr)

@@ -32,6 +32,7 @@ REASONS = {
     "bad_margin": "margin is not a finite number",
     "bad_weight": "weight is not a finite number ≥ 0",
     "bad_tie": "tie is not true/false (or 1/0)",
+    "bad_attribute": "an attribute column is not a number per response",
     # groups (rmfast.data.groups): a prompt with K ranked or scored responses
     "few_responses": "fewer than 2 responses",
     "empty_response": "empty response",

@@ -128,6 +128,16 @@ def _tokenize_one(group, tokenizer, policy, chat_template, counts, scoring=False
     if not scoring and np.all(scores == scores[0]):
         counts.drop("all_tied")
         return None
+    attributes = None
+    if group.attributes is not None:  # each kept response's, the merged ones' mean of what they have
+        values = np.asarray(group.attributes, np.float64).reshape(len(texts), -1)[kept]
+        have = np.isfinite(values)
+        sums = np.zeros((len(seqs), values.shape[1]))
+        n = np.zeros_like(sums)
+        np.add.at(sums, slot, np.where(have, values, 0.0))
+        np.add.at(n, slot, have)
+        with np.errstate(invalid="ignore"):
+            attributes = (sums / n).astype(np.float32)
     counts.truncated += truncated
     shared = min(common_prefix_all(seqs), min(len(s) for s in seqs) - 1)
     pairs, _, ties = comparisons(scores)
@@ -135,7 +145,7 @@ def _tokenize_one(group, tokenizer, policy, chat_template, counts, scoring=False
     counts.comparisons += len(pairs)
     counts.ties += ties
     return (np.asarray(seqs[0][:shared], np.int32), [np.asarray(s[shared:], np.int32) for s in seqs],
-            scores.astype(np.float32), origin)
+            scores.astype(np.float32), origin, attributes)
 
 
 def tokenize_groups(groups, tokenizer, policy: LengthPolicy, chat_template=None, weights=None, scoring=False,
@@ -146,7 +156,7 @@ def tokenize_groups(groups, tokenizer, policy: LengthPolicy, chat_template=None,
     if any(g.format == "conversational" for g in groups):
         check_chat_template(tokenizer, chat_template)
     counts = GroupCounts()
-    prompt, responses, scores, weight, locations, tags, origin, margin = [], [], [], [], [], [], [], []
+    prompt, responses, scores, weight, locations, tags, origin, margin, attrs = [], [], [], [], [], [], [], [], []
     for i, group in enumerate(groups):
         out = _tokenize_one(group, tokenizer, policy, chat_template, counts, scoring)
         if progress is not None:
@@ -157,9 +167,14 @@ def tokenize_groups(groups, tokenizer, policy: LengthPolicy, chat_template=None,
         responses.append(out[1])
         scores.append(out[2])
         origin.append(out[3])
+        attrs.append(out[4])
         weight.append((1.0 if weights is None else weights[i]) * (1.0 if group.weight is None else group.weight))
         locations.append(group.location)
         tags.append(group.tag)
         margin.append(np.nan if group.margin is None else group.margin)
+    with_attributes = [a is not None for a in attrs]
+    if any(with_attributes) and not all(with_attributes):
+        raise ValueError("tokenize_groups: some groups have attributes and others not")
     return TokenizedGroups(prompt, responses, scores, np.array(weight, np.float32), locations, tags,
-                           origin, np.array(margin, np.float32)), counts
+                           origin, np.array(margin, np.float32), attrs if attrs and all(with_attributes) else None), \
+        counts

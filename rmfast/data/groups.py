@@ -29,7 +29,7 @@ from .formats import BadRow, Text, _field, _messages, parse_row, read_weight
 
 ULTRAFEEDBACK = {"prompt": "instruction", "responses": "completions[].response",
                  "scores": "completions[].overall_score"}
-GROUP_COLUMNS = ("prompt", "responses", "scores", "ranking", "chosen", "rejected", "subset", "weight")
+GROUP_COLUMNS = ("prompt", "responses", "response", "scores", "ranking", "chosen", "rejected", "subset", "weight")
 
 
 @dataclass
@@ -46,6 +46,35 @@ class Group:
     tag: Optional[str] = None
     margin: Optional[float] = None  # a pair row's margin column
     weight: Optional[float] = None  # the row's loss weight column (None: 1)
+    attributes: Optional[list] = None  # [K][A] floats, NaN where the row has no value (data.attributes)
+
+
+def read_attributes(row, names, columns, K):
+    """[K][A] floats of the attribute columns `names` (each mapped through `columns`, "a[].b" read per
+    element): a number per response — a list of K numbers, or one number for a row of one response. A
+    missing value (absent, null, an empty CSV cell, NaN) is NaN: masked in the loss, counted, never 0."""
+    out = [[math.nan] * len(names) for _ in range(K)]
+    for a, name in enumerate(names):
+        spec = (columns or {}).get(name, name)
+        value = read_column(row, name, spec, required=False)
+        if value is None:
+            continue
+        values = value if isinstance(value, list) else [value] if K == 1 else None
+        if values is None or len(values) != K:
+            got = f"{len(values)} values" if isinstance(values, list) else repr(value)
+            raise BadRow("bad_attribute", f"{spec!r} must give {K} number{'s' if K > 1 else ''}, one per "
+                                          f"response; got {got}")
+        for k, v in enumerate(values):
+            if v is None or (isinstance(v, str) and not v.strip()):
+                continue
+            try:
+                x = float(v) if not isinstance(v, bool) else None
+            except (TypeError, ValueError):
+                x = None
+            if x is None or math.isinf(x):
+                raise BadRow("bad_attribute", f"{spec!r}{f'[{k}]' if K > 1 else ''} is {v!r}, not a number")
+            out[k][a] = x
+    return out
 
 
 def comparisons(scores):
@@ -144,8 +173,8 @@ def _prompt(value, fmt, column):
     return value, fmt
 
 
-def _finish(location, fmt, prompt, responses, scores, tag=None):
-    if scores is not None and len(scores) > 1 and len(set(scores)) == 1:
+def _finish(location, fmt, prompt, responses, scores, tag=None, preference=True):
+    if preference and scores is not None and len(scores) > 1 and len(set(scores)) == 1:
         raise BadRow("all_tied", f"all {len(scores)} responses score {scores[0]:g}")
     return Group(location, fmt, prompt, responses, scores, tag)
 
@@ -165,7 +194,7 @@ def _scored(location, row, col, preference=True):
     K = len(responses)
     scores = (_check_scores(scores, K, col["scores"]) if scores is not None
               else _ranking_scores(ranking, K, col["ranking"]))
-    return _finish(location, fmt, prompt, responses, scores, _tag(row, col))
+    return _finish(location, fmt, prompt, responses, scores, _tag(row, col), preference)
 
 
 def _chosen_rejected_lists(location, row, col):
@@ -186,11 +215,12 @@ def _tag(row, col):
 
 
 def row_kind(row, columns=None):
-    """What a row (a dict) holds: 'groups' (K responses, UltraFeedback's completions, or RewardBench 2's lists
-    of chosen / rejected), 'pairs' (a chosen and a rejected) or None (neither: a single text)."""
+    """What a row (a dict) holds: 'groups' (K responses, one `response`, UltraFeedback's completions, or
+    RewardBench 2's lists of chosen / rejected), 'pairs' (a chosen and a rejected) or None (neither: a single text)."""
     col = lambda name: (columns or {}).get(name, name).partition("[].")[0]  # noqa: E731
     chosen = row.get(col("chosen"))
-    if (col("responses") in row or ULTRAFEEDBACK["responses"].partition("[].")[0] in row
+    one = col("response") in row and col("chosen") not in row  # a single response (HelpSteer2's rows)
+    if (one or col("responses") in row or ULTRAFEEDBACK["responses"].partition("[].")[0] in row
             or (isinstance(chosen, list) and bool(chosen) and not isinstance(chosen[0], dict))):
         return "groups"
     return "pairs" if col("chosen") in row or col("rejected") in row else None
@@ -206,12 +236,23 @@ def source_kind(path, split="train", columns=None):
     return None
 
 
-def parse_group_row(location, row, fmt="auto", columns=None, preference=True) -> Group:
+def parse_group_row(location, row, fmt="auto", columns=None, preference=True, attributes=()) -> Group:
     """Validate one row of any shape above and return its Group; raises BadRow with the reason. ``fmt``
-    applies to pair rows (rmfast.data.formats.FORMATS). preference=False (scoring): a row of responses
-    without scores or ranking is taken (its Group's scores are None), and so is a single response."""
-    columns = columns or {}
+    applies to pair rows (rmfast.data.formats.FORMATS). preference=False (scoring, attribute data): a row of
+    responses without scores or ranking is taken (its Group's scores are None), and so is a single response
+    (``responses`` of one, or a ``response`` column: HelpSteer2's rows). attributes: the attribute columns
+    read into Group.attributes (read_attributes)."""
+    group = _parse_group_row(location, row, fmt, columns or {}, preference)
+    if attributes:
+        group.attributes = read_attributes(row, list(attributes), columns, len(group.responses))
+    return group
+
+
+def _parse_group_row(location, row, fmt, columns, preference):
     col = {k: columns.get(k, k) for k in GROUP_COLUMNS}
+    if not preference and col["response"] in row and col["responses"].partition("[].")[0] not in row:
+        row = {**row, col["responses"]: [row[col["response"]]]}  # one response: a group of one
+        col["responses"] = col["responses"].partition("[].")[0]
     if col["responses"].partition("[].")[0] in row:
         group = _scored(location, row, col, preference)
     elif isinstance(row.get(col["chosen"]), list) and row[col["chosen"]] \

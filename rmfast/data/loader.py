@@ -4,6 +4,7 @@ Bad rows: with ``on_bad_row="error"`` (the default) loading stops before trainin
 ``file:line`` and reason (the first few listed, all counted); with ``"skip"`` they are skipped and counted
 by reason in the returned report, which the caller prints before training starts."""
 
+import functools
 import hashlib
 import json
 import os
@@ -71,6 +72,7 @@ class DataConfig:
     seed: int = 0
     num_proc: int = 0  # tokenization processes; 0: several from 20,000 pairs up, else one
     eos_after_template: bool = False  # see LengthPolicy
+    attributes: list = field(default_factory=list)  # attribute columns (a number per response); rows read as groups
 
     def __post_init__(self):
         if self.format not in FORMATS:
@@ -83,6 +85,10 @@ class DataConfig:
                             f"{{\"chosen\": \"good\", \"responses\": \"answers\"}}; got {self.columns!r}")
         if not 0.0 <= self.eval_fraction < 1.0:
             raise UserError(f"eval_fraction must be in [0, 1), got {self.eval_fraction}")
+        if not isinstance(self.attributes, list) or not all(isinstance(a, str) and a for a in self.attributes) \
+                or len(set(self.attributes)) != len(self.attributes):
+            raise UserError(f"attributes must be distinct column names, e.g. helpfulness correctness; got "
+                            f"{self.attributes!r}")
         if self.chat_template and os.path.isfile(self.chat_template):
             self.chat_template = Path(self.chat_template).read_text()
 
@@ -125,6 +131,9 @@ class DataReport:
             out = [f"{self.rows} rows read, {g['groups']} groups kept ({self.pairs} comparisons); {tail}",
                    f"{g['ties']} tied response pairs (no comparison), {g['merged']} identical responses merged, "
                    f"{g['responses_dropped']} responses dropped as too long"]
+            if g["attribute_values"] or g["attribute_missing"]:
+                out.append(f"attributes: {g['attribute_values']} values read, {g['attribute_missing']} missing "
+                           f"(masked in the loss)")
         if self.ties:
             out.append(f"{self.ties} of the pairs are ties (the davidson objective trains on them; the others set "
                        f"them aside)")
@@ -270,6 +279,14 @@ def check_cache_arrays(arrays, vocab):
             raise ValueError(f"{name} holds token ids outside the tokenizer's {vocab}")
     for name in ("sizes", "weight", "margin", "tagged"):
         counts[name] = len(arrays[name])
+    width = int(arrays["attributes_width"][0]) if len(arrays["attributes_width"]) == 1 else None
+    if width is None:
+        raise ValueError("attributes_width is not one number")
+    if width >= 0:
+        offsets = arrays["attributes_offsets"]
+        if offsets.ndim != 1 or len(offsets) != len(arrays["sizes"]) + 1 or offsets[0] != 0 \
+                or offsets[-1] != len(arrays["attributes"]) or np.any(np.diff(offsets) != arrays["sizes"] * width):
+            raise ValueError("attributes_offsets do not index attributes")
     sizes, n = arrays["sizes"], counts["prompt"]
     if not all(counts[k] == n for k in ("sizes", "weight", "margin", "locations", "tags", "tagged", "scores",
                                          "origin")) \
@@ -336,6 +353,8 @@ def load_data(config: DataConfig, tokenizer, progress=True, kind="pairs"):
     eval_fraction of each train source). Returns (train, eval or None, DataReport)."""
     if not config.train:
         raise UserError("no training data: give at least one source (a file, folder, datasets dir or hub name)")
+    if config.attributes:
+        kind = "groups"  # attribute rows: a prompt and one or more responses
     cls = TokenizedGroups
     rng = np.random.default_rng(config.seed)
     tokenizer_fp = tokenizer_fingerprint(tokenizer)
@@ -363,9 +382,13 @@ def load_data(config: DataConfig, tokenizer, progress=True, kind="pairs"):
 
 
 def read_groups(source, config):
-    """Read and validate one source's group rows (rmfast.data.loader.Source, DataConfig: format, columns).
-    Returns (groups, DataReport) — bad rows are counted with file:line and reason, never silently lost."""
-    return read_rows(source, config, parse_group_row)
+    """Read and validate one source's group rows (rmfast.data.loader.Source, DataConfig: format, columns,
+    attributes: with attribute columns a row needs no order, and one response is a group of one). Returns
+    (groups, DataReport) — bad rows are counted with file:line and reason, never silently lost."""
+    if not config.attributes:
+        return read_rows(source, config, parse_group_row)
+    return read_rows(source, config, functools.partial(parse_group_row, preference=False,
+                                                       attributes=tuple(config.attributes)))
 
 
 def tokenize_group_source(source, tokenizer, config, progress=True):
@@ -374,7 +397,8 @@ def tokenize_group_source(source, tokenizer, config, progress=True):
     groups, report = read_groups(source, config)
     _check_bad(report, config, source.path)
     bar = progress_bar(progress, len(groups), source.path, "group")
-    tokenized, counts = tokenize_groups(groups, tokenizer, config.policy(), config.chat_template, progress=bar)
+    tokenized, counts = tokenize_groups(groups, tokenizer, config.policy(), config.chat_template, progress=bar,
+                                        scoring=bool(config.attributes))
     if bar is not None:
         bar.close()
     report.pairs = counts.comparisons
@@ -382,6 +406,10 @@ def tokenize_group_source(source, tokenizer, config, progress=True):
     report.dropped.update(counts.dropped)
     report.groups = Counter(groups=counts.groups, comparisons=counts.comparisons, ties=counts.ties,
                             merged=counts.merged, responses_dropped=counts.dropped_responses_too_long)
+    if tokenized.attributes is not None:
+        values = np.concatenate([a.reshape(-1) for a in tokenized.attributes]) if len(tokenized) else np.zeros(0)
+        report.groups["attribute_values"] = int(np.isfinite(values).sum())
+        report.groups["attribute_missing"] = int((~np.isfinite(values)).sum())
     return tokenized, report
 
 

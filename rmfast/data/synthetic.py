@@ -102,6 +102,43 @@ def generate_pairs(n, seed=0, max_operand=9, ops=("plus",), max_history=3, style
     return rows
 
 
+_EXTRA = ["I double-checked it.", "Addition is commutative, so the order does not matter.",
+          "You can verify this by counting on your fingers.", "Let me know if you want another example.",
+          "Practice makes this easier over time.", "This is a common homework question."]
+ATTRIBUTES = ("helpfulness", "correctness", "verbosity")
+
+
+def generate_attribute_rows(n, seed=0, responses=1, missing=0.0, max_operand=9):
+    """n HelpSteer2-shaped rows whose attributes (0–4, as HelpSteer2 rates them) follow from the text:
+    a prompt asking a sum and `responses` answers, each right or wrong (off by 7–12) with 0–4 extra sentences.
+    correctness: 4 right, 0 wrong; verbosity: the extra sentences; helpfulness: correctness less one when
+    verbosity is 3 or more (at least 0). responses=1: {"prompt", "response", <attributes>} rows; more: {"prompt",
+    "responses", <attribute lists>, "scores": helpfulness}. missing: the share of values left null."""
+    rng = random.Random(seed)
+    rows = []
+    for _ in range(n):
+        x, op, y, c = _question(rng, max_operand, ["plus"])
+        prompt = f"\n\nHuman: {rng.choice(_ASK).format(a=x, op=op, b=y)}\n\nAssistant:"
+        texts, values = [], {a: [] for a in ATTRIBUTES}
+        for _ in range(responses):
+            right = rng.random() < 0.5
+            extra = rng.randint(0, 4)
+            answer = rng.choice(_ANSWER).format(a=x, op=op, b=y, c=c if right else _wrong(rng, c, "easy"))
+            texts.append(" " + " ".join([answer] + rng.sample(_EXTRA, extra)))
+            correctness = 4 if right else 0
+            values["correctness"].append(correctness)
+            values["verbosity"].append(extra)
+            values["helpfulness"].append(max(0, correctness - (1 if extra >= 3 else 0)))
+        scores = list(values["helpfulness"])  # the preference: the helpfulness, whether shown or not
+        for a in ATTRIBUTES:
+            values[a] = [None if rng.random() < missing else v for v in values[a]]
+        if responses == 1:
+            rows.append({"prompt": prompt, "response": texts[0], **{a: v[0] for a, v in values.items()}})
+        else:
+            rows.append({"prompt": prompt, "responses": texts, **values, "scores": scores})
+    return rows
+
+
 def write_jsonl(rows, path):
     path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)

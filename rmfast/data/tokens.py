@@ -39,19 +39,22 @@ class Ragged(Sequence):
     of a node that maps them (the page cache holds one copy), and take()/concat() make new row indices, never
     copies of the data."""
 
-    def __init__(self, parts, which, rows, text=False):
-        self.parts, self.which, self.rows, self.text = parts, which, rows, text
+    def __init__(self, parts, which, rows, text=False, width=None):
+        self.parts, self.which, self.rows, self.text, self.width = parts, which, rows, text, width
 
     @classmethod
-    def of(cls, data, offsets, nest=None, present=None, text=False):
+    def of(cls, data, offsets, nest=None, present=None, text=False, width=None):
+        """width: items are [len / width, width] matrices (stored row-major, flat)."""
         n = len(nest if nest is not None else offsets) - 1
-        return cls([(data, offsets, nest, present)], None, np.arange(n, dtype=np.int64), text)
+        return cls([(data, offsets, nest, present)], None, np.arange(n, dtype=np.int64), text, width)
 
     def __len__(self):
         return len(self.rows)
 
     def _item(self, data, offsets, j):
         x = data[offsets[j]:offsets[j + 1]]
+        if self.width is not None:
+            return x.reshape(-1, self.width)
         return x.tobytes().decode() if self.text else x
 
     def __getitem__(self, i):
@@ -80,7 +83,8 @@ class Ragged(Sequence):
 
     def take(self, indices):
         idx = np.asarray(indices, np.int64)
-        return Ragged(self.parts, None if self.which is None else self.which[idx], self.rows[idx], self.text)
+        return Ragged(self.parts, None if self.which is None else self.which[idx], self.rows[idx], self.text,
+                      self.width)
 
     @staticmethod
     def concat(items):
@@ -97,11 +101,12 @@ class Ragged(Sequence):
             which.append(np.asarray(ids, np.int32)[item.which if item.which is not None else
                                                    np.zeros(len(item), np.int64)])
             rows.append(item.rows)
-        text = bool(items) and items[0].text
+        text, width = bool(items) and items[0].text, items[0].width if items else None
         if not parts:
-            return Ragged.of(np.zeros(0, np.uint8 if text else np.int32), np.zeros(1, np.int64), text=text)
+            return Ragged.of(np.zeros(0, np.uint8 if text else np.int32), np.zeros(1, np.int64), text=text,
+                             width=width)
         which = np.concatenate(which)
-        return Ragged(parts, None if len(parts) == 1 else which, np.concatenate(rows), text)
+        return Ragged(parts, None if len(parts) == 1 else which, np.concatenate(rows), text, width)
 
 
 def _take(seq, idx):
@@ -135,7 +140,7 @@ def read_arrays(path, mmap=True):
 
 ARRAYS = ("prompt", "prompt_offsets", "responses", "responses_offsets", "sizes", "scores", "scores_offsets",
           "origin", "origin_offsets", "weight", "margin", "locations", "locations_offsets", "tags",
-          "tags_offsets", "tagged")
+          "tags_offsets", "tagged", "attributes", "attributes_offsets", "attributes_width")
 
 
 @dataclass
@@ -146,7 +151,9 @@ class TokenizedGroups:
     weight; locations: where each came from; tags: the row's `subset` or None; origin: [n] int64 arrays, for
     each response of the row as read, the response it became (identical ones merged) or -1 where the length
     policy dropped it; margin: float32 [n], the row's margin column (a pair's), added to each of its
-    comparisons' margins in the loss, NaN where the row had none (a zero margin is a margin, not a tie).
+    comparisons' margins in the loss, NaN where the row had none (a zero margin is a margin, not a tie);
+    attributes: None, or [n] float32 arrays [K_g, A]: each response's attribute values (data.attributes), NaN
+    where the row had none.
 
     The per-row columns are lists as tokenization builds them, or Ragged views of a cache entry's
     memory-mapped arrays (load): rows are read alike from either."""
@@ -159,6 +166,7 @@ class TokenizedGroups:
     tags: list = None
     origin: list = None
     margin: np.ndarray = None
+    attributes: list = None
 
     def __post_init__(self):
         n = len(self.prompt)
@@ -201,18 +209,34 @@ class TokenizedGroups:
             return self.sizes * (prompt + longest)
         raise ValueError(f"unknown layout {layout!r}; use padded, packed or prefix_shared")
 
-    COLUMNS = ("prompt", "responses", "scores", "locations", "tags", "origin")
+    COLUMNS = ("prompt", "responses", "scores", "locations", "tags", "origin", "attributes")
+
+    @property
+    def num_attributes(self):
+        """A: the attribute values each response has (0 without attributes)."""
+        if self.attributes is None:
+            return 0
+        if isinstance(self.attributes, Ragged):
+            return self.attributes.width
+        return self.attributes[0].shape[1] if len(self.attributes) else 0
 
     def subset(self, indices):
         """The groups at `indices` (repeats allowed); memory-mapped columns stay mapped (no copy)."""
         idx = np.asarray(indices, np.int64).reshape(-1)
-        cols = {name: _take(getattr(self, name), idx) for name in self.COLUMNS}
+        cols = {name: None if getattr(self, name) is None else _take(getattr(self, name), idx)
+                for name in self.COLUMNS}
         return TokenizedGroups(weight=self.weight[idx], margin=self.margin[idx], **cols)
 
     @staticmethod
     def concat(parts):
         parts = list(parts)
-        cols = {name: _concat([getattr(p, name) for p in parts]) for name in TokenizedGroups.COLUMNS}
+        cols = {}
+        for name in TokenizedGroups.COLUMNS:
+            seqs = [getattr(p, name) for p in parts]
+            if any(s is None for s in seqs) and not all(s is None or len(s) == 0 for s in seqs):
+                raise ValueError(f"TokenizedGroups.concat: some parts have {name} and others not")
+            seqs = [s for s in seqs if s is not None]
+            cols[name] = _concat(seqs) if seqs else None
         return TokenizedGroups(weight=np.concatenate([p.weight for p in parts] or [np.zeros(0, np.float32)]),
                                margin=np.concatenate([p.margin for p in parts] or [np.zeros(0, np.float32)]),
                                **cols)
@@ -239,8 +263,12 @@ class TokenizedGroups:
             out[name], out[f"{name}_offsets"] = _flat(seqs, dtype)
         out["locations"], out["locations_offsets"] = _flat_text(self.locations)
         out["tags"], out["tags_offsets"] = _flat_text(self.tags)
+        A = self.num_attributes
+        attrs = [] if self.attributes is None else [np.asarray(a, np.float32).reshape(-1) for a in self.attributes]
+        out["attributes"], out["attributes_offsets"] = _flat(attrs, np.float32)
         out.update(sizes=self.sizes, weight=self.weight, margin=self.margin,
-                   tagged=np.array([t is not None for t in self.tags], dtype=bool))
+                   tagged=np.array([t is not None for t in self.tags], dtype=bool),
+                   attributes_width=np.array([A if self.attributes is not None else -1], np.int64))
         return out
 
     def save(self, path, extra=None):
@@ -283,4 +311,6 @@ class TokenizedGroups:
                                Ragged.of(z["scores"], z["scores_offsets"]), z["weight"],
                                Ragged.of(z["locations"], z["locations_offsets"], text=True),
                                Ragged.of(z["tags"], z["tags_offsets"], present=z["tagged"], text=True),
-                               Ragged.of(z["origin"], z["origin_offsets"]), z["margin"])
+                               Ragged.of(z["origin"], z["origin_offsets"]), z["margin"],
+                               None if int(z["attributes_width"][0]) < 0 else
+                               Ragged.of(z["attributes"], z["attributes_offsets"], width=int(z["attributes_width"][0])))

@@ -1,0 +1,217 @@
+"""Attribute regression (the regression and regression+bradley_terry objectives): attribute columns read with
+file:line validation and missing values masked, the masked mean squared error held to a float64 reference,
+prefix_shared equal to padded at K = 1, 2 and more, and through rmfast-train as users run it: HelpSteer2-shaped
+rows learnt (Pearson r ≥ 0.9 per attribute), the export an A-label AutoModelForSequenceClassification that
+plain transformers and rmfast-score read the same."""
+
+import json
+
+import numpy as np
+import pytest
+import torch
+
+from helpers import assert_equal_to_padded, build
+from rmfast import layouts
+from rmfast.data import DataConfig, generate_attribute_rows, load_data
+from rmfast.data.formats import BadRow
+from rmfast.data.groups import parse_group_row, row_kind
+from rmfast.data.synthetic import write_jsonl
+from rmfast.data.tokenizers import train_bpe_tokenizer
+from rmfast.data.tokens import TokenizedGroups
+from rmfast.errors import UserError
+from rmfast.objective import regression_loss, reward_loss
+
+NAMES = ["helpfulness", "correctness"]
+
+
+# ---------------------------------------------------------------- data
+
+
+def test_attribute_columns_are_read_per_response_and_missing_values_masked():
+    one = parse_group_row("f:1", {"prompt": "Q", "response": " A", "helpfulness": 3, "correctness": None},
+                          preference=False, attributes=NAMES)
+    assert one.responses == [" A"] and one.scores is None
+    assert one.attributes[0][0] == 3.0 and np.isnan(one.attributes[0][1])
+    group = parse_group_row("f:2", {"prompt": "Q", "responses": [" a", " b"], "scores": [1, 1],
+                                    "helpfulness": [4, "2.5"], "correctness": [None, 0]},
+                            preference=False, attributes=NAMES)  # tied scores: data all the same
+    assert group.attributes[0][0] == 4.0 and group.attributes[1] == [2.5, 0.0] and np.isnan(group.attributes[0][1])
+    mapped = parse_group_row("f:3", {"instruction": "Q", "completions": [{"r": " a", "h": 1}, {"r": " b", "h": 3}]},
+                             columns={"prompt": "instruction", "responses": "completions[].r",
+                                      "helpfulness": "completions[].h"}, preference=False, attributes=["helpfulness"])
+    assert mapped.attributes == [[1.0], [3.0]]
+    assert row_kind({"prompt": "Q", "response": " A"}) == "groups"
+    for bad, why in (({"helpfulness": [1, 2, 3]}, "must give 2 numbers"), ({"helpfulness": "high"}, "must give 2"),
+                     ({"helpfulness": [1, "x"]}, "is 'x', not a number"), ({"correctness": [1, float("inf")]}, "inf")):
+        with pytest.raises(BadRow) as err:
+            parse_group_row("f:4", {"prompt": "Q", "responses": [" a", " b"], **bad}, preference=False,
+                            attributes=NAMES)
+        assert err.value.reason == "bad_attribute" and why in str(err.value)
+
+
+def test_attribute_data_loads_cached_counted_and_with_file_line_errors(tmp_path):
+    rows = generate_attribute_rows(30, seed=0, missing=0.2) + generate_attribute_rows(10, seed=1, responses=2)
+    rows.append({"prompt": "Q", "response": " same", "helpfulness": 1})
+    rows.append({"prompt": "Q", "responses": [" same", " same", " other"], "helpfulness": [1, 3, None],
+                 "scores": [0, 0, 1]})
+    path = write_jsonl(rows, tmp_path / "a.jsonl")
+    tok = train_bpe_tokenizer([r["prompt"] + (r.get("response") or r["responses"][0]) for r in rows], vocab_size=300)
+    config = DataConfig(train=[str(path)], attributes=["helpfulness", "correctness", "verbosity"],
+                        cache_dir=str(tmp_path / "cache"))
+    first, _, report = load_data(config, tok)
+    again, _, cached = load_data(config, tok)
+    assert cached.cached and not report.cached and len(first) == len(again) == 42
+    assert first.num_attributes == again.num_attributes == 3
+    for a, b in zip(first.attributes, again.attributes):
+        np.testing.assert_array_equal(a, b)  # NaN where the row had none, in the cache too
+    missing = sum(int(np.isnan(a).sum()) for a in first.attributes)
+    assert 0 < missing and f"{missing} missing (masked in the loss)" in "\n".join(report.lines())
+    # identical responses merged: the mean of the values they have (helpfulness 1 and 3 → 2)
+    merged = first.attributes[41]
+    assert first.sizes[41] == 2 and merged[0, 0] == 2.0 and np.isnan(merged[1, 0])
+    write_jsonl(rows + [{"prompt": "Q", "response": " x", "helpfulness": "lots"}], path)
+    with pytest.raises(UserError) as err:
+        load_data(config, tok)
+    assert f"{path}:43" in str(err.value) and "not a number" in str(err.value)
+
+
+def test_objectives_and_attributes_are_checked_together():
+    from rmfast.config import Config, DataSection, TrainConfig
+
+    with pytest.raises(UserError, match="--data.attributes"):
+        Config(train=TrainConfig(objective="regression"))
+    with pytest.raises(UserError, match="regression or regression"):
+        Config(data=DataSection(attributes=["helpfulness"]))
+    with pytest.raises(UserError, match="2 weights for 1"):
+        Config(data=DataSection(attributes=["helpfulness"]),
+               train=TrainConfig(objective="regression", attribute_weights=[1.0, 2.0]))
+    ok = Config(data=DataSection(attributes=NAMES), train=TrainConfig(objective="regression+bradley_terry"))
+    from rmfast.config import attribute_combination, data_kind
+
+    assert attribute_combination(ok) == [0.5, 0.5] and data_kind(ok) == "groups"
+
+
+# ---------------------------------------------------------------- the loss
+
+
+def attribute_groups(seed=0):
+    """Groups of 1, 2, 3 and 4 responses with attributes, some missing, some scores tied."""
+    rng = np.random.default_rng(seed)
+    prompts, responses, scores, attrs = [], [], [], []
+    for K in (1, 3, 2, 4, 1, 2):
+        prompts.append(rng.integers(3, 96, rng.integers(2, 7)).astype(np.int32))
+        responses.append([np.append(rng.integers(3, 96, rng.integers(1, 5)), 2).astype(np.int32) for _ in range(K)])
+        scores.append(rng.permutation(K).astype(np.float32) if K > 1 else np.zeros(1, np.float32))
+        a = rng.normal(size=(K, 3)).astype(np.float32)
+        a[rng.random((K, 3)) < 0.25] = np.nan
+        attrs.append(a)
+    scores[2] = np.array([1.0, 1.0], np.float32)  # a tie: no comparison, attributes still trained
+    return TokenizedGroups(prompts, responses, scores, np.linspace(0.5, 2.0, len(prompts)), attributes=attrs)
+
+
+def test_regression_loss_is_the_masked_weighted_mean_squared_error():
+    groups = attribute_groups()
+    batch = layouts.padded(groups, range(len(groups)), 0)
+    assert batch.response_attributes.shape == (int(groups.sizes.sum()), 3)
+    g = torch.Generator().manual_seed(0)
+    predicted = torch.randn(batch.response_attributes.shape, generator=g, dtype=torch.float64, requires_grad=True)
+    loss = regression_loss(predicted, batch)
+    y = batch.response_attributes.double().numpy()
+    w = groups.weight.astype(np.float64)[batch.response_group.numpy()][:, None] * np.isfinite(y)
+    p = predicted.detach().numpy()
+    want = (w * np.where(np.isfinite(y), (p - np.nan_to_num(y)) ** 2, 0)).sum() / w.sum()
+    assert float(loss.detach()) == pytest.approx(want, rel=1e-12)
+    loss.backward()  # the gradient reaches only observed values: 2 w (p − y) / Σ w
+    grad = np.where(np.isfinite(y), 2 * w * (p - np.nan_to_num(y)) / w.sum(), 0)
+    np.testing.assert_allclose(predicted.grad.numpy(), grad, rtol=1e-12, atol=1e-15)
+
+
+@pytest.mark.parametrize("objective", ["regression", "regression+bradley_terry"])
+def test_prefix_shared_equals_padded_for_the_regression_objectives(objective):
+    groups = attribute_groups(1)
+    idx = list(range(len(groups)))
+    model = build(None, "llama", bias=True)
+    model.use_attribute_head(3, [0.5, 0.3, 0.2])
+    torch.nn.init.normal_(model.head.weight, std=0.3)
+
+    def run(batch, how):
+        model.zero_grad()
+        model.set_attention(how)
+        out = model(batch, objective=objective)
+        (out.loss + 0.1 * out.chosen_rewards.sum()).backward()
+        grads = {n: p.grad.detach().clone() for n, p in model.named_parameters() if p.grad is not None}
+        return torch.cat([out.chosen_rewards, out.rejected_rewards]).detach(), grads, float(out.loss)
+
+    ref_r, ref_g, ref_loss = run(layouts.padded(groups, idx, 0), "dense")
+    got_r, got_g, got_loss = run(layouts.prefix_shared(groups, idx, 0, max_tokens=40), "segments")
+    assert "head.weight" in ref_g and ref_g["head.weight"].shape == (3, 32)
+    assert_equal_to_padded(got_r, got_g, ref_r, ref_g)
+    assert got_loss == pytest.approx(ref_loss, rel=1e-5)
+    # the loss is the regression loss (+ Bradley–Terry on the combined head for the mixed objective)
+    batch = layouts.padded(groups, idx, 0)
+    with torch.no_grad():
+        model.set_attention("dense")
+        hidden = model.hidden_states(batch)
+        attrs = model.head.attributes(hidden.reshape(-1, 32)[batch.response_index])
+        want = regression_loss(attrs, batch)
+        if objective != "regression":
+            w, b = model.head.scalar()
+            want = want + reward_loss(hidden, w, batch, bias=b).loss
+    assert ref_loss == pytest.approx(float(want), rel=1e-5)
+
+
+# ---------------------------------------------------------------- through rmfast-train, exported, scored
+
+
+@pytest.mark.slow
+def test_attributes_learn_through_rmfast_train_and_score_the_same_outside_rmfast(tmp_path):
+    # HelpSteer2-shaped rows (one response, three 0–4 attributes, a tenth of the values missing) and groups of
+    # two scored by their helpfulness, in one file: regression + Bradley–Terry on the combined score
+    from test_objectives import learn_on_the_demo_model
+    from transformers import AutoModelForSequenceClassification, AutoTokenizer
+
+    names = ["helpfulness", "correctness", "verbosity"]
+    kw = dict(missing=0.1, max_operand=3)
+    train = generate_attribute_rows(300, 0, **kw) + generate_attribute_rows(100, 2, responses=2, **kw)
+    evals = generate_attribute_rows(60, 1, max_operand=3) + generate_attribute_rows(40, 3, responses=2, max_operand=3)
+    res, records, out = learn_on_the_demo_model(tmp_path, train, evals, **{
+        "data.attributes": names, "train.attribute_weights": [0.6, 0.3, 0.1],
+        "train.objective": "regression+bradley_terry", "train.lr": 3e-3, "train.epochs": 5, "train.log_every": 20})
+    assert "missing (masked in the loss)" in res.stdout
+    first, last = records[0], records[-1]
+    for name in names:
+        assert first[f"eval_{name}_pearson"] < 0.5 and last[f"eval_{name}_pearson"] >= 0.9, (name, first, last)
+    assert last["eval_pairs"] > 20 and last["eval_accuracy"] >= 0.9
+    export = out / "export"
+    config = json.loads((export / "config.json").read_text())
+    assert config["id2label"] == {str(i): n for i, n in enumerate(names)}
+    assert config["rmfast_attribute_weights"] == [0.6, 0.3, 0.1]
+    # rmfast-export of the run's last checkpoint writes the same model
+    from safetensors.torch import load_file
+
+    from rmfast.export import main as export_main
+
+    assert export_main([str(out), "--out", str(tmp_path / "again")]) == 0
+    again = json.loads((tmp_path / "again" / "config.json").read_text())
+    assert {k: again[k] for k in ("id2label", "rmfast_attribute_weights", "num_labels") if k in again} == \
+        {k: config[k] for k in ("id2label", "rmfast_attribute_weights", "num_labels") if k in config}
+    a, b = load_file(export / "model.safetensors"), load_file(tmp_path / "again" / "model.safetensors")
+    assert a.keys() == b.keys() and all(torch.equal(a[k], b[k]) for k in a) and a["score.weight"].shape == (3, 128)
+    # plain transformers on the text rmfast reads (prompt + response + EOS) gives rmfast-score's attributes
+    from rmfast.score import main as score_main
+
+    path = write_jsonl(evals[:6], tmp_path / "some.jsonl")
+    assert score_main([str(export), str(path), "--out", str(tmp_path / "s.jsonl")]) == 0
+    scored = [json.loads(x) for x in (tmp_path / "s.jsonl").read_text().splitlines()]
+    tok = AutoTokenizer.from_pretrained(export)
+    model = AutoModelForSequenceClassification.from_pretrained(export).eval()
+    bias = np.asarray(config.get("rmfast_score_bias") or [0.0] * 3)
+    for row, record in zip(evals[:6], scored):
+        texts = [row["response"]] if "response" in row else row["responses"]
+        for k, text in enumerate(texts):
+            ids = tok(row["prompt"] + text)["input_ids"] + [tok.eos_token_id]
+            with torch.no_grad():
+                logits = model(torch.tensor([ids])).logits[0].numpy() + bias
+            got = [record["attributes"][n][k] for n in names]
+            np.testing.assert_allclose(got, logits, atol=1e-4)
+            assert record["rewards"][k] == pytest.approx(float(logits @ [0.6, 0.3, 0.1]), abs=1e-4)
