@@ -359,3 +359,43 @@ def test_trl_grpo_trainer_trains_on_rewards_from_the_server(server, export, tmp_
     assert res.returncode == 0, res.stdout[-2000:] + res.stderr[-3000:]
     assert "rewards/rmfast_serve/mean" in res.stdout + res.stderr  # TRL logged the server's rewards
     assert _rewards_served(server) - before == 2 * 2  # 2 steps of one prompt's 2 completions
+
+
+@pytest.mark.slow  # a server of its own: over 5 s
+def test_an_attribute_export_is_served_with_its_attributes(export, tmp_path):
+    # an A-label export (the regression objectives): /v1/rewards gives each response's attributes beside the
+    # combined reward, /classify the A values, /get_reward the combined reward; all as rmfast-score gives them
+    import torch
+
+    root, _, rows, _ = export
+    tok = train_bpe_tokenizer([r["prompt"] + r["chosen"] for r in rows], vocab_size=160)
+    model = build(None, "llama", vocab=len(tok), bias=True)
+    model.use_attribute_head(3, [0.5, 0.3, 0.2])
+    with torch.no_grad():
+        model.head.weight.normal_(std=0.5)
+        model.head.bias.copy_(torch.tensor([0.1, -0.2, 0.3]))
+    path = write_export(model.backbone.config, model.state_dict(), tok, tmp_path / "export",
+                        attributes=(["helpfulness", "correctness", "verbosity"], [0.5, 0.3, 0.2]))
+    groups = [{"prompt": rows[i]["prompt"], "responses": [rows[i]["chosen"], rows[i]["rejected"]]} for i in range(3)]
+    want = scored(path, tmp_path, groups, "attribute-groups")
+    assert set(want[0]["attributes"]) == {"helpfulness", "correctness", "verbosity"}
+    proc, url = start(path, tmp_path / "server.log", "--max-length", str(MAX_LENGTH))
+    try:
+        with httpx.Client(base_url=url, timeout=60) as client:
+            got = client.post("/v1/rewards", json={"groups": groups}).json()["data"]
+            for g, w in zip(got, want):
+                np.testing.assert_allclose(g["rewards"], w["rewards"], atol=1e-4)
+                for name, values in w["attributes"].items():
+                    np.testing.assert_allclose(g["attributes"][name], values, atol=1e-4)
+                combined = np.array([w["attributes"][n] for n in ("helpfulness", "correctness", "verbosity")])
+                np.testing.assert_allclose(g["rewards"], [0.5, 0.3, 0.2] @ combined, atol=1e-4)
+            classified = client.post("/classify", json={"input": [groups[0]["prompt"] + groups[0]["responses"][0]]})
+            data = classified.json()["data"][0]
+            assert data["num_classes"] == 3
+            np.testing.assert_allclose(data["probs"], [want[0]["attributes"][n][0] for n in
+                                                       ("helpfulness", "correctness", "verbosity")], atol=1e-4)
+            reward = client.post("/get_reward", json={"query": [groups[1]["prompt"] + groups[1]["responses"][1]],
+                                                      "prompts": [groups[1]["prompt"]]}).json()["rewards"]
+            assert reward[0] == pytest.approx(want[1]["rewards"][1], abs=1e-4)
+    finally:
+        stop(proc)

@@ -238,10 +238,17 @@ def build_app(service, max_body_bytes):
                 raise BadInput("input", "is an empty list; give at least one text")
             rendered = body.add_special_tokens is False
             work = await service.tokenize(service.inputs.texts, texts, "input", rendered, last)
-        rewards = [float(r[0]) for r in await service.rewards(work, request)]
+        computed = await service.rewards(work, request)
         activate = next((x for x in (body.use_activation, body.activation, body.softmax) if x is not None), True)
-        data = [{"index": i, "label": service.label, "num_classes": 1, "truncated": bool(work.truncated[i]),
-                 "probs": [1.0 / (1.0 + math.exp(-r)) if activate else r]} for i, r in enumerate(rewards)]
+        names = getattr(service.scorer, "attributes", [])
+        if names:  # an attribute head (a regression config): its A values, as vLLM returns a regression's
+            values = [row[0] for row in work.per_response_attributes(computed)]
+            data = [{"index": i, "label": names[int(np.argmax(v))], "num_classes": len(names),
+                     "truncated": bool(work.truncated[i]), "probs": v} for i, v in enumerate(values)]
+        else:
+            rewards = [float(np.reshape(r, -1)[0]) for r in computed]
+            data = [{"index": i, "label": service.label, "num_classes": 1, "truncated": bool(work.truncated[i]),
+                     "probs": [1.0 / (1.0 + math.exp(-r)) if activate else r]} for i, r in enumerate(rewards)]
         tokens = work.tokens
         return P.ClassificationResponse(model=service.name, data=data,
                                         usage=P.Usage(prompt_tokens=tokens, total_tokens=tokens))
@@ -262,9 +269,14 @@ def build_app(service, max_body_bytes):
                                             "one]} or {groups: [...]}")
             rows, param = [body.model_dump(include={"prompt", "messages", "responses"})], None
         work = await service.tokenize(service.inputs.groups, rows, param)
-        per = work.per_response(await service.rewards(work, request))
+        computed = await service.rewards(work, request)
+        per = work.per_response(computed)
         data = [{"index": g, "rewards": r, "best": int(np.argmax(r)), "truncated": bool(work.truncated[g])}
                 for g, r in enumerate(per)]
+        names = getattr(service.scorer, "attributes", [])
+        if names:  # an attribute head: each response's attributes by name
+            for d, values in zip(data, work.per_response_attributes(computed)):
+                d["attributes"] = {n: [v[a] for v in values] for a, n in enumerate(names)}
         tokens = work.tokens
         return P.RewardsResponse(model=service.name, data=data,
                                  usage=P.Usage(prompt_tokens=tokens, total_tokens=tokens))

@@ -159,8 +159,9 @@ class Batcher:
                 at += n
 
     def forward(self, groups):
-        """Rewards of every unit of `groups` (one float32 array per unit), in forwards of up to the token
-        budget. Runs on the batcher's thread."""
+        """Rewards of every unit of `groups` (one float32 array per unit: [K], or [K, 1 + A] with an attribute
+        head's A attributes after each reward), in forwards of up to the token budget. Runs on the batcher's
+        thread."""
         costs = groups.lengths("prefix_shared")
         out = [None] * len(groups)
         scorer = self.scorer
@@ -169,11 +170,12 @@ class Batcher:
             batch = layouts.prefix_shared(groups, batch_indices, scorer.tokenizer.pad_token_id or 0,
                                           max_tokens=scorer.row_tokens)
             with torch.inference_mode():
-                r = scorer._rewards(batch, batch.response_index)
+                r, attributes = scorer._outputs(batch, batch.response_index)
             if self.normalize:
                 r = scorer.normalize(r)
+            values = r if attributes is None else np.column_stack([r, attributes])  # an attribute head's after
             sizes = groups.sizes[np.asarray(batch_indices)]
-            for i, part in zip(batch_indices, np.split(r, np.cumsum(sizes)[:-1])):
+            for i, part in zip(batch_indices, np.split(values, np.cumsum(sizes)[:-1])):
                 out[i] = part
             self.metrics.forwards.inc()
             self.metrics.forward_seconds.observe(time.perf_counter() - t0)

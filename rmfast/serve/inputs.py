@@ -38,9 +38,15 @@ class Work:
         return int(self.groups.lengths("prefix_shared").sum()) if len(self.groups) else 0
 
     def per_response(self, rewards):
-        """Unit rewards ([n] arrays over each unit's responses as computed, identical ones merged) as read:
-        one list per unit, a reward per response given."""
-        return [[float(r[o]) for o in origin] for r, origin in zip(rewards, self.groups.origin)]
+        """Unit rewards ([n] arrays over each unit's responses as computed, identical ones merged; [n, 1 + A]
+        with an attribute head's attributes) as read: one list per unit, a reward per response given."""
+        return [[float(np.reshape(r, (len(r), -1))[o, 0]) for o in origin]
+                for r, origin in zip(rewards, self.groups.origin)]
+
+    def per_response_attributes(self, rewards):
+        """An attribute head's attributes as read: one [responses given][A] list per unit (None without)."""
+        return [[np.reshape(r, (len(r), -1))[o, 1:].astype(float).tolist() for o in origin]
+                for r, origin in zip(rewards, self.groups.origin)]
 
 
 def _single(ids):

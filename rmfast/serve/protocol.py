@@ -103,6 +103,8 @@ class GroupRewards(BaseModel):
     rewards: list[float] = Field(description="one per response, in the order given")
     best: int = Field(description="the index of the response with the highest reward")
     truncated: bool = Field(description="whether the length policy cut the group")
+    attributes: Optional[dict[str, list[float]]] = Field(
+        default=None, description="an attribute head's (num_labels = A): each attribute's value per response")
 
 
 class RewardsResponse(ListResponse):
