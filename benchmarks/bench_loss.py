@@ -28,6 +28,12 @@ Writes bench_loss_<tag>.{csv,md,png} in --out (default benchmarks/results).
     python benchmarks/bench_loss.py --device cuda   # GPU sweep (16,384 × 2,048 / 4,096 / 8,192 bf16 and more)
     python benchmarks/bench_loss.py --shapes "16,64,512,float32" --no-compile   # one quick shape
     python benchmarks/bench_loss.py --headline results.csv   # one line: the largest-D 16,384-row shape
+    python benchmarks/bench_loss.py --objective regression --heads 5 --no-compile   # the [A, D] head
+
+Other objectives (--objective): davidson (the op's rewards, then Davidson's terms; eager: index → linear →
+the same terms) and regression (the [A, D] attribute head, --heads A, through rmfast.attribute_head, then the
+masked mean squared error against targets with a fifth missing; eager: index → linear [A, D] → the same
+loss). Their floors count the A-wide head and outputs; dschat and compile are Bradley–Terry's only.
 """
 
 import argparse
@@ -44,7 +50,11 @@ import numpy as np
 import torch
 import torch.nn.functional as F
 
-from rmfast import backends, pairwise_reward_loss
+from rmfast import attribute_head, backends, pairwise_reward_loss
+from rmfast.objective import davidson_terms
+
+OBJECTIVES = ("bradley_terry", "davidson", "regression")
+LOG_NU = 0.5
 
 RESULTS = Path(__file__).resolve().parent / "results"
 
@@ -164,6 +174,42 @@ def compiled_eager():
     return _compiled["fn"]
 
 
+def masked_mse(predicted, target):
+    have = torch.isfinite(target)
+    err = torch.where(have, predicted - torch.nan_to_num(target), torch.zeros_like(predicted))
+    return err.square().sum() / have.sum()
+
+
+def objective_contenders(device, objective, chosen, rejected, weight, target):
+    """name → loss function of hidden for davidson / regression: each rmfast backend and eager."""
+    index = torch.cat([chosen, rejected])
+    out = {}
+
+    def rmfast_fn(b):
+        if objective == "davidson":
+            def fn(h):
+                o = pairwise_reward_loss(h, weight, chosen, rejected, backend=b, reduction="none")
+                return davidson_terms(o.chosen_rewards, o.rejected_rewards, LOG_NU).mean()
+            return fn
+        return lambda h: masked_mse(attribute_head(h, weight, index, backend=b), target)
+
+    for name in ("triton", "cuda", "cpu", "torch"):
+        if backends.unavailable_reason(name, device) is None:
+            out[f"rmfast-{name}"] = rmfast_fn(name)
+
+    def eager(h):
+        rows = h.reshape(-1, h.shape[-1])[index]
+        if objective == "davidson":
+            r = F.linear(rows, weight.unsqueeze(0)).squeeze(-1).float()
+            rc, rr = r.split(chosen.shape[0])
+            return davidson_terms(rc, rr, LOG_NU).mean()
+        return masked_mse(F.linear(rows, weight).float(), target)
+
+    out["eager"] = eager
+    out["zeros_like"] = None
+    return out
+
+
 def contenders(device, hidden, ids, chosen, rejected, weight, with_compile, dschat_max_pairs):
     """name → loss function of hidden (None: zeros_like, timed in forward+backward only)."""
     out = {}
@@ -239,14 +285,16 @@ def copy_bandwidth(device, mib):
     return 2 * n / (ms * 1e-3)
 
 
-def floor_bytes(pairs, rows, hidden_size, dtype, mode):
+def floor_bytes(pairs, rows, hidden_size, dtype, mode, heads=1):
     """Bytes the op must move (see the module docstring): gathered rows, head, indices and outputs for the
-    forward; plus d_hidden written, the rows read again and d_weight for forward+backward."""
+    forward; plus d_hidden written, the rows read again and d_weight for forward+backward. heads: A of an
+    [A, D] head (its outputs [2P, A])."""
     e = torch.empty((), dtype=dtype).element_size()
-    fwd = 2 * pairs * hidden_size * e + hidden_size * 4 + 2 * pairs * 8 + 3 * pairs * 4
+    outputs = 3 * pairs * 4 if heads == 1 else 2 * pairs * heads * 4
+    fwd = 2 * pairs * hidden_size * e + heads * hidden_size * 4 + 2 * pairs * 8 + outputs
     if mode == "fwd":
         return fwd
-    return fwd + rows * hidden_size * e + 2 * pairs * hidden_size * e + hidden_size * 4
+    return fwd + rows * hidden_size * e + 2 * pairs * hidden_size * e + heads * hidden_size * 4
 
 
 def _rss_bytes(field):
@@ -278,13 +326,24 @@ def peak_extra_bytes(fn, hidden, weight, device):
 
 
 def bench_shape(device, pairs, seq_len, hidden_size, dtype_name, *, iters, budget_s, bandwidth, with_compile,
-                dschat_max_pairs):
+                dschat_max_pairs, objective="bradley_terry", heads=1):
     dtype = getattr(torch, dtype_name)
     hidden, ids, chosen, rejected, weight = make_inputs(pairs, seq_len, hidden_size, dtype, device)
     hidden.requires_grad_(True)
-    weight.requires_grad_(True)
-    fns = contenders(device, hidden, ids, chosen, rejected, weight, with_compile, dschat_max_pairs)
-    ref = pairwise_reward_loss(hidden, weight, chosen, rejected, backend="torch").loss.item()
+    if objective == "bradley_terry":
+        weight.requires_grad_(True)
+        fns = contenders(device, hidden, ids, chosen, rejected, weight, with_compile, dschat_max_pairs)
+        ref = pairwise_reward_loss(hidden, weight, chosen, rejected, backend="torch").loss.item()
+    else:
+        g = torch.Generator(device=device).manual_seed(1)
+        target = None
+        if objective == "regression":
+            weight = torch.randn(heads, hidden_size, generator=g, device=device, dtype=dtype) / hidden_size**0.5
+            target = torch.randn(2 * pairs, heads, generator=g, device=device)
+            target[torch.rand(target.shape, generator=g, device=device) < 0.2] = float("nan")
+        weight.requires_grad_(True)
+        fns = objective_contenders(device, objective, chosen, rejected, weight, target)
+        ref = fns["rmfast-torch"](hidden).item()
     for name, fn in fns.items():
         if fn is not None and name != "dschat":  # dschat's loss is another loss (a mean over spans)
             got = fn(hidden).item()
@@ -292,8 +351,9 @@ def bench_shape(device, pairs, seq_len, hidden_size, dtype_name, *, iters, budge
             assert abs(got - ref) <= tol * max(1.0, abs(ref)), f"{name} loss {got} != reference {ref}"
     rows = []
     n_rows = 2 * pairs * seq_len
+    A = heads if objective == "regression" else 1
     for mode in MODES:
-        floor_ms = floor_bytes(pairs, n_rows, hidden_size, dtype, mode) / bandwidth * 1e3
+        floor_ms = floor_bytes(pairs, n_rows, hidden_size, dtype, mode, A) / bandwidth * 1e3
         got = {}
         for name, fn in fns.items():
             if fn is None and mode == "fwd":
@@ -303,11 +363,12 @@ def bench_shape(device, pairs, seq_len, hidden_size, dtype_name, *, iters, budge
         eager_ms = got["eager"][0]
         for name, (ms, n) in got.items():
             rows.append({
+                "objective": objective, "heads": A,
                 "device": device, "dtype": dtype_name, "pairs": pairs, "seq_len": seq_len, "rows": n_rows,
                 "hidden": hidden_size, "mode": mode, "contender": name, "ms": round(ms, 5), "calls": n,
                 "floor_ms": round(floor_ms, 5), "x_floor": round(ms / floor_ms, 3),
                 "x_eager": round(eager_ms / ms, 3),
-                "gb_per_s": round(floor_bytes(pairs, n_rows, hidden_size, dtype, mode) / (ms * 1e-3) / 1e9, 1),
+                "gb_per_s": round(floor_bytes(pairs, n_rows, hidden_size, dtype, mode, A) / (ms * 1e-3) / 1e9, 1),
                 "peak_mb": (round(peak_extra_bytes(fns[name], hidden, weight, device) / 2**20, 2)
                             if mode == "fwd+bwd" else ""),
             })
@@ -343,19 +404,21 @@ def plot(rows, path):
     ax.set_xticklabels([f"{2 * p * L:,}×{D}\n{dt} ({p} pairs)" for dt, p, L, D in shapes], fontsize=8)
     ax.set_xlabel("rows × hidden")
     ax.set_ylabel("forward+backward time / floor")
-    ax.set_title(f"Pairwise reward loss, {rows[0]['device']}: time over bytes moved / copy bandwidth")
+    what = f"{rows[0].get('objective', 'bradley_terry')}, A = {rows[0].get('heads', 1)}"
+    ax.set_title(f"Fused end of the model ({what}), {rows[0]['device']}: time over bytes moved / copy bandwidth")
     ax.legend(fontsize=8, loc="upper left", bbox_to_anchor=(1.01, 1.0))
     fig.tight_layout()
     fig.savefig(path, dpi=120)
 
 
 def table(rows):
-    head = ["dtype", "rows×hidden (pairs)", "mode", "contender", "ms", "× floor", "× eager (speed-up)", "GB/s",
-            "peak MB"]
+    head = ["objective (A)", "dtype", "rows×hidden (pairs)", "mode", "contender", "ms", "× floor", "× eager (speed-up)",
+            "GB/s", "peak MB"]
     lines = ["| " + " | ".join(head) + " |", "|" + "---|" * len(head)]
     for r in rows:
         peak = f"{r['peak_mb']:.1f}" if r["peak_mb"] != "" else ""
-        lines.append(f"| {r['dtype']} | {r['rows']:,}×{r['hidden']} ({r['pairs']}) | {r['mode']} | {r['contender']} | "
+        lines.append(f"| {r.get('objective', 'bradley_terry')} ({r.get('heads', 1)}) | {r['dtype']} | "
+                     f"{r['rows']:,}×{r['hidden']} ({r['pairs']}) | {r['mode']} | {r['contender']} | "
                      f"{r['ms']:.4f} | {r['x_floor']:.2f} | {r['x_eager']:.2f} | {r['gb_per_s']:.1f} | {peak} |")
     return "\n".join(lines)
 
@@ -394,6 +457,9 @@ def main(argv=None):
     parser.add_argument("--tag", default=None, help="results file suffix (default: the device)")
     parser.add_argument("--out", default=str(RESULTS))
     parser.add_argument("--headline", metavar="CSV", help="print the one-line summary of a results CSV and exit")
+    parser.add_argument("--objective", default="bradley_terry", choices=OBJECTIVES,
+                        help="the loss after the gather (default: bradley_terry, the fused op's own)")
+    parser.add_argument("--heads", type=int, default=1, help="regression: A, the attribute head's outputs")
     args = parser.parse_args(argv)
     if args.headline:
         print(headline(args.headline))
@@ -416,7 +482,8 @@ def main(argv=None):
     for shape in shapes:
         print(f"shape pairs={shape[0]} seq_len={shape[1]} hidden={shape[2]} {shape[3]}", flush=True)
         got = bench_shape(args.device, *shape, iters=iters, budget_s=budget_s, bandwidth=bandwidth,
-                          with_compile=not args.no_compile, dschat_max_pairs=args.dschat_max_pairs)
+                          with_compile=not args.no_compile, dschat_max_pairs=args.dschat_max_pairs,
+                          objective=args.objective, heads=args.heads)
         for r in got:
             print(f"  {r['mode']:<8} {r['contender']:<14} {r['ms']:10.4f} ms ({r['calls']} calls)  "
                   f"{r['x_floor']:7.2f}× floor  {r['x_eager']:6.2f}× eager  {r['peak_mb']:>9} MB", flush=True)

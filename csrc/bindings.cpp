@@ -12,17 +12,23 @@ TORCH_LIBRARY(rmfast, m) {
   m.def(
       "pairwise_loss_bwd(Tensor hidden, Tensor weight, Tensor rows, Tensor coef, bool need_hidden_grad) "
       "-> (Tensor, Tensor)");
+  m.def("attribute_head_fwd(Tensor hidden, Tensor weight, Tensor? bias, Tensor index) -> Tensor");
+  m.def("attribute_head_hidden_grad(Tensor like, Tensor weight, Tensor rows, Tensor coef) -> Tensor");
 }
 
 TORCH_LIBRARY_IMPL(rmfast, CPU, m) {
   m.impl("pairwise_loss_fwd", &rmfast::pairwise_loss_fwd_cpu);
   m.impl("pairwise_loss_bwd", &rmfast::pairwise_loss_bwd_cpu);
+  m.impl("attribute_head_fwd", &rmfast::attribute_head_fwd_cpu);
+  m.impl("attribute_head_hidden_grad", &rmfast::attribute_head_hidden_grad_cpu);
 }
 
 #ifdef RMFAST_WITH_CUDA
 TORCH_LIBRARY_IMPL(rmfast, CUDA, m) {
   m.impl("pairwise_loss_fwd", &rmfast::pairwise_loss_fwd_cuda);
   m.impl("pairwise_loss_bwd", &rmfast::pairwise_loss_bwd_cuda);
+  m.impl("attribute_head_fwd", &rmfast::attribute_head_fwd_cuda);
+  m.impl("attribute_head_hidden_grad", &rmfast::attribute_head_hidden_grad_cuda);
 }
 #endif
 

@@ -28,7 +28,24 @@ std::tuple<at::Tensor, at::Tensor> pairwise_loss_bwd_cpu(
     const at::Tensor& hidden, const at::Tensor& weight, const at::Tensor& rows, const at::Tensor& coef,
     bool need_hidden_grad);
 
+// The attribute head (A outputs), the same gather:
+// attribute_head_fwd(hidden [N, D] any strides, weight [A, D] acc, bias [A] acc or none, index [S] int64)
+//   -> out [S, A] acc, out[s, a] = hidden[index[s]] · weight[a] + bias[a].
+// attribute_head_hidden_grad(like [N, D] (its shape and dtype only: a stride-0 expansion will do),
+//                            weight [A, D] acc, rows [M] int64, coef [M, A] acc)
+//   -> d_hidden [N, D] contiguous in like's dtype: zeros except row rows[i] = Σ_a coef[i, a] · weight[a];
+//   a row listed twice carries the same coefficients both times (summed first), so writes agree.
+at::Tensor attribute_head_fwd_cpu(const at::Tensor& hidden, const at::Tensor& weight,
+                                  const std::optional<at::Tensor>& bias, const at::Tensor& index);
+at::Tensor attribute_head_hidden_grad_cpu(const at::Tensor& like, const at::Tensor& weight, const at::Tensor& rows,
+                                          const at::Tensor& coef);
+
 #ifdef RMFAST_WITH_CUDA
+at::Tensor attribute_head_fwd_cuda(const at::Tensor& hidden, const at::Tensor& weight,
+                                   const std::optional<at::Tensor>& bias, const at::Tensor& index);
+at::Tensor attribute_head_hidden_grad_cuda(const at::Tensor& like, const at::Tensor& weight, const at::Tensor& rows,
+                                           const at::Tensor& coef);
+
 std::tuple<at::Tensor, at::Tensor, at::Tensor> pairwise_loss_fwd_cuda(
     const at::Tensor& hidden, const at::Tensor& weight, const std::optional<at::Tensor>& bias,
     const at::Tensor& chosen, const at::Tensor& rejected, const std::optional<at::Tensor>& margin);

@@ -6,7 +6,9 @@
 #include <ATen/OpMathType.h>
 #include <ATen/Parallel.h>
 
+#include <algorithm>
 #include <cmath>
+#include <vector>
 
 #ifdef __linux__
 #include <sys/mman.h>
@@ -140,6 +142,81 @@ _Pragma("omp simd")
     });
   });
   return {d_hidden, d_weight};
+}
+
+at::Tensor attribute_head_fwd_cpu(const at::Tensor& hidden, const at::Tensor& weight,
+                                  const std::optional<at::Tensor>& bias, const at::Tensor& index) {
+  TORCH_CHECK(hidden.dim() == 2 && weight.dim() == 2, "rmfast: hidden must be [N, D] and weight [A, D]");
+  const int64_t D = hidden.size(1);
+  const int64_t A = weight.size(0);
+  const int64_t S = index.numel();
+  at::Tensor out = at::empty({S, A}, weight.options());
+  const at::Tensor idx = index.contiguous();
+  const at::Tensor w = weight.contiguous();
+  const at::Tensor b = bias.has_value() ? bias->contiguous() : at::Tensor();
+  const int64_t sn = hidden.stride(0);
+  const int64_t sd = hidden.stride(1);
+
+  AT_DISPATCH_FLOATING_TYPES_AND2(at::kHalf, at::kBFloat16, hidden.scalar_type(), "attribute_head_fwd_cpu", [&] {
+    using acc_t = at::opmath_type<scalar_t>;
+    TORCH_CHECK(weight.scalar_type() == c10::CppTypeToScalarType<acc_t>::value,
+                "rmfast: weight must be in the accumulation dtype");
+    const scalar_t* h = hidden.const_data_ptr<scalar_t>();
+    const acc_t* wp = w.const_data_ptr<acc_t>();
+    const acc_t* bp = b.defined() ? b.const_data_ptr<acc_t>() : nullptr;
+    const int64_t* ip = idx.const_data_ptr<int64_t>();
+    acc_t* op = out.mutable_data_ptr<acc_t>();
+    const int64_t grain = std::max<int64_t>(1, 8192 / std::max<int64_t>(A * D, 1));
+    at::parallel_for(0, S, grain, [&](int64_t begin, int64_t end) {
+      for (int64_t s = begin; s < end; ++s) {
+        const scalar_t* row = h + ip[s] * sn;
+        for (int64_t a = 0; a < A; ++a) op[s * A + a] = dot_row(row, wp + a * D, D, sd) + (bp ? bp[a] : acc_t(0));
+      }
+    });
+  });
+  return out;
+}
+
+at::Tensor attribute_head_hidden_grad_cpu(const at::Tensor& like, const at::Tensor& weight, const at::Tensor& rows,
+                                          const at::Tensor& coef) {
+  TORCH_CHECK(like.dim() == 2 && weight.dim() == 2, "rmfast: like must be [N, D] and weight [A, D]");
+  const int64_t N = like.size(0);
+  const int64_t D = like.size(1);
+  const int64_t A = weight.size(0);
+  const int64_t M = rows.numel();
+  at::Tensor d_hidden = zeros_2d(N, D, like.options());
+  const at::Tensor rows_c = rows.contiguous();
+  const at::Tensor coef_c = coef.contiguous();
+  const at::Tensor w = weight.contiguous();
+
+  AT_DISPATCH_FLOATING_TYPES_AND2(at::kHalf, at::kBFloat16, like.scalar_type(), "attribute_head_hidden_grad_cpu",
+                                  [&] {
+    using acc_t = at::opmath_type<scalar_t>;
+    const acc_t* wp = w.const_data_ptr<acc_t>();
+    const int64_t* rp = rows_c.const_data_ptr<int64_t>();
+    const acc_t* cp = coef_c.const_data_ptr<acc_t>();
+    scalar_t* dh = d_hidden.mutable_data_ptr<scalar_t>();
+    // Each task owns a block of columns of every listed row.
+    const int64_t grain = std::max<int64_t>(64, 65536 / std::max<int64_t>(M * A, 1));
+    at::parallel_for(0, D, grain, [&](int64_t begin, int64_t end) {
+      std::vector<acc_t> acc(end - begin);
+      for (int64_t i = 0; i < M; ++i) {
+        const int64_t row = rp[i];
+        if (row < 0) continue;
+        std::fill(acc.begin(), acc.end(), acc_t(0));
+        for (int64_t a = 0; a < A; ++a) {
+          const acc_t c = cp[i * A + a];
+          const acc_t* wa = wp + a * D + begin;
+          acc_t* ap = acc.data();
+_Pragma("omp simd")
+          for (int64_t j = 0; j < end - begin; ++j) ap[j] += c * wa[j];
+        }
+        scalar_t* drow = dh + row * D + begin;
+        for (int64_t j = 0; j < end - begin; ++j) drow[j] = static_cast<scalar_t>(acc[j]);
+      }
+    });
+  });
+  return d_hidden;
 }
 
 }  // namespace rmfast

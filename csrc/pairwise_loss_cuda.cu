@@ -76,6 +76,43 @@ __global__ void pairwise_bwd_kernel(const scalar_t* __restrict__ h, const acc_t*
   dw_partial[static_cast<int64_t>(blockIdx.x) * D + j] = acc;
 }
 
+// The attribute head: one warp per gathered row, the A outputs one after another (the row stays in cache).
+template <typename scalar_t, typename acc_t>
+__global__ void attribute_fwd_kernel(const scalar_t* __restrict__ h, const acc_t* __restrict__ w,
+                                     const acc_t* __restrict__ bias, const int64_t* __restrict__ index,
+                                     acc_t* __restrict__ out, int64_t S, int64_t A, int64_t D, int64_t sn,
+                                     int64_t sd) {
+  const int64_t s = (static_cast<int64_t>(blockIdx.x) * blockDim.x + threadIdx.x) / kWarp;
+  const int lane = threadIdx.x % kWarp;
+  if (s >= S) return;
+  const scalar_t* row = h + index[s] * sn;
+  for (int64_t a = 0; a < A; ++a) {
+    const acc_t* wa = w + a * D;
+    acc_t acc = 0;
+    for (int64_t j = lane; j < D; j += kWarp) acc += static_cast<acc_t>(row[j * sd]) * wa[j];
+    acc = warp_sum(acc);
+    if (lane == 0) out[s * A + a] = acc + (bias ? bias[a] : acc_t(0));
+  }
+}
+
+// d_hidden of the attribute head: a thread per column, the rows of its block written in turn.
+template <typename scalar_t, typename acc_t>
+__global__ void attribute_hidden_grad_kernel(const acc_t* __restrict__ w, const int64_t* __restrict__ rows,
+                                             const acc_t* __restrict__ coef, scalar_t* __restrict__ dh,
+                                             int64_t M, int64_t A, int64_t D) {
+  const int64_t j = static_cast<int64_t>(blockIdx.y) * blockDim.x + threadIdx.x;
+  if (j >= D) return;
+  const int64_t first = static_cast<int64_t>(blockIdx.x) * kBwdRows;
+  const int64_t last = min(first + kBwdRows, M);
+  for (int64_t i = first; i < last; ++i) {
+    const int64_t row = rows[i];
+    if (row < 0) continue;
+    acc_t acc = 0;
+    for (int64_t a = 0; a < A; ++a) acc += coef[i * A + a] * w[a * D + j];
+    dh[row * D + j] = static_cast<scalar_t>(acc);
+  }
+}
+
 }  // namespace
 
 std::tuple<at::Tensor, at::Tensor, at::Tensor> pairwise_loss_fwd_cuda(
@@ -137,6 +174,59 @@ std::tuple<at::Tensor, at::Tensor> pairwise_loss_bwd_cuda(
   });
   at::Tensor d_weight = row_blocks == 1 ? partial.view({D}) : partial.sum(0);
   return {d_hidden, d_weight};
+}
+
+at::Tensor attribute_head_fwd_cuda(const at::Tensor& hidden, const at::Tensor& weight,
+                                   const std::optional<at::Tensor>& bias, const at::Tensor& index) {
+  TORCH_CHECK(hidden.dim() == 2 && weight.dim() == 2, "rmfast: hidden must be [N, D] and weight [A, D]");
+  const c10::cuda::CUDAGuard guard(hidden.device());
+  const int64_t D = hidden.size(1);
+  const int64_t A = weight.size(0);
+  const int64_t S = index.numel();
+  at::Tensor out = at::empty({S, A}, weight.options());
+  const at::Tensor idx = index.contiguous();
+  const at::Tensor w = weight.contiguous();
+  const at::Tensor b = bias.has_value() ? bias->contiguous() : at::Tensor();
+  const int64_t rows_per_block = kFwdThreads / kWarp;
+  const dim3 grid(static_cast<unsigned>((S + rows_per_block - 1) / rows_per_block));
+  if (S == 0) return out;
+  auto stream = at::cuda::getCurrentCUDAStream();
+  AT_DISPATCH_FLOATING_TYPES_AND2(at::kHalf, at::kBFloat16, hidden.scalar_type(), "attribute_head_fwd_cuda", [&] {
+    using acc_t = at::opmath_type<scalar_t>;
+    attribute_fwd_kernel<scalar_t, acc_t><<<grid, kFwdThreads, 0, stream>>>(
+        hidden.const_data_ptr<scalar_t>(), w.const_data_ptr<acc_t>(),
+        b.defined() ? b.const_data_ptr<acc_t>() : nullptr, idx.const_data_ptr<int64_t>(),
+        out.mutable_data_ptr<acc_t>(), S, A, D, hidden.stride(0), hidden.stride(1));
+    C10_CUDA_KERNEL_LAUNCH_CHECK();
+  });
+  return out;
+}
+
+at::Tensor attribute_head_hidden_grad_cuda(const at::Tensor& like, const at::Tensor& weight, const at::Tensor& rows,
+                                           const at::Tensor& coef) {
+  TORCH_CHECK(like.dim() == 2 && weight.dim() == 2, "rmfast: like must be [N, D] and weight [A, D]");
+  const c10::cuda::CUDAGuard guard(like.device());
+  const int64_t N = like.size(0);
+  const int64_t D = like.size(1);
+  const int64_t A = weight.size(0);
+  const int64_t M = rows.numel();
+  at::Tensor d_hidden = at::zeros({N, D}, like.options());
+  if (M == 0) return d_hidden;
+  const at::Tensor rows_c = rows.contiguous();
+  const at::Tensor coef_c = coef.contiguous();
+  const at::Tensor w = weight.contiguous();
+  const dim3 grid(static_cast<unsigned>((M + kBwdRows - 1) / kBwdRows),
+                  static_cast<unsigned>((D + kBwdThreads - 1) / kBwdThreads));
+  auto stream = at::cuda::getCurrentCUDAStream();
+  AT_DISPATCH_FLOATING_TYPES_AND2(at::kHalf, at::kBFloat16, like.scalar_type(), "attribute_head_hidden_grad_cuda",
+                                  [&] {
+    using acc_t = at::opmath_type<scalar_t>;
+    attribute_hidden_grad_kernel<scalar_t, acc_t><<<grid, kBwdThreads, 0, stream>>>(
+        w.const_data_ptr<acc_t>(), rows_c.const_data_ptr<int64_t>(), coef_c.const_data_ptr<acc_t>(),
+        d_hidden.mutable_data_ptr<scalar_t>(), M, A, D);
+    C10_CUDA_KERNEL_LAUNCH_CHECK();
+  });
+  return d_hidden;
 }
 
 }  // namespace rmfast

@@ -12,6 +12,9 @@ rmfast/reference.py, and needs neither); acc is float32, or float64 for float64 
   [0, n_rows); coef [M] acc, equal for equal rows. d_hidden [n_rows, D] contiguous in ``dtype``: zeros
   except row rows[i] = coef[i]·weight. It reads no hidden state, so the autograd of rmfast/loss.py saves
   only the gathered rows (for d_weight, a [2P, D] product it computes itself), never hidden.
+- ``attribute_forward(hidden2d, weight, bias, index) -> out`` and ``attribute_hidden_grad(weight, rows, coef,
+  n_rows, dtype) -> d_hidden``: the same for an attribute head (rmfast.attribute_head): weight [A, D] acc,
+  bias [A] acc or None, index [S] int64 → out [S, A] acc; coef [M, A] acc → d_hidden rows Σ_a coef[i, a]·weight[a].
 
 Each backend's kernels are torch operators with fake (meta) kernels, so ``torch.compile(fullgraph=True)``
 traces through the loss: the extension's ``torch.ops.rmfast.pairwise_loss_fwd`` / ``pairwise_loss_bwd``
@@ -60,6 +63,14 @@ def _register_extension_fakes():
         d_hidden = hidden.new_empty(hidden.shape if need_hidden_grad else (0,))
         return d_hidden, weight.new_empty(weight.shape)
 
+    @torch.library.register_fake("rmfast::attribute_head_fwd")
+    def _attribute_fwd(hidden, weight, bias, index):
+        return weight.new_empty((index.shape[0], weight.shape[0]))
+
+    @torch.library.register_fake("rmfast::attribute_head_hidden_grad")
+    def _attribute_hidden_grad(like, weight, rows, coef):
+        return like.new_empty(like.shape)
+
 
 class _ExtensionKernels:
     """The compiled ops; torch's dispatcher sends CPU tensors to the CPU kernels, CUDA tensors to CUDA."""
@@ -79,6 +90,19 @@ class _ExtensionKernels:
         row = weight if weight.dtype == dtype else weight.new_zeros(weight.shape, dtype=dtype)
         shape_only = row.expand(n_rows, -1)
         return torch.ops.rmfast.pairwise_loss_bwd.default(shape_only, weight, rows, coef, True)[0]
+
+    @staticmethod
+    def attribute_forward(hidden, weight, bias, index):
+        import torch
+
+        return torch.ops.rmfast.attribute_head_fwd.default(hidden, weight, bias, index)
+
+    @staticmethod
+    def attribute_hidden_grad(weight, rows, coef, n_rows, dtype):
+        import torch
+
+        like = weight.new_zeros((1, weight.shape[1]), dtype=dtype).expand(n_rows, -1)  # shape and dtype only
+        return torch.ops.rmfast.attribute_head_hidden_grad.default(like, weight, rows, coef)
 
 
 class _TritonKernels:
@@ -101,6 +125,25 @@ class _TritonKernels:
 
         grad = (kernels.pairwise_loss_hidden_grad_op if torch.compiler.is_compiling()
                 else kernels.pairwise_loss_hidden_grad)
+        return grad(weight, rows, coef, n_rows, dtype)
+
+    @staticmethod
+    def attribute_forward(hidden, weight, bias, index):
+        import torch
+
+        from rmfast import kernels
+
+        fwd = kernels.attribute_head_fwd_op if torch.compiler.is_compiling() else kernels.attribute_head_fwd
+        return fwd(hidden, weight, bias, index)
+
+    @staticmethod
+    def attribute_hidden_grad(weight, rows, coef, n_rows, dtype):
+        import torch
+
+        from rmfast import kernels
+
+        grad = (kernels.attribute_head_hidden_grad_op if torch.compiler.is_compiling()
+                else kernels.attribute_head_hidden_grad)
         return grad(weight, rows, coef, n_rows, dtype)
 
 

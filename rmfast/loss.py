@@ -273,3 +273,101 @@ def pairwise_reward_loss(
         center = (rc + rr).square()
         loss = loss + center_coef * (center if reduction == "none" else center.mean())
     return PairwiseRewardOutput(loss, rc, rr)
+
+
+class _FusedAttributeHead(torch.autograd.Function):
+    """(hidden2d, weight [A, D], bias [A]) → attributes [S, A] of the rows at `index` through a compiled backend's
+    kernels; saves the gathered rows [S, D] (only when weight needs a gradient), never hidden. When weight needs a
+    gradient the rows are gathered in the forward anyway (d_weight reads them), and the outputs are their [S, D]
+    × [D, A] product; else the backend's forward kernel reads the rows in place."""
+
+    @staticmethod
+    def forward(ctx, hidden2d, weight, bias, index, kernels):
+        acc = torch.float64 if hidden2d.dtype == torch.float64 else torch.float32
+        w = _as(weight, acc).contiguous()
+        b = _as(bias, acc).contiguous() if bias is not None else None
+        rows = None
+        if ctx.needs_input_grad[1]:
+            rows = hidden2d.index_select(0, index)
+            out = _as(rows, acc) @ w.t()
+            if b is not None:
+                out = out + b
+        else:
+            out = kernels.attribute_forward(hidden2d, w, b, index)
+        ctx.save_for_backward(rows, w, index)
+        ctx.set_materialize_grads(False)
+        ctx.kernels = kernels
+        ctx.hidden_meta = (hidden2d.shape[0], hidden2d.dtype)
+        ctx.weight_dtype = weight.dtype
+        ctx.bias_dtype = bias.dtype if bias is not None else None
+        return out
+
+    @staticmethod
+    @torch.autograd.function.once_differentiable
+    def backward(ctx, grad_out):
+        rows, w, index = ctx.saved_tensors
+        need_hidden, need_weight, need_bias = ctx.needs_input_grad[:3]
+        d_hidden = d_weight = d_bias = None
+        if grad_out is None:
+            return None, None, None, None, None
+        coef = _as(grad_out, w.dtype).contiguous()  # [S, A]
+        if need_hidden:
+            n_rows, dtype = ctx.hidden_meta
+            # a row gathered more than once gets the sum of its coefficients at each of its entries
+            total = coef.new_zeros((n_rows, coef.shape[1])).index_add_(0, index, coef).index_select(0, index)
+            d_hidden = ctx.kernels.attribute_hidden_grad(w, index, total, n_rows, dtype)
+        if need_weight:
+            d_weight = _as(coef.t() @ _as(rows, coef.dtype), ctx.weight_dtype)  # [A, S] @ [S, D]
+        if need_bias:
+            d_bias = _as(coef.sum(0), ctx.bias_dtype)
+        return d_hidden, d_weight, d_bias, None, None
+
+
+def attribute_head(
+    hidden: torch.Tensor,
+    weight: torch.Tensor,
+    index: torch.Tensor,
+    bias: Optional[torch.Tensor] = None,
+    backend: str = "auto",
+    *,
+    check_indices: Optional[bool] = None,
+) -> torch.Tensor:
+    """The attributes of an A-output head at gathered last-token rows, fused: the [A, D] form of
+    pairwise_reward_loss's gather and projection, forward and backward, on the same backends.
+
+    Args:
+        hidden: [N, D] (or [..., D], viewed as rows), float16 / bfloat16 / float32 / float64, any strides.
+        weight: [A, D] (an nn.Linear(D, A).weight); a [D] head is A = 1.
+        index: [S] integer row indices into hidden's N (flattened) rows.
+        bias: None or [A].
+        backend, check_indices: as for pairwise_reward_loss.
+
+    Returns [S, A] float32 (float64 for float64 hidden); gradients reach hidden (the gathered rows only: no
+    [N, D] intermediate beyond d_hidden itself), weight and bias."""
+    if not isinstance(weight, torch.Tensor) or weight.dtype not in _FLOAT_DTYPES:
+        _fail("weight", f"must be a floating torch.Tensor [A, D], got {getattr(weight, 'dtype', type(weight))}")
+    if weight.dim() == 1:
+        weight = weight.reshape(1, -1)
+    if weight.dim() != 2:
+        _fail("weight", f"must be [A, D], got shape {tuple(weight.shape)}")
+    if not isinstance(hidden, torch.Tensor) or hidden.dtype not in _FLOAT_DTYPES or hidden.dim() < 2:
+        _fail("hidden", "must be a float16 / bfloat16 / float32 / float64 tensor [N, D] (or [..., D])")
+    D = hidden.shape[-1]
+    if weight.shape[1] != D:
+        _fail("weight", f"has {weight.shape[1]} features but hidden has D={D}")
+    if weight.device != hidden.device:
+        _fail("weight", f"is on {weight.device} but hidden is on {hidden.device}; move both to one device")
+    if bias is not None and (not isinstance(bias, torch.Tensor) or bias.numel() != weight.shape[0]):
+        _fail("bias", f"must be None or a tensor of {weight.shape[0]} values (one per output)")
+    index = _check_index("index", index, hidden.device)
+    n_rows = hidden.numel() // D if D else 0
+    if index.numel():
+        _check_range(index, index.numel(), n_rows, check_indices)
+    hidden2d = hidden if hidden.dim() == 2 else hidden.reshape(-1, D)
+    name = backends.select(backend, hidden.device.type)
+    if name == "torch":
+        acc = torch.float64 if hidden.dtype == torch.float64 else torch.float32
+        out = hidden2d.index_select(0, index).to(acc) @ weight.to(acc).t()
+        return out + bias.to(acc).reshape(-1) if bias is not None else out
+    return _FusedAttributeHead.apply(hidden2d, weight, bias.reshape(-1) if bias is not None else None, index,
+                                     backends.kernels_for(name))

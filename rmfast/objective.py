@@ -29,7 +29,7 @@ import math
 
 import torch
 
-from .loss import PairwiseRewardOutput, pairwise_reward_loss
+from .loss import PairwiseRewardOutput, attribute_head, pairwise_reward_loss
 
 OBJECTIVES = ("bradley_terry", "davidson", "plackett_luce", "regression", "regression+bradley_terry")
 REGRESSION = ("regression", "regression+bradley_terry")
@@ -74,13 +74,11 @@ def plackett_luce_loss(rewards, batch):
     return _weighted_mean(per_group, batch.group_weight, batch.groups)
 
 
-def attribute_predictions(hidden, weight, bias, index):
+def attribute_predictions(hidden, weight, bias, index, backend="auto", check_indices=None):
     """[S, A] float32: the attributes of the rows at flat `index` [S] of hidden [R, L, D] (or [N, D]) through
-    an attribute head weight [A, D] (bias [A] or None)."""
-    h = hidden.reshape(-1, hidden.shape[-1]).index_select(0, index.to(hidden.device))
-    acc = torch.float64 if hidden.dtype == torch.float64 else torch.float32
-    out = h.to(acc) @ weight.to(acc).t()
-    return out + bias.to(acc) if bias is not None else out
+    an attribute head weight [A, D] (bias [A] or None), gathered and projected by the fused op
+    (rmfast.attribute_head)."""
+    return attribute_head(hidden, weight, index.to(hidden.device), bias, backend, check_indices=check_indices)
 
 
 def regression_terms(predicted, target):
@@ -114,7 +112,7 @@ def reward_loss(hidden, weight, batch, bias=None, center_coef=0.0, backend="auto
         if attribute_head is None or batch.response_attributes is None:
             raise ValueError(f"the {objective} objective needs an attribute head and data with attributes")
         a_weight, a_bias, combination = attribute_head
-        predicted = attribute_predictions(hidden, a_weight, a_bias, batch.response_index)
+        predicted = attribute_predictions(hidden, a_weight, a_bias, batch.response_index, backend, check_indices)
         loss = regression_loss(predicted, batch)
         if objective == "regression" or batch.pairs == 0:
             r = predicted @ combination.to(predicted)

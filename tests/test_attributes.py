@@ -10,6 +10,7 @@ import numpy as np
 import pytest
 import torch
 
+from conftest import backend_device_params
 from helpers import assert_equal_to_padded, build
 from rmfast import layouts
 from rmfast.data import DataConfig, generate_attribute_rows, load_data
@@ -140,7 +141,7 @@ def test_prefix_shared_equals_padded_for_the_regression_objectives(objective):
         out = model(batch, objective=objective)
         (out.loss + 0.1 * out.chosen_rewards.sum()).backward()
         grads = {n: p.grad.detach().clone() for n, p in model.named_parameters() if p.grad is not None}
-        return torch.cat([out.chosen_rewards, out.rejected_rewards]).detach(), grads, float(out.loss)
+        return torch.cat([out.chosen_rewards, out.rejected_rewards]).detach(), grads, float(out.loss.detach())
 
     ref_r, ref_g, ref_loss = run(layouts.padded(groups, idx, 0), "dense")
     got_r, got_g, got_loss = run(layouts.prefix_shared(groups, idx, 0, max_tokens=40), "segments")
@@ -215,3 +216,69 @@ def test_attributes_learn_through_rmfast_train_and_score_the_same_outside_rmfast
             got = [record["attributes"][n][k] for n in names]
             np.testing.assert_allclose(got, logits, atol=1e-4)
             assert record["rewards"][k] == pytest.approx(float(logits @ [0.6, 0.3, 0.1]), abs=1e-4)
+
+
+# ---------------------------------------------------------------- the fused [A, D] op on every backend
+
+
+@pytest.mark.parametrize("backend,device", backend_device_params())
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16, torch.float16])
+@pytest.mark.parametrize("A", [1, 3, 5])
+def test_attribute_head_on_every_backend_holds_the_float64_reference(backend, device, dtype, A):
+    from rmfast import attribute_head
+
+    if device == "cuda" and not torch.cuda.is_available():
+        pytest.skip("no CUDA GPU")
+    g = torch.Generator().manual_seed(A)
+    D = 40
+    base = torch.randn(7, 3, 2 * D, generator=g)
+    hidden = base[..., ::2].to(dtype)  # strided rows: viewed as [N, D] with a copy, once
+    weight = (torch.randn(A, D, generator=g) / 4).requires_grad_()
+    bias = torch.randn(A, generator=g).requires_grad_()
+    index = torch.tensor([3, 0, 20, 3, 7, 11, 20, 5], dtype=torch.int32)  # int32, repeated rows
+    upstream = torch.randn(len(index), A, generator=g, dtype=torch.float64)
+    h = hidden.to(device).requires_grad_()
+    out = attribute_head(h, weight.to(device), index.to(device), bias.to(device), backend=backend)
+    assert out.shape == (len(index), A) and out.dtype == torch.float32
+    (out.double().cpu() * upstream).sum().backward()
+    # float64 reference from the same (rounded) inputs, gradients by hand
+    x = hidden.detach().double().reshape(-1, D).numpy()
+    w, b, idx, u = weight.detach().double().numpy(), bias.detach().double().numpy(), index.numpy(), upstream.numpy()
+    want = x[idx] @ w.T + b
+    tol = dict(rtol=1e-5, atol=1e-5)
+    np.testing.assert_allclose(out.detach().double().cpu().numpy(), want, **tol)
+    d_hidden = np.zeros_like(x)
+    np.add.at(d_hidden, idx, u @ w)
+    got_dh = h.grad.double().cpu().reshape(-1, D).numpy()
+    scale = np.abs(d_hidden).max()
+    np.testing.assert_allclose(got_dh, d_hidden, rtol=0, atol=(1e-5 if dtype == torch.float32 else 1e-2) * scale)
+    np.testing.assert_allclose(weight.grad.double().numpy(), u.T @ x[idx], **tol)
+    np.testing.assert_allclose(bias.grad.double().numpy(), u.sum(0), **tol)
+
+
+def test_attribute_head_is_the_pairwise_ops_head_at_a_1_and_compiles_whole():
+    from rmfast import attribute_head, pairwise_reward_loss
+
+    g = torch.Generator().manual_seed(0)
+    hidden, weight = torch.randn(12, 16, generator=g), torch.randn(16, generator=g)
+    index = torch.tensor([1, 4, 9, 4])
+    out = pairwise_reward_loss(hidden, weight, index[:2], index[2:], backend="cpu")
+    got = attribute_head(hidden, weight, index, backend="cpu")[:, 0]
+    torch.testing.assert_close(got, torch.cat([out.chosen_rewards, out.rejected_rewards]))
+    for backend in ("cpu", "triton", "torch"):
+        torch._dynamo.reset()
+        compiled = torch.compile(lambda h, w, i, b=backend: attribute_head(h, w, i, backend=b).square().sum(),
+                                 fullgraph=True)
+        w2 = torch.randn(3, 16, generator=g)
+        grads = []
+        for fn in (compiled, lambda h, w, i, b=backend: attribute_head(h, w, i, backend=b).square().sum()):
+            h, w = hidden.clone().requires_grad_(), w2.clone().requires_grad_()
+            loss = fn(h, w, index)
+            loss.backward()
+            grads.append((loss.detach(), h.grad, w.grad))
+        for a, b in zip(*grads):
+            torch.testing.assert_close(a, b)
+    with pytest.raises(ValueError, match="has 8 features but hidden has D=16"):
+        attribute_head(hidden, torch.randn(2, 8), index)
+    with pytest.raises(ValueError, match="index"):
+        attribute_head(hidden, w2, torch.tensor([0, 12]))

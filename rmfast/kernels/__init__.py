@@ -5,6 +5,12 @@ CPU tensors through Triton's interpreter, which the tests use on machines withou
 ``*_op`` are the same launchers as ``torch.ops.rmfast.triton_*`` custom ops, traceable by torch.compile.
 """
 
+from .attribute_head import (
+    attribute_head_fwd,
+    attribute_head_fwd_op,
+    attribute_head_hidden_grad,
+    attribute_head_hidden_grad_op,
+)
 from .pairwise_loss import (
     pairwise_loss_fwd,
     pairwise_loss_fwd_op,
@@ -12,4 +18,5 @@ from .pairwise_loss import (
     pairwise_loss_hidden_grad_op,
 )
 
-__all__ = ["pairwise_loss_fwd", "pairwise_loss_hidden_grad", "pairwise_loss_fwd_op", "pairwise_loss_hidden_grad_op"]
+__all__ = ["pairwise_loss_fwd", "pairwise_loss_hidden_grad", "pairwise_loss_fwd_op", "pairwise_loss_hidden_grad_op",
+           "attribute_head_fwd", "attribute_head_hidden_grad", "attribute_head_fwd_op", "attribute_head_hidden_grad_op"]
