@@ -92,13 +92,11 @@ BAD = [  # id, bad line, reason
     ("scores-not-numbers", {"prompt": "q", "responses": ["a", "b"], "scores": [1, "high"]}, "bad_scores"),
     ("ranking-repeats", {"prompt": "q", "responses": ["a", "b"], "ranking": [0, 0]}, "bad_ranking"),
     ("ranking-out-of-range", {"prompt": "q", "responses": ["a", "b"], "ranking": [1, 2]}, "bad_ranking"),
-    ("all-tied", {"prompt": "q", "responses": ["a", "b", "c"], "scores": [2, 2, 2]}, "all_tied"),
     ("both", {"prompt": "q", "responses": ["a", "b"], "scores": [1, 0], "ranking": [0, 1]}, "ambiguous_preference"),
     ("no-preference", {"prompt": "q", "responses": ["a", "b"]}, "missing_field"),
     ("empty-response", {"prompt": "q", "responses": ["a", "  "], "scores": [1, 0]}, "empty_response"),
     ("not-text", {"prompt": "q", "responses": ["a", 3], "scores": [1, 0]}, "not_text"),
     ("no-rejected", {"prompt": "q", "chosen": ["a"], "rejected": [], "subset": "s"}, "few_responses"),
-    ("only-chosen", {"prompt": "q", "chosen": ["a", "b"], "rejected": [], "subset": "s"}, "all_tied"),
 ]
 
 
@@ -139,11 +137,30 @@ def test_ties_give_no_comparison_and_identical_responses_are_merged_and_counted(
     assert counts.ties == 1 and counts.comparisons == 1 + 2 and counts.groups == 2
 
 
-def test_a_group_left_with_one_response_or_all_tied_is_dropped_and_counted(tokenizer):
+def test_a_group_left_with_one_response_is_dropped_and_one_of_ties_kept(tokenizer):
     groups = [Group("a:1", "explicit", "Q", [" same", " same"], [1.0, 0.0]),
-              Group("a:2", "explicit", "Q", [" a", " a", " b"], [2.0, 0.0, 1.0])]
+              Group("a:2", "explicit", "Q", [" a", " a", " b"], [2.0, 0.0, 1.0]),  # merged: " a" 1, " b" 1
+              Group("a:3", "explicit", "Q", [" x", " y", " z"], [2.0, 2.0, 2.0])]
     tokenized, counts = tokenize_groups(groups, tokenizer, pair_tokenize.LengthPolicy(64))
-    assert len(tokenized) == 0 and counts.dropped == {"fewer_than_two_responses": 1, "all_tied": 1}
+    assert counts.dropped == {"fewer_than_two_responses": 1}
+    assert len(tokenized) == 2 and counts.ties == 1 + 3 and counts.comparisons == 0
+
+
+def test_groups_of_only_ties_train_under_davidson_and_are_set_aside_by_the_others(tmp_path, tokenizer, cfg):
+    from rmfast import layouts
+    from rmfast.engine import with_comparisons
+
+    rows = [{"prompt": "Q: hi", "responses": [" hello", " go away", " hi"], "scores": [2, 0, 1]},
+            {"prompt": "Q: yo", "responses": [" a", " b"], "scores": [1, 1]},
+            {"prompt": "Q: tie", "chosen": [" x", " y"], "rejected": [], "subset": "Ties"}]
+    groups, report, counts = load_groups(str(write(tmp_path / "t.jsonl", rows)), tokenizer, cfg())
+    assert len(groups) == 3 and counts.ties == 2 and report.bad == {}
+    kept, aside = with_comparisons(groups)
+    assert len(kept) == 1 and aside == 2
+    kept, aside = with_comparisons(groups, ties=True)
+    assert len(kept) == 3 and aside == 0
+    batch = layouts.padded(kept, range(3), 0, ties=True)
+    assert batch.ties == 2 and batch.pairs == 3 + 2
 
 
 @pytest.mark.parametrize("eos_after_template", [False, True])

@@ -125,9 +125,6 @@ def _tokenize_one(group, tokenizer, policy, chat_template, counts, scoring=False
     if len(seqs) < (1 if scoring else 2):
         counts.drop("fewer_than_two_responses" if not scoring else "all_responses_too_long")
         return None
-    if not scoring and np.all(scores == scores[0]):
-        counts.drop("all_tied")
-        return None
     attributes = None
     if group.attributes is not None:  # each kept response's, the merged ones' mean of what they have
         values = np.asarray(group.attributes, np.float64).reshape(len(texts), -1)[kept]

@@ -17,7 +17,8 @@ of the list ``a``):
   column carried (the loss adds it to the comparison's margin: rmfast.objective).
 
 Every shape becomes one score per response (a ranking: K-1 for the best down to 0; RewardBench 2: 1 for
-chosen, 0 for rejected); equal scores give no comparison. A bad row raises BadRow with a reason code."""
+chosen, 0 for rejected); equal scores give no comparison but a tie (a group of nothing but ties is kept: the
+davidson objective trains on its ties). A bad row raises BadRow with a reason code."""
 
 import math
 from dataclasses import dataclass
@@ -174,8 +175,8 @@ def _prompt(value, fmt, column):
 
 
 def _finish(location, fmt, prompt, responses, scores, tag=None, preference=True):
-    if preference and scores is not None and len(scores) > 1 and len(set(scores)) == 1:
-        raise BadRow("all_tied", f"all {len(scores)} responses score {scores[0]:g}")
+    # a group whose responses all score the same is data: ties (the davidson objective trains on them; the
+    # others set such a group aside, counted)
     return Group(location, fmt, prompt, responses, scores, tag)
 
 
