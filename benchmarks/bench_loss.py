@@ -31,9 +31,11 @@ Writes bench_loss_<tag>.{csv,md,png} in --out (default benchmarks/results).
     python benchmarks/bench_loss.py --objective regression --heads 5 --no-compile   # the [A, D] head
 
 Other objectives (--objective): davidson (the op's rewards, then Davidson's terms; eager: index → linear →
-the same terms) and regression (the [A, D] attribute head, --heads A, through rmfast.attribute_head, then the
-masked mean squared error against targets with a fifth missing; eager: index → linear [A, D] → the same
-loss). Their floors count the A-wide head and outputs; dschat and compile are Bradley–Terry's only.
+the same terms), plackett_luce (the 2P sequences as groups of 4, each ranked at random: every response's
+reward through rmfast.attribute_head at A = 1, then each group's Plackett–Luce terms; eager likewise) and
+regression (the [A, D] attribute head, --heads A, through rmfast.attribute_head, then the masked mean
+squared error against targets with a fifth missing; eager: index → linear [A, D] → the same loss).
+Their floors count the A-wide head and outputs; dschat and compile are Bradley–Terry's only.
 """
 
 import argparse
@@ -51,9 +53,9 @@ import torch
 import torch.nn.functional as F
 
 from rmfast import attribute_head, backends, pairwise_reward_loss
-from rmfast.objective import davidson_terms
+from rmfast.objective import davidson_terms, plackett_luce_terms
 
-OBJECTIVES = ("bradley_terry", "davidson", "regression")
+OBJECTIVES = ("bradley_terry", "davidson", "plackett_luce", "regression")
 LOG_NU = 0.5
 
 RESULTS = Path(__file__).resolve().parent / "results"
@@ -181,11 +183,19 @@ def masked_mse(predicted, target):
 
 
 def objective_contenders(device, objective, chosen, rejected, weight, target):
-    """name → loss function of hidden for davidson / regression: each rmfast backend and eager."""
+    """name → loss function of hidden for davidson / plackett_luce / regression: each rmfast backend and eager.
+    plackett_luce ranks groups of 4 of the 2P sequences (target: their group [2P] and scores [2P])."""
     index = torch.cat([chosen, rejected])
     out = {}
 
     def rmfast_fn(b):
+        if objective == "plackett_luce":
+            group, scores = target
+
+            def fn(h):
+                r = attribute_head(h, weight, index, backend=b)[:, 0]
+                return plackett_luce_terms(r, group, scores, int(group[-1]) + 1).mean()
+            return fn
         if objective == "davidson":
             def fn(h):
                 o = pairwise_reward_loss(h, weight, chosen, rejected, backend=b, reduction="none")
@@ -199,6 +209,9 @@ def objective_contenders(device, objective, chosen, rejected, weight, target):
 
     def eager(h):
         rows = h.reshape(-1, h.shape[-1])[index]
+        if objective == "plackett_luce":
+            r = F.linear(rows, weight.unsqueeze(0)).squeeze(-1).float()
+            return plackett_luce_terms(r, target[0], target[1], int(target[0][-1]) + 1).mean()
         if objective == "davidson":
             r = F.linear(rows, weight.unsqueeze(0)).squeeze(-1).float()
             rc, rr = r.split(chosen.shape[0])
@@ -341,6 +354,9 @@ def bench_shape(device, pairs, seq_len, hidden_size, dtype_name, *, iters, budge
             weight = torch.randn(heads, hidden_size, generator=g, device=device, dtype=dtype) / hidden_size**0.5
             target = torch.randn(2 * pairs, heads, generator=g, device=device)
             target[torch.rand(target.shape, generator=g, device=device) < 0.2] = float("nan")
+        elif objective == "plackett_luce":  # groups of 4 of the 2P sequences, each ranked at random
+            group = torch.arange(2 * pairs, device=device) // 4
+            target = (group, torch.rand(2 * pairs, generator=g, device=device))
         weight.requires_grad_(True)
         fns = objective_contenders(device, objective, chosen, rejected, weight, target)
         ref = fns["rmfast-torch"](hidden).item()

@@ -29,7 +29,8 @@ import math
 
 import torch
 
-from .loss import PairwiseRewardOutput, attribute_head, pairwise_reward_loss
+from .loss import PairwiseRewardOutput, pairwise_reward_loss
+from .loss import attribute_head as fused_head
 
 OBJECTIVES = ("bradley_terry", "davidson", "plackett_luce", "regression", "regression+bradley_terry")
 REGRESSION = ("regression", "regression+bradley_terry")
@@ -78,7 +79,7 @@ def attribute_predictions(hidden, weight, bias, index, backend="auto", check_ind
     """[S, A] float32: the attributes of the rows at flat `index` [S] of hidden [R, L, D] (or [N, D]) through
     an attribute head weight [A, D] (bias [A] or None), gathered and projected by the fused op
     (rmfast.attribute_head)."""
-    return attribute_head(hidden, weight, index.to(hidden.device), bias, backend, check_indices=check_indices)
+    return fused_head(hidden, weight, index.to(hidden.device), bias, backend, check_indices=check_indices)
 
 
 def regression_terms(predicted, target):
@@ -96,7 +97,7 @@ def regression_loss(predicted, batch):
     sq, n = regression_terms(predicted, batch.response_attributes)
     w = batch.group_weight.to(device=predicted.device, dtype=predicted.dtype)[batch.response_group.to(predicted.device)]
     count = (w * n).sum()
-    return (w * sq).sum() / count.clamp_min(torch.finfo(predicted.dtype).tiny) if n.any() else sq.sum() * 0
+    return (w * sq).sum() / count.clamp_min(torch.finfo(predicted.dtype).tiny)  # 0 when nothing is observed
 
 
 def reward_loss(hidden, weight, batch, bias=None, center_coef=0.0, backend="auto", check_indices=None,
@@ -134,9 +135,9 @@ def reward_loss(hidden, weight, batch, bias=None, center_coef=0.0, backend="auto
         rb, rw = out.chosen_rewards, out.rejected_rewards
         per = davidson_terms(rb, rw, log_nu, batch.margin, batch.tie)
     elif objective == "plackett_luce":
-        # every response's reward once, through the op (its own loss unused: only the rewards carry gradients)
-        out = pairwise_reward_loss(hidden, weight, batch.response_index, batch.response_index, reduction="none", **op)
-        r = out.chosen_rewards
+        # every response's reward once, through the fused gather and projection (rmfast.attribute_head, A = 1)
+        r = fused_head(hidden, weight, batch.response_index.to(hidden.device), bias, backend,
+                       check_indices=check_indices)[:, 0]
         rb, rw = r[batch.better_response.to(r.device)], r[batch.worse_response.to(r.device)]
         loss = plackett_luce_loss(r, batch)
         if center_coef:
