@@ -134,7 +134,11 @@ def main(argv=None):
             raise errors.RankLost(f"rank {rank}: {lost} {where}; {_resume_hint(config.train.output_dir)}") from exc
         close_distributed()  # after a success only: see close_distributed
         if rank == 0 and "eval_accuracy" in final:
-            print(f"final eval: accuracy {final['eval_accuracy']:.3f}, loss {final['eval_loss']:.4f}", flush=True)
+            pearson = ", ".join(f"{k[len('eval_'):-len('_pearson')]} {v:.3f}" for k, v in final.items()
+                                if k.endswith("_pearson"))
+            accuracy = f"accuracy {final['eval_accuracy']:.3f}, " if final.get("eval_pairs") or not pearson else ""
+            print(f"final eval: {accuracy}loss {final['eval_loss']:.4f}{f', Pearson r {pearson}' if pearson else ''}",
+                  flush=True)
 
     return errors.run("rmfast-train", body, interrupted=lambda: _resume_hint(config.train.output_dir),
                       rank=rank)

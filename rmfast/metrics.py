@@ -18,7 +18,7 @@ class Window:
         self.device = device
         self.loss = torch.zeros((), dtype=torch.float64, device=device)
         self.correct = torch.zeros((), dtype=torch.float64, device=device)
-        self.pairs = self.strict = self.tokens = self.positions = self.batches = 0
+        self.pairs = self.strict = self.tokens = self.positions = self.batches = self.responses = 0
         self.start = time.perf_counter()
 
     def add(self, out, batch):
@@ -32,21 +32,22 @@ class Window:
         self.tokens += batch.tokens
         self.positions += batch.positions
         self.batches += 1
+        self.responses += batch.response_index.numel() if batch.response_index is not None else 2 * batch.pairs
 
     def reduce(self, world):
         """The window's metrics over every rank: one all-reduce of a tensor on the trainer's device (NCCL
         takes device tensors only) and one host sync."""
-        counts = torch.tensor([self.pairs, self.strict, self.tokens, self.positions, self.batches],
+        counts = torch.tensor([self.pairs, self.strict, self.tokens, self.positions, self.batches, self.responses],
                               dtype=torch.float64, device=self.device)
         t = torch.cat([torch.stack([self.loss, self.correct]), counts])
         if world > 1:
             dist.all_reduce(t)
-        loss, correct, pairs, strict, tokens, positions, batches = t.tolist()
+        loss, correct, pairs, strict, tokens, positions, batches, responses = t.tolist()
         elapsed = max(time.perf_counter() - self.start, 1e-9)
-        return {"loss": loss / max(batches, 1), "accuracy": correct / max(strict, 1), "pairs": int(pairs),
-                "tokens": int(tokens),
+        return {"loss": loss / max(batches, 1), "accuracy": correct / strict if strict else float("nan"),
+                "pairs": int(pairs), "tokens": int(tokens), "responses": int(responses),
                 "pairs_per_s": pairs / elapsed, "tokens_per_s": tokens / elapsed,
-                "positions_per_pair": positions / max(pairs, 1)}
+                "responses_per_s": responses / elapsed, "positions_per_pair": positions / max(pairs, 1)}
 
 
 class MetricsLog:
@@ -72,8 +73,11 @@ class MetricsLog:
         if "eval_accuracy" in record:
             ties = (f"  tie accuracy {record['eval_tie_accuracy']:.3f} (ν {record['eval_tie_nu']:.3f})"
                     if "eval_tie_accuracy" in record else "")
-            self.log(f"eval at step {record['step']}: loss {record['eval_loss']:.4f}  "
-                     f"accuracy {record['eval_accuracy']:.3f}  margin {record['eval_margin']:.3f}{ties}")
+            pearson = [(k[len("eval_"):-len("_pearson")], v) for k, v in record.items() if k.endswith("_pearson")]
+            attributes = ("  Pearson r " + ", ".join(f"{name} {v:.3f}" for name, v in pearson)) if pearson else ""
+            comparisons = (f"  accuracy {record['eval_accuracy']:.3f}  margin {record['eval_margin']:.3f}"
+                           if record.get("eval_pairs") or not pearson else "")
+            self.log(f"eval at step {record['step']}: loss {record['eval_loss']:.4f}{comparisons}{ties}{attributes}")
 
     def close(self):
         for tracker in self.trackers:
@@ -82,7 +86,12 @@ class MetricsLog:
 
 
 def train_line(record, total_steps):
-    """The plain log line of a training record (logs and CI, where no progress bar is drawn)."""
-    return (f"step {record['step']}/{total_steps}  loss {record['loss']:.4f}  accuracy {record['accuracy']:.3f}  "
-            f"pairs/s {record['pairs_per_s']:.1f}  tokens/s {record['tokens_per_s']:.0f}  lr {record['lr']:.2e}")
+    """The plain log line of a training record (logs and CI, where no progress bar is drawn); a window without
+    comparisons (attribute rows alone) shows responses/s instead of accuracy and pairs/s."""
+    if record["pairs"] or "responses_per_s" not in record:
+        what = f"accuracy {record['accuracy']:.3f}  pairs/s {record['pairs_per_s']:.1f}"
+    else:
+        what = f"responses/s {record['responses_per_s']:.1f}"
+    return (f"step {record['step']}/{total_steps}  loss {record['loss']:.4f}  {what}  "
+            f"tokens/s {record['tokens_per_s']:.0f}  lr {record['lr']:.2e}")
 

@@ -310,3 +310,18 @@ def test_every_objective_compiles_whole_and_equals_eager(objective):
         got.append([value.detach()] + [t.grad if t.grad is not None else torch.zeros_like(t) for t in inputs])
     for a, b in zip(*got):
         torch.testing.assert_close(a, b, rtol=1e-5, atol=1e-6)
+
+
+def test_log_lines_of_a_run_without_comparisons_show_attributes_not_accuracy(tmp_path):
+    from rmfast.metrics import MetricsLog, train_line
+
+    record = {"step": 3, "loss": 0.5, "accuracy": float("nan"), "pairs": 0, "responses": 40, "tokens": 900,
+              "pairs_per_s": 0.0, "responses_per_s": 80.0, "tokens_per_s": 1800.0, "lr": 1e-4}
+    line = train_line(record, 10)
+    assert "responses/s 80.0" in line and "accuracy" not in line and "pairs/s" not in line
+    assert "accuracy 0.750  pairs/s 4.0" in train_line({**record, "pairs": 8, "accuracy": 0.75, "pairs_per_s": 4.0}, 10)
+    said = []
+    log = MetricsLog(tmp_path / "m.jsonl", 0, said.append)
+    log.write({"step": 3, "eval_pairs": 0, "eval_loss": 0.2, "eval_accuracy": float("nan"), "eval_margin": float("nan"),
+               "eval_helpfulness_pearson": 0.91, "eval_verbosity_pearson": 0.5})
+    assert said == ["eval at step 3: loss 0.2000  Pearson r helpfulness 0.910, verbosity 0.500"]
