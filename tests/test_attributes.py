@@ -325,3 +325,21 @@ def test_log_lines_of_a_run_without_comparisons_show_attributes_not_accuracy(tmp
     log.write({"step": 3, "eval_pairs": 0, "eval_loss": 0.2, "eval_accuracy": float("nan"), "eval_margin": float("nan"),
                "eval_helpfulness_pearson": 0.91, "eval_verbosity_pearson": 0.5})
     assert said == ["eval at step 3: loss 0.2000  Pearson r helpfulness 0.910, verbosity 0.500"]
+
+
+def test_rmfast_data_writes_and_inspects_rated_rows(tmp_path, capsys):
+    from rmfast.data.cli import main
+
+    path = tmp_path / "rated.jsonl"
+    assert main(["synth", "--attributes", "--pairs", "200", "--missing", "0.25", "--out", str(path)]) == 0
+    rows = [json.loads(x) for x in path.read_text().splitlines()]
+    assert len(rows) == 200 and set(rows[0]) == {"prompt", "response", "helpfulness", "correctness", "verbosity"}
+    missing = sum(r[a] is None for r in rows for a in ("helpfulness", "correctness", "verbosity"))
+    capsys.readouterr()
+    assert main(["inspect", str(path), "--attributes", "helpfulness", "correctness", "verbosity", "--vocab-size",
+                 "300", "--cache-dir", str(tmp_path / "cache")]) == 0
+    out = capsys.readouterr().out
+    assert f"attributes: {600 - missing} values read, {missing} missing" in out
+    have = sum(r["verbosity"] is not None for r in rows)
+    assert f"attribute verbosity: {have} of 200 responses ({200 - have} missing)" in out
+    assert "shared prefix" not in out  # one response per row: nothing shared, nothing compared

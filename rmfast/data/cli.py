@@ -3,6 +3,8 @@
     rmfast-data inspect data/train.jsonl [more sources…] [--tokenizer DIR] [--max-length 1024]
     rmfast-data synth --pairs 2000 --out data/arith.jsonl [--style conversational]
     rmfast-data synth --groups 4 --pairs 500 --out data/groups.jsonl   # 500 ranked groups of 4 answers
+    rmfast-data synth --attributes --pairs 500 --out data/rated.jsonl  # HelpSteer2-shaped rated answers
+    rmfast-data inspect data/rated.jsonl --attributes helpfulness correctness verbosity
 """
 
 import argparse
@@ -14,7 +16,7 @@ from ..errors import ArgumentParser
 from .groups import source_kind
 from .loader import DataConfig, DataError, Source, load_source, read_groups, read_pairs
 from .options import add_data_options, data_config
-from .synthetic import generate_pairs, write_jsonl
+from .synthetic import ATTRIBUTES, generate_attribute_rows, generate_pairs, write_jsonl
 from .synthetic_groups import generate_groups
 
 
@@ -27,7 +29,7 @@ def _texts(value):
     return [m["content"] for m in value]
 
 
-def _tokenizer(args, sources, groups=False):
+def _tokenizer(args, sources, groups=False, attributes=()):
     if args.tokenizer:
         from transformers import AutoTokenizer
 
@@ -37,7 +39,7 @@ def _tokenizer(args, sources, groups=False):
     texts = []
     for spec in sources if groups else ():
         rows, _ = read_groups(spec, DataConfig(train=[spec.path], format=args.format, columns=args.columns,
-                                               on_bad_row="skip"))
+                                               on_bad_row="skip", attributes=list(attributes)))
         for g in rows[:5000]:
             texts += _texts(g.prompt) + [t for r in g.responses for t in _texts(r)]
     for spec in () if groups else sources:
@@ -80,6 +82,9 @@ def describe(args, groups):
     whole = [len(groups.prompt[i]) + len(r) for i in range(len(groups)) for r in groups.responses[i]]
     longest = np.array([len(p) + max(len(r) for r in rs) for p, rs in zip(groups.prompt, groups.responses)])
     print(f"  tokens, sequence: {_percentiles(whole)}  (prompt + response)")
+    if C == 0 and np.all(sizes == 1):  # rated single responses: nothing shared, nothing compared
+        _describe_attributes(args, groups)
+        return
     print(f"  shared prefix:    {_percentiles(prompt)}  ({(prompt / np.maximum(longest, 1)).mean():.0%} of the "
           f"longest sequence on average; {np.mean(prompt == 0):.1%} of {'pairs' if pairs else 'groups'} share "
           f"nothing)")
@@ -93,14 +98,26 @@ def describe(args, groups):
     with_margin = np.isfinite(groups.margin)
     if with_margin.any():
         print(f"  margins: {with_margin.mean():.0%} of {unit}s, mean {groups.margin[with_margin].mean():.3g}")
+    _describe_attributes(args, groups)
+
+
+def _describe_attributes(args, groups):
+    if groups.attributes is not None and len(groups):
+        values = np.concatenate([np.asarray(a, np.float64) for a in groups.attributes])
+        for a, name in enumerate(args.attributes):
+            x = values[:, a]
+            have = x[np.isfinite(x)]
+            spread = f"mean {have.mean():.3g}, min {have.min():.3g}, max {have.max():.3g}" if len(have) else "no values"
+            print(f"  attribute {name}: {len(have):,} of {len(x):,} responses ({len(x) - len(have):,} missing); "
+                  f"{spread}")
 
 
 def inspect(args):
     sources = [Source.parse(s) for s in args.sources]
     auto = args.kind == "auto" and any(source_kind(s.path, s.split, args.columns) == "groups" for s in sources)
-    kind = "groups" if args.kind == "groups" or auto else "pairs"
-    tokenizer, tok_desc = _tokenizer(args, sources, kind == "groups")
-    config = data_config(args, cache_dir=args.cache_dir)
+    kind = "groups" if args.kind == "groups" or auto or args.attributes else "pairs"
+    tokenizer, tok_desc = _tokenizer(args, sources, kind == "groups", args.attributes)
+    config = data_config(args, cache_dir=args.cache_dir, attributes=list(args.attributes))
     print(f"tokenizer: {tok_desc}")
     total_bad = 0
     for source in sources:
@@ -119,6 +136,13 @@ def inspect(args):
 
 
 def synth(args):
+    if args.attributes:
+        rows = generate_attribute_rows(args.pairs, seed=args.seed, responses=max(args.groups, 1),
+                                       missing=args.missing, max_operand=args.max_operand)
+        path = write_jsonl(rows, args.out)
+        print(f"wrote {len(rows)} rows of {max(args.groups, 1)} rated response(s) ({', '.join(ATTRIBUTES)}, 0-4) "
+              f"to {path}")
+        return 0
     if args.groups:
         if args.style == "implicit":
             raise DataError("--groups writes conversational or explicit groups, not implicit ones")
@@ -145,6 +169,9 @@ def main(argv=None):
     p.add_argument("--vocab-size", type=int, default=8000, help="vocabulary of the BPE trained without --tokenizer")
     p.add_argument("--cache-dir", help="tokenization cache (default ~/.cache/rmfast/tokenized)")
     p.add_argument("--strict", action="store_true", help="exit with status 2 (as for any bad data) when a row is bad")
+    p.add_argument("--attributes", nargs="+", default=[], metavar="NAME",
+                   help="attribute columns (a number per response), as rmfast-train's --data.attributes: rows read "
+                        "as groups, each attribute's values and missing ones counted")
     add_data_options(p, kinds=["pairs", "groups"], on_bad_row="skip")
     p.set_defaults(func=inspect)
     s = sub.add_parser("synth", help="write learnable synthetic arithmetic preference pairs as JSON Lines")
@@ -161,6 +188,11 @@ def main(argv=None):
     s.add_argument("--max-history", type=int, default=3, help="earlier chat turns before the question: 0 to this")
     s.add_argument("--difficulty", default="hard", choices=["hard", "easy"],
                    help="hard: wrong answers off by 1-3; easy: off by 7-12")
+    s.add_argument("--attributes", action="store_true",
+                   help="HelpSteer2-shaped rows instead: a question, one answer (K with --groups, scored by "
+                        "helpfulness) and helpfulness / correctness / verbosity 0-4 that follow from the text "
+                        "(rmfast.data.generate_attribute_rows)")
+    s.add_argument("--missing", type=float, default=0.0, help="with --attributes: the share of values left null")
     s.add_argument("--seed", type=int, default=0)
     s.set_defaults(func=synth)
     args = parser.parse_args(argv)
