@@ -118,7 +118,7 @@ class RewardModel(nn.Module):
         old = self.head
         if isinstance(old, AttributeHead) and old.num_attributes == num_attributes:
             if combination is not None:
-                old.combination.copy_(torch.as_tensor(combination, dtype=torch.float32))
+                old.combination = torch.as_tensor(combination, dtype=torch.float32).reshape(-1)
             return old
         self.head = AttributeHead(old.hidden_size, num_attributes, combination, bias=old.bias is not None,
                                   device=old.weight.device, dtype=old.weight.dtype)

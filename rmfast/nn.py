@@ -70,7 +70,8 @@ class AttributeHead(nn.Module):
             torch.as_tensor(combination, dtype=torch.float32).reshape(-1)
         if c.numel() != num_attributes:
             raise ValueError(f"AttributeHead: {c.numel()} combination weights for {num_attributes} attributes")
-        self.register_buffer("combination", c.to(device), persistent=False)
+        # a plain float32 tensor, not a buffer: no dtype cast of the model (bf16 training) rounds the weights
+        self.combination = c.float()
         nn.init.normal_(self.weight, std=1.0 / math.sqrt(hidden_size + 1))
 
     def attributes(self, hidden: torch.Tensor) -> torch.Tensor:
@@ -82,13 +83,13 @@ class AttributeHead(nn.Module):
     def rewards(self, hidden: torch.Tensor) -> torch.Tensor:
         """hidden [..., D] → the combined scalar reward [...]."""
         out = self.attributes(hidden)
-        return out @ self.combination.to(out.dtype)
+        return out @ self.combination.to(out.device, out.dtype)
 
     def scalar(self):
-        """(weight [D], bias [1] or None) of the combined scalar reward, differentiable in this head's
-        parameters."""
-        c = self.combination.to(self.weight.dtype)
-        return c @ self.weight, None if self.bias is None else (c @ self.bias).reshape(1)
+        """(weight [D], bias [1] or None) of the combined scalar reward, in float32 (whatever the head's dtype),
+        differentiable in this head's parameters."""
+        c = self.combination.to(self.weight.device)
+        return c @ self.weight.float(), None if self.bias is None else (c @ self.bias.float()).reshape(1)
 
     def extra_repr(self):
         return f"hidden_size={self.hidden_size}, num_attributes={self.num_attributes}, bias={self.bias is not None}"
