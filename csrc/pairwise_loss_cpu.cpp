@@ -192,6 +192,9 @@ at::Tensor attribute_head_hidden_grad_cpu(const at::Tensor& like, const at::Tens
   AT_DISPATCH_FLOATING_TYPES_AND2(at::kHalf, at::kBFloat16, like.scalar_type(), "attribute_head_hidden_grad_cpu",
                                   [&] {
     using acc_t = at::opmath_type<scalar_t>;
+    TORCH_CHECK(weight.scalar_type() == c10::CppTypeToScalarType<acc_t>::value &&
+                    coef.scalar_type() == weight.scalar_type(),
+                "rmfast: weight and coef must be in the accumulation dtype");
     const acc_t* wp = w.const_data_ptr<acc_t>();
     const int64_t* rp = rows_c.const_data_ptr<int64_t>();
     const acc_t* cp = coef_c.const_data_ptr<acc_t>();

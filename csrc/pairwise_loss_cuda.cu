@@ -193,6 +193,8 @@ at::Tensor attribute_head_fwd_cuda(const at::Tensor& hidden, const at::Tensor& w
   auto stream = at::cuda::getCurrentCUDAStream();
   AT_DISPATCH_FLOATING_TYPES_AND2(at::kHalf, at::kBFloat16, hidden.scalar_type(), "attribute_head_fwd_cuda", [&] {
     using acc_t = at::opmath_type<scalar_t>;
+    TORCH_CHECK(weight.scalar_type() == c10::CppTypeToScalarType<acc_t>::value,
+                "rmfast: weight must be in the accumulation dtype");
     attribute_fwd_kernel<scalar_t, acc_t><<<grid, kFwdThreads, 0, stream>>>(
         hidden.const_data_ptr<scalar_t>(), w.const_data_ptr<acc_t>(),
         b.defined() ? b.const_data_ptr<acc_t>() : nullptr, idx.const_data_ptr<int64_t>(),
@@ -221,6 +223,9 @@ at::Tensor attribute_head_hidden_grad_cuda(const at::Tensor& like, const at::Ten
   AT_DISPATCH_FLOATING_TYPES_AND2(at::kHalf, at::kBFloat16, like.scalar_type(), "attribute_head_hidden_grad_cuda",
                                   [&] {
     using acc_t = at::opmath_type<scalar_t>;
+    TORCH_CHECK(weight.scalar_type() == c10::CppTypeToScalarType<acc_t>::value &&
+                    coef.scalar_type() == weight.scalar_type(),
+                "rmfast: weight and coef must be in the accumulation dtype");
     attribute_hidden_grad_kernel<scalar_t, acc_t><<<grid, kBwdThreads, 0, stream>>>(
         w.const_data_ptr<acc_t>(), rows_c.const_data_ptr<int64_t>(), coef_c.const_data_ptr<acc_t>(),
         d_hidden.mutable_data_ptr<scalar_t>(), M, A, D);

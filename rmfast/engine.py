@@ -31,6 +31,7 @@ from .errors import Failure, UserError
 from .evaluation import Evaluator
 from .metrics import MetricsLog, Window, train_line
 from .model import DTYPES, enable_activation_checkpointing
+from .nn import AttributeHead
 from .runfolder import RunFolder
 from .trackers import open_trackers
 
@@ -150,8 +151,18 @@ def build_model(config: Config, ds_config, dtype, grow_vocab, log):
         model.backbone = add_lora(model.backbone, m)
     if config.train.objective == "davidson":
         model.add_tie_parameter(config.train.tie_nu, config.train.learn_tie_nu)
+    had = list(getattr(model.backbone.config, "id2label", {}).values()) if isinstance(model.head, AttributeHead) else []
+    if had and config.data.attributes and [str(n) for n in had] != list(config.data.attributes):
+        raise UserError(f"{m.name_or_path} has an attribute head for {', '.join(map(str, had))} (in that order); "
+                        f"--data.attributes gives {', '.join(config.data.attributes)}: name the same attributes in the "
+                        f"same order, or start from a model without an attribute head")
     if config.data.attributes:
         model.use_attribute_head(len(config.data.attributes), attribute_combination(config))
+    elif isinstance(model.head, AttributeHead):
+        names = list(getattr(model.backbone.config, "id2label", {}).values())
+        raise UserError(f"{m.name_or_path} has an attribute head ({model.head.num_attributes} outputs: "
+                        f"{', '.join(map(str, names))}); train it on attribute columns: --data.attributes "
+                        f"{' '.join(map(str, names))} --train.objective regression (or regression+bradley_terry)")
     if zero3:
         _finish_zero3_load(model, dtype, log)
     if m.gradient_checkpointing:

@@ -357,8 +357,11 @@ def attribute_head(
         _fail("weight", f"has {weight.shape[1]} features but hidden has D={D}")
     if weight.device != hidden.device:
         _fail("weight", f"is on {weight.device} but hidden is on {hidden.device}; move both to one device")
-    if bias is not None and (not isinstance(bias, torch.Tensor) or bias.numel() != weight.shape[0]):
-        _fail("bias", f"must be None or a tensor of {weight.shape[0]} values (one per output)")
+    if bias is not None and (not isinstance(bias, torch.Tensor) or not bias.is_floating_point()
+                             or bias.numel() != weight.shape[0]):
+        _fail("bias", f"must be None or a floating tensor of {weight.shape[0]} values (one per output)")
+    if bias is not None and bias.device != hidden.device:
+        _fail("bias", f"is on {bias.device} but hidden is on {hidden.device}; move both to one device")
     index = _check_index("index", index, hidden.device)
     n_rows = hidden.numel() // D if D else 0
     if index.numel():

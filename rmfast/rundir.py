@@ -19,12 +19,14 @@ OWNED = runfolder.OWNED
 
 # what a resumed run must share with the run that saved the checkpoint: NEVER cannot change at all (the
 # saved weights, optimizer shards or vocabulary would not fit); the rest only with resume_allow_changes
-NEVER = ("architecture", "tokenizer", "lora", "world_size", "data.kind", "data.eos_after_template", "train.objective")
+NEVER = ("architecture", "tokenizer", "lora", "world_size", "data.kind", "data.eos_after_template", "train.objective",
+         "data.attributes")
 ALLOWED = ("model.name_or_path", "data.train", "data.max_length", "train.layout", "train.pairs_per_batch",
-           "train.token_budget", "train.grad_accum")
+           "train.token_budget", "train.grad_accum", "train.attribute_weights")
 # what a checkpoint saved before a key was recorded held: groups came later, so such a run trained on pairs
 # and before the reward-token convention was recorded, EOS was appended after a chat template's end too
-SAVED_DEFAULTS = {"data.kind": "pairs", "data.eos_after_template": True, "train.objective": "bradley_terry"}
+SAVED_DEFAULTS = {"data.kind": "pairs", "data.eos_after_template": True, "train.objective": "bradley_terry",
+                  "data.attributes": [], "train.attribute_weights": []}
 
 
 class RunDirError(UserError):
@@ -167,6 +169,8 @@ def identity(config, backbone_config, tokenizer_fp, data_fps, world_size):
         "train.grad_accum": t.grad_accum, "data.kind": data_kind(config),
         "data.eos_after_template": bool(getattr(config.data, "eos_after_template", False)),
         "train.objective": t.objective,
+        "data.attributes": list(getattr(config.data, "attributes", None) or []),
+        "train.attribute_weights": [float(w) for w in t.attribute_weights],
     })
 
 

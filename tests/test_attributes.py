@@ -377,3 +377,49 @@ def test_two_ranks_zero3_with_an_attribute_head_follow_one_rank_zero0(engine_set
         assert two_eval[-1][key] == pytest.approx(one_eval[-1][key], abs=1e-3), key
     config = json.loads((tmp_path / "zero3" / "export" / "config.json").read_text())
     assert len(config["id2label"]) == 3 and config["rmfast_attribute_weights"] == [1 / 3] * 3
+
+
+def test_review_edge_cases_of_attribute_data_and_runs(tmp_path):
+    # a source whose rows are all dropped beside one with attributes; per-element columns with a field missing;
+    # a resume that changes the attributes; an attribute export trained without (or with other) attributes
+    from rmfast.config import Config, DataSection, ModelConfig, TrainConfig
+    from rmfast.engine import build_model
+    from rmfast.export import write_export
+    from rmfast.rundir import RunDirError, check_resume, identity
+
+    good = write_jsonl(generate_attribute_rows(6, 0), tmp_path / "good.jsonl")
+    bad = write_jsonl([{"prompt": "Q", "response": " x", "helpfulness": "lots"}], tmp_path / "bad.jsonl")
+    tok = train_bpe_tokenizer(["Q: what is 1 plus 2? 3 = x"] * 5, vocab_size=300)
+    config = DataConfig(train=[str(bad), str(good)], attributes=["helpfulness"], on_bad_row="skip",
+                        cache_dir=str(tmp_path / "cache"))
+    for _ in range(2):  # tokenized, then from the cache
+        train, _, report = load_data(config, tok)
+        assert len(train) == 6 and train.num_attributes == 1 and report.bad == {"bad_attribute": 1}
+    row = {"prompt": "Q", "completions": [{"r": " a", "h": 2}, {"r": " b"}]}
+    group = parse_group_row("f:1", row, columns={"responses": "completions[].r", "helpfulness": "completions[].h"},
+                            preference=False, attributes=["helpfulness"])
+    assert group.attributes[0] == [2.0] and np.isnan(group.attributes[1][0])
+
+    def run(attributes, weights=(), objective="regression"):
+        return Config(model=ModelConfig(name_or_path=str(tmp_path / "export"), dtype="fp32"),
+                      data=DataSection(attributes=list(attributes)),
+                      train=TrainConfig(objective=objective, attribute_weights=list(weights)))
+
+    ident = lambda c: identity(c, tok_config, "tok", [], 1)  # noqa: E731
+    tok_config = build(None, "llama").backbone.config
+    check_resume(ident(run(["a", "b"])), ident(run(["a", "b"])), "here", False)
+    with pytest.raises(RunDirError, match="data.attributes"):
+        check_resume(ident(run(["a", "b"])), ident(run(["b", "a"])), "here", True)
+    with pytest.raises(RunDirError, match="train.attribute_weights"):
+        check_resume(ident(run(["a", "b"])), ident(run(["a", "b"], [1.0, 0.0])), "here", False)
+    model = build(None, "llama", vocab=len(tok))
+    model.use_attribute_head(2, [0.5, 0.5])
+    write_export(model.backbone.config, model.state_dict(), tok, tmp_path / "export",
+                 attributes=(["helpfulness", "correctness"], [0.5, 0.5]))
+    ds = {"zero_optimization": {"stage": 0}}
+    with pytest.raises(UserError, match="--data.attributes helpfulness correctness"):
+        build_model(run([], objective="bradley_terry"), ds, torch.float32, 0, print)
+    with pytest.raises(UserError, match="same order"):
+        build_model(run(["correctness", "helpfulness"]), ds, torch.float32, 0, print)
+    again = build_model(run(["helpfulness", "correctness"]), ds, torch.float32, 0, print)
+    torch.testing.assert_close(again.head.weight.detach(), model.head.weight.detach())

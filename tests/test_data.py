@@ -363,6 +363,9 @@ def test_ragged_rows_read_like_lists():
         assert rows(got) == rows(want) and got.locations == list(want.locations)
         assert got.tags[-1] == want.tags[-1] and got.prompt[-1].tolist() == want.prompt[-1].tolist()
         assert [x.tolist() for x in got.prompt[1:4]] == [x.tolist() for x in want.prompt[1:4]]
+        np.testing.assert_array_equal(got.sizes, want.sizes)  # counted from the offsets, no row built
+        for layout in ("padded", "packed", "prefix_shared"):
+            np.testing.assert_array_equal(got.lengths(layout), want.lengths(layout))
     with pytest.raises(IndexError):
         mapped[0].prompt[7]
     empty = TokenizedGroups.concat([mapped[0].subset([])])

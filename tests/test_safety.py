@@ -464,7 +464,8 @@ def test_only_the_last_keep_last_checkpoints_are_kept(monkeypatch, tmp_path):
 def test_a_resume_on_the_other_data_kind_is_refused():
     # data.kind is in what a checkpoint records; one saved before it was recorded trained on pairs
     saved = {"architecture": {"model_type": "llama"}, "tokenizer": "t", "lora": None, "world_size": 1,
-             "data.eos_after_template": True, "train.objective": "bradley_terry"}
+             "data.eos_after_template": True, "train.objective": "bradley_terry", "data.attributes": [],
+             "train.attribute_weights": []}
     rundir.check_resume(dict(saved), {**saved, "data.kind": "pairs"}, "step-4", False)
     with pytest.raises(rundir.RunDirError, match=r'data.kind: "pairs" then, "groups" now \(never allowed\)'):
         rundir.check_resume(dict(saved), {**saved, "data.kind": "groups"}, "step-4", True)
@@ -475,7 +476,8 @@ def test_a_resume_on_the_other_data_kind_is_refused():
 def test_a_checkpoint_from_before_the_reward_token_convention_resumes_only_as_it_was_trained():
     # such a run appended EOS after chat templates; resuming it otherwise would move its reward token
     saved = {"architecture": {"model_type": "llama"}, "tokenizer": "t", "lora": None, "world_size": 1,
-             "data.kind": "pairs", "train.objective": "bradley_terry"}
+             "data.kind": "pairs", "train.objective": "bradley_terry", "data.attributes": [],
+             "train.attribute_weights": []}
     now = {**saved, "data.eos_after_template": False}
     with pytest.raises(rundir.RunDirError, match=r"data.eos_after_template: true then, false now \(never allowed\)"):
         rundir.check_resume(dict(saved), now, "step-4", True)

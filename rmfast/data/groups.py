@@ -57,7 +57,11 @@ def read_attributes(row, names, columns, K):
     out = [[math.nan] * len(names) for _ in range(K)]
     for a, name in enumerate(names):
         spec = (columns or {}).get(name, name)
-        value = read_column(row, name, spec, required=False)
+        head, sep, tail = spec.partition("[].")
+        if sep and isinstance(row.get(head), list):  # per element: an element without the field has no value
+            value = [item.get(tail) if isinstance(item, dict) else None for item in row[head]]
+        else:
+            value = read_column(row, name, spec, required=False)
         if value is None:
             continue
         values = value if isinstance(value, list) else [value] if K == 1 else None

@@ -215,7 +215,9 @@ def load_source(source: Source, tokenizer, config: DataConfig, tokenizer_fp=None
             tokenized, report = _read_entry(entry, len(tokenizer))
         except (ValueError, OSError, KeyError, TypeError, EOFError) as exc:
             cache_warning(root, f"ignoring its entry {key} ({type(exc).__name__}: {exc}) and tokenizing again")
-            stale = True
+            # a bad entry is replaced; one that could not be read for now (too many open files, no memory
+            # to map it) is left to the runs that can read it
+            stale = not isinstance(exc, OSError) or isinstance(exc, (FileNotFoundError, EOFError))
         else:
             _check_bad(report, config, source.path)
             return tokenized, report

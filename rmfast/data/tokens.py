@@ -6,6 +6,8 @@ Every row shape (pairs, scored or ranked groups) becomes a TokenizedGroups at to
 
 import os
 import shutil
+import socket
+import uuid
 from collections.abc import Sequence
 from dataclasses import dataclass
 from pathlib import Path
@@ -80,6 +82,37 @@ class Ragged(Sequence):
 
     def __repr__(self):
         return f"Ragged({len(self)} rows over {len(self.parts)} part(s))"
+
+    def _per_part(self, fn):
+        """[n] int64 from fn(part, rows of this sequence in that part), part by part (no row is built)."""
+        out = np.zeros(len(self), np.int64)
+        for k, part in enumerate(self.parts):
+            sel = slice(None) if self.which is None else self.which == k
+            rows = self.rows[sel]
+            if len(rows):
+                out[sel] = fn(part, rows)
+        return out
+
+    def counts(self):
+        """Each row's length (its items' count when nested), [n] int64."""
+        return self._per_part(lambda part, r: (part[2] if part[2] is not None else part[1])[r + 1]
+                              - (part[2] if part[2] is not None else part[1])[r])
+
+    def totals(self):
+        """Nested: the elements of each row's items together, [n] int64 (a row's items are contiguous)."""
+        return self._per_part(lambda part, r: part[1][part[2][r + 1]] - part[1][part[2][r]])
+
+    def longest(self):
+        """Nested: each row's longest item, [n] int64 (0 for a row without items)."""
+        def fn(part, r):
+            _, offsets, nest, _ = part
+            item = np.diff(offsets)
+            most = np.zeros(len(nest) - 1, np.int64)
+            some = np.diff(nest) > 0
+            if some.any():  # the non-empty rows' items lie end to end: one segment each
+                most[some] = np.maximum.reduceat(item, nest[:-1][some])
+            return most[r]
+        return self._per_part(fn)
 
     def take(self, indices):
         idx = np.asarray(indices, np.int64)
@@ -183,6 +216,8 @@ class TokenizedGroups:
     @property
     def sizes(self):
         """K of each group, int64 [n]."""
+        if isinstance(self.responses, Ragged):
+            return self.responses.counts()
         return np.fromiter((len(r) for r in self.responses), dtype=np.int64, count=len(self))
 
     def sequence(self, g, k):
@@ -198,14 +233,18 @@ class TokenizedGroups:
         """Token positions each group takes in `layout` ([n] int64), as rmfast.layouts lays it out:
         prefix_shared: the prompt once and every response once; packed: every whole sequence; padded: K rows
         as long as the group's longest sequence (a batch's rows are then padded to its longest)."""
-        prompt = np.fromiter((len(p) for p in self.prompt), np.int64, count=len(self))
-        total = np.fromiter((sum(len(r) for r in rs) for rs in self.responses), np.int64, count=len(self))
+        mapped = isinstance(self.responses, Ragged) and isinstance(self.prompt, Ragged)
+        prompt = self.prompt.counts() if mapped else np.fromiter((len(p) for p in self.prompt), np.int64,
+                                                                 count=len(self))
+        total = self.responses.totals() if mapped else \
+            np.fromiter((sum(len(r) for r in rs) for rs in self.responses), np.int64, count=len(self))
         if layout == "prefix_shared":
             return prompt + total
         if layout == "packed":
             return self.sizes * prompt + total
         if layout == "padded":
-            longest = np.fromiter((max(len(r) for r in rs) for rs in self.responses), np.int64, count=len(self))
+            longest = self.responses.longest() if mapped else \
+                np.fromiter((max(len(r) for r in rs) for rs in self.responses), np.int64, count=len(self))
             return self.sizes * (prompt + longest)
         raise ValueError(f"unknown layout {layout!r}; use padded, packed or prefix_shared")
 
@@ -232,13 +271,16 @@ class TokenizedGroups:
         parts = list(parts)
         cols = {}
         for name in TokenizedGroups.COLUMNS:
-            seqs = [getattr(p, name) for p in parts]
-            if any(s is None for s in seqs) and not all(s is None or len(s) == 0 for s in seqs):
+            # a part without groups may lack a column the others have (a source whose rows were all dropped)
+            held = [p for p in parts if len(p)]
+            seqs = [getattr(p, name) for p in held] or [getattr(p, name) for p in parts]
+            if any(s is None for s in seqs) and not all(s is None for s in seqs):
                 raise ValueError(f"TokenizedGroups.concat: some parts have {name} and others not")
             seqs = [s for s in seqs if s is not None]
             cols[name] = _concat(seqs) if seqs else None
-        return TokenizedGroups(weight=np.concatenate([p.weight for p in parts] or [np.zeros(0, np.float32)]),
-                               margin=np.concatenate([p.margin for p in parts] or [np.zeros(0, np.float32)]),
+        held = [p for p in parts if len(p)] or parts
+        return TokenizedGroups(weight=np.concatenate([p.weight for p in held] or [np.zeros(0, np.float32)]),
+                               margin=np.concatenate([p.margin for p in held] or [np.zeros(0, np.float32)]),
                                **cols)
 
     @staticmethod
@@ -277,7 +319,7 @@ class TokenizedGroups:
         name: text} written into the folder too. Returns False when another process put the same folder there
         first (it then holds the same data)."""
         path = Path(path)
-        tmp = path.with_name(f".{path.name}.tmp.{os.getpid()}")
+        tmp = path.with_name(f".{path.name}.tmp.{socket.gethostname()}.{os.getpid()}.{uuid.uuid4().hex[:8]}")
         shutil.rmtree(tmp, ignore_errors=True)
         tmp.mkdir(parents=True)
         try:

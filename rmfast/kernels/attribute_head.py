@@ -62,8 +62,9 @@ def _attribute_hidden_grad_kernel(
     w = tl.load(W + offs_a[:, None] * D + offs_d[None, :], mask=mask_a[:, None] & mask_d[None, :], other=0.0)
     dh = tl.sum(coef[:, :, None] * w[None, :, :], axis=1)
     # A row listed twice carries the same coefficients both times, so duplicate stores write equal values.
+    keep = mask_r & (rows >= 0)  # -1 marks an entry to skip, as in the C++ and CUDA kernels
     tl.store(DH + rows[:, None] * D + offs_d[None, :], dh.to(DH.dtype.element_ty),
-             mask=mask_r[:, None] & mask_d[None, :])
+             mask=keep[:, None] & mask_d[None, :])
 
 
 def attribute_head_fwd(hidden, weight, bias, index):
