@@ -423,3 +423,11 @@ def test_review_edge_cases_of_attribute_data_and_runs(tmp_path):
         build_model(run(["correctness", "helpfulness"]), ds, torch.float32, 0, print)
     again = build_model(run(["helpfulness", "correctness"]), ds, torch.float32, 0, print)
     torch.testing.assert_close(again.head.weight.detach(), model.head.weight.detach())
+
+
+def test_attribute_columns_that_are_nowhere_in_the_data_stop_loading_naming_the_columns(tmp_path):
+    path = write_jsonl(generate_attribute_rows(5, 0), tmp_path / "a.jsonl")
+    tok = train_bpe_tokenizer(["Q: what is 1 plus 2? 3"] * 5, vocab_size=300)
+    with pytest.raises(UserError) as err:
+        load_data(DataConfig(train=[str(path)], attributes=["helpful"], cache_dir=str(tmp_path / "c")), tok)
+    assert "helpful" in str(err.value) and "helpfulness, correctness, verbosity" in str(err.value)

@@ -380,6 +380,13 @@ def load_data(config: DataConfig, tokenizer, progress=True, kind="pairs"):
     if len(train) == 0:
         raise DataError(f"no training {kind} left after validation and the length policy:\n" +
                         "\n".join(report.lines()))
+    if config.attributes and train.attributes is not None \
+            and not any(np.isfinite(np.asarray(a)).any() for a in train.attributes):
+        first = Source.parse(config.train[0])
+        row = next((r.data for r in sources.iter_rows(first.path, first.split) if isinstance(r.data, dict)), {})
+        raise DataError(f"no values of the attribute columns {', '.join(config.attributes)} in the training data "
+                        f"(every one is missing); the rows of {first.path} have the columns {', '.join(row)}: name "
+                        f"yours with --data.attributes, or map them with --data.columns '{{\"NAME\": \"yours\"}}'")
     return train, (cls.concat(eval_parts) if eval_parts else None), report
 
 
