@@ -363,7 +363,7 @@ def prefix_shared(groups, indices, pad_id, max_tokens=None, **objective):
         K, s = len(groups.responses[i]), len(groups.prompt[i])
         return f"group {groups.locations[i]} (a {s}-token prompt and {K} responses)"
 
-    capacity = _capacity(groups.lengths("prefix_shared")[indices] if indices else [0], max_tokens, what,
+    capacity = _capacity(groups.lengths("prefix_shared", indices) if len(indices) else [0], max_tokens, what,
                          "groups are never split")
     batch, last = _rows(units, capacity, _place_group, pad_id)
     return _objective(batch, groups, indices, last, **objective)

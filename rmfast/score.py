@@ -120,7 +120,7 @@ class Scorer:
         one [K, A] array of attributes per group) for an attribute head."""
         batch = layouts.prefix_shared(groups, indices, self.tokenizer.pad_token_id, max_tokens=self.row_tokens)
         r, attrs = self._outputs(batch, batch.response_index)
-        split = np.cumsum(groups.sizes[np.asarray(indices)])[:-1]
+        split = np.cumsum([len(groups.responses[i]) for i in indices])[:-1]
         if with_attributes:
             return np.split(r, split), (np.split(attrs, split) if attrs is not None else [None] * len(indices))
         return np.split(r, split)

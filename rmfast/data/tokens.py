@@ -229,10 +229,13 @@ class TokenizedGroups:
         pairs, diff, _ = comparisons(self.scores[g])
         return pairs, diff
 
-    def lengths(self, layout="prefix_shared"):
+    def lengths(self, layout="prefix_shared", indices=None):
         """Token positions each group takes in `layout` ([n] int64), as rmfast.layouts lays it out:
         prefix_shared: the prompt once and every response once; packed: every whole sequence; padded: K rows
-        as long as the group's longest sequence (a batch's rows are then padded to its longest)."""
+        as long as the group's longest sequence (a batch's rows are then padded to its longest). indices: those
+        groups' only (a micro-batch's: no pass over the whole set)."""
+        if indices is not None:
+            return self.subset(indices).lengths(layout)
         mapped = isinstance(self.responses, Ragged) and isinstance(self.prompt, Ragged)
         prompt = self.prompt.counts() if mapped else np.fromiter((len(p) for p in self.prompt), np.int64,
                                                                  count=len(self))

@@ -174,7 +174,7 @@ class Batcher:
             if self.normalize:
                 r = scorer.normalize(r)
             values = r if attributes is None else np.column_stack([r, attributes])  # an attribute head's after
-            sizes = groups.sizes[np.asarray(batch_indices)]
+            sizes = [len(groups.responses[i]) for i in batch_indices]
             for i, part in zip(batch_indices, np.split(values, np.cumsum(sizes)[:-1])):
                 out[i] = part
             self.metrics.forwards.inc()
