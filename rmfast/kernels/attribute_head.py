@@ -76,7 +76,7 @@ def attribute_head_fwd(hidden, weight, bias, index):
         return out
     block_a = triton.next_power_of_2(A)
     block_s = 16
-    block_d = _block_d(D, max(16, 1024 // block_a))
+    block_d = _block_d(D, max(16, 512 // block_a))  # a [BLOCK_S, BLOCK_D, BLOCK_A] product of at most 8K elements
     _attribute_fwd_kernel[(triton.cdiv(S, block_s),)](
         hidden, weight, bias.contiguous() if bias is not None else weight, index, out,
         S, A, D, hidden.stride(0), hidden.stride(1),
@@ -95,8 +95,8 @@ def attribute_head_hidden_grad(weight, rows, coef, n_rows, dtype):
     if M == 0:
         return d_hidden
     block_a = triton.next_power_of_2(A)
-    block_r = 32
-    block_d = _block_d(D, max(16, 1024 // block_a))
+    block_r = 16
+    block_d = _block_d(D, max(16, 512 // block_a))
     grid = (triton.cdiv(M, block_r), triton.cdiv(D, block_d))
     _attribute_hidden_grad_kernel[grid](weight, rows, coef, d_hidden, M, A, D, BLOCK_R=block_r, BLOCK_A=block_a,
                                         BLOCK_D=block_d, num_warps=4)
