@@ -32,7 +32,8 @@ class Window:
         self.tokens += batch.tokens
         self.positions += batch.positions
         self.batches += 1
-        self.responses += batch.response_index.numel() if batch.response_index is not None else 2 * batch.pairs
+        index = getattr(batch, "response_index", None)  # every Batch of rmfast.layouts has it
+        self.responses += index.numel() if index is not None else 2 * batch.pairs
 
     def reduce(self, world):
         """The window's metrics over every rank: one all-reduce of a tensor on the trainer's device (NCCL
