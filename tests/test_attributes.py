@@ -345,40 +345,6 @@ def test_rmfast_data_writes_and_inspects_rated_rows(tmp_path, capsys):
     assert "shared prefix" not in out  # one response per row: nothing shared, nothing compared
 
 
-@pytest.mark.slow
-def test_two_ranks_zero3_with_an_attribute_head_follow_one_rank_zero0(engine_setup, tmp_path):
-    # the [A, D] head partitioned by ZeRO-3 (gathered for the combined head the fused loss reads) trains as on one
-    # rank; rated single responses and rated pairs in one file, eval gathered from both ranks
-    import subprocess
-
-    from helpers import clean_env, command
-    from test_group_training import base_args, metrics
-
-    rows = generate_attribute_rows(40, 0, missing=0.2) + generate_attribute_rows(24, 1, responses=2)
-    evals = generate_attribute_rows(12, 2) + generate_attribute_rows(8, 3, responses=2)
-    runs = {}
-    for nproc, stage, accum in ((1, 0, 2), (2, 3, 1)):
-        out = tmp_path / f"zero{stage}"
-        args = base_args(engine_setup, out, **{
-            "data.train": write_jsonl(rows, tmp_path / "train.jsonl"),
-            "data.eval": write_jsonl(evals, tmp_path / "e.jsonl"),
-            "data.attributes": "helpfulness correctness verbosity", "train.objective": "regression+bradley_terry",
-            "train.zero_stage": stage, "train.grad_accum": accum, "train.eval_every": 8, "train.export": stage == 3})
-        flat = []
-        for k, v in args.items():
-            flat += [f"--{k}", *(str(v).split(" ") if k == "data.attributes" else [str(v)])]
-        res = subprocess.run(command(nproc) + flat, capture_output=True, text=True, env=clean_env(), timeout=900)
-        assert res.returncode == 0, res.stdout[-3000:] + res.stderr[-5000:]
-        runs[nproc] = metrics(out)
-    (one, one_eval), (two, two_eval) = runs[1], runs[2]
-    assert [r["step"] for r in two] == list(range(1, 9))
-    np.testing.assert_allclose([r["loss"] for r in two], [r["loss"] for r in one], rtol=0, atol=2e-4)
-    for key in ("eval_helpfulness_pearson", "eval_verbosity_rmse", "eval_loss", "eval_accuracy"):
-        assert two_eval[-1][key] == pytest.approx(one_eval[-1][key], abs=1e-3), key
-    config = json.loads((tmp_path / "zero3" / "export" / "config.json").read_text())
-    assert len(config["id2label"]) == 3 and config["rmfast_attribute_weights"] == [1 / 3] * 3
-
-
 def test_review_edge_cases_of_attribute_data_and_runs(tmp_path):
     # a source whose rows are all dropped beside one with attributes; per-element columns with a field missing;
     # a resume that changes the attributes; an attribute export trained without (or with other) attributes

@@ -118,14 +118,27 @@ def test_prefix_shared_group_training_follows_padded(engine_setup, groups_data, 
 @pytest.mark.slow
 def test_two_ranks_zero3_on_groups_follow_one_rank_zero0(engine_setup, groups_data, tmp_path):
     """Groups sharded over two ranks (gloo) at ZeRO-3 follow one rank at ZeRO-0 that takes both ranks'
-    micro-batches in one step; the eval over the two ranks' shards, gathered, is the one-rank eval."""
+    micro-batches in one step; the eval over the two ranks' shards, gathered, is the one-rank eval. The groups
+    are rated too (a length attribute per response, a fifth missing) and trained with regression +
+    Bradley–Terry: the [A, D] attribute head is partitioned, gathered for the combined head the fused loss
+    reads, and exported as an A-label model from the two ranks."""
+    rng = np.random.default_rng(0)
+    for split in ("train", "eval"):
+        rows = [json.loads(x) for x in (groups_data / f"{split}.jsonl").read_text().splitlines()]
+        for r in rows:
+            r["words"] = [None if rng.random() < 0.2 else len(x.split()) for x in r["responses"]]
+            r["chars"] = [len(x) / 10 for x in r["responses"]]
+        write_jsonl(rows, tmp_path / f"{split}.jsonl")
     runs = {}
     for nproc, stage, accum in ((1, 0, 2), (2, 3, 1)):
         out = tmp_path / f"zero{stage}"
         args = base_args(engine_setup, out, **{
-            "data.kind": "groups", "data.train": groups_data / "train.jsonl", "data.eval": groups_data / "eval.jsonl",
-            "train.zero_stage": stage, "train.grad_accum": accum, "train.eval_every": 8})
-        flat = [x for k, v in args.items() for x in (f"--{k}", str(v))]
+            "data.kind": "groups", "data.train": tmp_path / "train.jsonl", "data.eval": tmp_path / "eval.jsonl",
+            "data.attributes": "words chars", "train.objective": "regression+bradley_terry",
+            "train.zero_stage": stage, "train.grad_accum": accum, "train.eval_every": 8, "train.export": stage == 3})
+        flat = []
+        for k, v in args.items():
+            flat += [f"--{k}", *(str(v).split() if k == "data.attributes" else [str(v)])]
         res = subprocess.run(command(nproc) + flat, capture_output=True, text=True, env=clean_env(), timeout=900)
         assert res.returncode == 0, res.stdout[-3000:] + res.stderr[-5000:]
         runs[nproc] = metrics(out)
@@ -133,9 +146,12 @@ def test_two_ranks_zero3_on_groups_follow_one_rank_zero0(engine_setup, groups_da
     assert [r["step"] for r in two] == list(range(1, 9)) and [r["pairs"] for r in two] == [r["pairs"] for r in one]
     # fp32; the tolerance covers the different order of gradient reductions over 8 steps
     np.testing.assert_allclose([r["loss"] for r in two], [r["loss"] for r in one], rtol=0, atol=2e-4)
-    for key in ("eval_pairs", "eval_groups", "eval_accuracy", "eval_top1_accuracy"):
+    for key in ("eval_pairs", "eval_groups", "eval_accuracy", "eval_top1_accuracy", "eval_attribute_values"):
         assert two_eval[-1][key] == one_eval[-1][key], key
-    assert two_eval[-1]["eval_loss"] == pytest.approx(one_eval[-1]["eval_loss"], abs=1e-3)
+    for key in ("eval_loss", "eval_words_pearson", "eval_chars_rmse"):
+        assert two_eval[-1][key] == pytest.approx(one_eval[-1][key], abs=1e-3), key
+    config = json.loads((tmp_path / "zero3" / "export" / "config.json").read_text())
+    assert config["id2label"] == {"0": "words", "1": "chars"} and config["rmfast_attribute_weights"] == [0.5, 0.5]
 
 
 def test_group_options_are_checked_before_anything_loads(engine_setup, tmp_path):
