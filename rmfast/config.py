@@ -208,13 +208,20 @@ class TrainConfig:
         trackers.check(self.report_to, self.tensorboard)
 
 
-def attribute_combination(config):
-    """The fixed combination of a run's attributes that is its scalar reward ([A] floats: train.attribute_weights,
-    else their mean), or None without data.attributes."""
-    names = list(getattr(config.data, "attributes", None) or [])
+def attributes_of(names, weights=()):
+    """(attribute names, the fixed combination of them that is the scalar reward: `weights`, else their mean),
+    or None without names: what a run's data.attributes and train.attribute_weights say (a Config's, or a
+    saved run's config.json)."""
+    names = [str(n) for n in names or []]
     if not names:
         return None
-    return [float(w) for w in config.train.attribute_weights] or [1.0 / len(names)] * len(names)
+    return names, [float(w) for w in weights or []] or [1.0 / len(names)] * len(names)
+
+
+def attribute_combination(config):
+    """The combination of attributes_of a Config ([A] floats), or None without data.attributes."""
+    spec = attributes_of(getattr(config.data, "attributes", None), config.train.attribute_weights)
+    return None if spec is None else spec[1]
 
 
 def data_kind(config):

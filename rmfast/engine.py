@@ -22,7 +22,7 @@ import torch.distributed as dist
 from . import layouts, rundir
 from .attention import row_tokens
 from .checkpoint import load_checkpoint, read_state, resolve, save_checkpoint
-from .config import Config, attribute_combination, data_kind
+from .config import Config, attribute_combination, attributes_of, data_kind
 from .data import load_data
 from .data.sampler import PairSampler
 from .distributed import close_distributed, init_distributed, on_rank0  # noqa: F401  (re-exported)
@@ -95,12 +95,6 @@ def build_data(config: Config, tokenizer, rank, log):
         if eval_pairs is None or len(eval_pairs) == 0:
             log("data: no eval set (give --data.eval or --data.eval_fraction): training metrics only")
     return train_pairs, eval_pairs
-
-
-def export_attributes(config):
-    """(names, combination) of a run's attribute head for its export, or None."""
-    combination = attribute_combination(config)
-    return None if combination is None else (list(config.data.attributes), combination)
 
 
 def load_phase(rank, local_rank):
@@ -434,7 +428,8 @@ class Trainer:
                 export_model(self.engine.module, self.tokenizer, self.folder.export, final,
                              lora=config_lora(self.config.model),
                              eos_after_template=self.config.data.eos_after_template,
-                             attributes=export_attributes(self.config))
+                             attributes=attributes_of(self.config.data.attributes,
+                                                      self.config.train.attribute_weights))
             if self.rank == 0:
                 self.log(f"exported to {self.folder.export}")
         return final

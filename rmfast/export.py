@@ -489,6 +489,7 @@ def _export_run(run, args):
     from transformers import AutoConfig, AutoTokenizer
 
     from .checkpoint import MARKER, resolve
+    from .config import attributes_of
     from .model import DTYPES
 
     if not run.exists():
@@ -519,11 +520,11 @@ def _export_run(run, args):
     # a run saved before the convention was recorded appended EOS after chat templates
     eos_after_template = run_config.get("data", {}).get("eos_after_template", True)
     dtype = args.dtype or model_config.get("dtype") or "bf16"  # the run's own, as its end-of-training export
-    names = run_config.get("data", {}).get("attributes") or []
-    weights = run_config.get("train", {}).get("attribute_weights") or [1.0 / max(len(names), 1)] * len(names)
+    attributes = attributes_of(run_config.get("data", {}).get("attributes"),
+                               run_config.get("train", {}).get("attribute_weights"))
     path = write_export(config, state, tokenizer, args.out, _last_eval(out_root), DTYPES[dtype], lora=lora,
                         max_shard_size=int(args.max_shard_size * 1024**3), consume=True,
-                        eos_after_template=eos_after_template, attributes=(names, weights) if names else None)
+                        eos_after_template=eos_after_template, attributes=attributes)
     print(f"exported {checkpoint} to {path}")
 
 

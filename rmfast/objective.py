@@ -75,13 +75,6 @@ def plackett_luce_loss(rewards, batch):
     return _weighted_mean(per_group, batch.group_weight, batch.groups)
 
 
-def attribute_predictions(hidden, weight, bias, index, backend="auto", check_indices=None):
-    """[S, A] float32: the attributes of the rows at flat `index` [S] of hidden [R, L, D] (or [N, D]) through
-    an attribute head weight [A, D] (bias [A] or None), gathered and projected by the fused op
-    (rmfast.attribute_head)."""
-    return fused_head(hidden, weight, index.to(hidden.device), bias, backend, check_indices=check_indices)
-
-
 def regression_terms(predicted, target):
     """Per response [S]: Σ over its observed attributes of (predicted − target)², and [S] how many it has
     (target NaN: missing, masked)."""
@@ -113,7 +106,8 @@ def reward_loss(hidden, weight, batch, bias=None, center_coef=0.0, backend="auto
         if attribute_head is None or batch.response_attributes is None:
             raise ValueError(f"the {objective} objective needs an attribute head and data with attributes")
         a_weight, a_bias, combination = attribute_head
-        predicted = attribute_predictions(hidden, a_weight, a_bias, batch.response_index, backend, check_indices)
+        predicted = fused_head(hidden, a_weight, batch.response_index.to(hidden.device), a_bias, backend,
+                               check_indices=check_indices)
         loss = regression_loss(predicted, batch)
         if objective == "regression" or batch.pairs == 0:
             r = predicted @ combination.to(predicted)
@@ -162,5 +156,5 @@ def log_nu_of(nu):
 
 
 __all__ = ["OBJECTIVES", "REGRESSION", "reward_loss", "regression_loss", "regression_terms",
-           "attribute_predictions", "davidson_terms", "plackett_luce_terms", "plackett_luce_loss",
+           "davidson_terms", "plackett_luce_terms", "plackett_luce_loss",
            "tie_threshold", "log_nu_of"]

@@ -109,8 +109,7 @@ class Scorer:
         if not self.attributes:
             return (self.model.rewards(batch, index) + self.bias).float().cpu().numpy(), None
         with torch.no_grad():
-            hidden = self.model.hidden_states(batch)
-            attrs = self.model.head.attributes(hidden.reshape(-1, hidden.shape[-1]).index_select(0, index))
+            attrs = self.model(batch, attributes_at=index)
         attrs = attrs.float().cpu().numpy() + self.attribute_bias
         return attrs @ self.model.head.combination.float().cpu().numpy(), attrs
 
