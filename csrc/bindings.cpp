@@ -8,12 +8,16 @@
 TORCH_LIBRARY(rmfast, m) {
   m.def(
       "pairwise_loss_fwd(Tensor hidden, Tensor weight, Tensor? bias, Tensor chosen, Tensor rejected, "
-      "Tensor? margin) -> (Tensor, Tensor, Tensor)");
+      "Tensor? margin, Tensor? log_nu=None, Tensor? tie=None) -> (Tensor, Tensor, Tensor)");
   m.def(
       "pairwise_loss_bwd(Tensor hidden, Tensor weight, Tensor rows, Tensor coef, bool need_hidden_grad) "
       "-> (Tensor, Tensor)");
-  m.def("attribute_head_fwd(Tensor hidden, Tensor weight, Tensor? bias, Tensor index) -> Tensor");
+  m.def(
+      "attribute_head_fwd(Tensor hidden, Tensor weight, Tensor? bias, Tensor index, Tensor? target=None, "
+      "Tensor? response_weight=None, bool gather=False) -> (Tensor, Tensor, Tensor)");
   m.def("attribute_head_hidden_grad(Tensor like, Tensor weight, Tensor rows, Tensor coef) -> Tensor");
+  m.def("plackett_luce_fwd(Tensor rewards, Tensor group, Tensor scores, Tensor weight) -> (Tensor, Tensor)");
+  m.def("gather_rows(Tensor hidden, Tensor index) -> Tensor");
 }
 
 TORCH_LIBRARY_IMPL(rmfast, CPU, m) {
@@ -21,6 +25,8 @@ TORCH_LIBRARY_IMPL(rmfast, CPU, m) {
   m.impl("pairwise_loss_bwd", &rmfast::pairwise_loss_bwd_cpu);
   m.impl("attribute_head_fwd", &rmfast::attribute_head_fwd_cpu);
   m.impl("attribute_head_hidden_grad", &rmfast::attribute_head_hidden_grad_cpu);
+  m.impl("plackett_luce_fwd", &rmfast::plackett_luce_fwd_cpu);
+  m.impl("gather_rows", &rmfast::gather_rows_cpu);
 }
 
 #ifdef RMFAST_WITH_CUDA
@@ -29,6 +35,8 @@ TORCH_LIBRARY_IMPL(rmfast, CUDA, m) {
   m.impl("pairwise_loss_bwd", &rmfast::pairwise_loss_bwd_cuda);
   m.impl("attribute_head_fwd", &rmfast::attribute_head_fwd_cuda);
   m.impl("attribute_head_hidden_grad", &rmfast::attribute_head_hidden_grad_cuda);
+  m.impl("plackett_luce_fwd", &rmfast::plackett_luce_fwd_cuda);
+  m.impl("gather_rows", &rmfast::gather_rows_cuda);
 }
 #endif
 

@@ -8,6 +8,7 @@
 
 #include <algorithm>
 #include <cmath>
+#include <cstring>
 #include <vector>
 
 #ifdef __linux__
@@ -17,15 +18,25 @@
 namespace rmfast {
 namespace {
 
+// The contiguous dot product keeps kLanes partial sums apart (several vector registers, independent chains,
+// so the adds overlap) and adds them up at the end.
+constexpr int64_t kLanes = 16;
+
 template <typename scalar_t, typename acc_t>
 inline acc_t dot_row(const scalar_t* row, const acc_t* w, int64_t D, int64_t stride_d) {
   acc_t acc = 0;
   if (stride_d == 1) {
-_Pragma("omp simd reduction(+ : acc)")
-    for (int64_t j = 0; j < D; ++j) acc += static_cast<acc_t>(row[j]) * w[j];
-  } else {
-    for (int64_t j = 0; j < D; ++j) acc += static_cast<acc_t>(row[j * stride_d]) * w[j];
+    acc_t part[kLanes] = {};
+    int64_t j = 0;
+    for (; j + kLanes <= D; j += kLanes) {
+_Pragma("omp simd")
+      for (int64_t l = 0; l < kLanes; ++l) part[l] += static_cast<acc_t>(row[j + l]) * w[j + l];
+    }
+    for (; j < D; ++j) acc += static_cast<acc_t>(row[j]) * w[j];
+    for (int64_t l = 0; l < kLanes; ++l) acc += part[l];
+    return acc;
   }
+  for (int64_t j = 0; j < D; ++j) acc += static_cast<acc_t>(row[j * stride_d]) * w[j];
   return acc;
 }
 
@@ -46,14 +57,46 @@ at::Tensor zeros_2d(int64_t N, int64_t D, const at::TensorOptions& options) {
   return at::zeros({N, D}, options);
 }
 
+// An uninitialised [N, D] tensor that is filled whole at once (the gathered rows). Large ones come from
+// anonymous mmap in 2 MiB-aligned pieces marked for transparent huge pages, where the kernel allows them: one
+// fault per 2 MiB instead of one per 4 KiB page, which is most of the cost of a fresh buffer of gathered rows
+// (MAP_POPULATE of 4 KiB pages was measured too: no faster than faulting them in). Where THP is off the
+// advice is ignored and the buffer is an ordinary mapping.
+at::Tensor dense_2d(int64_t N, int64_t D, const at::TensorOptions& options) {
+#ifdef __linux__
+  constexpr size_t kHuge = size_t(2) << 20;
+  const size_t bytes = static_cast<size_t>(N) * static_cast<size_t>(D) * options.dtype().itemsize();
+  if (bytes >= (size_t(1) << 20)) {
+    const size_t span = (bytes + kHuge - 1) / kHuge * kHuge;
+    const size_t mapped = span + kHuge;  // room to start on a 2 MiB boundary
+    void* base = mmap(nullptr, mapped, PROT_READ | PROT_WRITE, MAP_PRIVATE | MAP_ANONYMOUS, -1, 0);
+    if (base != MAP_FAILED) {
+      // keep the aligned span only (one mapping per buffer), then ask for huge pages there
+      const uintptr_t first = reinterpret_cast<uintptr_t>(base);
+      const uintptr_t start = (first + kHuge - 1) / kHuge * kHuge;
+      if (start > first) munmap(base, start - first);
+      if (first + mapped > start + span) munmap(reinterpret_cast<void*>(start + span), first + mapped - start - span);
+      void* data = reinterpret_cast<void*>(start);
+      madvise(data, span, MADV_HUGEPAGE);  // advice only: ignored where THP is off
+      return at::from_blob(data, {N, D}, [span](void* p) { munmap(p, span); }, options);
+    }
+  }
+#endif
+  return at::empty({N, D}, options);
+}
+
 }  // namespace
 
 std::tuple<at::Tensor, at::Tensor, at::Tensor> pairwise_loss_fwd_cpu(
     const at::Tensor& hidden, const at::Tensor& weight, const std::optional<at::Tensor>& bias,
-    const at::Tensor& chosen, const at::Tensor& rejected, const std::optional<at::Tensor>& margin) {
+    const at::Tensor& chosen, const at::Tensor& rejected, const std::optional<at::Tensor>& margin,
+    const std::optional<at::Tensor>& log_nu, const std::optional<at::Tensor>& tie) {
   TORCH_CHECK(hidden.dim() == 2, "rmfast: hidden must be 2-D [N, D]");
   const int64_t D = hidden.size(1);
   const int64_t P = chosen.numel();
+  TORCH_CHECK(!tie.has_value() || (tie->scalar_type() == at::kBool && tie->numel() == P),
+              "rmfast: tie must be a bool tensor [P]");
+  TORCH_CHECK(!log_nu.has_value() || log_nu->numel() == 1, "rmfast: log_nu must hold one value");
   const auto acc_options = weight.options();
   at::Tensor rc = at::empty({P}, acc_options);
   at::Tensor rr = at::empty({P}, acc_options);
@@ -62,6 +105,7 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> pairwise_loss_fwd_cpu(
   const at::Tensor ri = rejected.contiguous();
   const at::Tensor w = weight.contiguous();
   const at::Tensor m = margin.has_value() ? margin->contiguous() : at::Tensor();
+  const at::Tensor t = tie.has_value() ? tie->contiguous() : at::Tensor();
   const int64_t sn = hidden.stride(0);
   const int64_t sd = hidden.stride(1);
 
@@ -73,6 +117,9 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> pairwise_loss_fwd_cpu(
     const acc_t* wp = w.const_data_ptr<acc_t>();
     const acc_t b = bias.has_value() ? bias->item<acc_t>() : acc_t(0);
     const acc_t* mp = m.defined() ? m.const_data_ptr<acc_t>() : nullptr;
+    const bool davidson = log_nu.has_value();
+    const acc_t lnu = davidson ? log_nu->item<acc_t>() : acc_t(0);
+    const bool* tp = t.defined() ? t.const_data_ptr<bool>() : nullptr;
     const int64_t* cp = ci.const_data_ptr<int64_t>();
     const int64_t* rp = ri.const_data_ptr<int64_t>();
     acc_t* rcp = rc.mutable_data_ptr<acc_t>();
@@ -87,7 +134,7 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> pairwise_loss_fwd_cpu(
         const acc_t diff = c - r - (mp ? mp[p] : acc_t(0));
         rcp[p] = c;
         rrp[p] = r;
-        lp[p] = softplus_stable<acc_t>(-diff);
+        lp[p] = comparison_loss<acc_t>(diff, davidson, lnu, tp && tp[p]);
       }
     });
   });
@@ -144,13 +191,19 @@ _Pragma("omp simd")
   return {d_hidden, d_weight};
 }
 
-at::Tensor attribute_head_fwd_cpu(const at::Tensor& hidden, const at::Tensor& weight,
-                                  const std::optional<at::Tensor>& bias, const at::Tensor& index) {
+std::tuple<at::Tensor, at::Tensor, at::Tensor> attribute_head_fwd_cpu(
+    const at::Tensor& hidden, const at::Tensor& weight, const std::optional<at::Tensor>& bias, const at::Tensor& index,
+    const std::optional<at::Tensor>& target, const std::optional<at::Tensor>& response_weight, bool gather) {
   TORCH_CHECK(hidden.dim() == 2 && weight.dim() == 2, "rmfast: hidden must be [N, D] and weight [A, D]");
   const int64_t D = hidden.size(1);
   const int64_t A = weight.size(0);
   const int64_t S = index.numel();
+  check_attribute_target(target, response_weight, weight, S);
   at::Tensor out = at::empty({S, A}, weight.options());
+  at::Tensor sums = at::empty({target.has_value() ? 2 : 0}, weight.options());
+  at::Tensor rows = gather ? dense_2d(S, D, hidden.options()) : at::empty({0}, hidden.options());
+  const at::Tensor t = target.has_value() ? target->contiguous() : at::Tensor();
+  const at::Tensor rw = response_weight.has_value() ? response_weight->contiguous() : at::Tensor();
   const at::Tensor idx = index.contiguous();
   const at::Tensor w = weight.contiguous();
   const at::Tensor b = bias.has_value() ? bias->contiguous() : at::Tensor();
@@ -166,15 +219,56 @@ at::Tensor attribute_head_fwd_cpu(const at::Tensor& hidden, const at::Tensor& we
     const acc_t* bp = b.defined() ? b.const_data_ptr<acc_t>() : nullptr;
     const int64_t* ip = idx.const_data_ptr<int64_t>();
     acc_t* op = out.mutable_data_ptr<acc_t>();
+    const acc_t* tp = t.defined() ? t.const_data_ptr<acc_t>() : nullptr;
+    const acc_t* wsp = rw.defined() ? rw.const_data_ptr<acc_t>() : nullptr;
+    std::vector<acc_t> row_sq(tp ? S : 0), row_n(tp ? S : 0);  // summed in order below: deterministic
+    scalar_t* rp = gather ? rows.mutable_data_ptr<scalar_t>() : nullptr;
     const int64_t grain = std::max<int64_t>(1, 8192 / std::max<int64_t>(A * D, 1));
     at::parallel_for(0, S, grain, [&](int64_t begin, int64_t end) {
       for (int64_t s = begin; s < end; ++s) {
         const scalar_t* row = h + ip[s] * sn;
-        for (int64_t a = 0; a < A; ++a) op[s * A + a] = dot_row(row, wp + a * D, D, sd) + (bp ? bp[a] : acc_t(0));
+        int64_t a = 0;
+        if (rp) {  // the copy d_weight reads; the outputs then read it, in cache
+          scalar_t* dst = rp + s * D;
+          if (sd == 1) {
+            std::memcpy(dst, row, D * sizeof(scalar_t));
+          } else {
+            for (int64_t j = 0; j < D; ++j) dst[j] = row[j * sd];
+          }
+          row = dst;
+        }
+        const int64_t stride = rp ? 1 : sd;
+        for (; a < A; ++a) op[s * A + a] = dot_row(row, wp + a * D, D, stride) + (bp ? bp[a] : acc_t(0));
+        if (tp) {
+          acc_t e = 0;
+          acc_t n = 0;
+          for (int64_t k = 0; k < A; ++k) {
+            const acc_t y = tp[s * A + k];
+            if (std::isfinite(y)) {
+              const acc_t d = op[s * A + k] - y;
+              e += d * d;
+              n += 1;
+            }
+          }
+          const acc_t ws = wsp ? wsp[s] : acc_t(1);
+          row_sq[s] = ws * e;
+          row_n[s] = ws * n;
+        }
       }
     });
+    if (tp) {
+      acc_t e = 0;
+      acc_t n = 0;
+      for (int64_t s = 0; s < S; ++s) {
+        e += row_sq[s];
+        n += row_n[s];
+      }
+      acc_t* sp = sums.mutable_data_ptr<acc_t>();
+      sp[0] = e;
+      sp[1] = n;
+    }
   });
-  return out;
+  return {out, sums, rows};
 }
 
 at::Tensor attribute_head_hidden_grad_cpu(const at::Tensor& like, const at::Tensor& weight, const at::Tensor& rows,
@@ -220,6 +314,81 @@ _Pragma("omp simd")
     });
   });
   return d_hidden;
+}
+
+at::Tensor gather_rows_cpu(const at::Tensor& hidden, const at::Tensor& index) {
+  TORCH_CHECK(hidden.dim() == 2, "rmfast: hidden must be 2-D [N, D]");
+  const int64_t D = hidden.size(1);
+  const int64_t S = index.numel();
+  at::Tensor rows = dense_2d(S, D, hidden.options());
+  const at::Tensor idx = index.contiguous();
+  const int64_t sn = hidden.stride(0);
+  const int64_t sd = hidden.stride(1);
+  AT_DISPATCH_FLOATING_TYPES_AND2(at::kHalf, at::kBFloat16, hidden.scalar_type(), "gather_rows_cpu", [&] {
+    const scalar_t* h = hidden.const_data_ptr<scalar_t>();
+    const int64_t* ip = idx.const_data_ptr<int64_t>();
+    scalar_t* rp = rows.mutable_data_ptr<scalar_t>();
+    const int64_t grain = std::max<int64_t>(1, 16384 / std::max<int64_t>(D, 1));
+    at::parallel_for(0, S, grain, [&](int64_t begin, int64_t end) {
+      for (int64_t s = begin; s < end; ++s) {
+        const scalar_t* row = h + ip[s] * sn;
+        scalar_t* dst = rp + s * D;
+        if (sd == 1) {
+          std::memcpy(dst, row, D * sizeof(scalar_t));
+        } else {
+          for (int64_t j = 0; j < D; ++j) dst[j] = row[j * sd];
+        }
+      }
+    });
+  });
+  return rows;
+}
+
+std::tuple<at::Tensor, at::Tensor> plackett_luce_fwd_cpu(const at::Tensor& rewards, const at::Tensor& group,
+                                                         const at::Tensor& scores, const at::Tensor& weight) {
+  check_plackett_luce(rewards, group, scores, weight);
+  const int64_t S = rewards.numel();
+  at::Tensor loss = at::empty({}, rewards.options());
+  at::Tensor coef = at::empty({S}, rewards.options());
+  const at::Tensor r_c = rewards.contiguous();
+  const at::Tensor g_c = group.contiguous();
+  const at::Tensor s_c = scores.contiguous();
+  const at::Tensor w_c = weight.contiguous();
+  AT_DISPATCH_FLOATING_TYPES(rewards.scalar_type(), "plackett_luce_fwd_cpu", [&] {
+    const scalar_t* r = r_c.const_data_ptr<scalar_t>();
+    const int64_t* g = g_c.const_data_ptr<int64_t>();
+    const scalar_t* sc = s_c.const_data_ptr<scalar_t>();
+    const scalar_t* w = w_c.const_data_ptr<scalar_t>();
+    scalar_t* cp = coef.mutable_data_ptr<scalar_t>();
+    std::vector<scalar_t> lse(S), term(S);
+    const int64_t grain = std::max<int64_t>(1, 4096 / std::max<int64_t>(S, 1));
+    // each response's log-sum-exp over its risk set (its maximum first: stable at any reward; NaN carried)
+    at::parallel_for(0, S, grain, [&](int64_t begin, int64_t end) {
+      for (int64_t k = begin; k < end; ++k) {
+        scalar_t top = r[k];
+        for (int64_t j = 0; j < S; ++j)
+          if (g[j] == g[k] && sc[j] <= sc[k] && r[j] > top) top = r[j];
+        scalar_t sum = 0;
+        for (int64_t j = 0; j < S; ++j)
+          if (g[j] == g[k] && sc[j] <= sc[k]) sum += std::exp(r[j] - top);
+        lse[k] = top + std::log(sum);
+        term[k] = w[k] * (lse[k] - r[k]);
+      }
+    });
+    // dloss/dr_j: every set j is in, softmax-weighted, less its own weight
+    at::parallel_for(0, S, grain, [&](int64_t begin, int64_t end) {
+      for (int64_t j = begin; j < end; ++j) {
+        scalar_t acc = 0;
+        for (int64_t k = 0; k < S; ++k)
+          if (g[k] == g[j] && sc[j] <= sc[k]) acc += w[k] * std::exp(r[j] - lse[k]);
+        cp[j] = acc - w[j];
+      }
+    });
+    scalar_t total = 0;
+    for (int64_t k = 0; k < S; ++k) total += term[k];  // in order: deterministic
+    loss.fill_(total);
+  });
+  return {loss, coef};
 }
 
 }  // namespace rmfast

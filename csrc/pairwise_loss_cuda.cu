@@ -29,6 +29,7 @@ template <typename scalar_t, typename acc_t>
 __global__ void pairwise_fwd_kernel(const scalar_t* __restrict__ h, const acc_t* __restrict__ w,
                                     const acc_t* __restrict__ bias, const int64_t* __restrict__ chosen,
                                     const int64_t* __restrict__ rejected, const acc_t* __restrict__ margin,
+                                    const acc_t* __restrict__ log_nu, const bool* __restrict__ tie,
                                     acc_t* __restrict__ rc, acc_t* __restrict__ rr, acc_t* __restrict__ loss,
                                     int64_t P, int64_t D, int64_t sn, int64_t sd) {
   const int64_t pair = (static_cast<int64_t>(blockIdx.x) * blockDim.x + threadIdx.x) / kWarp;
@@ -51,7 +52,8 @@ __global__ void pairwise_fwd_kernel(const scalar_t* __restrict__ h, const acc_t*
     const acc_t diff = c - r - (margin ? margin[pair] : acc_t(0));
     rc[pair] = c;
     rr[pair] = r;
-    loss[pair] = softplus_stable<acc_t>(-diff);
+    loss[pair] = comparison_loss<acc_t>(diff, log_nu != nullptr, log_nu ? log_nu[0] : acc_t(0),
+                                        tie != nullptr && tie[pair]);
   }
 }
 
@@ -76,22 +78,46 @@ __global__ void pairwise_bwd_kernel(const scalar_t* __restrict__ h, const acc_t*
   dw_partial[static_cast<int64_t>(blockIdx.x) * D + j] = acc;
 }
 
-// The attribute head: one warp per gathered row, the A outputs one after another (the row stays in cache).
+// The attribute head: one warp per gathered row, the A outputs one after another (the row stays in cache);
+// the first pass also copies the row to rows_out (when given), lane 0 writes the outputs and the squared
+// error against target (when given).
 template <typename scalar_t, typename acc_t>
 __global__ void attribute_fwd_kernel(const scalar_t* __restrict__ h, const acc_t* __restrict__ w,
                                      const acc_t* __restrict__ bias, const int64_t* __restrict__ index,
-                                     acc_t* __restrict__ out, int64_t S, int64_t A, int64_t D, int64_t sn,
+                                     const acc_t* __restrict__ target, const acc_t* __restrict__ response_weight,
+                                     acc_t* __restrict__ out, acc_t* __restrict__ sq, acc_t* __restrict__ count,
+                                     scalar_t* __restrict__ rows_out, int64_t S, int64_t A, int64_t D, int64_t sn,
                                      int64_t sd) {
   const int64_t s = (static_cast<int64_t>(blockIdx.x) * blockDim.x + threadIdx.x) / kWarp;
   const int lane = threadIdx.x % kWarp;
   if (s >= S) return;
   const scalar_t* row = h + index[s] * sn;
+  scalar_t* copy = rows_out ? rows_out + s * D : nullptr;
   for (int64_t a = 0; a < A; ++a) {
     const acc_t* wa = w + a * D;
     acc_t acc = 0;
-    for (int64_t j = lane; j < D; j += kWarp) acc += static_cast<acc_t>(row[j * sd]) * wa[j];
+    for (int64_t j = lane; j < D; j += kWarp) {
+      const scalar_t v = row[j * sd];
+      if (copy && a == 0) copy[j] = v;
+      acc += static_cast<acc_t>(v) * wa[j];
+    }
     acc = warp_sum(acc);
     if (lane == 0) out[s * A + a] = acc + (bias ? bias[a] : acc_t(0));
+  }
+  if (lane == 0 && sq) {
+    acc_t e = 0;
+    acc_t n = 0;
+    for (int64_t a = 0; a < A; ++a) {
+      const acc_t y = target[s * A + a];
+      if (isfinite(y)) {
+        const acc_t d = out[s * A + a] - y;
+        e += d * d;
+        n += acc_t(1);
+      }
+    }
+    const acc_t ws = response_weight ? response_weight[s] : acc_t(1);
+    sq[s] = ws * e;
+    count[s] = ws * n;
   }
 }
 
@@ -113,15 +139,82 @@ __global__ void attribute_hidden_grad_kernel(const acc_t* __restrict__ w, const 
   }
 }
 
+// Plackett–Luce: a thread per response k, its risk set's log-sum-exp and weighted term; then a thread per
+// response j, dloss/dr_j over the sets it is in. Each reads the group's rewards in place, O(S) per thread.
+template <typename acc_t>
+__global__ void plackett_luce_lse_kernel(const acc_t* __restrict__ r, const int64_t* __restrict__ g,
+                                         const acc_t* __restrict__ sc, const acc_t* __restrict__ w,
+                                         acc_t* __restrict__ lse, acc_t* __restrict__ term, int64_t S) {
+  const int64_t k = static_cast<int64_t>(blockIdx.x) * blockDim.x + threadIdx.x;
+  if (k >= S) return;
+  acc_t top = r[k];
+  for (int64_t j = 0; j < S; ++j)
+    if (g[j] == g[k] && sc[j] <= sc[k] && r[j] > top) top = r[j];
+  acc_t sum = 0;
+  for (int64_t j = 0; j < S; ++j)
+    if (g[j] == g[k] && sc[j] <= sc[k]) sum += exp(r[j] - top);
+  lse[k] = top + log(sum);
+  term[k] = w[k] * (lse[k] - r[k]);
+}
+
+template <typename acc_t>
+__global__ void plackett_luce_coef_kernel(const acc_t* __restrict__ r, const int64_t* __restrict__ g,
+                                          const acc_t* __restrict__ sc, const acc_t* __restrict__ w,
+                                          const acc_t* __restrict__ lse, acc_t* __restrict__ coef, int64_t S) {
+  const int64_t j = static_cast<int64_t>(blockIdx.x) * blockDim.x + threadIdx.x;
+  if (j >= S) return;
+  acc_t acc = 0;
+  for (int64_t k = 0; k < S; ++k)
+    if (g[k] == g[j] && sc[j] <= sc[k]) acc += w[k] * exp(r[j] - lse[k]);
+  coef[j] = acc - w[j];
+}
+
 }  // namespace
+
+at::Tensor gather_rows_cuda(const at::Tensor& hidden, const at::Tensor& index) {
+  TORCH_CHECK(hidden.dim() == 2, "rmfast: hidden must be 2-D [N, D]");
+  return hidden.index_select(0, index).contiguous();  // the caching allocator: no fresh pages to fault in
+}
+
+std::tuple<at::Tensor, at::Tensor> plackett_luce_fwd_cuda(const at::Tensor& rewards, const at::Tensor& group,
+                                                          const at::Tensor& scores, const at::Tensor& weight) {
+  check_plackett_luce(rewards, group, scores, weight);
+  const c10::cuda::CUDAGuard guard(rewards.device());
+  const int64_t S = rewards.numel();
+  at::Tensor coef = at::empty({S}, rewards.options());
+  if (S == 0) return {at::zeros({}, rewards.options()), coef};
+  at::Tensor lse = at::empty({S}, rewards.options());
+  at::Tensor term = at::empty({S}, rewards.options());
+  const at::Tensor r_c = rewards.contiguous();
+  const at::Tensor g_c = group.contiguous();
+  const at::Tensor s_c = scores.contiguous();
+  const at::Tensor w_c = weight.contiguous();
+  const dim3 grid(static_cast<unsigned>((S + kFwdThreads - 1) / kFwdThreads));
+  auto stream = at::cuda::getCurrentCUDAStream();
+  AT_DISPATCH_FLOATING_TYPES(rewards.scalar_type(), "plackett_luce_fwd_cuda", [&] {
+    plackett_luce_lse_kernel<scalar_t><<<grid, kFwdThreads, 0, stream>>>(
+        r_c.const_data_ptr<scalar_t>(), g_c.const_data_ptr<int64_t>(), s_c.const_data_ptr<scalar_t>(),
+        w_c.const_data_ptr<scalar_t>(), lse.mutable_data_ptr<scalar_t>(), term.mutable_data_ptr<scalar_t>(), S);
+    C10_CUDA_KERNEL_LAUNCH_CHECK();
+    plackett_luce_coef_kernel<scalar_t><<<grid, kFwdThreads, 0, stream>>>(
+        r_c.const_data_ptr<scalar_t>(), g_c.const_data_ptr<int64_t>(), s_c.const_data_ptr<scalar_t>(),
+        w_c.const_data_ptr<scalar_t>(), lse.const_data_ptr<scalar_t>(), coef.mutable_data_ptr<scalar_t>(), S);
+    C10_CUDA_KERNEL_LAUNCH_CHECK();
+  });
+  return {term.sum(), coef};
+}
 
 std::tuple<at::Tensor, at::Tensor, at::Tensor> pairwise_loss_fwd_cuda(
     const at::Tensor& hidden, const at::Tensor& weight, const std::optional<at::Tensor>& bias,
-    const at::Tensor& chosen, const at::Tensor& rejected, const std::optional<at::Tensor>& margin) {
+    const at::Tensor& chosen, const at::Tensor& rejected, const std::optional<at::Tensor>& margin,
+    const std::optional<at::Tensor>& log_nu, const std::optional<at::Tensor>& tie) {
   TORCH_CHECK(hidden.dim() == 2, "rmfast: hidden must be 2-D [N, D]");
   const c10::cuda::CUDAGuard guard(hidden.device());
   const int64_t D = hidden.size(1);
   const int64_t P = chosen.numel();
+  TORCH_CHECK(!tie.has_value() || (tie->scalar_type() == at::kBool && tie->numel() == P),
+              "rmfast: tie must be a bool tensor [P]");
+  TORCH_CHECK(!log_nu.has_value() || log_nu->numel() == 1, "rmfast: log_nu must hold one value");
   at::Tensor rc = at::empty({P}, weight.options());
   at::Tensor rr = at::empty({P}, weight.options());
   at::Tensor loss = at::empty({P}, weight.options());
@@ -130,6 +223,8 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> pairwise_loss_fwd_cuda(
   const at::Tensor w = weight.contiguous();
   const at::Tensor b = bias.has_value() ? bias->contiguous() : at::Tensor();
   const at::Tensor m = margin.has_value() ? margin->contiguous() : at::Tensor();
+  const at::Tensor nu = log_nu.has_value() ? log_nu->contiguous() : at::Tensor();
+  const at::Tensor t = tie.has_value() ? tie->contiguous() : at::Tensor();
   const int64_t pairs_per_block = kFwdThreads / kWarp;
   const dim3 grid(static_cast<unsigned>((P + pairs_per_block - 1) / pairs_per_block));
   auto stream = at::cuda::getCurrentCUDAStream();
@@ -140,6 +235,7 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> pairwise_loss_fwd_cuda(
         hidden.const_data_ptr<scalar_t>(), w.const_data_ptr<acc_t>(),
         b.defined() ? b.const_data_ptr<acc_t>() : nullptr, ci.const_data_ptr<int64_t>(),
         ri.const_data_ptr<int64_t>(), m.defined() ? m.const_data_ptr<acc_t>() : nullptr,
+        nu.defined() ? nu.const_data_ptr<acc_t>() : nullptr, t.defined() ? t.const_data_ptr<bool>() : nullptr,
         rc.mutable_data_ptr<acc_t>(), rr.mutable_data_ptr<acc_t>(), loss.mutable_data_ptr<acc_t>(), P, D,
         hidden.stride(0), hidden.stride(1));
     C10_CUDA_KERNEL_LAUNCH_CHECK();
@@ -176,20 +272,27 @@ std::tuple<at::Tensor, at::Tensor> pairwise_loss_bwd_cuda(
   return {d_hidden, d_weight};
 }
 
-at::Tensor attribute_head_fwd_cuda(const at::Tensor& hidden, const at::Tensor& weight,
-                                   const std::optional<at::Tensor>& bias, const at::Tensor& index) {
+std::tuple<at::Tensor, at::Tensor, at::Tensor> attribute_head_fwd_cuda(
+    const at::Tensor& hidden, const at::Tensor& weight, const std::optional<at::Tensor>& bias, const at::Tensor& index,
+    const std::optional<at::Tensor>& target, const std::optional<at::Tensor>& response_weight, bool gather) {
   TORCH_CHECK(hidden.dim() == 2 && weight.dim() == 2, "rmfast: hidden must be [N, D] and weight [A, D]");
   const c10::cuda::CUDAGuard guard(hidden.device());
   const int64_t D = hidden.size(1);
   const int64_t A = weight.size(0);
   const int64_t S = index.numel();
+  check_attribute_target(target, response_weight, weight, S);
   at::Tensor out = at::empty({S, A}, weight.options());
+  // per-row squared error and count, summed after the kernel (a deterministic reduction)
+  at::Tensor per_row = at::zeros({2, target.has_value() ? S : 0}, weight.options());
+  at::Tensor rows = gather ? at::empty({S, D}, hidden.options()) : at::empty({0}, hidden.options());
+  const at::Tensor t = target.has_value() ? target->contiguous() : at::Tensor();
+  const at::Tensor rw = response_weight.has_value() ? response_weight->contiguous() : at::Tensor();
   const at::Tensor idx = index.contiguous();
   const at::Tensor w = weight.contiguous();
   const at::Tensor b = bias.has_value() ? bias->contiguous() : at::Tensor();
   const int64_t rows_per_block = kFwdThreads / kWarp;
   const dim3 grid(static_cast<unsigned>((S + rows_per_block - 1) / rows_per_block));
-  if (S == 0) return out;
+  if (S == 0) return {out, target.has_value() ? per_row.sum(1) : at::empty({0}, weight.options()), rows};
   auto stream = at::cuda::getCurrentCUDAStream();
   AT_DISPATCH_FLOATING_TYPES_AND2(at::kHalf, at::kBFloat16, hidden.scalar_type(), "attribute_head_fwd_cuda", [&] {
     using acc_t = at::opmath_type<scalar_t>;
@@ -198,10 +301,13 @@ at::Tensor attribute_head_fwd_cuda(const at::Tensor& hidden, const at::Tensor& w
     attribute_fwd_kernel<scalar_t, acc_t><<<grid, kFwdThreads, 0, stream>>>(
         hidden.const_data_ptr<scalar_t>(), w.const_data_ptr<acc_t>(),
         b.defined() ? b.const_data_ptr<acc_t>() : nullptr, idx.const_data_ptr<int64_t>(),
-        out.mutable_data_ptr<acc_t>(), S, A, D, hidden.stride(0), hidden.stride(1));
+        t.defined() ? t.const_data_ptr<acc_t>() : nullptr, rw.defined() ? rw.const_data_ptr<acc_t>() : nullptr,
+        out.mutable_data_ptr<acc_t>(), t.defined() ? per_row.mutable_data_ptr<acc_t>() : nullptr,
+        t.defined() ? per_row.mutable_data_ptr<acc_t>() + S : nullptr,
+        gather ? rows.mutable_data_ptr<scalar_t>() : nullptr, S, A, D, hidden.stride(0), hidden.stride(1));
     C10_CUDA_KERNEL_LAUNCH_CHECK();
   });
-  return out;
+  return {out, t.defined() ? per_row.sum(1) : at::empty({0}, weight.options()), rows};
 }
 
 at::Tensor attribute_head_hidden_grad_cuda(const at::Tensor& like, const at::Tensor& weight, const at::Tensor& rows,

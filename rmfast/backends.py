@@ -3,23 +3,34 @@
 Kernel-level contract of every compiled backend (``torch`` is the differentiable reference,
 rmfast/reference.py, and needs neither); acc is float32, or float64 for float64 hidden:
 
-- ``forward(hidden2d, weight, bias, chosen, rejected, margin) -> (r_c, r_r, loss_p)``: hidden2d [N, D] of
-  any float dtype and strides; weight [D] acc; bias [1] acc or None; chosen, rejected [P] int64; margin [P]
-  acc or None. The [P] and [D] vectors arrive contiguous (rmfast/loss.py normalises the indices to
-  contiguous int64 and margin / weight to contiguous acc before any backend).
-  Outputs [P] acc, loss_p = softplus(-(r_c - r_r - margin)).
+- ``forward(hidden2d, weight, bias, chosen, rejected, margin, log_nu, tie) -> (r_c, r_r, loss_p)``: hidden2d
+  [N, D] of any float dtype and strides; weight [D] acc; bias [1] acc or None; chosen, rejected [P] int64;
+  margin [P] acc or None; log_nu [1] acc or None; tie [P] bool or None. The [P] and [D] vectors arrive
+  contiguous (rmfast/loss.py normalises the indices to contiguous int64 and margin / weight to contiguous
+  acc before any backend). Outputs [P] acc; with d = r_c - r_r - margin, loss_p = softplus(-d)
+  (Bradley–Terry) without log_nu, else Davidson's: log(e^{d/2} + e^{-d/2} + ν) - (log ν if tie else d/2).
 - ``hidden_grad(weight, rows, coef, n_rows, dtype) -> d_hidden``: weight [D] acc; rows [M] int64 in
   [0, n_rows); coef [M] acc, equal for equal rows. d_hidden [n_rows, D] contiguous in ``dtype``: zeros
   except row rows[i] = coef[i]·weight. It reads no hidden state, so the autograd of rmfast/loss.py saves
   only the gathered rows (for d_weight, a [2P, D] product it computes itself), never hidden.
-- ``attribute_forward(hidden2d, weight, bias, index) -> out`` and ``attribute_hidden_grad(weight, rows, coef,
-  n_rows, dtype) -> d_hidden``: the same for an attribute head (rmfast.attribute_head): weight [A, D] acc,
-  bias [A] acc or None, index [S] int64 → out [S, A] acc; coef [M, A] acc → d_hidden rows Σ_a coef[i, a]·weight[a].
+- ``attribute_forward(hidden2d, weight, bias, index, target, response_weight, gather) -> (out, sums, rows)``
+  and ``attribute_hidden_grad(weight, rows, coef, n_rows, dtype) -> d_hidden``: the same for an attribute head
+  (rmfast.attribute_head): weight [A, D] acc, bias [A] acc or None, index [S] int64, target [S, A] acc or None,
+  response_weight [S] acc or None → out [S, A] acc, sums [2] acc (Σ_s w_s Σ_a (out − target)² and Σ_s w_s n_s
+  over the finite targets: the regression objective's error and count; empty without target), rows [S, D] in
+  hidden's dtype (the gathered rows, copied as the kernel reads them, for d_weight; empty unless gather);
+  coef [M, A] acc → d_hidden rows Σ_a coef[i, a]·weight[a].
+- ``gather_rows(hidden2d, index) -> rows [S, D]`` contiguous in hidden's dtype: the rows d_weight reads, which
+  the pairwise op's forward saves (the CPU kernel writes them to huge-page-backed memory where large: a fresh
+  buffer's page faults are most of a CPU forward's cost).
+- ``plackett_luce_forward(rewards, group, scores, weight) -> (loss, coef)``: the listwise objective over groups
+  of the rewards attribute_forward gave: rewards, scores, weight [S] acc, group [S] int64 → loss [] acc
+  (Σ_k weight_k (lse_k − r_k), lse_k over the responses of k's group scored ≤ k) and coef [S] acc = dloss/dr.
 
 Each backend's kernels are torch operators with fake (meta) kernels, so ``torch.compile(fullgraph=True)``
-traces through the loss: the extension's ``torch.ops.rmfast.pairwise_loss_fwd`` / ``pairwise_loss_bwd``
-(csrc/bindings.cpp; their fake kernels are registered here once the extension is loaded) and the Triton
-launchers wrapped as ``torch.ops.rmfast.triton_pairwise_fwd`` / ``triton_hidden_grad`` (kernels/). Eager
+traces through the loss: the extension's ``torch.ops.rmfast.*`` (pairwise_loss_fwd / _bwd, attribute_head_fwd /
+_hidden_grad, plackett_luce_fwd, gather_rows; csrc/bindings.cpp; their fake kernels are registered here once
+the extension is loaded) and the Triton launchers wrapped as ``torch.ops.rmfast.triton_*`` (kernels/). Eager
 code calls the Triton launchers directly, skipping the custom op's host-side dispatch.
 
 Choice (``backend="auto"``): CUDA tensors → triton, cuda, torch; CPU tensors → cpu, torch.
@@ -54,7 +65,7 @@ def _register_extension_fakes():
     _fakes.append(True)
 
     @torch.library.register_fake("rmfast::pairwise_loss_fwd")
-    def _fwd(hidden, weight, bias, chosen, rejected, margin):
+    def _fwd(hidden, weight, bias, chosen, rejected, margin, log_nu=None, tie=None):
         P = chosen.shape[0]
         return weight.new_empty(P), weight.new_empty(P), weight.new_empty(P)
 
@@ -64,8 +75,18 @@ def _register_extension_fakes():
         return d_hidden, weight.new_empty(weight.shape)
 
     @torch.library.register_fake("rmfast::attribute_head_fwd")
-    def _attribute_fwd(hidden, weight, bias, index):
-        return weight.new_empty((index.shape[0], weight.shape[0]))
+    def _attribute_fwd(hidden, weight, bias, index, target=None, response_weight=None, gather=False):
+        from rmfast.kernels.attribute_head import attribute_fakes
+
+        return attribute_fakes(hidden, weight, index, target, gather)
+
+    @torch.library.register_fake("rmfast::gather_rows")
+    def _gather_rows(hidden, index):
+        return hidden.new_empty((index.shape[0], hidden.shape[1]))
+
+    @torch.library.register_fake("rmfast::plackett_luce_fwd")
+    def _plackett_luce(rewards, group, scores, weight):
+        return rewards.new_empty(()), rewards.new_empty(rewards.shape)
 
     @torch.library.register_fake("rmfast::attribute_head_hidden_grad")
     def _attribute_hidden_grad(like, weight, rows, coef):
@@ -76,10 +97,11 @@ class _ExtensionKernels:
     """The compiled ops; torch's dispatcher sends CPU tensors to the CPU kernels, CUDA tensors to CUDA."""
 
     @staticmethod
-    def forward(hidden, weight, bias, chosen, rejected, margin):
+    def forward(hidden, weight, bias, chosen, rejected, margin, log_nu=None, tie=None):
         import torch
 
-        return torch.ops.rmfast.pairwise_loss_fwd.default(hidden, weight, bias, chosen, rejected, margin)
+        return torch.ops.rmfast.pairwise_loss_fwd.default(hidden, weight, bias, chosen, rejected, margin, log_nu,
+                                                          tie)
 
     @staticmethod
     def hidden_grad(weight, rows, coef, n_rows, dtype):
@@ -92,10 +114,11 @@ class _ExtensionKernels:
         return torch.ops.rmfast.pairwise_loss_bwd.default(shape_only, weight, rows, coef, True)[0]
 
     @staticmethod
-    def attribute_forward(hidden, weight, bias, index):
+    def attribute_forward(hidden, weight, bias, index, target=None, response_weight=None, gather=False):
         import torch
 
-        return torch.ops.rmfast.attribute_head_fwd.default(hidden, weight, bias, index)
+        return torch.ops.rmfast.attribute_head_fwd.default(hidden, weight, bias, index, target, response_weight,
+                                                           gather)
 
     @staticmethod
     def attribute_hidden_grad(weight, rows, coef, n_rows, dtype):
@@ -104,18 +127,30 @@ class _ExtensionKernels:
         like = weight.new_zeros((1, weight.shape[1]), dtype=dtype).expand(n_rows, -1)  # shape and dtype only
         return torch.ops.rmfast.attribute_head_hidden_grad.default(like, weight, rows, coef)
 
+    @staticmethod
+    def plackett_luce_forward(rewards, group, scores, weight):
+        import torch
+
+        return torch.ops.rmfast.plackett_luce_fwd.default(rewards, group, scores, weight)
+
+    @staticmethod
+    def gather_rows(hidden, index):
+        import torch
+
+        return torch.ops.rmfast.gather_rows.default(hidden, index)
+
 
 class _TritonKernels:
     """The Triton kernels (kernels/), imported on first use: TRITON_INTERPRET is read at that import."""
 
     @staticmethod
-    def forward(hidden, weight, bias, chosen, rejected, margin):
+    def forward(hidden, weight, bias, chosen, rejected, margin, log_nu=None, tie=None):
         import torch
 
         from rmfast import kernels
 
         fwd = kernels.pairwise_loss_fwd_op if torch.compiler.is_compiling() else kernels.pairwise_loss_fwd
-        return fwd(hidden, weight, bias, chosen, rejected, margin)
+        return fwd(hidden, weight, bias, chosen, rejected, margin, log_nu, tie)
 
     @staticmethod
     def hidden_grad(weight, rows, coef, n_rows, dtype):
@@ -128,13 +163,13 @@ class _TritonKernels:
         return grad(weight, rows, coef, n_rows, dtype)
 
     @staticmethod
-    def attribute_forward(hidden, weight, bias, index):
+    def attribute_forward(hidden, weight, bias, index, target=None, response_weight=None, gather=False):
         import torch
 
         from rmfast import kernels
 
         fwd = kernels.attribute_head_fwd_op if torch.compiler.is_compiling() else kernels.attribute_head_fwd
-        return fwd(hidden, weight, bias, index)
+        return fwd(hidden, weight, bias, index, target, response_weight, gather)
 
     @staticmethod
     def attribute_hidden_grad(weight, rows, coef, n_rows, dtype):
@@ -145,6 +180,19 @@ class _TritonKernels:
         grad = (kernels.attribute_head_hidden_grad_op if torch.compiler.is_compiling()
                 else kernels.attribute_head_hidden_grad)
         return grad(weight, rows, coef, n_rows, dtype)
+
+    @staticmethod
+    def plackett_luce_forward(rewards, group, scores, weight):
+        import torch
+
+        from rmfast import kernels
+
+        fwd = kernels.plackett_luce_fwd_op if torch.compiler.is_compiling() else kernels.plackett_luce_fwd
+        return fwd(rewards, group, scores, weight)
+
+    @staticmethod
+    def gather_rows(hidden, index):
+        return hidden.index_select(0, index)
 
 
 def triton_interpreting():

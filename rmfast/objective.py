@@ -8,12 +8,14 @@ one pass); what is left here works on [C]- or [S]-sized reward vectors.
 - ``davidson``: Davidson's extension of Bradley–Terry with ties kept. With d = r_b − r_w − margin and the tie
   parameter ν > 0 (learnt or fixed), P(b wins) = e^{d/2} / (e^{d/2} + e^{-d/2} + ν) and P(tie) = ν / (…);
   tied comparisons (equal scores, or a pair row's tie column) are trained on as ties instead of dropped.
+  Computed inside the op too (pairwise_reward_loss's log_nu and tie), its gradient of log ν in the op's backward.
 - ``plackett_luce``: the listwise likelihood of each group's ranking, Σ_k [log Σ_{j ranked ≤ k} e^{r_j} − r_k]
   over its responses (ties in the scores share their risk set: Breslow's rule); with K = 2 it is
   Bradley–Terry. Margins do not apply.
 - ``regression``: an attribute head of A outputs (rmfast.nn.AttributeHead) trained by the mean squared error
   of every response's attributes against the data's (data.attributes), over the values the data has: a missing
-  value is masked, not 0. Each response's weight is its group's. The reward the comparisons are read with is
+  value is masked, not 0. Each response's weight is its group's. The squared errors are computed in the op
+  (rmfast.attribute_regression_loss). The reward the comparisons are read with is
   the head's fixed combination of the attributes.
 - ``regression+bradley_terry``: both, summed: the regression loss, plus Bradley–Terry over the comparisons on
   the combined score (HelpSteer2-Preference's recipe), through the fused op with the combined head.
@@ -29,8 +31,9 @@ import math
 
 import torch
 
-from .loss import PairwiseRewardOutput, pairwise_reward_loss
-from .loss import attribute_head as fused_head
+from . import reference
+from .loss import PairwiseRewardOutput, attribute_regression_loss, pairwise_reward_loss
+from .loss import plackett_luce_loss as fused_plackett_luce
 
 OBJECTIVES = ("bradley_terry", "davidson", "plackett_luce", "regression", "regression+bradley_terry")
 REGRESSION = ("regression", "regression+bradley_terry")
@@ -46,17 +49,13 @@ def _weighted_mean(per, weight, count):
 
 def davidson_terms(better, worse, log_nu, margin=None, tie=None):
     """Davidson's negative log-likelihood of each comparison ([C] each, float): −log P(better wins), or −log
-    P(tie) where tie [C] bool says so. log_nu: log ν, a float or a scalar tensor (learnt)."""
+    P(tie) where tie [C] bool says so. log_nu: log ν, a float or a scalar tensor (learnt). The same terms as the
+    fused op's (rmfast.reference.comparison_loss), from rewards already computed (evaluation)."""
     d = better - worse
     if margin is not None:
         d = d - margin.to(d.dtype)
     log_nu = torch.as_tensor(log_nu, dtype=d.dtype, device=d.device)
-    half = d / 2
-    total = torch.logaddexp(torch.logaddexp(half, -half), log_nu.expand_as(d))  # log(e^{d/2} + e^{-d/2} + ν)
-    win = total - half
-    if tie is None:
-        return win
-    return torch.where(tie.to(d.device), total - log_nu, win)
+    return reference.comparison_loss(d, log_nu, tie.to(d.device) if tie is not None else None)
 
 
 def plackett_luce_terms(rewards, group, scores, groups):
@@ -64,24 +63,14 @@ def plackett_luce_terms(rewards, group, scores, groups):
     int64, scores [S]): for every response k, log Σ_j e^{r_j} over the responses j of its group scored ≤ its
     score, minus r_k (the lowest gives 0)."""
     group, scores = group.to(rewards.device), scores.to(rewards.device)
-    risk = (group[:, None] == group[None, :]) & (scores[None, :] <= scores[:, None])
-    lse = torch.logsumexp(rewards[None, :].expand(len(rewards), -1).masked_fill(~risk, float("-inf")), dim=1)
-    return torch.zeros(groups, dtype=rewards.dtype, device=rewards.device).index_add_(0, group, lse - rewards)
-
-
-def plackett_luce_loss(rewards, batch):
-    """The weighted mean over a batch's groups of plackett_luce_terms."""
-    per_group = plackett_luce_terms(rewards, batch.response_group, batch.response_scores, batch.groups)
-    return _weighted_mean(per_group, batch.group_weight, batch.groups)
+    per = reference.plackett_luce_terms(rewards, group, scores)
+    return torch.zeros(groups, dtype=rewards.dtype, device=rewards.device).index_add_(0, group, per)
 
 
 def regression_terms(predicted, target):
     """Per response [S]: Σ over its observed attributes of (predicted − target)², and [S] how many it has
     (target NaN: missing, masked)."""
-    target = target.to(device=predicted.device, dtype=predicted.dtype)
-    have = torch.isfinite(target)
-    err = torch.where(have, predicted - torch.nan_to_num(target), torch.zeros_like(predicted))
-    return err.square().sum(dim=1), have.sum(dim=1)
+    return reference.masked_square_error(predicted, target)
 
 
 def regression_loss(predicted, batch):
@@ -106,9 +95,11 @@ def reward_loss(hidden, weight, batch, bias=None, center_coef=0.0, backend="auto
         if attribute_head is None or batch.response_attributes is None:
             raise ValueError(f"the {objective} objective needs an attribute head and data with attributes")
         a_weight, a_bias, combination = attribute_head
-        predicted = fused_head(hidden, a_weight, batch.response_index.to(hidden.device), a_bias, backend,
-                               check_indices=check_indices)
-        loss = regression_loss(predicted, batch)
+        # the gather, the projection and each response's squared error in the op (regression_loss's value)
+        response_weight = batch.group_weight[batch.response_group].to(device=hidden.device)
+        loss, predicted = attribute_regression_loss(
+            hidden, a_weight, batch.response_index.to(hidden.device), batch.response_attributes.to(hidden.device),
+            a_bias, response_weight, backend, check_indices=check_indices)
         if objective == "regression" or batch.pairs == 0:
             r = predicted @ combination.to(predicted)
             rb, rw = r[batch.better_response.to(r.device)], r[batch.worse_response.to(r.device)]
@@ -116,7 +107,9 @@ def reward_loss(hidden, weight, batch, bias=None, center_coef=0.0, backend="auto
         out = reward_loss(hidden, weight, batch, bias, center_coef, backend, check_indices)
         return PairwiseRewardOutput(loss + out.loss, out.chosen_rewards, out.rejected_rewards)
     w = batch.comparison_weight
-    if objective == "bradley_terry":
+    if objective in ("bradley_terry", "davidson"):
+        if objective == "davidson":  # the op's own loss, given log ν and the tied comparisons
+            op.update(log_nu=log_nu, tie=batch.tie.to(hidden.device) if batch.tie is not None else None)
         if w is None:
             return pairwise_reward_loss(hidden, weight, batch.chosen_index, batch.rejected_index,
                                         margin=batch.margin, center_coef=center_coef, **op)
@@ -124,24 +117,18 @@ def reward_loss(hidden, weight, batch, bias=None, center_coef=0.0, backend="auto
                                    center_coef=center_coef, reduction="none", **op)
         return PairwiseRewardOutput(_weighted_mean(out.loss, w, batch.loss_count), out.chosen_rewards,
                                     out.rejected_rewards)
-    if objective == "davidson":
-        out = pairwise_reward_loss(hidden, weight, batch.chosen_index, batch.rejected_index, reduction="none", **op)
-        rb, rw = out.chosen_rewards, out.rejected_rewards
-        per = davidson_terms(rb, rw, log_nu, batch.margin, batch.tie)
-    elif objective == "plackett_luce":
-        # every response's reward once, through the fused gather and projection (rmfast.attribute_head, A = 1)
-        r = fused_head(hidden, weight, batch.response_index.to(hidden.device), bias, backend,
-                       check_indices=check_indices)[:, 0]
+    if objective == "plackett_luce":
+        # every response's reward once (the fused gather and projection, A = 1), then the groups' terms in the op
+        dev = hidden.device
+        loss, r = fused_plackett_luce(hidden, weight, batch.response_index.to(dev), batch.response_group.to(dev),
+                                     batch.response_scores.to(dev), bias,
+                                     batch.group_weight.to(dev) if batch.group_weight is not None else None, backend,
+                                     num_groups=batch.groups, check_indices=check_indices)
         rb, rw = r[batch.better_response.to(r.device)], r[batch.worse_response.to(r.device)]
-        loss = plackett_luce_loss(r, batch)
         if center_coef:
             loss = loss + center_coef * _weighted_mean((rb + rw).square(), w, batch.loss_count)
         return PairwiseRewardOutput(loss, rb, rw)
-    else:
-        raise ValueError(f"objective must be one of {', '.join(OBJECTIVES)}, got {objective!r}")
-    if center_coef:
-        per = per + center_coef * (rb + rw).square()
-    return PairwiseRewardOutput(_weighted_mean(per, w, batch.loss_count), rb, rw)
+    raise ValueError(f"objective must be one of {', '.join(OBJECTIVES)}, got {objective!r}")
 
 
 def tie_threshold(log_nu):
@@ -156,5 +143,5 @@ def log_nu_of(nu):
 
 
 __all__ = ["OBJECTIVES", "REGRESSION", "reward_loss", "regression_loss", "regression_terms",
-           "davidson_terms", "plackett_luce_terms", "plackett_luce_loss",
+           "davidson_terms", "plackett_luce_terms",
            "tie_threshold", "log_nu_of"]

@@ -9,7 +9,10 @@ For pairs p with chosen row c_p and rejected row r_p of hidden H [N, D], value h
          = sum_p ℓ_p  + κ·mean_p (rc_p + rr_p)²       ("sum")
     loss_p = ℓ_p + κ·(rc_p + rr_p)²                   ("none", one per pair)
 
-∂ℓ_p/∂rc_p = −σ(−d_p) = −∂ℓ_p/∂rr_p, and ∂(rc_p + rr_p)²/∂rc_p = 2(rc_p + rr_p)."""
+∂ℓ_p/∂rc_p = −σ(−d_p) = −∂ℓ_p/∂rr_p, and ∂(rc_p + rr_p)²/∂rc_p = 2(rc_p + rr_p).
+
+Davidson (given log ν, ties t_p): with S_p = e^{d_p/2} + e^{−d_p/2} + ν, ℓ_p = log S_p − d_p/2 (a win) or
+log S_p − log ν (a tie); ∂ℓ_p/∂d_p = ½(e^{d_p/2} − e^{−d_p/2})/S_p − ½[win], ∂ℓ_p/∂log ν = ν/S_p − [tie]."""
 
 import numpy as np
 
@@ -23,10 +26,11 @@ def _sigmoid(x):
 
 
 def pair_loss(hidden, weight, chosen, rejected, bias=None, margin=None, center_coef=0.0, reduction="mean",
-              grad_loss=None, grad_chosen=None, grad_rejected=None):
+              grad_loss=None, grad_chosen=None, grad_rejected=None, log_nu=None, tie=None):
     """Loss, rewards and, given the upstream gradients of the three outputs, the gradients of hidden, weight
-    and bias, all as float64 numpy arrays in a dict (keys: loss, chosen, rejected, d_hidden, d_weight,
-    d_bias). hidden [N, D] (or [..., D]); indices [P]; margin None, a float or [P]."""
+    and bias (and log ν), all as float64 numpy arrays in a dict (keys: loss, chosen, rejected, d_hidden,
+    d_weight, d_bias, d_log_nu). hidden [N, D] (or [..., D]); indices [P]; margin None, a float or [P];
+    log_nu None (Bradley–Terry) or Davidson's log ν; tie None or [P] bool."""
     h = np.asarray(hidden, np.float64)
     shape = h.shape
     h = h.reshape(-1, shape[-1])
@@ -37,7 +41,17 @@ def pair_loss(hidden, weight, chosen, rejected, bias=None, margin=None, center_c
     m = np.zeros(P) if margin is None else np.broadcast_to(np.asarray(margin, np.float64), (P,))
     rc, rr = h[c] @ w + b, h[r] @ w + b
     d = rc - rr - m
-    ell = _softplus(-d)
+    if log_nu is None:
+        ell = _softplus(-d)
+        dell = -_sigmoid(-d)  # ∂ℓ/∂rc; ∂ℓ/∂rr is its negative
+    else:
+        t = np.zeros(P, bool) if tie is None else np.asarray(tie, bool)
+        big = np.maximum(np.abs(d) / 2, float(log_nu))  # S = e^big · (…), kept finite
+        S_scaled = np.exp(d / 2 - big) + np.exp(-d / 2 - big) + np.exp(float(log_nu) - big)
+        log_S = big + np.log(S_scaled)
+        ell = log_S - np.where(t, float(log_nu), d / 2)
+        dell = 0.5 * (np.exp(d / 2 - big) - np.exp(-d / 2 - big)) / S_scaled - np.where(t, 0.0, 0.5)
+        dnu = np.exp(float(log_nu) - big) / S_scaled - t
     s = rc + rr
     if reduction == "none":
         loss = ell + center_coef * s * s
@@ -47,7 +61,6 @@ def pair_loss(hidden, weight, chosen, rejected, bias=None, margin=None, center_c
     if grad_loss is None:
         return out
     gl = np.asarray(grad_loss, np.float64)
-    dell = -_sigmoid(-d)  # ∂ℓ/∂rc; ∂ℓ/∂rr is its negative
     if reduction == "none":
         scale, center = gl, gl * center_coef * 2 * s
     else:
@@ -61,6 +74,8 @@ def pair_loss(hidden, weight, chosen, rejected, bias=None, margin=None, center_c
     out["d_hidden"] = d_hidden.reshape(shape)
     out["d_weight"] = g_rc @ h[c] + g_rr @ h[r]
     out["d_bias"] = np.asarray(g_rc.sum() + g_rr.sum())
+    if log_nu is not None:
+        out["d_log_nu"] = np.asarray((scale * dnu).sum())
     return out
 
 

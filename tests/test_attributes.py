@@ -256,6 +256,72 @@ def test_attribute_head_on_every_backend_holds_the_float64_reference(backend, de
     np.testing.assert_allclose(bias.grad.double().numpy(), u.sum(0), **tol)
 
 
+@pytest.mark.parametrize("backend,device", backend_device_params())
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16, torch.float16])
+@pytest.mark.parametrize("A", [1, 3, 5])
+def test_regression_loss_inside_the_op_holds_the_float64_reference(backend, device, dtype, A):
+    """rmfast.attribute_regression_loss: the masked, weighted mean squared error computed in the kernel, and
+    its gradients (with an upstream gradient on the attributes too), against numpy in float64."""
+    from rmfast import attribute_regression_loss
+
+    if device == "cuda" and not torch.cuda.is_available():
+        pytest.skip("no CUDA GPU")
+    g = torch.Generator().manual_seed(10 + A)
+    D, S = 40, 8
+    hidden = torch.randn(30, D, generator=g).to(dtype)
+    weight = (torch.randn(A, D, generator=g) / 4).requires_grad_()
+    bias = torch.randn(A, generator=g).requires_grad_()
+    index = torch.tensor([3, 0, 20, 3, 7, 11, 29, 5])  # a repeated row
+    target = torch.randn(S, A, generator=g)
+    target[torch.rand(S, A, generator=g) < 0.3] = float("nan")
+    target[1] = float("nan")  # a response with nothing observed
+    rw = torch.rand(S, generator=g) + 0.5
+    upstream = torch.randn(S, A, generator=g, dtype=torch.float64) / 10
+    h = hidden.to(device).requires_grad_()
+    out = attribute_regression_loss(h, weight.to(device), index.to(device), target.to(device), bias.to(device),
+                                    rw.to(device), backend=backend)
+    assert out.loss.shape == () and out.attributes.shape == (S, A)
+    (out.loss.double().cpu() * 1.5 + (out.attributes.double().cpu() * upstream).sum()).backward()
+    x = hidden.detach().double().numpy()
+    w, b, y = weight.detach().double().numpy(), bias.detach().double().numpy(), target.double().numpy()
+    ws, u = rw.double().numpy()[:, None], upstream.numpy()
+    p = x[index.numpy()] @ w.T + b
+    have = np.isfinite(y)
+    err = np.where(have, p - np.nan_to_num(y), 0.0)
+    count = (ws * have).sum()
+    want = (ws * err**2).sum() / count
+    tol = 1e-5 if dtype == torch.float32 else 1e-3
+    assert float(out.loss.detach()) == pytest.approx(want, rel=tol)
+    np.testing.assert_allclose(out.attributes.detach().double().cpu().numpy(), p, rtol=tol, atol=tol)
+    coef = 1.5 * 2 * ws * err / count + u  # dL/d attributes
+    d_hidden = np.zeros_like(x)
+    np.add.at(d_hidden, index.numpy(), coef @ w)
+    scale = np.abs(d_hidden).max()
+    np.testing.assert_allclose(h.grad.double().cpu().numpy(), d_hidden, rtol=0,
+                               atol=(1e-5 if dtype == torch.float32 else 1e-2) * scale)
+    np.testing.assert_allclose(weight.grad.double().numpy(), coef.T @ x[index.numpy()], rtol=1e-4, atol=1e-4)
+    np.testing.assert_allclose(bias.grad.double().numpy(), coef.sum(0), rtol=1e-4, atol=1e-5)
+
+
+def test_regression_loss_with_nothing_observed_is_zero_and_arguments_are_checked():
+    from rmfast import attribute_regression_loss
+
+    g = torch.Generator().manual_seed(0)
+    hidden, weight = torch.randn(12, 16, generator=g).requires_grad_(), torch.randn(2, 16, generator=g)
+    index = torch.tensor([1, 4, 9])
+    for backend in ("cpu", "triton", "torch"):
+        out = attribute_regression_loss(hidden, weight, index, torch.full((3, 2), float("nan")), backend=backend)
+        out.loss.backward()
+        assert float(out.loss.detach()) == 0.0 and not hidden.grad.any()
+        hidden.grad = None
+    with pytest.raises(ValueError, match=r"`target` must be \[S=3, A=2\]"):
+        attribute_regression_loss(hidden, weight, index, torch.zeros(3, 3))
+    with pytest.raises(ValueError, match="`target` must be a floating tensor"):
+        attribute_regression_loss(hidden, weight, index, torch.zeros(3, 2, dtype=torch.long))
+    with pytest.raises(ValueError, match="`response_weight` must be None or a tensor"):
+        attribute_regression_loss(hidden, weight, index, torch.zeros(3, 2), response_weight=torch.ones(2))
+
+
 def test_attribute_head_is_the_pairwise_ops_head_at_a_1_and_compiles_whole():
     from rmfast import attribute_head, pairwise_reward_loss
 
@@ -285,8 +351,10 @@ def test_attribute_head_is_the_pairwise_ops_head_at_a_1_and_compiles_whole():
 
 
 @pytest.mark.parametrize("objective", ["davidson", "plackett_luce", "regression", "regression+bradley_terry"])
-def test_every_objective_compiles_whole_and_equals_eager(objective):
-    # torch.compile(fullgraph=True) of the loss of a batch, through the fused ops, gives eager's loss and grads
+@pytest.mark.parametrize("backend", ["cpu", "triton"])
+def test_every_objective_compiles_whole_and_equals_eager(objective, backend):
+    # torch.compile(fullgraph=True) of the loss of a batch, through the fused ops (each objective's loss inside
+    # them), gives eager's loss and grads: inductor around the C++ ops, aot_eager around the interpreted Triton
     groups = attribute_groups(2)
     batch = layouts.padded(groups, range(len(groups)), 0, ties=objective == "davidson")
     g = torch.Generator().manual_seed(3)
@@ -297,11 +365,11 @@ def test_every_objective_compiles_whole_and_equals_eager(objective):
     def loss(h, w, a):
         head = (a, None, combination) if objective.startswith("regression") else None
         scalar = combination @ a if head is not None else w
-        return reward_loss(h, scalar, batch, backend="cpu", objective=objective, log_nu=0.4,
+        return reward_loss(h, scalar, batch, backend=backend, objective=objective, log_nu=0.4,
                            attribute_head=head, check_indices=False).loss
 
     torch._dynamo.reset()
-    compiled = torch.compile(loss, fullgraph=True)
+    compiled = torch.compile(loss, fullgraph=True, backend="inductor" if backend == "cpu" else "aot_eager")
     got = []
     for fn in (compiled, loss):
         inputs = [t.clone().requires_grad_() for t in (hidden, w, attrs)]

@@ -91,6 +91,33 @@ def test_fullgraph_3d_hidden_and_linear_weight(backend):
     assert_same(run(compiled, case), run(both(fn), case))
 
 
+@pytest.mark.parametrize("backend", COMPILED)
+def test_fullgraph_davidson_equals_eager(backend):
+    """Davidson's loss inside the op, its tie parameter learnt: the compiled graph gives eager's loss and
+    gradients, log ν's among them."""
+    require(backend)
+    torch._dynamo.reset()
+    case = make_case()
+    tie = torch.arange(6) % 2 == 0
+
+    def fn(hidden, weight, bias, chosen, rejected, margin, log_nu):
+        out = pairwise_reward_loss(hidden, weight, chosen, rejected, bias=bias, margin=margin, backend=backend,
+                                   log_nu=log_nu, tie=tie)
+        return out.loss, out.chosen_rewards, out.rejected_rewards
+
+    def grads(f):
+        leaves = [case[k].clone().requires_grad_(True) for k in ("hidden", "weight", "bias")]
+        log_nu = torch.tensor(0.7, requires_grad=True)
+        outs = f(*leaves, case["chosen"], case["rejected"], case["margin"], log_nu)
+        (outs[0] + 0.1 * outs[1].sum()).backward()
+        return list(outs) + [t.grad for t in leaves] + [log_nu.grad]
+
+    got, want = grads(torch.compile(fn, fullgraph=True, backend="aot_eager")), grads(fn)
+    assert got[-1] is not None and float(got[-1]) != 0.0
+    for a, b in zip(got, want):
+        torch.testing.assert_close(a, b, rtol=1e-5, atol=1e-6)
+
+
 @pytest.mark.parametrize("backend", ["cpu", "torch"])
 def test_fullgraph_inductor_equals_eager(backend):
     require(backend)
@@ -109,6 +136,9 @@ def test_extension_ops_run_on_fake_tensors():
         weight = torch.empty(3)
         index = torch.zeros(4, dtype=torch.long)
         rc, rr, loss = torch.ops.rmfast.pairwise_loss_fwd(hidden, weight, None, index[:2], index[2:], None)
+        _, _, davidson = torch.ops.rmfast.pairwise_loss_fwd(hidden, weight, None, index[:2], index[2:], None,
+                                                            torch.zeros(1), torch.zeros(2, dtype=torch.bool))
+        assert davidson.shape == (2,)
         d_hidden, d_weight = torch.ops.rmfast.pairwise_loss_bwd(hidden, weight, index, torch.empty(4), True)
     assert [t.shape for t in (rc, rr, loss, d_weight)] == [(2,), (2,), (2,), (3,)]
     assert d_hidden.shape == (10, 3) and d_hidden.dtype == hidden.dtype

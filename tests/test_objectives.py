@@ -90,6 +90,89 @@ def test_every_backend_gives_the_reference_loss(backend, device, objective):
     assert float(out.loss) == pytest.approx(want, rel=2e-5, abs=1e-6)
 
 
+@pytest.mark.parametrize("backend,device", backend_device_params())
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16, torch.float16], ids=str)
+def test_plackett_luce_inside_the_op_holds_the_float64_reference(backend, device, dtype):
+    """rmfast.plackett_luce_loss: rewards from the fused head, the groups' terms and every reward's gradient from
+    the op's second kernel; against numpy in float64 with the gradient derived by hand (ties, group weights,
+    groups interleaved, a group of one, an upstream gradient on the rewards too)."""
+    from rmfast import plackett_luce_loss
+
+    if device == "cuda" and not torch.cuda.is_available():
+        pytest.skip("no CUDA GPU")
+    g = torch.Generator().manual_seed(7)
+    D = 24
+    hidden = (torch.randn(40, D, generator=g) * 2).to(dtype)
+    weight = (torch.randn(D, generator=g) / 3).requires_grad_()
+    bias = torch.randn(1, generator=g).requires_grad_()
+    group = torch.tensor([0, 1, 0, 2, 1, 0, 2, 1, 2, 0, 3, 4, 4])
+    scores = torch.tensor([1.0, 2, 0, 1, 0, 1, 3, 2, 0, 2, 5, 1, 1])  # ties in groups 0, 1 and 4
+    index = torch.tensor([0, 3, 5, 7, 9, 11, 13, 2, 4, 6, 39, 20, 3])  # row 3 twice
+    gw = torch.tensor([1.0, 0.5, 2.0, 1.0, 0.25])
+    upstream = torch.randn(len(index), generator=g, dtype=torch.float64) / 10
+    h = hidden.to(device).requires_grad_()
+    out = plackett_luce_loss(h, weight.to(device), index.to(device), group.to(device), scores.to(device),
+                             bias.to(device), gw.to(device), backend=backend)
+    (out.loss.double().cpu() * 1.5 + (out.rewards.double().cpu() * upstream).sum()).backward()
+    x, w = hidden.detach().double().numpy(), weight.detach().double().numpy()
+    r = x[index.numpy()] @ w + float(bias.detach())
+    G, s, gr = 5, scores.numpy(), group.numpy()
+    per = gw.double().numpy()[gr] / G
+    want = sum(per[k] * (np.log(np.exp(r[(gr == gr[k]) & (s <= s[k])]).sum()) - r[k]) for k in range(len(r)))
+    lse = np.array([np.log(np.exp(r[(gr == gr[k]) & (s <= s[k])]).sum()) for k in range(len(r))])
+    dr = np.array([sum(per[k] * np.exp(r[j] - lse[k]) for k in range(len(r)) if gr[k] == gr[j] and s[j] <= s[k])
+                   - per[j] for j in range(len(r))])
+    coef = 1.5 * dr + upstream.numpy()
+    tol = 1e-5 if dtype == torch.float32 else 1e-3
+    assert float(out.loss.detach()) == pytest.approx(want, rel=tol)
+    np.testing.assert_allclose(out.rewards.detach().double().cpu().numpy(), r, rtol=tol, atol=tol)
+    d_hidden = np.zeros_like(x)
+    np.add.at(d_hidden, index.numpy(), coef[:, None] * w)
+    np.testing.assert_allclose(h.grad.double().cpu().numpy(), d_hidden, rtol=0,
+                               atol=(1e-5 if dtype == torch.float32 else 1e-2) * np.abs(d_hidden).max())
+    np.testing.assert_allclose(weight.grad.double().numpy(), coef @ x[index.numpy()], rtol=1e-4, atol=1e-4)
+    assert float(bias.grad) == pytest.approx(coef.sum(), rel=1e-4, abs=1e-5)
+
+
+def test_plackett_luce_op_nan_compile_and_arguments():
+    from rmfast import plackett_luce_loss
+
+    g = torch.Generator().manual_seed(0)
+    hidden, weight = torch.randn(12, 8, generator=g), torch.randn(8, generator=g)
+    index, group, scores = torch.tensor([1, 4, 9, 2]), torch.tensor([0, 0, 1, 1]), torch.tensor([1.0, 0, 2, 0])
+    for backend in ("cpu", "triton", "torch"):
+        # groups of two: Bradley–Terry of (better, worse), averaged over the groups
+        out = plackett_luce_loss(hidden, weight, index, group, scores, backend=backend)
+        r = hidden[index] @ weight
+        bt = (torch.nn.functional.softplus(-(r[0] - r[1])) + torch.nn.functional.softplus(-(r[2] - r[3]))) / 2
+        torch.testing.assert_close(out.loss, bt)
+        bad = hidden.clone()
+        bad[9, 3] = float("nan")  # one response of group 1: the loss is NaN
+        assert torch.isnan(plackett_luce_loss(bad, weight, index, group, scores, backend=backend).loss)
+        torch._dynamo.reset()
+        compiled = torch.compile(lambda h, w, b=backend: plackett_luce_loss(h, w, index, group, scores, backend=b,
+                                                                            num_groups=2).loss, fullgraph=True)
+        grads = []
+        for fn in (compiled, lambda h, w, b=backend: plackett_luce_loss(h, w, index, group, scores, backend=b,
+                                                                         num_groups=2).loss):
+            h, w = hidden.clone().requires_grad_(), weight.clone().requires_grad_()
+            loss = fn(h, w)
+            loss.backward()
+            grads.append((loss.detach(), h.grad, w.grad))
+        for a, b in zip(*grads):
+            torch.testing.assert_close(a, b)
+    with pytest.raises(ValueError, match="`group` must give one group per response"):
+        plackett_luce_loss(hidden, weight, index, group[:3], scores)
+    with pytest.raises(ValueError, match="`scores` must be a tensor"):
+        plackett_luce_loss(hidden, weight, index, group, scores[:2])
+    with pytest.raises(ValueError, match="`weight` must be a value head"):
+        plackett_luce_loss(hidden, torch.randn(2, 8), index, group, scores)
+    with pytest.raises(ValueError, match="`scores` holds NaN"):
+        plackett_luce_loss(hidden, weight, index, group, torch.tensor([1.0, float("nan"), 0, 1]))
+    with pytest.raises(ValueError, match="`group_weight` must be None or a tensor"):
+        plackett_luce_loss(hidden, weight, index, group, scores, group_weight=torch.ones(3))
+
+
 @pytest.mark.parametrize("objective", ["davidson", "plackett_luce"])
 @pytest.mark.parametrize("K", [2, 5])
 def test_prefix_shared_equals_padded_for_every_objective(objective, K):
@@ -196,7 +279,7 @@ def test_davidson_learns_to_call_ties_through_rmfast_train(tmp_path):
     res, evals, out = learn_on_the_demo_model(tmp_path, generate_pairs(300, seed=0, **kw),
                                               generate_pairs(100, seed=1, **kw), **{
                                                   "train.objective": "davidson", "train.lr": 3e-3,
-                                                  "train.epochs": 3, "train.log_every": 20})
+                                                  "train.epochs": 4, "train.log_every": 20})
     assert "of the pairs are ties (the davidson objective trains on them" in res.stdout
     first, last = evals[0], evals[-1]
     assert 20 <= last["eval_ties"] <= 40 and last["eval_pairs"] == 100

@@ -62,14 +62,16 @@ def run(case, backend, reduction="mean", center_coef=0.0, seed=1, reference=Fals
         want = oracle.pair_loss(*(np64(case[k]) for k in ("hidden", "weight", "chosen_index", "rejected_index",
                                                            "bias", "margin")),
                                 center_coef=center_coef, reduction=reduction, grad_loss=w_loss.numpy(),
-                                grad_chosen=w_c.numpy(), grad_rejected=w_r.numpy())
+                                grad_chosen=w_c.numpy(), grad_rejected=w_r.numpy(),
+                                log_nu=np64(case.get("log_nu")), tie=np64(case.get("tie")))
         keep = {"loss", "chosen", "rejected", "d_hidden", "d_weight"} | \
-            ({"d_bias"} if isinstance(case["bias"], torch.Tensor) else set())
+            ({"d_bias"} if isinstance(case["bias"], torch.Tensor) else set()) | \
+            ({"d_log_nu"} if isinstance(case.get("log_nu"), torch.Tensor) else set())
         return {k: torch.from_numpy(v) for k, v in want.items() if k in keep}
     leaves = {}
     args = dict(case)
-    for k in ("hidden", "weight", "bias"):
-        v = args[k]
+    for k in ("hidden", "weight", "bias", "log_nu"):
+        v = args.get(k)
         if isinstance(v, torch.Tensor):
             v = (case["hidden"].detach() if k == "hidden" else v.detach().clone()).requires_grad_(True)
             leaves[k] = v
@@ -93,7 +95,7 @@ def assert_matches(actual, expected, dtype):
         assert got.shape == ref.shape, f"{k}: shape {tuple(got.shape)} != {tuple(ref.shape)}"
         got = got.detach().to(torch.float64).cpu()
         ref = ref.detach().cpu()
-        scale = ref.abs().max().item() or 1.0
+        scale = max(ref.abs().max().item(), 1e-12) if ref.abs().max().item() else 1.0  # denormal: ~0
         err = (got - ref).abs().max().item()
         assert err <= tol * scale, f"{k}: max error {err:.3g} > {tol:g} × {scale:.3g}"
 
@@ -119,6 +121,92 @@ def test_options(backend, device, margin, reduction, center_coef, bias):
     require(backend, device)
     case = make_case(24, 33, 7, device=device, bias=bias, margin=margin)
     check(case, backend, torch.float32, reduction=reduction, center_coef=center_coef)
+
+
+def davidson_case(N, D, P, *, dtype=torch.float32, device="cpu", log_nu=0.4, ties=True, **kw):
+    """make_case with Davidson's log ν (a learnt leaf) and every third comparison a tie (or none)."""
+    case = make_case(N, D, P, dtype=dtype, device=device, **kw)
+    case["log_nu"] = torch.tensor(log_nu, device=device)
+    case["tie"] = (torch.arange(P, device=device) % 3 == 1) if ties else None
+    return case
+
+
+@pytest.mark.parametrize("backend,device", BACKEND_DEVICE)
+@pytest.mark.parametrize("dtype", DTYPES, ids=str)
+@pytest.mark.parametrize("N,D,P", [(4, 1, 1), (40, 129, 17), (12, 4097, 6), (5000, 8, 3000)])
+def test_davidson_matches_float64_reference(backend, device, dtype, N, D, P):
+    """Davidson's loss inside the op (ties kept, log ν learnt): loss, rewards and the gradients of hidden,
+    weight, bias and log ν against the oracle's hand-derived ones."""
+    require(backend, device)
+    check(davidson_case(N, D, P, dtype=dtype, device=device), backend, dtype)
+
+
+@pytest.mark.parametrize("backend,device", BACKEND_DEVICE)
+@pytest.mark.parametrize("margin", [None, "tensor"])
+@pytest.mark.parametrize("reduction", ["mean", "sum", "none"])
+@pytest.mark.parametrize("ties,log_nu", [(True, 0.4), (False, 0.4), (True, -1.5), (True, 3.0)])
+def test_davidson_options(backend, device, margin, reduction, ties, log_nu):
+    require(backend, device)
+    case = davidson_case(24, 33, 7, device=device, margin=margin, ties=ties, log_nu=log_nu)
+    check(case, backend, torch.float32, reduction=reduction, center_coef=0.01)
+    # far apart rewards (e^{d/2} would overflow float32) stay finite and exact
+    case["hidden"] = case["hidden"] * 1e4
+    check(case, backend, torch.float32, reduction=reduction)
+
+
+@pytest.mark.parametrize("backend,device", BACKEND_DEVICE)
+def test_davidson_nan_row_gives_nan_and_float_log_nu_is_fixed(backend, device):
+    require(backend, device)
+    case = davidson_case(10, 16, 3, device=device)
+    case["chosen_index"] = torch.tensor([0, 1, 2], device=device)
+    case["rejected_index"] = torch.tensor([3, 4, 5], device=device)
+    fixed = dict(case, log_nu=0.4)  # a float: the same loss, no gradient asked for
+    torch.testing.assert_close(pairwise_reward_loss(**fixed, backend=backend).loss,
+                               pairwise_reward_loss(**case, backend=backend).loss)
+    case["hidden"][4, 7] = float("nan")
+    out = pairwise_reward_loss(**case, backend=backend, reduction="none")
+    assert torch.isnan(out.loss[1]) and torch.isfinite(out.loss[[0, 2]]).all()
+
+
+def test_davidson_arguments_are_checked():
+    case = davidson_case(10, 16, 3)
+    with pytest.raises(ValueError, match="`tie` marks tied comparisons.*give log_nu"):
+        pairwise_reward_loss(**dict(case, log_nu=None), backend="torch")
+    with pytest.raises(ValueError, match=r"`tie` must be \[P=3\]"):
+        pairwise_reward_loss(**dict(case, tie=torch.tensor([True, False])), backend="cpu")
+    with pytest.raises(ValueError, match="`tie` must be a bool tensor"):
+        pairwise_reward_loss(**dict(case, tie=torch.zeros(3)), backend="cpu")
+    with pytest.raises(ValueError, match="`log_nu` must be finite"):
+        pairwise_reward_loss(**dict(case, log_nu=float("inf")), backend="cpu")
+    with pytest.raises(ValueError, match="`log_nu` must be finite"):
+        pairwise_reward_loss(**dict(case, log_nu=torch.tensor(float("nan"))), backend="cpu")
+    with pytest.raises(ValueError, match="`log_nu` must be None, a float, or a one-element"):
+        pairwise_reward_loss(**dict(case, log_nu=torch.zeros(2)), backend="cpu")
+    # an integer 0/1 tie column is read as bool
+    a = pairwise_reward_loss(**dict(case, tie=case["tie"].long()), backend="cpu").loss
+    torch.testing.assert_close(a, pairwise_reward_loss(**case, backend="cpu").loss)
+
+
+@pytest.mark.parametrize("backend,device", BACKEND_DEVICE)
+def test_gathered_rows_over_a_huge_page_give_exact_weight_gradients(backend, device):
+    """The rows the forward saves for d_weight, 2P × D over 2 MiB (the CPU kernel's huge-page-backed buffer,
+    strided hidden too): d_weight and the attribute head's d_weight still hold the float64 reference."""
+    require(backend, device)
+    case = make_case(300, 4100, 70, device=device)
+    check(case, backend, torch.float32)
+    from rmfast import attribute_regression_loss
+
+    g = torch.Generator().manual_seed(3)
+    hidden = torch.randn(300, 2 * 4100, generator=g)[:, ::2].to(device)  # strided rows
+    weight = (torch.randn(3, 4100, generator=g) / 64).to(device).requires_grad_()
+    index = torch.randint(0, 300, (140,), generator=g).to(device)
+    target = torch.randn(140, 3, generator=g).to(device)
+    out = attribute_regression_loss(hidden, weight, index, target, backend=backend)
+    out.loss.backward()
+    x = hidden.double().cpu().numpy()[index.cpu().numpy()]
+    p = x @ weight.detach().double().cpu().numpy().T
+    coef = 2 * (p - target.double().cpu().numpy()) / target.numel()
+    torch.testing.assert_close(weight.grad.double().cpu(), torch.from_numpy(coef.T @ x), rtol=1e-4, atol=1e-5)
 
 
 @pytest.mark.parametrize("backend,device", BACKEND_DEVICE)
@@ -259,6 +347,15 @@ def test_gradcheck(backend):
         return out.loss, out.chosen_rewards, out.rejected_rewards
 
     assert torch.autograd.gradcheck(f, (hidden, weight, bias))
+    tie = torch.tensor([True, False, True, False, False])
+
+    def davidson(h, w, b, log_nu):
+        out = pairwise_reward_loss(h, w, chosen, case["rejected_index"], bias=b, margin=case["margin"],
+                                   center_coef=0.05, backend=backend, log_nu=log_nu, tie=tie)
+        return out.loss, out.chosen_rewards, out.rejected_rewards
+
+    log_nu = torch.tensor(0.3, dtype=torch.float64, requires_grad=True)
+    assert torch.autograd.gradcheck(davidson, (hidden, weight, bias, log_nu))
 
 
 @pytest.mark.parametrize("backend,device", BACKEND_DEVICE)

@@ -11,6 +11,7 @@ from .attribute_head import (
     attribute_head_hidden_grad,
     attribute_head_hidden_grad_op,
 )
+from .plackett_luce import plackett_luce_fwd, plackett_luce_fwd_op
 from .pairwise_loss import (
     pairwise_loss_fwd,
     pairwise_loss_fwd_op,
@@ -19,4 +20,5 @@ from .pairwise_loss import (
 )
 
 __all__ = ["pairwise_loss_fwd", "pairwise_loss_hidden_grad", "pairwise_loss_fwd_op", "pairwise_loss_hidden_grad_op",
-           "attribute_head_fwd", "attribute_head_hidden_grad", "attribute_head_fwd_op", "attribute_head_hidden_grad_op"]
+           "attribute_head_fwd", "attribute_head_hidden_grad", "attribute_head_fwd_op", "attribute_head_hidden_grad_op",
+           "plackett_luce_fwd", "plackett_luce_fwd_op"]

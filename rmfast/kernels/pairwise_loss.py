@@ -1,7 +1,8 @@
 """Triton kernels of the fused pairwise reward loss (the kernel-level contract of rmfast/backends.py).
 
 forward:  a program takes BLOCK_P pairs, walks the hidden size in BLOCK_D tiles, gathers both rows of each
-          pair, dots them with the value head, and writes both rewards and softplus(-(r_c - r_r - m)).
+          pair, dots them with the value head, and writes both rewards and the comparison's loss:
+          softplus(-(r_c - r_r - m)) (Bradley–Terry), or Davidson's with ties (given log ν).
 hidden_grad: a program takes BLOCK_R rows × BLOCK_D columns and writes those rows of a zero d_hidden
           (coef · w); the backward needs no hidden state for it (d_weight is computed from the rows saved by
           rmfast/loss.py).
@@ -19,9 +20,10 @@ import triton.language as tl
 
 @triton.jit
 def _pairwise_fwd_kernel(
-    H, W, B, CI, RI, M, RC, RR, LOSS,
+    H, W, B, CI, RI, M, NU, TIE, RC, RR, LOSS,
     P, D, stride_n, stride_d,
-    HAS_BIAS: tl.constexpr, HAS_MARGIN: tl.constexpr, ACC: tl.constexpr,
+    HAS_BIAS: tl.constexpr, HAS_MARGIN: tl.constexpr, DAVIDSON: tl.constexpr, HAS_TIE: tl.constexpr,
+    ACC: tl.constexpr,
     BLOCK_P: tl.constexpr, BLOCK_D: tl.constexpr,
 ):
     pid = tl.program_id(0)
@@ -50,9 +52,22 @@ def _pairwise_fwd_kernel(
     diff = rc - rr
     if HAS_MARGIN:
         diff -= tl.load(M + offs_p, mask=mask_p, other=0.0)
-    x = -diff
-    # softplus(x) = max(x, 0) + log(1 + exp(-|x|)); the second term carries a NaN through.
-    loss = tl.where(x > 0, x, 0.0) + tl.log(1.0 + tl.exp(-tl.abs(x)))
+    if DAVIDSON:
+        # T = log(e^{d/2} + e^{-d/2} + ν), a log-sum-exp of three terms; −log P(win) = T − d/2,
+        # −log P(tie) = T − log ν
+        log_nu = tl.load(NU).to(ACC)
+        half = diff / 2
+        a = tl.abs(half)
+        top = tl.where(a > log_nu, a, log_nu)
+        total = top + tl.log(tl.exp(a - top) + tl.exp(-a - top) + tl.exp(log_nu - top))
+        loss = total - half
+        if HAS_TIE:
+            tie = tl.load(TIE + offs_p, mask=mask_p, other=0) != 0
+            loss = tl.where(tie, total - log_nu, loss)
+    else:
+        x = -diff
+        # softplus(x) = max(x, 0) + log(1 + exp(-|x|)); the second term carries a NaN through.
+        loss = tl.where(x > 0, x, 0.0) + tl.log(1.0 + tl.exp(-tl.abs(x)))
     tl.store(RC + offs_p, rc, mask=mask_p)
     tl.store(RR + offs_p, rr, mask=mask_p)
     tl.store(LOSS + offs_p, loss, mask=mask_p)
@@ -86,12 +101,14 @@ def _block_d(D, cap):
     return min(cap, triton.next_power_of_2(D))
 
 
-def pairwise_loss_fwd(hidden, weight, bias, chosen, rejected, margin):
+def pairwise_loss_fwd(hidden, weight, bias, chosen, rejected, margin, log_nu=None, tie=None):
     """hidden [N, D] any strides; weight [D] acc dtype; bias [1] or None; chosen, rejected [P] int64;
-    margin [P] acc dtype or None. Returns (chosen_rewards, rejected_rewards, loss), each [P] acc dtype.
+    margin [P] acc dtype or None; log_nu [1] acc dtype or None (Davidson's loss when given); tie [P] bool or
+    None. Returns (chosen_rewards, rejected_rewards, loss), each [P] acc dtype.
     The kernel reads the [P] vectors as flat memory: any that is not contiguous is copied first."""
     chosen, rejected, weight = chosen.contiguous(), rejected.contiguous(), weight.contiguous()
     margin = margin.contiguous() if margin is not None else None
+    tie = tie.contiguous().view(torch.uint8) if tie is not None else None
     P = chosen.numel()
     D = hidden.shape[1]
     rc = torch.empty(P, dtype=weight.dtype, device=hidden.device)
@@ -101,9 +118,11 @@ def pairwise_loss_fwd(hidden, weight, bias, chosen, rejected, margin):
     grid = (triton.cdiv(P, block_p),)
     _pairwise_fwd_kernel[grid](
         hidden, weight, bias if bias is not None else weight, chosen, rejected,
-        margin if margin is not None else weight, rc, rr, loss,
+        margin if margin is not None else weight, log_nu if log_nu is not None else weight,
+        tie if tie is not None else chosen, rc, rr, loss,
         P, D, hidden.stride(0), hidden.stride(1),
-        HAS_BIAS=bias is not None, HAS_MARGIN=margin is not None, ACC=_acc(hidden.dtype),
+        HAS_BIAS=bias is not None, HAS_MARGIN=margin is not None, DAVIDSON=log_nu is not None,
+        HAS_TIE=tie is not None, ACC=_acc(hidden.dtype),
         BLOCK_P=block_p, BLOCK_D=_block_d(D, 256), num_warps=4,
     )
     return rc, rr, loss
@@ -128,13 +147,14 @@ def pairwise_loss_hidden_grad(weight, rows, coef, n_rows, dtype):
 # dispatch costs tens of microseconds per call on the host.
 @torch.library.custom_op("rmfast::triton_pairwise_fwd", mutates_args=())
 def pairwise_loss_fwd_op(hidden: torch.Tensor, weight: torch.Tensor, bias: Optional[torch.Tensor],
-                         chosen: torch.Tensor, rejected: torch.Tensor,
-                         margin: Optional[torch.Tensor]) -> Tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
-    return pairwise_loss_fwd(hidden, weight, bias, chosen, rejected, margin)
+                         chosen: torch.Tensor, rejected: torch.Tensor, margin: Optional[torch.Tensor],
+                         log_nu: Optional[torch.Tensor] = None,
+                         tie: Optional[torch.Tensor] = None) -> Tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    return pairwise_loss_fwd(hidden, weight, bias, chosen, rejected, margin, log_nu, tie)
 
 
 @pairwise_loss_fwd_op.register_fake
-def _(hidden, weight, bias, chosen, rejected, margin):
+def _(hidden, weight, bias, chosen, rejected, margin, log_nu=None, tie=None):
     P = chosen.shape[0]
     return weight.new_empty(P), weight.new_empty(P), weight.new_empty(P)
 
