@@ -10,10 +10,12 @@ Contenders, on hidden states [2P, L, D] of P pairs (chosen rows first, right pad
   compile    torch.compile of eager (unless --no-compile; compiled once for all shapes, dynamic shapes)
   zeros_like torch.zeros_like(hidden), forward+backward only: what allocating and filling d_hidden costs
 
-Time per call: each contender runs --iters times back to back (fewer when one call is slow: at most about
---budget-ms per contender and mode) after a warm-up call; on CUDA the whole loop is timed with CUDA events,
-on CPU with the wall clock. The value head's weight is a trained leaf (requires grad) for every contender;
-forward+backward clears both gradients and calls backward, as a training step does.
+Time per call: on CUDA each contender runs --iters times back to back (fewer when one call is slow: at most
+about --budget-ms per contender and mode) after a warm-up call, the whole loop timed with CUDA events. On
+CPU the contenders take turns: --rounds rounds, in each every contender runs its calls back to back (about
+--budget-ms / --rounds of them) timed by the wall clock; the median over rounds is reported. The value
+head's weight is a trained leaf (requires grad) for every contender; forward+backward clears both gradients
+and calls backward, as a training step does.
 
 Floor: the bytes the op must move over the device's copy bandwidth, measured in the same run with a large
 device-to-device copy (bytes read + bytes written per second). The forward reads the 2P gathered rows
@@ -30,11 +32,12 @@ Writes bench_loss_<tag>.{csv,md,png} in --out (default benchmarks/results).
     python benchmarks/bench_loss.py --headline results.csv   # one line: the largest-D 16,384-row shape
     python benchmarks/bench_loss.py --objective regression --heads 5 --no-compile   # the [A, D] head
 
-Other objectives (--objective): davidson (the op's rewards, then Davidson's terms; eager: index → linear →
-the same terms), plackett_luce (the 2P sequences as groups of 4, each ranked at random: every response's
-reward through rmfast.attribute_head at A = 1, then each group's Plackett–Luce terms; eager likewise) and
-regression (the [A, D] attribute head, --heads A, through rmfast.attribute_head, then the masked mean
-squared error against targets with a fifth missing; eager: index → linear [A, D] → the same loss).
+Other objectives (--objective), each computed inside the op: davidson (Davidson's loss, every third comparison
+a tie; eager: index → linear → the same terms in torch), plackett_luce (the 2P sequences as groups of 4, each
+ranked at random: rmfast.plackett_luce_loss, every response's reward and each group's terms; eager: index →
+linear → the terms in torch) and regression (the [A, D] attribute head, --heads A, and the masked mean squared
+error against targets with a fifth missing: rmfast.attribute_regression_loss; eager: index → linear [A, D] →
+the same loss in torch).
 Their floors count the A-wide head and outputs; dschat and compile are Bradley–Terry's only.
 """
 
@@ -52,7 +55,7 @@ import numpy as np
 import torch
 import torch.nn.functional as F
 
-from rmfast import attribute_head, backends, pairwise_reward_loss
+from rmfast import attribute_regression_loss, backends, pairwise_reward_loss, plackett_luce_loss
 from rmfast.objective import davidson_terms, plackett_luce_terms
 
 OBJECTIVES = ("bradley_terry", "davidson", "plackett_luce", "regression")
@@ -186,22 +189,20 @@ def objective_contenders(device, objective, chosen, rejected, weight, target):
     """name → loss function of hidden for davidson / plackett_luce / regression: each rmfast backend and eager.
     plackett_luce ranks groups of 4 of the 2P sequences (target: their group [2P] and scores [2P])."""
     index = torch.cat([chosen, rejected])
+    tie = torch.arange(chosen.shape[0], device=device) % 3 == 1  # davidson: every third comparison a tie
     out = {}
 
     def rmfast_fn(b):
         if objective == "plackett_luce":
             group, scores = target
 
-            def fn(h):
-                r = attribute_head(h, weight, index, backend=b)[:, 0]
-                return plackett_luce_terms(r, group, scores, int(group[-1]) + 1).mean()
-            return fn
-        if objective == "davidson":
-            def fn(h):
-                o = pairwise_reward_loss(h, weight, chosen, rejected, backend=b, reduction="none")
-                return davidson_terms(o.chosen_rewards, o.rejected_rewards, LOG_NU).mean()
-            return fn
-        return lambda h: masked_mse(attribute_head(h, weight, index, backend=b), target)
+            groups = int(group[-1]) + 1
+            # rewards and the groups' terms inside the op
+            return lambda h: plackett_luce_loss(h, weight, index, group, scores, backend=b, num_groups=groups).loss
+        if objective == "davidson":  # inside the op: its log_nu and tie
+            return lambda h: pairwise_reward_loss(h, weight, chosen, rejected, backend=b, log_nu=LOG_NU, tie=tie).loss
+        # the masked mean squared error inside the op
+        return lambda h: attribute_regression_loss(h, weight, index, target, backend=b).loss
 
     for name in ("triton", "cuda", "cpu", "torch"):
         if backends.unavailable_reason(name, device) is None:
@@ -215,7 +216,7 @@ def objective_contenders(device, objective, chosen, rejected, weight, target):
         if objective == "davidson":
             r = F.linear(rows, weight.unsqueeze(0)).squeeze(-1).float()
             rc, rr = r.split(chosen.shape[0])
-            return davidson_terms(rc, rr, LOG_NU).mean()
+            return davidson_terms(rc, rr, LOG_NU, tie=tie).mean()
         return masked_mse(F.linear(rows, weight).float(), target)
 
     out["eager"] = eager
@@ -289,6 +290,30 @@ def time_per_call(work, device, iters, budget_s):
     return (time.perf_counter() - t0) * 1e3 / n, n
 
 
+def time_interleaved(works, rounds, budget_s):
+    """CPU: {name: (median milliseconds per call, calls timed)} of several contenders timed in turns. Each
+    is warmed up and sized (n calls ≈ budget_s / rounds, at least one), then `rounds` times every contender
+    runs its n calls back to back, one after another; the median over rounds of each contender's time per
+    call is kept, so a slow moment of the machine (another process, a frequency change) is not charged to
+    whoever ran then, and the order of contenders does not pick a winner."""
+    sizes = {}
+    for name, work in works.items():
+        work()
+        t0 = time.perf_counter()
+        work()
+        one = time.perf_counter() - t0
+        sizes[name] = int(max(1, min(2000, budget_s / rounds / max(one, 1e-7))))
+    samples = {name: [] for name in works}
+    for _ in range(rounds):
+        for name, work in works.items():
+            n = sizes[name]
+            t0 = time.perf_counter()
+            for _ in range(n):
+                work()
+            samples[name].append((time.perf_counter() - t0) * 1e3 / n)
+    return {name: (float(np.median(s)), sizes[name] * rounds) for name, s in samples.items()}
+
+
 def copy_bandwidth(device, mib):
     """Bytes per second of a device-to-device copy of `mib` MiB (each byte read once and written once)."""
     n = mib << 20
@@ -339,7 +364,7 @@ def peak_extra_bytes(fn, hidden, weight, device):
 
 
 def bench_shape(device, pairs, seq_len, hidden_size, dtype_name, *, iters, budget_s, bandwidth, with_compile,
-                dschat_max_pairs, objective="bradley_terry", heads=1):
+                dschat_max_pairs, objective="bradley_terry", heads=1, rounds=15):
     dtype = getattr(torch, dtype_name)
     hidden, ids, chosen, rejected, weight = make_inputs(pairs, seq_len, hidden_size, dtype, device)
     hidden.requires_grad_(True)
@@ -370,11 +395,15 @@ def bench_shape(device, pairs, seq_len, hidden_size, dtype_name, *, iters, budge
     A = heads if objective == "regression" else 1
     for mode in MODES:
         floor_ms = floor_bytes(pairs, n_rows, hidden_size, dtype, mode, A) / bandwidth * 1e3
-        got = {}
-        for name, fn in fns.items():
-            if fn is None and mode == "fwd":
-                continue
-            got[name] = time_per_call(call(fn, hidden, weight, mode), device, iters, budget_s)
+        works = {name: call(fn, hidden, weight, mode) for name, fn in fns.items()
+                 if not (fn is None and mode == "fwd")}
+        if device == "cuda":
+            got = {}
+            for name, work in works.items():
+                got[name] = time_per_call(work, device, iters, budget_s)
+                hidden.grad = weight.grad = None
+        else:
+            got = time_interleaved(works, rounds, budget_s)
             hidden.grad = weight.grad = None
         eager_ms = got["eager"][0]
         for name, (ms, n) in got.items():
@@ -459,6 +488,7 @@ def main(argv=None):
     parser.add_argument("--device", default="cpu", choices=["cpu", "cuda"])
     parser.add_argument("--iters", type=int, default=None, help="calls timed per contender and mode "
                         "(default: 200 on CUDA, 20 on CPU)")
+    parser.add_argument("--rounds", type=int, default=15, help="CPU: rounds of turns (the median is reported)")
     parser.add_argument("--budget-ms", type=float, default=None,
                         help="at most about this long per contender and mode (default: 300 on CUDA, 3000 on CPU)")
     parser.add_argument("--copy-mib", type=int, default=None,
@@ -499,7 +529,7 @@ def main(argv=None):
         print(f"shape pairs={shape[0]} seq_len={shape[1]} hidden={shape[2]} {shape[3]}", flush=True)
         got = bench_shape(args.device, *shape, iters=iters, budget_s=budget_s, bandwidth=bandwidth,
                           with_compile=not args.no_compile, dschat_max_pairs=args.dschat_max_pairs,
-                          objective=args.objective, heads=args.heads)
+                          objective=args.objective, heads=args.heads, rounds=args.rounds)
         for r in got:
             print(f"  {r['mode']:<8} {r['contender']:<14} {r['ms']:10.4f} ms ({r['calls']} calls)  "
                   f"{r['x_floor']:7.2f}× floor  {r['x_eager']:6.2f}× eager  {r['peak_mb']:>9} MB", flush=True)
@@ -519,10 +549,15 @@ def main(argv=None):
                                 cwd=Path(__file__).parent).stdout.strip()
     except OSError:
         commit = ""
-    timing = "CUDA events around" if cuda else "the wall clock around"
+    if cuda:
+        timing = (f"CUDA events around up to {iters} calls back to back (at most about {budget_s * 1e3:.0f} ms per "
+                  f"contender and mode) after a warm-up call")
+    else:
+        timing = (f"the median over {args.rounds} rounds in which the contenders take turns, each timing its calls "
+                  f"back to back by the wall clock (about {budget_s * 1e3:.0f} ms per contender and mode in all), "
+                  f"after a warm-up call")
     report = (f"# bench_loss ({tag})\n\ncommand: `{command.strip()}`  \nmachine: {machine}  \n"
-              f"commit: {commit or 'unknown'}  \ntime per call: {timing} up to {iters} calls back to back (at most "
-              f"about {budget_s * 1e3:.0f} ms per contender and mode) after a warm-up call; inputs made on the "
+              f"commit: {commit or 'unknown'}  \ntime per call: {timing}; inputs made on the "
               f"device. Floor: the bytes the op must move (forward: the gathered rows, head, indices, outputs; "
               f"forward+backward adds the dense d_hidden written once, the rows read again and d_weight) over the "
               f"measured copy bandwidth. × eager: eager's time over the contender's.\n\n{table(rows)}\n")
