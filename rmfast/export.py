@@ -29,6 +29,7 @@ import torch
 
 from . import runfolder
 from .errors import UserError
+from .metrics import json_text
 from .runfolder import RunFolder
 
 PAD_TOKEN = "<|rmfast_pad|>"
@@ -338,7 +339,8 @@ class _Export:
         # as save_pretrained records it: transformers 5 as `dtype`, 4.x as `torch_dtype` (then no property)
         key = "dtype" if isinstance(getattr(type(config), "torch_dtype", None), property) else "torch_dtype"
         setattr(config, key, str(self.dtype).split(".")[1])
-        if eval_metrics and "eval_reward_mean" in eval_metrics:
+        if eval_metrics and all(isinstance(eval_metrics.get(k), float) and math.isfinite(eval_metrics[k])
+                                for k in ("eval_reward_mean", "eval_reward_std")):
             config.rmfast_reward_mean = eval_metrics["eval_reward_mean"]
             config.rmfast_reward_std = eval_metrics["eval_reward_std"]
         if self.score_bias is not None:
@@ -352,7 +354,7 @@ class _Export:
         config.save_pretrained(self.tmp)
         t.tokenizer.save_pretrained(self.tmp)
         info = {"eval": eval_metrics or {}, "pad_token_added": t.grown}
-        (self.tmp / "rmfast.json").write_text(json.dumps(info, indent=2))
+        (self.tmp / "rmfast.json").write_text(json_text(info, indent=2))
         _publish(self.tmp, self.out)
         return self.out
 

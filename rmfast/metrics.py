@@ -2,6 +2,7 @@
 of metrics.jsonl, the experiment trackers (trackers.py) and the log lines a person reads (rank 0)."""
 
 import json
+import math
 import time
 
 import torch
@@ -51,6 +52,22 @@ class Window:
                 "responses_per_s": responses / elapsed, "positions_per_pair": positions / max(pairs, 1)}
 
 
+def json_text(value, **kw):
+    """`value` as JSON every reader parses (jq, JavaScript, pandas): a number that is not finite (the accuracy
+    of an eval set without comparisons) is written null, not Python's NaN."""
+    return json.dumps(_finite(value), allow_nan=False, **kw)
+
+
+def _finite(value):
+    if isinstance(value, float) and not math.isfinite(value):
+        return None
+    if isinstance(value, dict):
+        return {k: _finite(v) for k, v in value.items()}
+    if isinstance(value, (list, tuple)):
+        return [_finite(v) for v in value]
+    return value
+
+
 class MetricsLog:
     """Writes metric records (dicts with a "step") to metrics.jsonl under rmfast's keys and to the run's
     experiment trackers (trackers.py) under Hugging Face's names, on rank 0, and prints eval results. Other
@@ -66,7 +83,7 @@ class MetricsLog:
         if self.rank != 0:
             return
         with open(self.path, "a") as f:
-            f.write(json.dumps(record) + "\n")
+            f.write(json_text(record) + "\n")
         values = scalars(record)
         if values:
             for tracker in self.trackers:

@@ -31,6 +31,7 @@ from .data.options import add_data_options, data_config
 from .data.tokenize import LengthPolicy
 from .data.sampler import PairSampler
 from .data.sources import iter_rows
+from .metrics import json_text
 from .model import RewardModel
 from .errors import UserError
 
@@ -267,7 +268,7 @@ def main(argv=None):
         records.sort(key=lambda x: _order(x["location"]))
         if args.summary:
             Path(args.summary).parent.mkdir(parents=True, exist_ok=True)
-            Path(args.summary).write_text(json.dumps(summary, indent=2) + "\n")
+            Path(args.summary).write_text(json_text(summary, indent=2) + "\n")
         _write(records, args.out)
         print(f"wrote {args.out}", file=sys.stderr)
 

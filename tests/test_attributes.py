@@ -393,6 +393,9 @@ def test_log_lines_of_a_run_without_comparisons_show_attributes_not_accuracy(tmp
     log.write({"step": 3, "eval_pairs": 0, "eval_loss": 0.2, "eval_accuracy": float("nan"), "eval_margin": float("nan"),
                "eval_helpfulness_pearson": 0.91, "eval_verbosity_pearson": 0.5})
     assert said == ["eval at step 3: loss 0.2000  Pearson r helpfulness 0.910, verbosity 0.500"]
+    # metrics.jsonl is JSON any reader parses: an accuracy without comparisons is null, not NaN
+    record = json.loads((tmp_path / "m.jsonl").read_text(), parse_constant=lambda c: pytest.fail(f"{c} written"))
+    assert record["eval_accuracy"] is None and record["eval_margin"] is None and record["eval_loss"] == 0.2
 
 
 def test_rmfast_data_writes_and_inspects_rated_rows(tmp_path, capsys):

@@ -227,6 +227,19 @@ def test_export_builds_no_model_while_a_zero3_config_is_registered(tmp_path, bpe
     assert (path / "model.safetensors").exists()
 
 
+def test_an_eval_without_a_number_is_null_in_the_export_and_sets_no_normalization(tmp_path, bpe):
+    """an eval set of one response has no reward std: rmfast.json says null (JSON every reader parses, not
+    Python's NaN) and the config gets no rmfast_reward_mean/std that --normalize would divide by"""
+    model = build(len(bpe))
+    metrics = {"eval_reward_mean": 0.5, "eval_reward_std": float("nan"), "eval_accuracy": float("nan")}
+    path = write_export(model.backbone.config, model.state_dict(), tokenizer_for(bpe, "own"), tmp_path / "e", metrics)
+    strict = {"parse_constant": lambda c: pytest.fail(f"{c} written")}
+    info = json.loads((path / "rmfast.json").read_text(), **strict)
+    assert info["eval"] == {"eval_reward_mean": 0.5, "eval_reward_std": None, "eval_accuracy": None}
+    config = json.loads((path / "config.json").read_text(), **strict)
+    assert "rmfast_reward_mean" not in config and "rmfast_reward_std" not in config
+
+
 def test_a_failed_export_leaves_no_folder_and_keeps_the_previous_one(tmp_path, bpe, monkeypatch):
     import rmfast.export as export
 

@@ -66,7 +66,7 @@ def test_groups_learn_to_rank_held_out_groups(tmp_path):
         "model.name_or_path": demo["model.name_or_path"], "model.dtype": "fp32", "data.kind": "groups",
         "data.train": train, "data.eval": held_out, "data.max_length": 256, "train.output_dir": out,
         "train.pairs_per_batch": 16, "train.lr": 3e-3, "train.epochs": 6.0, "train.warmup_ratio": 0.05,
-        "train.log_every": 10, "train.export": True, "train.tensorboard": False}, threads=2)
+        "train.log_every": 10, "train.export": True, "train.tensorboard": False})
     assert "layout: prefix_shared" in res.stdout
     assert "data: 700 rows read, 700 groups kept (4200 comparisons); 0 truncated" in res.stdout
     assert "data: 0 tied response pairs (no comparison), 0 identical responses merged" in res.stdout

@@ -264,7 +264,7 @@ def learn_on_the_demo_model(tmp_path, train_rows, eval_rows, **flags):
                      "data.train": write_jsonl(train_rows, tmp_path / "train.jsonl"),
                      "data.eval": write_jsonl(eval_rows, tmp_path / "eval.jsonl"), "data.max_length": 256,
                      "train.output_dir": out, "train.pairs_per_batch": 16, "train.warmup_ratio": 0.05,
-                     "train.tensorboard": False, **flags}, threads=2)
+                     "train.tensorboard": False, **flags})
     evals = [json.loads(x) for x in (out / "metrics.jsonl").read_text().splitlines() if '"eval_accuracy"' in x]
     return res, evals, out
 
