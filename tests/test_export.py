@@ -297,12 +297,13 @@ import torch.distributed as dist
 from safetensors.torch import save_file
 from transformers import AutoTokenizer, LlamaConfig, LlamaModel
 
+from rmfast.distributed import init_distributed
 from rmfast.export import export_model
 from rmfast.model import RewardModel
 from rmfast.nn import RewardHead
 
 out, mode, stage = Path(sys.argv[1]), sys.argv[2], int(sys.argv[3])
-deepspeed.init_distributed(dist_backend="gloo")
+init_distributed()  # as rmfast-train joins (gloo on CPU, DeepSpeed's shared-memory op not built)
 rank = dist.get_rank()
 tok = AutoTokenizer.from_pretrained(out / "tokenizer")
 big = mode == "memory"
