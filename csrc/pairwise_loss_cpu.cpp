@@ -219,9 +219,11 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> attribute_head_fwd_cpu(
     const acc_t* bp = b.defined() ? b.const_data_ptr<acc_t>() : nullptr;
     const int64_t* ip = idx.const_data_ptr<int64_t>();
     acc_t* op = out.mutable_data_ptr<acc_t>();
-    const acc_t* tp = t.defined() ? t.const_data_ptr<acc_t>() : nullptr;
+    // keyed on the target's presence, not its pointer: an empty target's is null, and its sums are still 0
+    const bool has_target = t.defined();
+    const acc_t* tp = has_target ? t.const_data_ptr<acc_t>() : nullptr;
     const acc_t* wsp = rw.defined() ? rw.const_data_ptr<acc_t>() : nullptr;
-    std::vector<acc_t> row_sq(tp ? S : 0), row_n(tp ? S : 0);  // summed in order below: deterministic
+    std::vector<acc_t> row_sq(has_target ? S : 0), row_n(has_target ? S : 0);  // summed in order: deterministic
     scalar_t* rp = gather ? rows.mutable_data_ptr<scalar_t>() : nullptr;
     const int64_t grain = std::max<int64_t>(1, 8192 / std::max<int64_t>(A * D, 1));
     at::parallel_for(0, S, grain, [&](int64_t begin, int64_t end) {
@@ -239,7 +241,7 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> attribute_head_fwd_cpu(
         }
         const int64_t stride = rp ? 1 : sd;
         for (; a < A; ++a) op[s * A + a] = dot_row(row, wp + a * D, D, stride) + (bp ? bp[a] : acc_t(0));
-        if (tp) {
+        if (has_target) {
           acc_t e = 0;
           acc_t n = 0;
           for (int64_t k = 0; k < A; ++k) {
@@ -256,7 +258,7 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> attribute_head_fwd_cpu(
         }
       }
     });
-    if (tp) {
+    if (has_target) {
       acc_t e = 0;
       acc_t n = 0;
       for (int64_t s = 0; s < S; ++s) {

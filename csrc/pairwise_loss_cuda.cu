@@ -10,6 +10,9 @@
 #include <ATen/cuda/CUDAContext.h>
 #include <c10/cuda/CUDAGuard.h>
 
+#include <initializer_list>
+#include <utility>
+
 namespace rmfast {
 namespace {
 
@@ -169,16 +172,27 @@ __global__ void plackett_luce_coef_kernel(const acc_t* __restrict__ r, const int
   coef[j] = acc - w[j];
 }
 
+// The dispatcher picks these kernels by the first tensor's device: every other input must be on it too (a CPU
+// tensor's host pointer read on the device would end the CUDA context, not raise).
+void check_on(const at::Tensor& ref, std::initializer_list<std::pair<const char*, const at::Tensor*>> inputs) {
+  for (const auto& [name, x] : inputs) {
+    TORCH_CHECK(!x->defined() || x->device() == ref.device(), "rmfast: ", name, " is on ", x->device(),
+                ", expected ", ref.device(), " (every input of the op on one device)");
+  }
+}
+
 }  // namespace
 
 at::Tensor gather_rows_cuda(const at::Tensor& hidden, const at::Tensor& index) {
   TORCH_CHECK(hidden.dim() == 2, "rmfast: hidden must be 2-D [N, D]");
-  return hidden.index_select(0, index).contiguous();  // the caching allocator: no fresh pages to fault in
+  check_on(hidden, {{"index", &index}});
+  return hidden.index_select(0, index);  // the caching allocator: no fresh pages to fault in
 }
 
 std::tuple<at::Tensor, at::Tensor> plackett_luce_fwd_cuda(const at::Tensor& rewards, const at::Tensor& group,
                                                           const at::Tensor& scores, const at::Tensor& weight) {
   check_plackett_luce(rewards, group, scores, weight);
+  check_on(rewards, {{"group", &group}, {"scores", &scores}, {"weight", &weight}});
   const c10::cuda::CUDAGuard guard(rewards.device());
   const int64_t S = rewards.numel();
   at::Tensor coef = at::empty({S}, rewards.options());
@@ -215,9 +229,14 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> pairwise_loss_fwd_cuda(
   TORCH_CHECK(!tie.has_value() || (tie->scalar_type() == at::kBool && tie->numel() == P),
               "rmfast: tie must be a bool tensor [P]");
   TORCH_CHECK(!log_nu.has_value() || log_nu->numel() == 1, "rmfast: log_nu must hold one value");
+  const at::Tensor none;
+  check_on(hidden, {{"weight", &weight}, {"bias", bias ? &*bias : &none}, {"chosen", &chosen},
+                    {"rejected", &rejected}, {"margin", margin ? &*margin : &none},
+                    {"log_nu", log_nu ? &*log_nu : &none}, {"tie", tie ? &*tie : &none}});
   at::Tensor rc = at::empty({P}, weight.options());
   at::Tensor rr = at::empty({P}, weight.options());
   at::Tensor loss = at::empty({P}, weight.options());
+  if (P == 0) return {rc, rr, loss};  // a grid of no blocks is a launch error
   const at::Tensor ci = chosen.contiguous();
   const at::Tensor ri = rejected.contiguous();
   const at::Tensor w = weight.contiguous();
@@ -251,7 +270,9 @@ std::tuple<at::Tensor, at::Tensor> pairwise_loss_bwd_cuda(
   const int64_t N = hidden.size(0);
   const int64_t D = hidden.size(1);
   const int64_t M = rows.numel();
+  check_on(hidden, {{"weight", &weight}, {"rows", &rows}, {"coef", &coef}});
   at::Tensor d_hidden = need_hidden_grad ? at::zeros({N, D}, hidden.options()) : at::empty({0}, hidden.options());
+  if (M == 0 || D == 0) return {d_hidden, at::zeros({D}, weight.options())};  // no blocks to launch
   const int64_t row_blocks = (M + kBwdRows - 1) / kBwdRows;
   at::Tensor partial = at::empty({row_blocks, D}, weight.options());
   const at::Tensor rows_c = rows.contiguous();
@@ -281,6 +302,10 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> attribute_head_fwd_cuda(
   const int64_t A = weight.size(0);
   const int64_t S = index.numel();
   check_attribute_target(target, response_weight, weight, S);
+  const at::Tensor none;
+  check_on(hidden, {{"weight", &weight}, {"bias", bias ? &*bias : &none}, {"index", &index},
+                    {"target", target ? &*target : &none},
+                    {"response_weight", response_weight ? &*response_weight : &none}});
   at::Tensor out = at::empty({S, A}, weight.options());
   // per-row squared error and count, summed after the kernel (a deterministic reduction)
   at::Tensor per_row = at::zeros({2, target.has_value() ? S : 0}, weight.options());
@@ -318,8 +343,9 @@ at::Tensor attribute_head_hidden_grad_cuda(const at::Tensor& like, const at::Ten
   const int64_t D = like.size(1);
   const int64_t A = weight.size(0);
   const int64_t M = rows.numel();
+  check_on(like, {{"weight", &weight}, {"rows", &rows}, {"coef", &coef}});
   at::Tensor d_hidden = at::zeros({N, D}, like.options());
-  if (M == 0) return d_hidden;
+  if (M == 0 || D == 0) return d_hidden;
   const at::Tensor rows_c = rows.contiguous();
   const at::Tensor coef_c = coef.contiguous();
   const at::Tensor w = weight.contiguous();

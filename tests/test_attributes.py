@@ -314,6 +314,20 @@ def test_regression_loss_with_nothing_observed_is_zero_and_arguments_are_checked
         out.loss.backward()
         assert float(out.loss.detach()) == 0.0 and not hidden.grad.any()
         hidden.grad = None
+        # no response at all (an empty index, its target [0, A]): 0 too, never whatever memory held
+        for _ in range(3):
+            torch.full((2,), float("nan")).sum()  # small blocks the op's outputs may be allocated from
+            empty = attribute_regression_loss(hidden, weight, index[:0], torch.zeros(0, 2), backend=backend)
+            empty.loss.backward()
+            assert float(empty.loss.detach()) == 0.0 and empty.attributes.shape == (0, 2), backend
+            assert not hidden.grad.any()
+            hidden.grad = None
+    # the compiled op itself (loaded by the cpu backend above): its [2] sums are written, not left as allocated
+    for _ in range(5):
+        (torch.randn(64) * 1e30).sum()
+        _, sums, _ = torch.ops.rmfast.attribute_head_fwd(hidden.detach(), weight, None, index[:0], torch.zeros(0, 2),
+                                                         None, False)
+        assert sums.tolist() == [0.0, 0.0]
     with pytest.raises(ValueError, match=r"`target` must be \[S=3, A=2\]"):
         attribute_regression_loss(hidden, weight, index, torch.zeros(3, 3))
     with pytest.raises(ValueError, match="`target` must be a floating tensor"):

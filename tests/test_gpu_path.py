@@ -298,6 +298,54 @@ def test_flex_rewards_at_head_dim_16_equal_padded(layout):
                                torch.cat([ref.chosen_rewards, ref.rejected_rewards]), rtol=0, atol=1e-5)
 
 
+@pytest.mark.parametrize("device", _EXTENSION_DEVICES)
+def test_extension_ops_on_nothing_return_empty_or_zero_outputs(device):
+    # no pairs, no rows, no responses: the ops return at once (a CUDA grid of no blocks is a launch error) with
+    # the outputs' shapes, sums and losses 0, never memory as allocated
+    from rmfast import backends
+
+    why = backends.unavailable_reason(device, device)
+    if why:
+        pytest.skip(why)
+    hidden, weight = torch.randn(6, 40, device=device), torch.randn(40, device=device)
+    none = torch.zeros(0, dtype=torch.long, device=device)
+    rc, rr, loss = torch.ops.rmfast.pairwise_loss_fwd(hidden, weight, None, none, none, None,
+                                                      torch.zeros(1, device=device), torch.zeros(0, dtype=torch.bool,
+                                                                                             device=device))
+    assert rc.shape == rr.shape == loss.shape == (0,)
+    d_hidden, d_weight = torch.ops.rmfast.pairwise_loss_bwd(hidden, weight, none, torch.zeros(0, device=device), True)
+    assert d_hidden.shape == hidden.shape and not d_hidden.any() and d_weight.shape == (40,) and not d_weight.any()
+    for _ in range(3):
+        out, sums, rows = torch.ops.rmfast.attribute_head_fwd(hidden, weight.expand(3, 40), None, none,
+                                                              torch.zeros(0, 3, device=device), None, True)
+        assert out.shape == (0, 3) and rows.shape[0] == 0 and sums.cpu().tolist() == [0.0, 0.0]
+    pl_loss, coef = torch.ops.rmfast.plackett_luce_fwd(torch.zeros(0, device=device), none,
+                                                       torch.zeros(0, device=device), torch.zeros(0, device=device))
+    assert float(pl_loss) == 0.0 and coef.shape == (0,)
+
+
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="no CUDA GPU")
+def test_extension_ops_refuse_an_input_on_another_device_on_cuda():
+    # the dispatcher runs the CUDA kernel when hidden is on the GPU: a CPU tensor beside it is refused with a
+    # message, not read through its host pointer on the device
+    from rmfast import backends
+
+    why = backends.unavailable_reason("cuda", "cuda")
+    if why:
+        pytest.skip(why)
+    hidden, weight = torch.randn(6, 40, device="cuda"), torch.randn(40, device="cuda")
+    index = torch.tensor([0, 1], device="cuda")
+    with pytest.raises(RuntimeError, match="log_nu is on cpu"):
+        torch.ops.rmfast.pairwise_loss_fwd(hidden, weight, None, index[:1], index[1:], None, torch.zeros(1), None)
+    with pytest.raises(RuntimeError, match="target is on cpu"):
+        torch.ops.rmfast.attribute_head_fwd(hidden, weight[None], None, index, torch.zeros(2, 1), None, False)
+    with pytest.raises(RuntimeError, match="scores is on cpu"):
+        torch.ops.rmfast.plackett_luce_fwd(torch.zeros(2, device="cuda"), index, torch.zeros(2),
+                                           torch.ones(2, device="cuda"))
+    torch.cuda.synchronize()  # the context is still usable
+    assert float(torch.ops.rmfast.pairwise_loss_fwd(hidden, weight, None, index[:1], index[1:], None)[2][0]) > 0
+
+
 def _assert_grads_close(got_r, got_g, ref_r, ref_g):
     assert (got_r - ref_r).abs().max() <= 1e-4
     for name, g in ref_g.items():
