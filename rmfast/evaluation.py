@@ -16,8 +16,9 @@ the Bradley–Terry loss for regression+bradley_terry)."""
 import torch
 import torch.distributed as dist
 
+from . import reference
 from .group_metrics import group_metrics
-from .objective import davidson_terms, plackett_luce_terms, regression_terms, tie_threshold
+from .objective import davidson_terms, plackett_luce_terms, tie_threshold
 
 
 def eval_part(rewards, batch, attributes=None):
@@ -47,7 +48,7 @@ def _attribute_metrics(parts, names):
     pred = torch.cat([p["attributes"] for p in parts]).double()
     target = torch.cat([p["target"] for p in parts]).double()
     weight = torch.cat([p["response_weight"] for p in parts]).double()
-    sq, n = regression_terms(pred, target)
+    sq, n = reference.masked_square_error(pred, target)
     count = float((weight * n).sum())
     mse = float((weight * sq).sum()) / count if count else float("nan")
     out = {"eval_attribute_values": int(n.sum())}

@@ -67,21 +67,6 @@ def plackett_luce_terms(rewards, group, scores, groups):
     return torch.zeros(groups, dtype=rewards.dtype, device=rewards.device).index_add_(0, group, per)
 
 
-def regression_terms(predicted, target):
-    """Per response [S]: Σ over its observed attributes of (predicted − target)², and [S] how many it has
-    (target NaN: missing, masked)."""
-    return reference.masked_square_error(predicted, target)
-
-
-def regression_loss(predicted, batch):
-    """The masked mean squared error of a batch's attributes, each response weighted by its group's weight:
-    Σ w · Σ_a (p − y)² / Σ w · (observed values) (0 when nothing is observed)."""
-    sq, n = regression_terms(predicted, batch.response_attributes)
-    w = batch.group_weight.to(device=predicted.device, dtype=predicted.dtype)[batch.response_group.to(predicted.device)]
-    count = (w * n).sum()
-    return (w * sq).sum() / count.clamp_min(torch.finfo(predicted.dtype).tiny)  # 0 when nothing is observed
-
-
 def reward_loss(hidden, weight, batch, bias=None, center_coef=0.0, backend="auto", check_indices=None,
                 objective="bradley_terry", log_nu=0.0, attribute_head=None) -> PairwiseRewardOutput:
     """The loss of a Batch from hidden states [R, L, D] (or [N, D]) and a value head weight [D] under
@@ -95,7 +80,8 @@ def reward_loss(hidden, weight, batch, bias=None, center_coef=0.0, backend="auto
         if attribute_head is None or batch.response_attributes is None:
             raise ValueError(f"the {objective} objective needs an attribute head and data with attributes")
         a_weight, a_bias, combination = attribute_head
-        # the gather, the projection and each response's squared error in the op (regression_loss's value)
+        # the gather, the projection and each response's squared error in the op: Σ w · Σ_a (p − y)² / Σ w ·
+        # (observed values), each response weighted by its group's weight, 0 when nothing is observed
         response_weight = batch.group_weight[batch.response_group].to(device=hidden.device)
         loss, predicted = attribute_regression_loss(
             hidden, a_weight, batch.response_index.to(hidden.device), batch.response_attributes.to(hidden.device),
@@ -142,6 +128,5 @@ def log_nu_of(nu):
     return math.log(nu)
 
 
-__all__ = ["OBJECTIVES", "REGRESSION", "reward_loss", "regression_loss", "regression_terms",
-           "davidson_terms", "plackett_luce_terms",
+__all__ = ["OBJECTIVES", "REGRESSION", "reward_loss", "davidson_terms", "plackett_luce_terms",
            "tie_threshold", "log_nu_of"]

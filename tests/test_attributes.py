@@ -20,7 +20,7 @@ from rmfast.data.synthetic import write_jsonl
 from rmfast.data.tokenizers import train_bpe_tokenizer
 from rmfast.data.tokens import TokenizedGroups
 from rmfast.errors import UserError
-from rmfast.objective import regression_loss, reward_loss
+from rmfast.objective import reward_loss
 
 NAMES = ["helpfulness", "correctness"]
 
@@ -110,21 +110,34 @@ def attribute_groups(seed=0):
     return TokenizedGroups(prompts, responses, scores, np.linspace(0.5, 2.0, len(prompts)), attributes=attrs)
 
 
-def test_regression_loss_is_the_masked_weighted_mean_squared_error():
+def masked_weighted_mse(predicted, batch):
+    """The regression objective's loss worked out in numpy: Σ w · Σ_a (p − y)² / Σ w · (observed values), each
+    response weighted by its group's weight. Returns (the loss, w [S, A] masked, p, y)."""
+    y = batch.response_attributes.double().numpy()
+    w = batch.group_weight.double().numpy()[batch.response_group.numpy()][:, None] * np.isfinite(y)
+    p = predicted.detach().double().numpy()
+    return (w * np.where(np.isfinite(y), (p - np.nan_to_num(y)) ** 2, 0)).sum() / w.sum(), w, p, y
+
+
+def test_regression_objective_is_the_masked_weighted_mean_squared_error():
     groups = attribute_groups()
     batch = layouts.padded(groups, range(len(groups)), 0)
-    assert batch.response_attributes.shape == (int(groups.sizes.sum()), 3)
+    S = int(groups.sizes.sum())
+    assert batch.response_attributes.shape == (S, 3)
     g = torch.Generator().manual_seed(0)
-    predicted = torch.randn(batch.response_attributes.shape, generator=g, dtype=torch.float64, requires_grad=True)
-    loss = regression_loss(predicted, batch)
-    y = batch.response_attributes.double().numpy()
-    w = groups.weight.astype(np.float64)[batch.response_group.numpy()][:, None] * np.isfinite(y)
-    p = predicted.detach().numpy()
-    want = (w * np.where(np.isfinite(y), (p - np.nan_to_num(y)) ** 2, 0)).sum() / w.sum()
-    assert float(loss.detach()) == pytest.approx(want, rel=1e-12)
-    loss.backward()  # the gradient reaches only observed values: 2 w (p − y) / Σ w
+    predicted = torch.randn((S, 3), generator=g, dtype=torch.float64)
+    # an identity head over rows that hold the predictions: the objective's attributes are `predicted`
+    index = batch.response_index
+    hidden = torch.zeros(int(index.max()) + 1, 3, dtype=torch.float64)
+    hidden[index] = predicted
+    hidden.requires_grad_()
+    eye, mean = torch.eye(3, dtype=torch.float64), torch.full((3,), 1 / 3, dtype=torch.float64)
+    out = reward_loss(hidden, mean, batch, objective="regression", attribute_head=(eye, None, mean))
+    want, w, p, y = masked_weighted_mse(predicted, batch)
+    assert float(out.loss.detach()) == pytest.approx(want, rel=1e-12)
+    out.loss.backward()  # the gradient reaches only observed values: 2 w (p − y) / Σ w
     grad = np.where(np.isfinite(y), 2 * w * (p - np.nan_to_num(y)) / w.sum(), 0)
-    np.testing.assert_allclose(predicted.grad.numpy(), grad, rtol=1e-12, atol=1e-15)
+    np.testing.assert_allclose(hidden.grad[index].numpy(), grad, rtol=1e-10, atol=1e-15)
 
 
 @pytest.mark.parametrize("objective", ["regression", "regression+bradley_terry"])
@@ -154,7 +167,7 @@ def test_prefix_shared_equals_padded_for_the_regression_objectives(objective):
         model.set_attention("dense")
         hidden = model.hidden_states(batch)
         attrs = model.head.attributes(hidden.reshape(-1, 32)[batch.response_index])
-        want = regression_loss(attrs, batch)
+        want = masked_weighted_mse(attrs, batch)[0]
         if objective != "regression":
             w, b = model.head.scalar()
             want = want + reward_loss(hidden, w, batch, bias=b).loss
